@@ -1,0 +1,308 @@
+"""Internal saga events (docs/saga-events.md) and the registry of every event type.
+
+Every saga payload that follows an accepted payment inherits `PaymentContext`, so a
+consumer never needs another service's database. All models forbid unknown fields.
+"""
+
+import re
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, Field, Strict, model_validator
+
+from schemas.contract import (
+    Amount,
+    ContractModel,
+    Currency,
+    CustomerNotificationRequested,
+    Id64,
+    OrderId,
+    OrderPlaced,
+    OrderStatus,
+    OrderStatusChanged,
+    PaymentRetryRequested,
+    ReasonCode,
+    Sku,
+    StockLevelSet,
+)
+from schemas.envelope import Envelope
+
+__all__ = [
+    "EVENT_TYPES",
+    "AuditRecorded",
+    "AuthorizationExpired",
+    "AuthorizationVoided",
+    "CaptureDeclined",
+    "CaptureFailed",
+    "CompensationFailed",
+    "OrderFlaggedForReconciliation",
+    "OrderRegistered",
+    "PaymentAccepted",
+    "PaymentCaptured",
+    "PaymentContext",
+    "PaymentDeclined",
+    "PaymentRetryAccepted",
+    "RefundSucceeded",
+    "SagaStalled",
+    "SaleConfirmed",
+    "StockCommitted",
+    "StockItem",
+    "StockReleased",
+    "StockReservationFailed",
+    "StockReserved",
+    "parse_event",
+    "parse_payload",
+]
+
+Attempt = Annotated[int, Strict(), Field(ge=1)]
+"""1 for an order's first payment attempt, +1 per accepted PaymentRetryRequested."""
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class PaymentContext(ContractModel):
+    """What every saga step needs to know about the accepted payment it works on."""
+
+    order_id: OrderId
+    attempt: Attempt
+    payment_intent_id: Id64
+    transaction_id: NonEmpty
+    flow: Literal["authorization", "sale"] = Field(
+        description="authorization: capture needed; sale: already charged"
+    )
+    amount: Amount
+    currency: Currency
+    gateway: Id64
+
+
+class StockItem(ContractModel):
+    sku: Sku
+    # No upper bound: lines of the same SKU may be merged into one item.
+    quantity: Annotated[int, Strict(), Field(ge=1)]
+
+
+Items = Annotated[list[StockItem], Field(min_length=1)]
+
+
+# --- payments.events.v1 ----------------------------------------------------------
+
+
+class OrderRegistered(ContractModel):
+    order_id: OrderId
+    attempt: Attempt
+    customer_id: Id64
+    amount: Amount
+    currency: Currency
+    payment_intent_id: Id64
+
+
+class PaymentRetryAccepted(OrderRegistered):
+    payment_method: Annotated[str, Field(min_length=1, max_length=32)]
+
+
+class PaymentAccepted(PaymentContext):
+    customer_id: Id64
+    items: Items
+    payment_method_type: NonEmpty
+    brand: str | None
+    last4: str | None
+
+
+class PaymentDeclined(ContractModel):
+    order_id: OrderId
+    attempt: Attempt
+    customer_id: Id64
+    payment_intent_id: Id64
+    transaction_id: NonEmpty
+    amount: Amount
+    currency: Currency
+    # The gateway's own codes: not necessarily snake_case, and may be absent.
+    failure_code: str | None
+    failure_message: str | None
+
+
+class OrderFlaggedForReconciliation(ContractModel):
+    order_id: OrderId
+    attempt: Attempt
+    reason: ReasonCode
+
+
+# --- inventory.events.v1 ---------------------------------------------------------
+
+
+class StockReserved(PaymentContext):
+    items: Items
+
+
+class StockReservationFailed(PaymentContext):
+    short_skus: Annotated[list[Sku], Field(min_length=1)]
+
+
+class StockReleased(PaymentContext):
+    items: Items
+    reason: ReasonCode
+
+
+class StockCommitted(PaymentContext):
+    items: Items
+
+
+# --- capture.events.v1 -----------------------------------------------------------
+
+
+class PaymentCaptured(PaymentContext):
+    capture_id: NonEmpty
+
+
+class SaleConfirmed(PaymentContext):
+    pass
+
+
+class CaptureDeclined(PaymentContext):
+    decline_code: NonEmpty
+
+
+class AuthorizationExpired(PaymentContext):
+    pass
+
+
+class CaptureFailed(PaymentContext):
+    reason: ReasonCode
+
+
+# --- refunds.events.v1 -----------------------------------------------------------
+
+
+class AuthorizationVoided(PaymentContext):
+    reason: Literal["out_of_stock", "capture_declined", "authorization_expired"]
+
+
+class RefundSucceeded(PaymentContext):
+    refund_id: NonEmpty
+    reason: ReasonCode
+
+
+class CompensationFailed(PaymentContext):
+    action: Literal["void", "refund"]
+    reason: ReasonCode
+
+
+# --- audit.events.v1 -------------------------------------------------------------
+
+# CONTRACT §2.2's definition of card data: a key naming it, or a 13-19 digit
+# Luhn-valid number.
+_CARD_KEYS = frozenset({"cvv", "cvc", "card_number", "pan"})
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def _luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(digits)):
+        d = int(char)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _has_pan(text: str) -> bool:
+    return any(13 <= len(run) <= 19 and _luhn_valid(run) for run in _DIGIT_RUN.findall(text))
+
+
+class AuditRecorded(ContractModel):
+    """A security or validation outcome worth keeping (stored by orders).
+
+    Guarantee: never carries card data. A `details` key named cvv/cvc/card_number/pan
+    or any Luhn-valid 13-19 digit number in a field is a validation error, so a
+    careless producer fails loudly instead of persisting a PAN.
+    """
+
+    subject: NonEmpty
+    action: NonEmpty
+    outcome: NonEmpty
+    reason: ReasonCode | None
+    order_id: str | None = None
+    transaction_id: str | None = None
+    gateway_event_id: str | None = None
+    # Flat on purpose: every value can be scanned for card data.
+    details: dict[str, str | int | bool | None] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_card_data(self) -> Self:
+        forbidden = sorted(key for key in self.details if key.lower() in _CARD_KEYS)
+        if forbidden:
+            raise ValueError(f"details must not carry card data; forbidden keys: {forbidden}")
+        texts = [self.subject, self.action, self.outcome, self.reason, self.order_id]
+        texts += [self.transaction_id, self.gateway_event_id, *self.details]
+        texts += [str(value) for value in self.details.values()]
+        if any(text is not None and _has_pan(text) for text in texts):
+            raise ValueError("must not carry card data: found a Luhn-valid 13-19 digit number")
+        return self
+
+
+# --- saga.stalled.v1 -------------------------------------------------------------
+
+
+class SagaStalled(ContractModel):
+    """An order has stayed in a non-final status longer than its deadline."""
+
+    order_id: OrderId
+    status: OrderStatus
+    stalled_for_seconds: Annotated[int, Strict(), Field(ge=0)]
+    deadline_seconds: Annotated[int, Strict(), Field(gt=0)]
+
+
+# --- registry --------------------------------------------------------------------
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    model.__name__: model
+    for model in (
+        # contract (CONTRACT §2, §3)
+        OrderPlaced,
+        PaymentRetryRequested,
+        StockLevelSet,
+        OrderStatusChanged,
+        CustomerNotificationRequested,
+        # payments.events.v1
+        OrderRegistered,
+        PaymentRetryAccepted,
+        PaymentAccepted,
+        PaymentDeclined,
+        OrderFlaggedForReconciliation,
+        # inventory.events.v1
+        StockReserved,
+        StockReservationFailed,
+        StockReleased,
+        StockCommitted,
+        # capture.events.v1
+        PaymentCaptured,
+        SaleConfirmed,
+        CaptureDeclined,
+        AuthorizationExpired,
+        CaptureFailed,
+        # refunds.events.v1
+        AuthorizationVoided,
+        RefundSucceeded,
+        CompensationFailed,
+        # audit.events.v1, saga.stalled.v1
+        AuditRecorded,
+        SagaStalled,
+    )
+}
+"""Every enveloped event type -> its payload model; each model is named after its type."""
+
+
+def parse_payload(event_type: str, payload: dict[str, Any]) -> BaseModel:
+    """Validate `payload` as the model registered for `event_type`.
+
+    Raises `ValueError` naming the type for an unregistered event type, and pydantic's
+    `ValidationError` (a `ValueError`) naming each offending field otherwise.
+    """
+    model = EVENT_TYPES.get(event_type)
+    if model is None:
+        raise ValueError(f"unknown event_type {event_type!r}: no payload model is registered")
+    return model.model_validate(payload)
+
+
+def parse_event(raw: bytes | str) -> tuple[Envelope, BaseModel]:
+    """Parse a record value into its envelope and validated payload (inverse of `dump`)."""
+    envelope = Envelope.model_validate_json(raw)
+    return envelope, parse_payload(envelope.event_type, envelope.payload)

@@ -1,0 +1,348 @@
+"""The local stack: a real Apache Kafka broker and a real PostgreSQL, no Docker.
+
+Kafka's jars come from Maven Central through ``deploy/local/kafka/pom.xml`` and are
+cached in ``.local/kafka/lib-<version>``; the broker runs in KRaft mode as a single
+combined broker+controller. PostgreSQL runs from the machine's binaries in a data
+folder under ``.local/<profile>/pg`` (as the unprivileged ``postgres`` user when we
+are root). Two profiles keep ``make up`` (dev) and ``make test`` (test) apart: their
+own ports and folders, so a test run never disturbs a running stack.
+
+Every process started here has a pid file; ``down`` stops only processes whose pid file
+and command line both say they are ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / ".local"
+KAFKA_POM = REPO / "deploy" / "local" / "kafka" / "pom.xml"
+LOG4J_CONFIG = REPO / "deploy" / "local" / "kafka" / "log4j2.properties"
+
+
+class StackError(RuntimeError):
+    """A local component could not be provisioned or did not become ready."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    kafka_port: int
+    controller_port: int
+    pg_port: int
+    #: base port of the services; see SERVICE_PORTS for the offsets
+    http_base: int
+
+    @property
+    def root(self) -> Path:
+        return LOCAL / self.name
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql+psycopg://paysaga@127.0.0.1:{self.pg_port}"
+
+
+PROFILES = {
+    "dev": Profile("dev", 9092, 9093, 55432, 8000),
+    "test": Profile("test", 19092, 19093, 55433, 18000),
+}
+
+
+def kafka_version() -> str:
+    text = KAFKA_POM.read_text()
+    return text.split("<kafka.version>")[1].split("</kafka.version>")[0].strip()
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def _log(msg: str) -> None:
+    print(f"[devstack] {msg}", file=sys.stderr, flush=True)
+
+
+def pid_running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child we have not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return marker in cmdline and pid_running(pid)
+
+
+def running_pid(pidfile: Path, marker: str) -> int | None:
+    """The pid in ``pidfile`` if that process is alive and its command line has ``marker``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid, marker) else None
+
+
+def spawn(argv: list[str], log: Path, pidfile: Path, env: Mapping[str, str] | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+    pidfile.write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop_pid(pidfile: Path, marker: str, timeout: float = 30.0) -> bool:
+    """SIGTERM the process (then SIGKILL after ``timeout``); True if one was running."""
+    pid = running_pid(pidfile, marker)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid, marker):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    if _pid_alive(pid, marker):
+        os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def wait_until(what: str, check: Callable[[], bool], alive: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise StackError(f"{what}: the process exited before it became ready")
+        if check():
+            return
+        time.sleep(0.25)
+    raise StackError(f"{what}: not ready within {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------------------- kafka
+
+
+def kafka_lib() -> Path:
+    """Download the broker jars once (Maven), cached per Kafka version."""
+    lib = LOCAL / "kafka" / f"lib-{kafka_version()}"
+    if (lib / ".complete").exists():
+        return lib
+    if shutil.which("mvn") is None or shutil.which("java") is None:
+        raise StackError("Java 17 and Maven are needed to fetch and run Kafka (see README)")
+    _log(f"fetching Kafka {kafka_version()} jars with Maven into {lib.relative_to(REPO)}")
+    lib.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mvn", "-B", "-q", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+         "-DincludeScope=runtime", f"-DoutputDirectory={lib}"],
+        check=True,
+    )  # fmt: skip
+    (lib / ".complete").touch()
+    return lib
+
+
+def _kafka_properties(p: Profile, data: Path) -> str:
+    return "\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"controller.quorum.voters=1@127.0.0.1:{p.controller_port}",
+        f"listeners=PLAINTEXT://127.0.0.1:{p.kafka_port},CONTROLLER://127.0.0.1:{p.controller_port}",
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka_port}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        f"log.dirs={data}",
+        "num.partitions=1",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=6",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "share.coordinator.state.topic.replication.factor=1",
+        "share.coordinator.state.topic.min.isr=1",
+        "group.initial.rebalance.delay.ms=0",
+        "auto.create.topics.enable=false",
+        "",
+    ])  # fmt: skip
+
+
+def kafka_up(p: Profile) -> None:
+    home = p.root / "kafka"
+    pidfile, marker = home / "kafka.pid", str(home / "server.properties")
+    pid = running_pid(pidfile, marker)
+    if pid is None:
+        lib = kafka_lib()
+        data = home / "data"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "server.properties").write_text(_kafka_properties(p, data))
+        classpath = f"{lib}/*"
+        if not (data / "meta.properties").exists():
+            # URL-safe base64 of 16 random bytes, as StorageTool random-uuid makes; a leading
+            # '-' would be read as an option, so draw again.
+            cluster_id = "-"
+            while cluster_id.startswith("-"):
+                cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()[:22]
+            subprocess.run(
+                ["java", "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", marker],
+                check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        _log(f"starting Kafka {kafka_version()} on {p.bootstrap}")
+        pid = spawn(
+            ["java", "-Xms512m", "-Xmx512m", "-XX:+UseG1GC",
+             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={home}",
+             "-cp", classpath, "kafka.Kafka", marker],
+            home / "kafka.log", pidfile,
+        )  # fmt: skip
+    wait_until(
+        f"Kafka on {p.bootstrap}",
+        lambda: asyncio.run(_kafka_ready(p.bootstrap)),
+        lambda: pid_running(pid),
+        timeout=120,
+    )
+
+
+async def _kafka_ready(bootstrap: str) -> bool:
+    """Real readiness: the admin client sees the broker, and a probe topic has a leader."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await asyncio.wait_for(admin.start(), 5)
+        cluster = await admin.describe_cluster()
+        if not cluster.get("brokers") or cluster.get("controller_id", -1) < 0:
+            return False
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic("paysaga.probe", 1, 1)])
+        described = await admin.describe_topics(["paysaga.probe"])
+        parts = described[0].get("partitions", []) if described else []
+        return bool(parts) and all(part.get("leader", -1) >= 0 for part in parts)
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+def kafka_down(p: Profile) -> bool:
+    home = p.root / "kafka"
+    return stop_pid(home / "kafka.pid", str(home / "server.properties"), timeout=60)
+
+
+# ---------------------------------------------------------------------------- postgres
+
+
+def pg_bindir() -> Path:
+    candidates: list[str] = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for c in candidates:
+        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+            return Path(c)
+    raise StackError("PostgreSQL server binaries (initdb, pg_ctl) not found; see README")
+
+
+def _as_db_owner(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the unprivileged ``postgres`` user."""
+    if os.geteuid() != 0:
+        return argv
+    return ["runuser", "-u", "postgres", "--", *argv]
+
+
+def _chown_for_db(path: Path) -> None:
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        for p in [path, *path.rglob("*")]:
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+
+
+def pg_up(p: Profile, databases: tuple[str, ...]) -> None:
+    home = p.root / "pg"
+    data, run, log = home / "data", home / "run", home / "postgres.log"
+    bindir = pg_bindir()
+    if not (data / "PG_VERSION").exists():
+        _log(f"initdb {data.relative_to(REPO)}")
+        home.mkdir(parents=True, exist_ok=True)
+        run.mkdir(exist_ok=True)
+        _chown_for_db(home)
+        subprocess.run(
+            _as_db_owner([str(bindir / "initdb"), "-D", str(data), "-U", "paysaga",
+                          "--auth=trust", "-E", "UTF8", "--no-locale"]),
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    if not _pg_accepts(p):
+        _log(f"starting PostgreSQL on 127.0.0.1:{p.pg_port}")
+        opts = (f"-p {p.pg_port} -c listen_addresses=127.0.0.1 -k {run} "
+                "-c max_connections=300 -c shared_buffers=128MB")  # fmt: skip
+        log.touch()
+        _chown_for_db(log)
+        subprocess.run(
+            _as_db_owner([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log),
+                          "-o", opts, "-w", "-t", "60", "start"]),
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    wait_until(f"PostgreSQL on {p.pg_port}", lambda: _pg_accepts(p), lambda: True, timeout=60)
+    with psycopg.connect(_pg_conninfo(p, "postgres"), autocommit=True) as conn:
+        existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+        for name in databases:
+            if name not in existing:
+                conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _pg_conninfo(p: Profile, dbname: str) -> str:
+    return f"host=127.0.0.1 port={p.pg_port} user=paysaga dbname={dbname} connect_timeout=3"
+
+
+def _pg_accepts(p: Profile) -> bool:
+    try:
+        with psycopg.connect(_pg_conninfo(p, "postgres")) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+def pg_down(p: Profile) -> bool:
+    data = p.root / "pg" / "data"
+    if not (data / "postmaster.pid").exists():
+        return False
+    subprocess.run(
+        _as_db_owner([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+        check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return True

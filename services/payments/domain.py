@@ -1,0 +1,378 @@
+"""Pure decisions of the payments service (UC-35): register orders, accept retries and
+decide what a gateway confirmation means.
+
+Guarantees: no I/O, no clock, no randomness (callers pass `now`); every function maps a
+loaded state plus one input to a `Decision` that the handler saves, emits (outbox) and
+audits in one transaction. A rejection never changes state. Emitted payloads follow
+docs/saga-events.md; audit entries never carry card data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+__all__ = [
+    "CARD_NUMBER_PRESENT",
+    "SECURITY_CODE_PRESENT",
+    "Confirmation",
+    "Decision",
+    "Item",
+    "Order",
+    "decide_confirmation",
+    "decide_match_unmatched",
+    "decide_order_placed",
+    "decide_retry",
+    "find_card_data",
+]
+
+# --- card data (CONTRACT §2.2) ----------------------------------------------------
+
+CARD_NUMBER_PRESENT = "card_number_present"
+SECURITY_CODE_PRESENT = "security_code_present"
+
+# Compared after lower-casing and dropping "_" and "-", so "Card-Number" and "CVV_2" match.
+_SENSITIVE_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "securitycode"})
+# Digit groups joined by exactly one space or dash, the way people type card numbers.
+_DIGIT_GROUPS = re.compile(r"\d+(?:[ -]\d+)*")
+_GROUP_SEPARATOR = re.compile(r"[ -]")
+
+
+def _luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(digits)):
+        d = int(char)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _has_card_number(text: str) -> bool:
+    # Candidates are whole groups only: a 13-19 digit window cut out of a longer plain run
+    # (a 24-digit reference, a hex id) is not a card number, and flagging every window
+    # of a long run would reject ordinary ids about as often as not.
+    for match in _DIGIT_GROUPS.finditer(text):
+        groups = _GROUP_SEPARATOR.split(match.group())
+        for start in range(len(groups)):
+            digits = ""
+            for group in groups[start:]:
+                digits += group
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and _luhn_valid(digits):
+                    return True
+    return False
+
+
+def find_card_data(obj: object) -> str | None:
+    """The reason code for card data anywhere in parsed JSON `obj`, else None.
+
+    `card_number_present`: a string (value or key) or number holds a Luhn-valid run of
+    13-19 digits, plain or grouped by single spaces/dashes; it takes precedence.
+    `security_code_present`: a dict key, case-insensitive and ignoring `_`/`-`, is one of
+    cvv, cvc, cvv2, cvc2, card_number, cardnumber, pan, security_code.
+    Guarantee: only the reason is returned; the value itself is never returned or logged.
+    """
+    key_found = False
+    stack: list[object] = [obj]
+    while stack:  # iterative: attacker-controlled nesting must not hit the recursion limit
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                text = str(key)
+                key_found = key_found or text.lower().replace("_", "").replace("-", "") in (
+                    _SENSITIVE_KEYS
+                )
+                stack.append(text)
+                stack.append(value)
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif isinstance(node, str | int | float) and _has_card_number(str(node)):
+            return CARD_NUMBER_PRESENT
+    return SECURITY_CODE_PRESENT if key_found else None
+
+
+# --- state and decisions ----------------------------------------------------------
+
+OrderStatus = Literal["pending", "accepted", "failed", "flagged"]
+ConfirmationType = Literal["payment.authorized", "payment.captured", "payment.failed"]
+Outcome = Literal[
+    "registered", "duplicate", "rejected", "parked", "accepted", "declined", "retry_accepted"
+]
+Payload = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """Payments' view of an order: the current attempt and whether it is still awaiting
+    a confirmation (`pending`). `content_hash` identifies the OrderPlaced content."""
+
+    order_id: str
+    customer_id: str
+    currency: str
+    total_amount: int
+    payment_intent_id: str
+    payment_method: str
+    attempt: int
+    status: OrderStatus
+    items: tuple[Item, ...]
+    correlation_id: str | None
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """A signature-verified, card-data-free gateway webhook. `record_time` is when the
+    bridge appended it to Kafka."""
+
+    gateway: str
+    gateway_event_id: str
+    type: ConfirmationType
+    transaction_id: str
+    payment_intent_id: str
+    order_id: str | None
+    amount: int
+    currency: str
+    payment_method_type: str
+    brand: str | None
+    last4: str | None
+    failure_code: str | None
+    failure_message: str | None
+    record_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do: save `order` when not None, emit `events` (event_type, payload) in
+    order, and record `audit` entries ({action, outcome, reason, order_id, transaction_id,
+    gateway_event_id})."""
+
+    outcome: Outcome
+    reason: str | None = None
+    order: Order | None = None
+    events: tuple[tuple[str, Payload], ...] = ()
+    audit: tuple[Payload, ...] = ()
+
+
+_REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _reason_code(raw: str | None) -> str | None:
+    """A gateway's failure code as the contract's snake_case reason ("Do-Not-Honor" →
+    "do_not_honor"); codes that cannot be made one become `payment_declined`."""
+    if raw is None:
+        return None
+    code = re.sub(r"[^a-z0-9]+", "_", raw.lower()).strip("_")[:64]
+    return code if _REASON_CODE.fullmatch(code) else "payment_declined"
+
+
+def _audit(
+    action: str,
+    outcome: Outcome,
+    reason: str | None,
+    order_id: str | None,
+    confirmation: Confirmation | None = None,
+) -> Payload:
+    return {
+        "action": action,
+        "outcome": outcome,
+        "reason": reason,
+        "order_id": order_id,
+        "transaction_id": confirmation.transaction_id if confirmation else None,
+        "gateway_event_id": confirmation.gateway_event_id if confirmation else None,
+    }
+
+
+def decide_order_placed(existing: Order | None, incoming: Order) -> Decision:
+    """Register a new order as attempt 1, pending, emitting OrderRegistered.
+
+    Idempotent: the same content again (equal `content_hash`) is a `duplicate` that emits
+    nothing; different content for a known order_id is rejected (`order_conflict`).
+    """
+    if existing is not None:
+        if existing.content_hash == incoming.content_hash:
+            return Decision(
+                "duplicate", audit=(_audit("order_placed", "duplicate", None, existing.order_id),)
+            )
+        reason = "order_conflict"
+        return Decision(
+            "rejected",
+            reason,
+            audit=(_audit("order_placed", "rejected", reason, existing.order_id),),
+        )
+    order = replace(incoming, attempt=1, status="pending")
+    event = (
+        "OrderRegistered",
+        {
+            "order_id": order.order_id,
+            "attempt": order.attempt,
+            "customer_id": order.customer_id,
+            "amount": order.total_amount,
+            "currency": order.currency,
+            "payment_intent_id": order.payment_intent_id,
+        },
+    )
+    audit = _audit("order_placed", "registered", None, order.order_id)
+    return Decision("registered", None, order, (event,), (audit,))
+
+
+def decide_retry(order: Order | None, payment_intent_id: str, payment_method: str) -> Decision:
+    """Accept a PaymentRetryRequested only for an order whose current attempt failed:
+    attempt + 1 with the new intent, pending again, emitting PaymentRetryAccepted.
+
+    Rejections: `unknown_order`; `retry_not_allowed_in_status` (not failed);
+    `payment_intent_reused` (the failed attempt's own intent: confirmations are matched
+    by intent, so reusing it would let the old attempt's confirmations settle the new one).
+    """
+    reason: str | None = None
+    if order is None:
+        reason = "unknown_order"
+    elif order.status != "failed":
+        reason = "retry_not_allowed_in_status"
+    elif payment_intent_id == order.payment_intent_id:
+        reason = "payment_intent_reused"
+    if order is None or reason is not None:
+        order_id = order.order_id if order else None
+        return Decision(
+            "rejected", reason, audit=(_audit("payment_retry", "rejected", reason, order_id),)
+        )
+    retried = replace(
+        order,
+        attempt=order.attempt + 1,
+        payment_intent_id=payment_intent_id,
+        payment_method=payment_method,
+        status="pending",
+    )
+    event = (
+        "PaymentRetryAccepted",
+        {
+            "order_id": retried.order_id,
+            "attempt": retried.attempt,
+            "customer_id": retried.customer_id,
+            "amount": retried.total_amount,
+            "currency": retried.currency,
+            "payment_intent_id": retried.payment_intent_id,
+            "payment_method": retried.payment_method,
+        },
+    )
+    audit = _audit("payment_retry", "retry_accepted", None, retried.order_id)
+    return Decision("retry_accepted", None, retried, (event,), (audit,))
+
+
+def _mismatch(order: Order, c: Confirmation) -> str | None:
+    if c.payment_intent_id != order.payment_intent_id:
+        return "payment_intent_mismatch"
+    if c.amount != order.total_amount:
+        return "amount_mismatch"
+    if c.currency != order.currency:
+        return "currency_mismatch"
+    if order.status != "pending":
+        return "order_not_awaiting_payment"
+    return None
+
+
+def _confirm(order: Order | None, c: Confirmation, action: str) -> Decision:
+    if order is None:
+        return Decision("parked", audit=(_audit(action, "parked", None, c.order_id, c),))
+    reason = _mismatch(order, c)
+    if reason is not None:
+        return Decision(
+            "rejected", reason, audit=(_audit(action, "rejected", reason, order.order_id, c),)
+        )
+    if c.type == "payment.failed":
+        reason = _reason_code(c.failure_code)
+        failed = replace(order, status="failed")
+        declined = {
+            "order_id": order.order_id,
+            "attempt": order.attempt,
+            "customer_id": order.customer_id,
+            "payment_intent_id": order.payment_intent_id,
+            "transaction_id": c.transaction_id,
+            "amount": order.total_amount,
+            "currency": order.currency,
+            "failure_code": c.failure_code,
+            "failure_message": c.failure_message,
+        }
+        audit = _audit(action, "declined", reason, order.order_id, c)
+        return Decision("declined", reason, failed, (("PaymentDeclined", declined),), (audit,))
+    accepted = {
+        "order_id": order.order_id,
+        "attempt": order.attempt,
+        "payment_intent_id": order.payment_intent_id,
+        "transaction_id": c.transaction_id,
+        "flow": "authorization" if c.type == "payment.authorized" else "sale",
+        "amount": order.total_amount,
+        "currency": order.currency,
+        "gateway": c.gateway,
+        "customer_id": order.customer_id,
+        "items": [{"sku": item.sku, "quantity": item.quantity} for item in order.items],
+        "payment_method_type": c.payment_method_type,
+        "brand": c.brand,
+        "last4": c.last4,
+    }
+    audit = _audit(action, "accepted", None, order.order_id, c)
+    return Decision(
+        "accepted",
+        None,
+        replace(order, status="accepted"),
+        (("PaymentAccepted", accepted),),
+        (audit,),
+    )
+
+
+def decide_confirmation(order: Order | None, c: Confirmation) -> Decision:
+    """Decide a confirmation against the order it names (loaded by `c.order_id`, else by
+    `c.payment_intent_id`).
+
+    - no order: `parked` (kept in the unmatched store, see `decide_match_unmatched`);
+    - rejected, in this order: `payment_intent_mismatch` (not the order's current intent),
+      `amount_mismatch`, `currency_mismatch`, `order_not_awaiting_payment` (this attempt
+      already settled); a rejection changes nothing;
+    - payment.failed: order failed, PaymentDeclined (reason: the failure code as a
+      snake_case reason);
+    - payment.authorized / payment.captured: order accepted, PaymentAccepted with flow
+      `authorization` / `sale`.
+    Only the first confirmation of an attempt settles it, so a duplicate or late one can
+    never emit a second PaymentAccepted or PaymentDeclined.
+    """
+    return _confirm(order, c, "confirmation")
+
+
+def decide_match_unmatched(
+    order: Order, parked: Sequence[Confirmation], now: datetime, window: timedelta
+) -> list[tuple[Confirmation, Decision]]:
+    """Match parked confirmations when `order` arrives (call after it is registered).
+
+    Considered: confirmations for the order's current intent (and its order_id, when they
+    name one) recorded at most `window` before `now`, oldest first. Each is decided by
+    `decide_confirmation` against the order as left by the previous one, so the first
+    acceptable one settles the attempt and the rest are rejected with their reason.
+    Returns (confirmation, decision) for each considered one, in that order: the handler
+    removes them from the unmatched store. The others stay parked for an operator.
+    """
+    due = sorted(
+        (
+            c
+            for c in parked
+            if c.payment_intent_id == order.payment_intent_id
+            and c.order_id in (None, order.order_id)
+            and now - c.record_time <= window
+        ),
+        key=lambda c: (c.record_time, c.gateway_event_id),
+    )
+    results: list[tuple[Confirmation, Decision]] = []
+    for c in due:
+        decision = _confirm(order, c, "unmatched_matched")
+        order = decision.order or order
+        results.append((c, decision))
+    return results

@@ -1,0 +1,443 @@
+"""The consumer loop: DESIGN.md's processing rule over aiokafka.
+
+Guarantees:
+
+* Every record is handled inside one transaction of the service's database that also
+  writes its inbox row (dedupe), its outbox rows (emitted events) and the consumer
+  position. State, emitted events and position commit together or not at all; the
+  Kafka offset commit afterwards is informational (lag tooling).
+* On assignment the consumer seeks to the position stored in the database, so a crash
+  at any point re-delivers only records whose transaction did not commit.
+* A duplicate (same dedupe key for this consumer group) is acknowledged and changes
+  nothing — this also absorbs an outbox relay re-publishing after a crash, and a
+  partition processed by two members around a rebalance.
+* A batch that fails is re-run one record at a time to isolate the bad record.
+  Permanent errors go to the group's dead-letter topic at once; transient errors are
+  retried with exponential backoff and jitter (partitions paused, polls continuing so
+  the group membership stays healthy) until ``retry_budget_s``, then dead-lettered.
+* Once a record of an order key is dead-lettered, later records of that key for this
+  group are parked (stored, not processed) until a replay of the dead letter succeeds
+  or an operator purges it (``paysaga dlq``): replay never applies events out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.runtime import dlq
+from services.runtime.errors import PermanentError, is_transient
+from services.runtime.faults import fault_point
+from services.runtime.messages import Context, Record, Route
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.tables import consumer_positions, dead_letters, inbox, parked
+
+log = logging.getLogger("paysaga.consumer")
+
+#: Called in the dead-letter transaction, so a service can flag what the record was
+#: about (payments flags the order for reconciliation).
+DeadLetterHook = Callable[[AsyncConnection, Record, BaseException], Awaitable[None]]
+
+
+class RuntimeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    max_batch: int = 500
+    poll_timeout_ms: int = 500
+    retry_budget_s: float = 60.0
+    retry_base_s: float = 0.2
+    retry_max_s: float = 5.0
+    handler_timeout_s: float = 30.0
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runtime: ConsumerRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # No locks here (aiokafka documents a deadlock). A batch still in flight for a
+        # revoked partition may commit after the new owner started: the inbox dedupes
+        # and positions only move forward (GREATEST), so nothing is applied twice.
+        self.runtime.assigned -= set(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.runtime.seek_to_stored(assigned)
+
+
+class ConsumerRuntime:
+    def __init__(
+        self,
+        *,
+        service: str,
+        group: str,
+        routes: Sequence[Route],
+        engine: AsyncEngine,
+        bootstrap: str,
+        producer: dlq.DeadLetterProducer,
+        metrics: RuntimeMetrics,
+        settings: RuntimeSettings,
+        on_dead_letter: DeadLetterHook | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.service, self.group = service, group
+        self.routes = {r.topic: r for r in routes}
+        self.engine, self.bootstrap = engine, bootstrap
+        self.producer, self.metrics, self.settings = producer, metrics, settings
+        self.on_dead_letter = on_dead_letter
+        self.client_id = client_id or f"paysaga-{service}"
+        self.assigned: set[TopicPartition] = set()
+        self.last_progress = 0.0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; then finish the in-flight batch and leave the group."""
+        s = self.settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,
+            client_id=self.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_records=s.max_batch,
+        )
+        self._consumer = consumer
+        consumer.subscribe(list(self.routes), listener=_Listener(self))
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
+                self._progress()
+                for tp, messages in batch.items():
+                    if tp not in self.assigned:
+                        continue
+                    await self._process_partition(tp, [_record(m) for m in messages])
+                await self._update_lag()
+        finally:
+            await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
+            self._consumer = None
+
+    def _progress(self) -> None:
+        self.last_progress = time.time()
+        self.metrics.last_progress.labels(self.service).set(self.last_progress)
+
+    async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        if not assigned:
+            return
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        consumer_positions.c.topic,
+                        consumer_positions.c.partition,
+                        consumer_positions.c.next_offset,
+                    ).where(consumer_positions.c.consumer_group == self.group)
+                )
+            ).all()
+        stored = {TopicPartition(t, p): o for t, p, o in rows}
+        for tp in assigned:
+            if tp in stored:
+                consumer.seek(tp, stored[tp])
+            else:
+                # never processed here: start from the beginning of the partition
+                await consumer.seek_to_beginning(tp)
+        self.assigned |= set(assigned)
+        log.info("%s assigned %s", self.group, sorted(f"{t.topic}/{t.partition}" for t in assigned))
+
+    # ------------------------------------------------------------------ processing
+
+    async def _process_partition(self, tp: TopicPartition, records: list[Record]) -> None:
+        started = time.perf_counter()
+        self.metrics.batch_size.labels(self.service).observe(len(records))
+        outcomes: list[tuple[str, str]] = []
+        try:
+            async with self._transaction() as conn:
+                for rec in records:
+                    outcomes.append((rec.topic, await self._apply(conn, rec)))
+                await self._save_position(conn, tp, records[-1].offset + 1)
+        except Exception as exc:
+            if len(records) > 1 or not isinstance(exc, PermanentError):
+                log.info("%s batch of %d failed (%r): one at a time", self.group, len(records), exc)
+            outcomes = [(rec.topic, await self._process_one(tp, rec)) for rec in records]
+        fault_point("after_db_commit_before_kafka_commit")
+        for topic, outcome in outcomes:
+            self.metrics.records.labels(self.service, topic, outcome).inc()
+        self.metrics.processing_seconds.labels(self.service).observe(time.perf_counter() - started)
+        await self._commit_kafka(tp, records[-1].offset + 1)
+
+    async def _process_one(self, tp: TopicPartition, rec: Record) -> str:
+        attempt, first_failure, started = 0, datetime.now(UTC), time.monotonic()
+        while True:
+            attempt += 1
+            try:
+                async with self._transaction() as conn:
+                    outcome = await self._apply(conn, rec)
+                    await self._save_position(conn, tp, rec.offset + 1)
+                return outcome
+            except Exception as exc:
+                if attempt == 1:
+                    first_failure = datetime.now(UTC)
+                spent = time.monotonic() - started
+                if not is_transient(exc) or spent >= self.settings.retry_budget_s:
+                    log.warning("%s dead-lettering %s/%d@%d: %r", self.group, rec.topic,
+                                rec.partition, rec.offset, exc)  # fmt: skip
+                    await self._dead_letter(tp, rec, exc, attempt, first_failure)
+                    return "dead_lettered"
+                self.metrics.retries.labels(self.service, type(exc).__name__).inc()
+                await self._backoff(attempt)
+
+    async def _apply(self, conn: AsyncConnection, rec: Record) -> str:
+        """Handle one record inside ``conn``'s transaction; returns the outcome label."""
+        target = rec.header(dlq.H_TARGET_GROUP)
+        if target is not None and target.decode() != self.group:
+            return "skipped"  # a replay or release meant for another consumer group
+        order_key = _order_key(rec)
+        if rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE:
+            await self._release(conn, order_key, "purged")
+            return "released"
+        replay = rec.header(dlq.H_REPLAY_OF) is not None
+        if not replay and await self._blocked(conn, order_key):
+            await conn.execute(
+                insert(parked).values(
+                    consumer_group=self.group, order_key=order_key, topic=rec.topic,
+                    partition=rec.partition, offset=rec.offset, key=rec.key, value=rec.value,
+                    headers=[[k, v.decode("utf-8", "replace")] for k, v in rec.headers],
+                    timestamp_ms=rec.timestamp_ms,
+                )
+            )  # fmt: skip
+            return "parked"
+        outcome = await self._handle(conn, rec)
+        if replay:
+            await self._release(conn, order_key, "replayed")
+        return outcome
+
+    async def _handle(self, conn: AsyncConnection, rec: Record) -> str:
+        route = self.routes.get(rec.topic)
+        if route is None:
+            raise PermanentError("unrouted_topic", rec.topic)
+        envelope: dict[str, Any] | None = None
+        if route.raw_handler is not None:
+            handler = route.raw_handler
+            assert route.dedupe_key is not None
+            dedupe = route.dedupe_key(rec)
+        else:
+            envelope = parse_envelope(rec.value)
+            found = route.handlers.get(str(envelope["event_type"]))
+            if found is None:
+                return "skipped"
+            handler, dedupe = found, str(envelope["event_id"])
+        inserted = await conn.execute(
+            pg_insert(inbox)
+            .values(consumer_group=self.group, dedupe_key=dedupe)
+            .on_conflict_do_nothing()
+            .returning(inbox.c.dedupe_key)
+        )
+        if inserted.first() is None:
+            return "duplicate"
+        ctx = Context(conn=conn, record=rec, envelope=envelope, now=datetime.now(UTC))
+        # bounded: a handler slower than max_poll_interval would cost the partition
+        await asyncio.wait_for(handler(ctx), self.settings.handler_timeout_s)
+        fault_point("inside_db_transaction")
+        return "processed"
+
+    async def _blocked(self, conn: AsyncConnection, order_key: str) -> bool:
+        row = await conn.execute(
+            select(dead_letters.c.id)
+            .where(
+                and_(
+                    dead_letters.c.consumer_group == self.group,
+                    dead_letters.c.order_key == order_key,
+                    dead_letters.c.resolved_at.is_(None),
+                )
+            )
+            .limit(1)
+        )
+        return row.first() is not None
+
+    async def _release(self, conn: AsyncConnection, order_key: str, resolution: str) -> None:
+        """Resolve the key's open dead letters, then apply its parked records in order,
+        in this same transaction."""
+        await conn.execute(
+            update(dead_letters)
+            .where(
+                and_(
+                    dead_letters.c.consumer_group == self.group,
+                    dead_letters.c.order_key == order_key,
+                    dead_letters.c.resolved_at.is_(None),
+                )
+            )
+            .values(resolved_at=datetime.now(UTC), resolution=resolution)
+        )
+        rows = (
+            await conn.execute(
+                delete(parked)
+                .where(and_(parked.c.consumer_group == self.group, parked.c.order_key == order_key))
+                .returning(parked)
+            )
+        ).all()
+        for row in sorted(rows, key=lambda r: r.id):
+            rec = Record(
+                topic=row.topic, partition=row.partition, offset=row.offset, key=row.key,
+                value=row.value, headers=tuple((k, v.encode()) for k, v in row.headers),
+                timestamp_ms=row.timestamp_ms,
+            )  # fmt: skip
+            await self._handle(conn, rec)
+
+    async def _dead_letter(
+        self, tp: TopicPartition, rec: Record, exc: BaseException, attempts: int, first: datetime
+    ) -> None:
+        """Publish to the group's DLQ (acks=all), then — in one transaction — record the
+        dead letter (blocking the key), run the service hook and move the position.
+        Both steps are retried until they succeed: a dead letter is never dropped."""
+        headers = dlq.headers_for(rec, self.group, exc, attempts, first)
+        await self._until_done(lambda: self.producer.send_dead_letter(self.group, rec, headers))
+
+        async def record() -> None:
+            async with self._transaction() as conn:
+                await conn.execute(
+                    insert(dead_letters).values(
+                        consumer_group=self.group, order_key=_order_key(rec), topic=rec.topic,
+                        partition=rec.partition, offset=rec.offset,
+                        error_class=type(exc).__name__, error_message=dlq.describe(exc)[:2000],
+                        attempts=attempts, first_failure_at=first,
+                    )
+                )  # fmt: skip
+                if self.on_dead_letter is not None:
+                    await self.on_dead_letter(conn, rec, exc)
+                await self._save_position(conn, tp, rec.offset + 1)
+
+        await self._until_done(record)
+
+    async def _until_done(self, step: Callable[[], Awaitable[None]]) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await step()
+                return
+            except Exception as exc:
+                self.metrics.retries.labels(self.service, type(exc).__name__).inc()
+                log.warning("%s retrying dead-letter step: %r", self.group, exc)
+                await self._backoff(attempt)
+
+    async def _backoff(self, attempt: int) -> None:
+        """Exponential backoff with full jitter. Partitions are paused and the consumer
+        keeps polling meanwhile, so the group sees a live member."""
+        s = self.settings
+        delay = self._rng.uniform(0, min(s.retry_max_s, s.retry_base_s * 2 ** (attempt - 1)))
+        consumer = self._consumer
+        if consumer is None:
+            await asyncio.sleep(delay)
+            return
+        paused = consumer.assignment()
+        consumer.pause(*paused)
+        try:
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0:
+                await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+                self._progress()
+        finally:
+            consumer.resume(*(tp for tp in paused if tp in consumer.assignment()))
+
+    async def _save_position(self, conn: AsyncConnection, tp: TopicPartition, nxt: int) -> None:
+        stmt = pg_insert(consumer_positions).values(
+            consumer_group=self.group, topic=tp.topic, partition=tp.partition, next_offset=nxt
+        )
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["consumer_group", "topic", "partition"],
+                # positions only move forward, even if a revoked member commits late
+                set_={
+                    "next_offset": func.greatest(consumer_positions.c.next_offset, nxt),
+                    "updated_at": datetime.now(UTC),
+                },
+            )
+        )
+
+    async def _commit_kafka(self, tp: TopicPartition, nxt: int) -> None:
+        consumer = self._consumer
+        if consumer is None or tp not in self.assigned:
+            return
+        try:
+            await consumer.commit({tp: nxt})
+            self._progress()
+        except Exception as exc:  # informational only: the database holds the position
+            log.info("%s kafka commit of %s skipped: %r", self.group, tp, exc)
+
+    async def _update_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        lag: dict[str, int] = {}
+        for tp in list(self.assigned):
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            position = await consumer.position(tp)
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
+        for topic, value in lag.items():
+            self.metrics.consumer_lag.labels(self.service, topic).set(value)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+
+def _order_key(rec: Record) -> str:
+    # records without a key have no per-order ordering to protect: block only themselves
+    return rec.key_str or f"{rec.topic}/{rec.partition}/{rec.offset}"
+
+
+def _record(m: Any) -> Record:
+    return Record(
+        topic=m.topic,
+        partition=m.partition,
+        offset=m.offset,
+        key=m.key,
+        value=m.value if m.value is not None else b"",
+        headers=tuple((k, bytes(v or b"")) for k, v in (m.headers or ())),
+        timestamp_ms=int(m.timestamp),
+    )
+
+
+def parse_envelope(value: bytes) -> dict[str, Any]:
+    """Decode and minimally check an envelope; payloads are validated by handlers."""
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PermanentError("invalid_json", str(exc)) from exc
+    if not isinstance(doc, dict):
+        raise PermanentError("invalid_envelope", "record value is not a JSON object")
+    for field in ("event_id", "event_type", "payload"):
+        if field not in doc:
+            raise PermanentError("invalid_envelope", f"missing field {field!r}")
+    if not isinstance(doc["event_id"], str) or not 1 <= len(doc["event_id"]) <= 64:
+        raise PermanentError("invalid_envelope", "event_id must be a string of 1..64 chars")
+    if not isinstance(doc["payload"], dict):
+        raise PermanentError("invalid_envelope", "payload must be an object")
+    return doc

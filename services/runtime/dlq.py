@@ -1,0 +1,123 @@
+"""Dead letters: one topic per consumer group (``paysaga.<service>.dlq``).
+
+A dead letter carries the original key and value with headers naming where it came
+from and why it failed. Card numbers never reach a dead letter: values and error
+messages are scrubbed of anything that looks like a primary account number first.
+
+Replay re-publishes the original record to its original topic, with its original
+record timestamp (the gateway signature tolerance is measured against it), addressed
+to the one consumer group that failed it (``paysaga-target-group``; other groups skip
+it). The consumer's inbox makes a replay safe to repeat. Purge publishes a release
+control record instead, which unblocks the key's parked records without applying the
+dead letter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+from aiokafka import AIOKafkaProducer
+
+from schemas.carddata import redact_card_numbers
+from services.runtime.messages import Record
+
+H_PREFIX = "paysaga-dlq-"
+H_TOPIC = "paysaga-dlq-original-topic"
+H_PARTITION = "paysaga-dlq-original-partition"
+H_OFFSET = "paysaga-dlq-original-offset"
+H_TIMESTAMP = "paysaga-dlq-original-timestamp"
+H_GROUP = "paysaga-dlq-consumer-group"
+H_ERROR_CLASS = "paysaga-dlq-error-class"
+H_ERROR_MESSAGE = "paysaga-dlq-error-message"
+H_ATTEMPTS = "paysaga-dlq-attempts"
+H_FIRST_FAILURE = "paysaga-dlq-first-failure-at"
+H_REDACTED = "paysaga-dlq-redacted"
+
+H_TARGET_GROUP = "paysaga-target-group"
+H_REPLAY_OF = "paysaga-replay-of"
+H_CONTROL = "paysaga-control"
+CONTROL_RELEASE = b"release"
+
+
+def dlq_topic(group: str) -> str:
+    return f"{group}.dlq"
+
+
+def describe(exc: BaseException) -> str:
+    return redact_card_numbers(f"{exc}")
+
+
+def headers_for(
+    rec: Record, group: str, exc: BaseException, attempts: int, first: datetime
+) -> list[tuple[str, bytes]]:
+    own = [
+        (H_TOPIC, rec.topic),
+        (H_PARTITION, str(rec.partition)),
+        (H_OFFSET, str(rec.offset)),
+        (H_TIMESTAMP, str(rec.timestamp_ms)),
+        (H_GROUP, group),
+        (H_ERROR_CLASS, type(exc).__name__),
+        (H_ERROR_MESSAGE, describe(exc)[:2000]),
+        (H_ATTEMPTS, str(attempts)),
+        (H_FIRST_FAILURE, first.strftime("%Y-%m-%dT%H:%M:%S.%fZ")),
+    ]
+    # the original headers travel on (a replay needs e.g. the gateway signature), minus
+    # any routing headers of an earlier replay
+    original = [
+        (k, v)
+        for k, v in rec.headers
+        if not k.startswith(H_PREFIX) and k not in (H_TARGET_GROUP, H_REPLAY_OF, H_CONTROL)
+    ]
+    return [(k, v.encode()) for k, v in own] + original
+
+
+class DeadLetterProducer:
+    """Publishes dead letters with acks=all through an idempotent producer."""
+
+    def __init__(self, bootstrap: str, client_id: str) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=f"{client_id}-dlq",
+            enable_idempotence=True,
+            acks="all",
+            request_timeout_ms=15000,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send_dead_letter(
+        self, group: str, rec: Record, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
+        value = rec.value
+        redacted = redact_card_numbers(value.decode("utf-8", "replace"))
+        hdrs = list(headers)
+        if redacted != value.decode("utf-8", "replace"):
+            value = redacted.encode()
+            hdrs.append((H_REDACTED, b"card_number"))
+        await self._producer.send_and_wait(dlq_topic(group), value=value, key=rec.key, headers=hdrs)
+
+
+def header_dict(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in headers}
+
+
+def replay_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int]:
+    """(topic, key, value, headers, timestamp_ms) of the replay of one dead letter."""
+    h = header_dict(dead.headers)
+    original = [(k, v) for k, v in dead.headers if not k.startswith(H_PREFIX)]
+    origin = json.dumps([dead.topic, dead.partition, dead.offset]).encode()
+    headers = [*original, (H_TARGET_GROUP, h[H_GROUP].encode()), (H_REPLAY_OF, origin)]
+    return h[H_TOPIC], dead.key, dead.value, headers, int(h[H_TIMESTAMP])
+
+
+def release_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+    """(topic, key, value, headers) of the control record that purges one dead letter."""
+    h = header_dict(dead.headers)
+    headers = [(H_TARGET_GROUP, h[H_GROUP].encode()), (H_CONTROL, CONTROL_RELEASE)]
+    return h[H_TOPIC], dead.key, b"{}", headers

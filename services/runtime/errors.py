@@ -1,0 +1,53 @@
+"""The one place that decides whether a failure is permanent or transient.
+
+Permanent: the record itself is wrong (bad JSON, schema violation, unknown event type,
+a domain rejection that must be seen by a human) — retrying cannot help, so it goes to
+the dead-letter topic at once. Transient: something around the record is unavailable
+(database, broker, gateway 5xx, a timeout) — retried in place with backoff, then
+dead-lettered when the budget is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import psycopg
+import sqlalchemy.exc
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+
+class PermanentError(Exception):
+    """The record can never be processed as it is. ``reason`` is a short snake_case code."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+
+
+class TransientError(Exception):
+    """Something the record needs is unavailable right now; retrying may succeed."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, PermanentError | ValidationError | ValueError | KeyError | TypeError):
+        return False
+    if isinstance(exc, TransientError | TimeoutError | asyncio.TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        # connection-level failures (server gone, cannot connect), serialization and
+        # deadlock conflicts are worth retrying; constraint violations and bad SQL are not.
+        orig = exc.orig
+        return bool(exc.connection_invalidated) or isinstance(
+            orig,
+            psycopg.OperationalError
+            | psycopg.errors.SerializationFailure
+            | psycopg.errors.DeadlockDetected
+            | psycopg.errors.AdminShutdown
+            | psycopg.errors.CannotConnectNow,
+        )
+    if isinstance(exc, sqlalchemy.exc.TimeoutError | psycopg.OperationalError):
+        return True
+    # broker errors met while handling (a DLQ produce, say) and gateway transport errors
+    return isinstance(exc, KafkaError | httpx.TransportError)

@@ -1,0 +1,235 @@
+"""Client of the payment gateway API (CONTRACT §4).
+
+Capture, void and refund can time out after the gateway did the work, so the client
+never turns doubt into failure (DESIGN "Calls to the gateway"):
+
+- 200 → ``succeeded``; 402 → ``declined`` (permanent, with the gateway's code/message);
+  404 → ``not_found``; any other 4xx → ``GatewayProtocolError`` (a bug on one side).
+- 5xx and transport errors → retried with capped exponential backoff + jitter, always
+  with the caller's same ``Idempotency-Key``; an exhausted budget → ``unknown``.
+- A read/write timeout → ``unknown`` at once: the request may have been applied, and
+  the caller must ask ``get_payment`` before anything else is done to that payment
+  (retrying blind would also multiply the time a consumer spends in one call).
+  Connect and pool timeouts are retried instead: nothing reached the gateway.
+
+Worst case per call: ``max_attempts * timeout_s`` per phase plus the backoff sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+
+__all__ = [
+    "GatewayClient",
+    "GatewayError",
+    "GatewayNotFoundError",
+    "GatewayOutcome",
+    "GatewayProtocolError",
+    "GatewayUnavailableError",
+    "OutcomeKind",
+]
+
+log = logging.getLogger(__name__)
+
+OutcomeKind = Literal["succeeded", "declined", "not_found", "unknown"]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOutcome:
+    """The result of a mutating call. ``code``/``message`` are set for ``declined``;
+    ``reason`` says why an outcome is ``unknown`` (``timeout``, ``http_503``, …)."""
+
+    kind: OutcomeKind
+    body: dict[str, Any] = field(default_factory=dict)
+    code: str | None = None
+    message: str | None = None
+    attempts: int = 1
+    reason: str | None = None
+
+
+class GatewayError(Exception):
+    """Base class of the errors this client raises."""
+
+
+class GatewayProtocolError(GatewayError):
+    """Permanent: the gateway answered outside the contract (an unexpected 4xx, a body
+    that is not a JSON object). Retrying the same request cannot help."""
+
+    def __init__(self, status_code: int, body: Any, message: str = "") -> None:
+        super().__init__(message or f"gateway answered {status_code}: {body!r}"[:500])
+        self.status_code = status_code
+        self.body = body
+
+
+class GatewayNotFoundError(GatewayProtocolError):
+    """``get_payment``: the gateway does not know the transaction."""
+
+
+class GatewayUnavailableError(GatewayError):
+    """Transient: ``get_payment`` exhausted its retry budget on 5xx, timeouts or
+    transport errors."""
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class GatewayClient:
+    """Async client over ``httpx.AsyncClient``; use as ``async with`` or call ``aclose``.
+
+    ``rng`` draws the jitter and ``sleep`` waits between attempts, so tests run without
+    clocks. ``transport`` replaces the network (``httpx.MockTransport`` in unit tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 5.0,
+        max_attempts: int = 4,
+        backoff_base_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if max_attempts < 1 or timeout_s <= 0 or backoff_base_s < 0:
+            raise ValueError("need max_attempts >= 1, timeout_s > 0, backoff_base_s >= 0")
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_s, transport=transport)
+        self._max_attempts = max_attempts
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def backoff(self, retry: int) -> float:
+        """Delay before retry number ``retry`` (1-based): ``base * 2**(retry-1)`` capped at
+        ``backoff_max_s``, then "equal jitter" (half fixed, half random) so that clients
+        retrying together spread out but never retry immediately."""
+        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2.0 ** (retry - 1))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    async def capture(
+        self, transaction_id: str, amount: int, currency: str, idempotency_key: str
+    ) -> GatewayOutcome:
+        """Capture an authorization (``POST /v1/payments/{id}/capture``)."""
+        payload = {"amount": amount, "currency": currency}
+        return await self._mutate(transaction_id, "capture", payload, idempotency_key)
+
+    async def void(self, transaction_id: str, idempotency_key: str) -> GatewayOutcome:
+        """Release an authorization (``POST /v1/payments/{id}/void``)."""
+        return await self._mutate(transaction_id, "void", None, idempotency_key)
+
+    async def refund(
+        self, transaction_id: str, amount: int, currency: str, reason: str, idempotency_key: str
+    ) -> GatewayOutcome:
+        """Refund a capture (``POST /v1/payments/{id}/refund``). Never call it again for
+        the same money under a new key: resolve ``unknown`` with ``get_payment``."""
+        payload = {"amount": amount, "currency": currency, "reason": reason}
+        return await self._mutate(transaction_id, "refund", payload, idempotency_key)
+
+    async def get_payment(self, transaction_id: str) -> dict[str, Any]:
+        """The gateway's view of a transaction (``GET /v1/payments/{id}``). Safe to
+        repeat, so timeouts are retried too. Raises ``GatewayNotFoundError`` (404),
+        ``GatewayProtocolError`` (other non-200) or ``GatewayUnavailableError``."""
+        reason = ""
+        for attempt in range(1, self._max_attempts + 1):
+            if attempt > 1:
+                await self._sleep(self.backoff(attempt - 1))
+            try:
+                response = await self._http.get(self._path(transaction_id))
+            except httpx.TransportError as exc:  # includes every TimeoutException
+                reason = type(exc).__name__
+                continue
+            if response.status_code >= 500:
+                reason = f"http_{response.status_code}"
+                continue
+            body = _json_object(response)
+            if response.status_code == 404:
+                raise GatewayNotFoundError(404, body or response.text)
+            if response.status_code != 200 or body is None:
+                raise GatewayProtocolError(response.status_code, body or response.text)
+            return body
+        raise GatewayUnavailableError(f"get_payment {transaction_id}: {reason}")
+
+    @staticmethod
+    def _path(transaction_id: str) -> str:
+        return f"/v1/payments/{quote(transaction_id, safe='')}"
+
+    async def _mutate(
+        self, transaction_id: str, action: str, payload: dict[str, Any] | None, key: str
+    ) -> GatewayOutcome:
+        if not key:
+            raise ValueError("an idempotency key is required")
+        url = f"{self._path(transaction_id)}/{action}"
+        reason = ""
+        for attempt in range(1, self._max_attempts + 1):
+            if attempt > 1:
+                await self._sleep(self.backoff(attempt - 1))
+            try:
+                response = await self._http.post(
+                    url, json=payload, headers={"Idempotency-Key": key}
+                )
+            except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                reason = type(exc).__name__  # never sent: as safe to retry as a refused connect
+            except httpx.TimeoutException:
+                log.warning("gateway %s %s timed out: outcome unknown", action, transaction_id)
+                return GatewayOutcome("unknown", attempts=attempt, reason="timeout")
+            except httpx.TransportError as exc:
+                reason = type(exc).__name__
+            else:
+                if response.status_code < 500:
+                    return self._classify(response, attempt)
+                reason = f"http_{response.status_code}"
+            log.info("gateway %s %s attempt %d: %s", action, transaction_id, attempt, reason)
+        log.warning("gateway %s %s: budget exhausted (%s)", action, transaction_id, reason)
+        return GatewayOutcome("unknown", attempts=self._max_attempts, reason=reason)
+
+    @staticmethod
+    def _classify(response: httpx.Response, attempt: int) -> GatewayOutcome:
+        body = _json_object(response)
+        status = response.status_code
+        if 200 <= status < 300 and body is not None:
+            return GatewayOutcome("succeeded", body, attempts=attempt)
+        if status == 402:
+            error = (body or {}).get("error")
+            error = error if isinstance(error, dict) else {}
+            code, message = error.get("code"), error.get("message")
+            return GatewayOutcome(
+                "declined",
+                body or {},
+                code=str(code) if code is not None else "declined",
+                message=str(message) if message is not None else None,
+                attempts=attempt,
+            )
+        if status == 404:
+            return GatewayOutcome("not_found", body or {}, attempts=attempt)
+        raise GatewayProtocolError(status, body if body is not None else response.text)

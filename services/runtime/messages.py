@@ -1,0 +1,129 @@
+"""What a handler sees: the consumed record, its envelope, the open transaction, and
+``emit`` — which writes to the outbox in that same transaction (handlers never produce
+to Kafka)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import insert, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.runtime.tables import outbox
+
+#: NOTIFY channel the outbox relay of a database listens on
+OUTBOX_CHANNEL = "paysaga_outbox"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def key_str(self) -> str | None:
+        return self.key.decode("utf-8", "replace") if self.key is not None else None
+
+
+@dataclasses.dataclass
+class Context:
+    """One record being handled inside its service's database transaction."""
+
+    conn: AsyncConnection
+    record: Record
+    envelope: dict[str, Any] | None
+    now: datetime
+    _notified: bool = False
+
+    @property
+    def event_id(self) -> str | None:
+        return None if self.envelope is None else str(self.envelope["event_id"])
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        assert self.envelope is not None, "raw records have no envelope payload"
+        payload: dict[str, Any] = self.envelope["payload"]
+        return payload
+
+    async def emit(
+        self,
+        topic: str,
+        event_type: str,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        key: str,
+        saga_seq: int | None = None,
+        causation_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        """Write one event to the outbox (committed with the handler's state, or not at
+        all). ``saga_seq`` defaults to the cause's + 1 (1 for a root); causation and
+        correlation default to the consumed record's. Returns the new event id."""
+        cause = self.envelope or {}
+        if saga_seq is None:
+            saga_seq = int(cause["saga_seq"]) + 1 if cause.get("saga_seq") else 1
+        body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload)
+        event_id = uuid.uuid4().hex
+        envelope = {
+            "event_id": event_id,
+            "event_type": event_type,
+            "schema_version": 1,
+            "occurred_at": self.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "correlation_id": correlation_id or cause.get("correlation_id"),
+            "causation_id": causation_id or self.event_id or _record_id(self.record),
+            "saga_seq": saga_seq,
+            "payload": body,
+        }
+        await self.emit_raw(topic, key.encode(), json.dumps(envelope, separators=(",", ":")).encode())
+        return event_id
+
+    async def emit_raw(
+        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, str]] = []
+    ) -> None:
+        await self.conn.execute(
+            insert(outbox).values(topic=topic, key=key, value=value, headers=[list(h) for h in headers])
+        )
+        if not self._notified:
+            # delivered at commit, and only if the transaction commits
+            await self.conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+            self._notified = True
+
+
+def _record_id(record: Record) -> str:
+    return f"{record.topic}/{record.partition}/{record.offset}"
+
+
+Handler = Callable[[Context], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How one topic is consumed.
+
+    Enveloped topics route by ``event_type`` (types not listed are acknowledged and
+    counted as skipped: a topic carries several types) and dedupe by ``event_id``.
+    Raw topics (the gateway's webhook bodies) go to ``raw_handler`` and dedupe by
+    ``dedupe_key(record)``.
+    """
+
+    topic: str
+    handlers: Mapping[str, Handler] = dataclasses.field(default_factory=dict)
+    raw_handler: Handler | None = None
+    dedupe_key: Callable[[Record], str] | None = None

@@ -1,0 +1,81 @@
+"""Runtime metrics, created against an injected registry (one per process)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeMetrics:
+    records: Counter
+    processing_seconds: Histogram
+    batch_size: Histogram
+    retries: Counter
+    outbox_backlog: Gauge
+    outbox_oldest_age: Gauge
+    outbox_published: Counter
+    consumer_lag: Gauge
+    last_progress: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> RuntimeMetrics:
+        return cls(
+            records=Counter(
+                "paysaga_records_total",
+                "Consumed records by outcome: processed, duplicate, skipped, parked, "
+                "dead_lettered, released",
+                ["service", "topic", "outcome"],
+                registry=registry,
+            ),
+            processing_seconds=Histogram(
+                "paysaga_processing_seconds",
+                "Time to handle one partition batch, transaction included",
+                ["service"],
+                registry=registry,
+            ),
+            batch_size=Histogram(
+                "paysaga_batch_size_records",
+                "Records per partition batch",
+                ["service"],
+                buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+                registry=registry,
+            ),
+            retries=Counter(
+                "paysaga_retries_total",
+                "Transient failures retried in place",
+                ["service", "error_class"],
+                registry=registry,
+            ),
+            outbox_backlog=Gauge(
+                "paysaga_outbox_backlog_records",
+                "Outbox rows not yet published",
+                ["service"],
+                registry=registry,
+            ),
+            outbox_oldest_age=Gauge(
+                "paysaga_outbox_oldest_age_seconds",
+                "Age of the oldest unpublished outbox row",
+                ["service"],
+                registry=registry,
+            ),
+            outbox_published=Counter(
+                "paysaga_outbox_published_total",
+                "Outbox rows published to Kafka",
+                ["service"],
+                registry=registry,
+            ),
+            consumer_lag=Gauge(
+                "paysaga_consumer_lag_records",
+                "Records behind the high watermark, summed over assigned partitions",
+                ["service", "topic"],
+                registry=registry,
+            ),
+            last_progress=Gauge(
+                "paysaga_consumer_last_progress_timestamp_seconds",
+                "Unix time of the last successful poll or commit",
+                ["service"],
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,194 @@
+"""The service shell: one process = consumer + outbox relay + background workers +
+HTTP (``/healthz``, ``/readyz``, ``/metrics`` and the service's own routes).
+
+SIGTERM/SIGINT set one stop event: the consumer finishes its in-flight batch, commits
+and leaves the group; the relay finishes its publish pass; the HTTP server closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from services.runtime.consumer import ConsumerRuntime, DeadLetterHook, RuntimeSettings
+from services.runtime.dlq import DeadLetterProducer
+from services.runtime.messages import Route
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.relay import OutboxRelay, RelaySettings
+
+log = logging.getLogger("paysaga.service")
+
+Worker = Callable[[asyncio.Event], Awaitable[None]]
+
+
+def make_engine(url: str, pool_size: int = 5) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=5,
+        pool_pre_ping=True,
+        pool_timeout=10,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def libpq_conninfo(url: str) -> str:
+    """The SQLAlchemy URL as a libpq conninfo string (for the relay's raw connection)."""
+    u = make_url(url)
+    parts = {
+        "host": u.host or "127.0.0.1",
+        "port": str(u.port or 5432),
+        "user": u.username or "",
+        "dbname": u.database or "",
+        "password": u.password or "",
+        "connect_timeout": "5",
+    }
+    return " ".join(f"{k}={v}" for k, v in parts.items() if v)
+
+
+@dataclasses.dataclass
+class Service:
+    """A wired service. ``build(settings)`` functions of each service construct one."""
+
+    name: str
+    group: str
+    engine: AsyncEngine
+    database_url: str
+    bootstrap: str
+    routes: Sequence[Route]
+    registry: CollectorRegistry
+    http_port: int
+    http_host: str = "127.0.0.1"
+    on_dead_letter: DeadLetterHook | None = None
+    workers: Sequence[Worker] = ()
+    app: FastAPI | None = None
+    runtime_settings: RuntimeSettings = dataclasses.field(default_factory=RuntimeSettings)
+    relay_settings: RelaySettings = dataclasses.field(default_factory=RelaySettings)
+    metrics: RuntimeMetrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = RuntimeMetrics.create(self.registry)
+        self.consumer: ConsumerRuntime | None = None
+        self.relay: OutboxRelay | None = None
+
+    def http_app(self) -> FastAPI:
+        app = self.app or FastAPI(title=f"paysaga {self.name}")
+
+        @app.get("/healthz", include_in_schema=self.app is None)
+        async def healthz() -> dict[str, str]:
+            return {"status": "alive", "service": self.name}
+
+        @app.get("/readyz", include_in_schema=self.app is None)
+        async def readyz(response: Response) -> dict[str, Any]:
+            checks = await self.readiness()
+            response.status_code = 200 if all(checks.values()) else 503
+            return {"ready": all(checks.values()), "checks": checks}
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    async def readiness(self) -> dict[str, bool]:
+        """Database reachable, and the consumer polled recently: a consumer stuck after
+        a broker restart (aiokafka#1154) stops polling and turns this red."""
+        db = True
+        try:
+            async with self.engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(text("SELECT 1")), 3)
+        except Exception:
+            db = False
+        last = self.consumer.last_progress if self.consumer else 0.0
+        return {"database": db, "kafka": time.time() - last < 30}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.metrics is not None
+        producer = DeadLetterProducer(self.bootstrap, f"paysaga-{self.name}")
+        await producer.start()
+        self.consumer = ConsumerRuntime(
+            service=self.name, group=self.group, routes=self.routes, engine=self.engine,
+            bootstrap=self.bootstrap, producer=producer, metrics=self.metrics,
+            settings=self.runtime_settings, on_dead_letter=self.on_dead_letter,
+        )  # fmt: skip
+        self.relay = OutboxRelay(
+            service=self.name, engine=self.engine, conninfo=libpq_conninfo(self.database_url),
+            bootstrap=self.bootstrap, metrics=self.metrics, settings=self.relay_settings,
+        )  # fmt: skip
+        server = _Server(
+            uvicorn.Config(
+                self.http_app(), host=self.http_host, port=self.http_port,
+                log_level="warning", lifespan="off",
+            )
+        )  # fmt: skip
+        tasks = [
+            asyncio.create_task(self.consumer.run(stop), name="consumer"),
+            asyncio.create_task(self.relay.run(stop), name="relay"),
+            asyncio.create_task(server.serve(), name="http"),
+            *(asyncio.create_task(w(stop), name=f"worker{i}") for i, w in enumerate(self.workers)),
+        ]
+        try:
+            # a task that dies takes the process down (a supervisor restarts it);
+            # limping on without a consumer or relay would hide the failure
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    log.error("%s task %s failed", self.name, t.get_name(), exc_info=t.exception())
+            stop.set()
+            server.should_exit = True
+            await asyncio.wait(tasks, timeout=30)
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+            if failed:
+                raise RuntimeError(f"{self.name}: {[t.get_name() for t in failed]} failed")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await producer.stop()
+            await self.engine.dispose()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service's stop event rules."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("PAYSAGA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def run_service(build: Callable[[], Service]) -> None:
+    """``main()`` of every service: build, then run until SIGTERM/SIGINT."""
+    configure_logging()
+
+    async def _main() -> None:
+        service = build()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    asyncio.run(_main())

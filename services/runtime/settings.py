@@ -1,0 +1,65 @@
+"""Settings shared by every paysaga process.
+
+Everything comes from environment variables prefixed ``PAYSAGA_`` (documented in the
+README). Settings objects are built in ``main()``; nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The documented local development secret: used by the local stack when
+#: PAYSAGA_GATEWAY_SECRETS is not set (make up, make demo, make test) — never in code paths
+#: that run outside the local stack.
+LOCAL_DEV_GATEWAY_SECRETS = json.dumps({"simgw": ["whsec_local_dev"]})
+
+SERVICES = ("payments", "inventory", "capture", "refunds", "orders")
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    #: Every saga topic has this many partitions (co-partitioned by order id).
+    kafka_partitions: int = 6
+    kafka_replication_factor: int = 1
+
+
+class DatabaseSettings(BaseSettings):
+    """Database location: ``PAYSAGA_<SERVICE>_DATABASE_URL`` wins, else the server URL
+    ``PAYSAGA_DATABASE_URL`` plus the service's database name ``paysaga_<service>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    database_url: str = "postgresql+psycopg://paysaga@127.0.0.1:55432"
+    payments_database_url: str | None = None
+    inventory_database_url: str | None = None
+    capture_database_url: str | None = None
+    refunds_database_url: str | None = None
+    orders_database_url: str | None = None
+    runtime_test_database_url: str | None = None
+
+    def url_for(self, service: str) -> str:
+        explicit: str | None = getattr(self, f"{service}_database_url", None)
+        if explicit:
+            return explicit
+        return f"{self.database_url.rstrip('/')}/paysaga_{service}"
+
+
+class GatewaySecrets(BaseSettings):
+    """``PAYSAGA_GATEWAY_SECRETS``: JSON object gateway id -> list of secrets. Required:
+    a service that verifies confirmations refuses to start without it."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    gateway_secrets: dict[str, list[str]] = Field(...)
+
+    @field_validator("gateway_secrets")
+    @classmethod
+    def _non_empty(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not value or not all(isinstance(s, list) and s and all(s) for s in value.values()):
+            raise ValueError("PAYSAGA_GATEWAY_SECRETS must map each gateway id to >= 1 secret")
+        return value

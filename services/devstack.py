@@ -346,3 +346,140 @@ def pg_down(p: Profile) -> bool:
         check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     return True
+
+
+# ---------------------------------------------------------------------------- the stack
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceProcess:
+    name: str
+    module: str
+    #: offset from the profile's http_base, except the contract's fixed ports (dev)
+    port: int
+
+
+#: Each service runs as its own process. Contract ports (dev): status API 8080,
+#: gateway bridge 8070, gateway simulator 8090; the test profile adds 10000.
+SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
+    ServiceProcess("gatewaysim", "services.gatewaysim.app", 8090),
+)
+
+
+def service_port(p: Profile, sp: ServiceProcess) -> int:
+    return sp.port if p.name == "dev" else sp.port + 10000
+
+
+def stack_env(p: Profile) -> dict[str, str]:
+    """Environment for everything the stack runs: explicit PAYSAGA_ settings win."""
+    from services.runtime.settings import LOCAL_DEV_GATEWAY_SECRETS
+
+    env = dict(os.environ)
+    env.setdefault("PAYSAGA_KAFKA_BOOTSTRAP_SERVERS", p.bootstrap)
+    env.setdefault("PAYSAGA_DATABASE_URL", p.database_url)
+    env.setdefault("PAYSAGA_GATEWAY_SECRETS", LOCAL_DEV_GATEWAY_SECRETS)
+    ports = {sp.name: service_port(p, sp) for sp in SERVICE_PROCESSES}
+    for name, port in ports.items():
+        env.setdefault(f"PAYSAGA_{name.upper()}_PORT", str(port))
+    env.setdefault("PAYSAGA_GATEWAY_URL", f"http://127.0.0.1:{ports.get('gatewaysim', 8090)}")
+    env.setdefault("PAYSAGA_BRIDGE_URL", f"http://127.0.0.1:{ports.get('bridge', 8070)}")
+    env.setdefault("PAYSAGA_STATUS_API_URL", f"http://127.0.0.1:{ports.get('orders', 8080)}")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def infra_up(p: Profile) -> dict[str, str]:
+    """Kafka, PostgreSQL (unless explicit servers are configured), topics, migrations."""
+    from services.runtime import migrate, topics
+    from services.runtime.settings import SERVICES, DatabaseSettings, KafkaSettings
+
+    env = stack_env(p)
+    if "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
+        kafka_up(p)
+    if "PAYSAGA_DATABASE_URL" not in os.environ:
+        pg_up(p, tuple(f"paysaga_{s}" for s in SERVICES))
+    os.environ.update({k: v for k, v in env.items() if k.startswith("PAYSAGA_")})
+    kafka = KafkaSettings()
+    report = asyncio.run(
+        topics.apply(
+            kafka.kafka_bootstrap_servers,
+            topics.load_specs(replication_factor=kafka.kafka_replication_factor),
+        )
+    )
+    if report.created:
+        _log(f"created {len(report.created)} topics")
+    for line in report.drift:
+        _log(f"topic drift: {line}")
+    db = DatabaseSettings()
+    for service in SERVICES:
+        if (REPO / "services" / service / "migrations").is_dir():
+            migrate.upgrade(service, db.url_for(service))
+    return env
+
+
+def services_up(p: Profile, env: Mapping[str, str]) -> None:
+    """Start every service process not already running; wait until each answers."""
+    import httpx
+
+    logs = p.root / "logs"
+    for sp in SERVICE_PROCESSES:
+        pidfile = p.root / "pids" / f"{sp.name}.pid"
+        if running_pid(pidfile, f"-m {sp.module}") is not None:
+            continue
+        _log(f"starting {sp.name}")
+        pid = spawn([sys.executable, "-m", sp.module], logs / f"{sp.name}.log", pidfile, env)
+        url = f"http://127.0.0.1:{service_port(p, sp)}/healthz"
+
+        def answers(url: str = url) -> bool:
+            try:
+                return httpx.get(url, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(sp.name, answers, lambda pid=pid: pid_running(pid), timeout=60)
+
+
+def up(profile: str = "dev") -> None:
+    p = PROFILES[profile]
+    env = infra_up(p)
+    services_up(p, env)
+    _log(f"stack '{profile}' is up (logs in {(p.root / 'logs').relative_to(REPO)})")
+
+
+def down(profile: str = "dev") -> None:
+    p = PROFILES[profile]
+    for sp in reversed(SERVICE_PROCESSES):
+        if stop_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}"):
+            _log(f"stopped {sp.name}")
+    if kafka_down(p):
+        _log("stopped Kafka")
+    if pg_down(p):
+        _log("stopped PostgreSQL")
+
+
+def status(profile: str = "dev") -> dict[str, str]:
+    p = PROFILES[profile]
+    out = {
+        "kafka": "running" if running_pid(p.root / "kafka" / "kafka.pid",
+                                          str(p.root / "kafka" / "server.properties"))
+        else "stopped",
+        "postgresql": "running" if _pg_accepts(p) else "stopped",
+    }  # fmt: skip
+    for sp in SERVICE_PROCESSES:
+        pid = running_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}")
+        out[sp.name] = f"running (pid {pid}, port {service_port(p, sp)})" if pid else "stopped"
+    return out
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    """``make test``: the test profile up, the suite, and the test profile down — always."""
+    p = PROFILES["test"]
+    started = time.monotonic()
+    try:
+        env = infra_up(p)
+        _log(f"test infrastructure ready in {time.monotonic() - started:.1f}s")
+        env["PAYSAGA_TEST_PROFILE"] = p.name
+        return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env,
+                              cwd=REPO, check=False).returncode  # fmt: skip
+    finally:
+        down(p.name)

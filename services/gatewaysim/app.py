@@ -213,8 +213,9 @@ class Simulator:
             return _error(409, "already_refunded", "already refunded under another key")
         if op == "refund" and txn.state != "captured":
             return _error(402, "not_captured", f"cannot refund a {txn.state} payment")
-        if request.currency != txn.currency or not 0 < request.amount <= txn.amount:
-            return _error(400, "amount_invalid", f"at most {txn.amount} {txn.currency}")
+        limit = txn.captures[-1]["amount"] if op == "refund" else txn.amount
+        if request.currency != txn.currency or not 0 < request.amount <= limit:
+            return _error(400, "amount_invalid", f"at most {limit} {txn.currency}")
         if declined:
             return _error(402, f"{op}_declined", f"simulated {op} decline")
         entry = {"amount": request.amount, "currency": request.currency, "created": now}

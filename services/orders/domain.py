@@ -11,7 +11,7 @@ PAID_CONFIRMED or REFUNDED, and never applies an older attempt's event; each
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -283,7 +283,7 @@ def is_ready(saga_seq: int | None, causation_id: str | None, applied_ids: Abstra
 
 
 def release_order(
-    held: list[tuple[int, str, str | None]], applied_ids: AbstractSet[str]
+    held: Sequence[tuple[int, str, str | None]], applied_ids: AbstractSet[str]
 ) -> list[str]:
     """Event ids of `held` (saga_seq, event_id, causation_id) that become applicable,
     in the order to apply them: by saga_seq (arrival order among equals), each after

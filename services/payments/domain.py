@@ -84,9 +84,8 @@ def find_card_data(obj: object) -> str | None:
         if isinstance(node, dict):
             for key, value in node.items():
                 text = str(key)
-                key_found = key_found or text.lower().replace("_", "").replace("-", "") in (
-                    _SENSITIVE_KEYS
-                )
+                normalised = text.lower().replace("_", "").replace("-", "")
+                key_found = key_found or normalised in _SENSITIVE_KEYS
                 stack.append(text)
                 stack.append(value)
         elif isinstance(node, list | tuple):
@@ -100,7 +99,7 @@ def find_card_data(obj: object) -> str | None:
 
 OrderStatus = Literal["pending", "accepted", "failed", "flagged"]
 ConfirmationType = Literal["payment.authorized", "payment.captured", "payment.failed"]
-Outcome = Literal[
+DecisionOutcome = Literal[
     "registered", "duplicate", "rejected", "parked", "accepted", "declined", "retry_accepted"
 ]
 Payload = dict[str, Any]
@@ -157,7 +156,7 @@ class Decision:
     order, and record `audit` entries ({action, outcome, reason, order_id, transaction_id,
     gateway_event_id})."""
 
-    outcome: Outcome
+    outcome: DecisionOutcome
     reason: str | None = None
     order: Order | None = None
     events: tuple[tuple[str, Payload], ...] = ()
@@ -178,7 +177,7 @@ def _reason_code(raw: str | None) -> str | None:
 
 def _audit(
     action: str,
-    outcome: Outcome,
+    outcome: DecisionOutcome,
     reason: str | None,
     order_id: str | None,
     confirmation: Confirmation | None = None,

@@ -67,17 +67,24 @@ class RuntimeSettings(BaseSettings):
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Only bookkeeping here: no locks and no awaits (aiokafka documents a deadlock, and
+    it may hand out records before this listener returns). The processing loop checks
+    every batch against the position stored in the database instead."""
+
     def __init__(self, runtime: ConsumerRuntime) -> None:
         self.runtime = runtime
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # No locks here (aiokafka documents a deadlock). A batch still in flight for a
-        # revoked partition may commit after the new owner started: the inbox dedupes
-        # and positions only move forward (GREATEST), so nothing is applied twice.
-        self.runtime.assigned -= set(revoked)
+        # A batch still in flight for a revoked partition may commit after the new owner
+        # started: the inbox dedupes and positions only move forward (GREATEST).
+        for tp in revoked:
+            self.runtime.expected.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.runtime.seek_to_stored(assigned)
+        for tp in assigned:
+            self.runtime.expected.pop(tp, None)  # reload from the database
+        log.info("%s assigned %s", self.runtime.group,
+                 sorted(f"{t.topic}/{t.partition}" for t in assigned))  # fmt: skip
 
 
 class ConsumerRuntime:
@@ -101,7 +108,8 @@ class ConsumerRuntime:
         self.producer, self.metrics, self.settings = producer, metrics, settings
         self.on_dead_letter = on_dead_letter
         self.client_id = client_id or f"paysaga-{service}"
-        self.assigned: set[TopicPartition] = set()
+        #: next offset to process per partition, from the database; absent = not loaded
+        self.expected: dict[TopicPartition, int | None] = {}
         self.last_progress = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
@@ -131,9 +139,9 @@ class ConsumerRuntime:
                 batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
                 self._progress()
                 for tp, messages in batch.items():
-                    if tp not in self.assigned:
-                        continue
-                    await self._process_partition(tp, [_record(m) for m in messages])
+                    records = await self._in_position(tp, [_record(m) for m in messages])
+                    if records:
+                        await self._process_partition(tp, records)
                 await self._update_lag()
         finally:
             await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
@@ -143,30 +151,33 @@ class ConsumerRuntime:
         self.last_progress = time.time()
         self.metrics.last_progress.labels(self.service).set(self.last_progress)
 
-    async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:
+    async def _in_position(self, tp: TopicPartition, records: list[Record]) -> list[Record]:
+        """The records of a batch that continue from the stored position. Records below
+        it were processed already; a batch starting above it (the consumer was placed
+        elsewhere, e.g. by its committed offset) is dropped and the partition is
+        re-positioned, so nothing is skipped."""
         consumer = self._consumer
         assert consumer is not None
-        if not assigned:
-            return
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        consumer_positions.c.topic,
-                        consumer_positions.c.partition,
-                        consumer_positions.c.next_offset,
-                    ).where(consumer_positions.c.consumer_group == self.group)
-                )
-            ).all()
-        stored = {TopicPartition(t, p): o for t, p, o in rows}
-        for tp in assigned:
-            if tp in stored:
-                consumer.seek(tp, stored[tp])
-            else:
-                # never processed here: start from the beginning of the partition
-                await consumer.seek_to_beginning(tp)
-        self.assigned |= set(assigned)
-        log.info("%s assigned %s", self.group, sorted(f"{t.topic}/{t.partition}" for t in assigned))
+        if tp not in self.expected:
+            async with self.engine.connect() as conn:
+                self.expected[tp] = (
+                    await conn.execute(
+                        select(consumer_positions.c.next_offset).where(
+                            consumer_positions.c.consumer_group == self.group,
+                            consumer_positions.c.topic == tp.topic,
+                            consumer_positions.c.partition == tp.partition,
+                        )
+                    )
+                ).scalar()
+        expected = self.expected[tp]
+        if expected is None:
+            return records  # never processed by this group: take the partition from its start
+        records = [r for r in records if r.offset >= expected]
+        if records and records[0].offset > expected:
+            log.info("%s re-positioning %s to stored offset %d", self.group, tp, expected)
+            consumer.seek(tp, expected)
+            return []
+        return records
 
     # ------------------------------------------------------------------ processing
 
@@ -183,6 +194,7 @@ class ConsumerRuntime:
             if len(records) > 1 or not isinstance(exc, PermanentError):
                 log.info("%s batch of %d failed (%r): one at a time", self.group, len(records), exc)
             outcomes = [(rec.topic, await self._process_one(tp, rec)) for rec in records]
+        self.expected[tp] = records[-1].offset + 1
         fault_point("after_db_commit_before_kafka_commit")
         for topic, outcome in outcomes:
             self.metrics.records.labels(self.service, topic, outcome).inc()
@@ -380,7 +392,7 @@ class ConsumerRuntime:
 
     async def _commit_kafka(self, tp: TopicPartition, nxt: int) -> None:
         consumer = self._consumer
-        if consumer is None or tp not in self.assigned:
+        if consumer is None or tp not in consumer.assignment():
             return
         try:
             await consumer.commit({tp: nxt})
@@ -393,7 +405,7 @@ class ConsumerRuntime:
         if consumer is None:
             return
         lag: dict[str, int] = {}
-        for tp in list(self.assigned):
+        for tp in consumer.assignment():
             high = consumer.highwater(tp)
             if high is None:
                 continue

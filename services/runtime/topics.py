@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -120,3 +121,21 @@ async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[s
         for _err, _msg, _type, name, entries in response.resources:
             out[name] = {entry[0]: entry[1] for entry in entries}
     return out
+
+
+async def partitions_of(bootstrap: str, prefix: str = "", suffix: str = "",
+                        names: list[str] | None = None) -> list[TopicPartition]:  # fmt: skip
+    """Every partition of the named topics (or of all topics matching prefix/suffix)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        if names is None:
+            names = [t for t in await admin.list_topics() if t.startswith(prefix) and t.endswith(suffix)]
+        if not names:
+            return []
+        described = await admin.describe_topics(sorted(names))
+        return sorted(
+            TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]
+        )
+    finally:
+        await admin.close()

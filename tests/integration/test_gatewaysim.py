@@ -7,11 +7,13 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from pydantic import ValidationError
 
 from services.gatewaysim.app import GatewaySimSettings, create_app
 from services.runtime.gateway_client import GatewayClient, GatewayProtocolError
@@ -37,6 +39,9 @@ async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5
 async def _serve(app: FastAPI) -> AsyncIterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    # Accepted connections inherit this; without it Nagle + delayed ACK add ~40 ms per
+    # keep-alive request on a socket handed to uvicorn.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     # A short graceful timeout cancels handlers still holding back a "lost" response.
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
@@ -46,12 +51,12 @@ async def _serve(app: FastAPI) -> AsyncIterator[str]:
     async def healthy() -> bool:
         assert not task.done(), "server stopped during startup"
         try:
-            return (await http.get(f"{base_url}/healthz")).status_code == 200
+            return (await probe.get(f"{base_url}/healthz")).status_code == 200
         except httpx.TransportError:
             return False
 
     try:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient() as probe:
             await _eventually(healthy)
         yield base_url
     finally:
@@ -79,16 +84,19 @@ async def bridge() -> AsyncIterator[tuple[str, list[tuple[str, dict[str, str], b
         yield url, received
 
 
+def _settings(**overrides: Any) -> GatewaySimSettings:
+    values: dict[str, Any] = {
+        "gateway_secrets": {"simgw": [SECRET, "whsec_next"]},
+        "lost_response_delay_s": 1.0,  # > the client's 0.5 s timeout
+        "slow_delay_s": 0.2,
+        "delivery_backoff_base_s": 0.05,
+    }
+    return GatewaySimSettings(**(values | overrides))
+
+
 @pytest.fixture
-async def sim(bridge: tuple[str, list[object]]) -> AsyncIterator[str]:
-    settings = GatewaySimSettings(
-        gateway_secrets={"simgw": [SECRET, "whsec_next"]},
-        bridge_url=bridge[0],
-        lost_response_delay_s=1.0,  # > the client's 0.5 s timeout
-        slow_delay_s=0.2,
-        delivery_backoff_base_s=0.05,
-    )
-    async with _serve(create_app(settings)) as url:
+async def sim() -> AsyncIterator[str]:
+    async with _serve(create_app(_settings())) as url:
         yield url
 
 
@@ -109,8 +117,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def _payment(
-    http: httpx.AsyncClient, sim: str, marker: str = "", mode: str = "authorize", **extra: object
-) -> dict:
+    http: httpx.AsyncClient, sim: str, marker: str = "", mode: str = "authorize", **extra: Any
+) -> dict[str, Any]:
     request = {
         "order_id": f"ord_{uuid.uuid4().hex[:12]}",
         "payment_intent_id": f"pi_{uuid.uuid4().hex[:12]}{marker}",
@@ -122,7 +130,8 @@ async def _payment(
     }
     response = await http.post(f"{sim}/sim/payments", json=request)
     assert response.status_code == 200, response.text
-    return response.json()
+    created: dict[str, Any] = response.json()
+    return created
 
 
 async def test_flaky_capture_is_captured_exactly_once(
@@ -230,20 +239,44 @@ async def test_undelivered_webhook_body_is_signed_as_returned(
 
 
 async def test_delivered_webhook_is_the_exact_signed_bytes(
-    http: httpx.AsyncClient, sim: str, bridge: tuple
+    http: httpx.AsyncClient, bridge: tuple[str, list[tuple[str, dict[str, str], bytes, int]]]
 ) -> None:
-    _, received = bridge
-    created = await _payment(http, sim, mode="sale", deliver=True)
+    bridge_url, received = bridge
+    async with _serve(create_app(_settings(bridge_url=bridge_url))) as sim:
+        created = await _payment(http, sim, mode="sale", deliver=True)
 
-    async def delivered() -> bool:
-        ledger = (await http.get(f"{sim}/sim/ledger")).json()["transactions"]
-        txn = next(t for t in ledger if t["transaction_id"] == created["transaction_id"])
-        return txn["delivery"] == "delivered"
+        async def delivered() -> bool:
+            ledger = (await http.get(f"{sim}/sim/ledger")).json()["transactions"]
+            txn = next(t for t in ledger if t["transaction_id"] == created["transaction_id"])
+            return bool(txn["delivery"] == "delivered")
 
-    await _eventually(delivered)
+        await _eventually(delivered)
     assert [status for *_, status in received] == [503, 200]
     for gateway, headers, raw, _ in received:
         assert (gateway, raw) == ("simgw", created["body"].encode())
         assert headers["content-type"] == "application/json"
         verify([SECRET], headers["paysaga-signature"], raw, int(time.time()), 300)
     assert received[0][1]["paysaga-signature"] == created["signature"]
+
+
+async def test_concurrent_calls_with_one_key_execute_once(
+    http: httpx.AsyncClient, sim: str, client: GatewayClient
+) -> None:
+    txn = (await _payment(http, sim, "_slow"))["transaction_id"]
+    first, second = await asyncio.gather(
+        client.capture(txn, 1250, "EUR", f"capture:{txn}"),
+        client.capture(txn, 1250, "EUR", f"capture:{txn}"),
+    )
+    assert first.body == second.body
+    assert len((await client.get_payment(txn))["captures"]) == 1
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAYSAGA_GATEWAY_SECRETS", '{"simgw": ["whsec_a", "whsec_b"]}')
+    monkeypatch.setenv("PAYSAGA_GATEWAYSIM_PORT", "18090")
+    settings = GatewaySimSettings()
+    assert settings.gateway_secrets == {"simgw": ["whsec_a", "whsec_b"]}
+    assert settings.gatewaysim_port == 18090
+    monkeypatch.setenv("PAYSAGA_GATEWAY_SECRETS", '{"othergw": ["whsec_a"]}')
+    with pytest.raises(ValidationError, match="no secret for 'simgw'"):
+        GatewaySimSettings()

@@ -245,8 +245,9 @@ SAFE_KEY = SAFE_TEXT.map(lambda text: "k_" + text)  # never a sensitive key
 SAFE_LEAF = st.none() | st.booleans() | st.integers(-(10**9), 10**9) | SAFE_TEXT
 SAFE_JSON = st.recursive(
     SAFE_LEAF,
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(SAFE_KEY, children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(SAFE_KEY, children, max_size=3)
+    ),
     max_leaves=8,
 )
 # Where to put a value: wrap it in lists (at an index among safe siblings) or dicts.
@@ -298,7 +299,9 @@ def test_any_luhn_number_anywhere_is_found(
 
 
 @given(
-    digits=st.text(alphabet="0123456789", min_size=13, max_size=19).filter(lambda d: not luhn_ok(d)),
+    digits=st.text(alphabet="0123456789", min_size=13, max_size=19).filter(
+        lambda d: not luhn_ok(d)
+    ),
     prefix=SAFE_TEXT,
     wrappers=WRAPPERS,
     index=st.integers(0, 10),
@@ -477,7 +480,7 @@ def test_authorization_accepts_the_order_with_the_authorization_flow() -> None:
         "brand": "visa",
         "last4": "4242",
     }
-    assert CONTEXT_KEYS <= set(payload)
+    assert set(payload) >= CONTEXT_KEYS
     assert decision.audit == (
         {
             "action": "confirmation",
@@ -577,7 +580,10 @@ def test_confirmation_without_an_order_is_parked() -> None:
         ({"amount": 10344}, "amount_mismatch"),
         ({"currency": "USD"}, "currency_mismatch"),
         # checked in this order: the first failing rule is the reason
-        ({"payment_intent_id": "pi_other", "amount": 1, "currency": "USD"}, "payment_intent_mismatch"),
+        (
+            {"payment_intent_id": "pi_other", "amount": 1, "currency": "USD"},
+            "payment_intent_mismatch",
+        ),
         ({"amount": 1, "currency": "USD"}, "amount_mismatch"),
     ],
 )

@@ -1,0 +1,52 @@
+# paysaga — every target installs what it needs (virtualenv, Kafka jars, PostgreSQL data).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PAYSAGA := $(BIN)/paysaga
+
+.PHONY: venv up down status demo test lint typecheck schemas migrate topics bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+up: venv            ## start the local stack in the background (idempotent)
+	$(PAYSAGA) dev up
+
+down: venv          ## stop everything `make up` started
+	$(PAYSAGA) dev down
+
+status: venv
+	$(PAYSAGA) dev status
+
+demo: venv          ## set up, run a mixed batch of orders through every path, summarize, stop
+	$(BIN)/python -m services.demo
+
+test: venv          ## the whole suite on its own Kafka/PostgreSQL (ports 19092/55433)
+	$(PAYSAGA) dev test -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check services schemas tests benchmarks
+	$(BIN)/ruff format --check services schemas tests benchmarks
+
+typecheck: venv
+	$(BIN)/mypy
+
+schemas: venv       ## regenerate schemas/json from the pydantic models
+	$(BIN)/python -m schemas.generate
+
+migrate: venv
+	$(PAYSAGA) migrate
+
+topics: venv
+	$(PAYSAGA) topics apply
+
+bench: venv         ## runtime throughput benchmark (prints and saves numbers)
+	$(BIN)/python -m benchmarks.runtime_throughput
+
+clean: down
+	rm -rf .local

@@ -1,0 +1,91 @@
+"""The ``paysaga`` command: operations for SREs and the local stack.
+
+Sub-commands of a service live beside it (``services/<service>/cli.py``) and are
+mounted here, so this file is only wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services import devstack
+from services.runtime import migrate as migrations
+from services.runtime import topics as topic_specs
+from services.runtime.cli_dlq import app as dlq_app
+from services.runtime.settings import SERVICES, DatabaseSettings, KafkaSettings
+
+app = typer.Typer(no_args_is_help=True, help="paysaga: a payment saga over Kafka")
+dev = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, PostgreSQL, services)")
+topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics from topics.yaml")
+app.add_typer(dev, name="dev")
+app.add_typer(topics_app, name="topics")
+app.add_typer(dlq_app, name="dlq")
+console = Console()
+
+
+@topics_app.command("apply")
+def topics_apply(
+    partitions: int = typer.Option(None, help="override topics.yaml's partition count"),
+) -> None:
+    """Create missing topics, raise partitions and configs; report what cannot be fixed."""
+    kafka = KafkaSettings()
+    specs = topic_specs.load_specs(
+        partitions=partitions, replication_factor=kafka.kafka_replication_factor
+    )
+    report = asyncio.run(topic_specs.apply(kafka.kafka_bootstrap_servers, specs))
+    for label, names in (
+        ("created", report.created),
+        ("partitions raised", report.partitions_raised),
+        ("configs changed", report.configs_changed),
+    ):
+        for name in names:
+            console.print(f"{label}: {name}")
+    for line in report.drift:
+        console.print(f"[red]drift[/red]: {line}")
+    if not report.changed and not report.drift:
+        console.print(f"{len(specs)} topics match topics.yaml")
+    raise typer.Exit(1 if report.drift else 0)
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade every service database to the latest migration."""
+    db = DatabaseSettings()
+    for service in SERVICES:
+        if (migrations.SERVICES_DIR / service / "migrations").is_dir():
+            migrations.upgrade(service, db.url_for(service))
+            console.print(f"{service}: at head")
+
+
+@dev.command("up")
+def dev_up(profile: str = "dev") -> None:
+    devstack.up(profile)
+
+
+@dev.command("down")
+def dev_down(profile: str = "dev") -> None:
+    devstack.down(profile)
+
+
+@dev.command("status")
+def dev_status(profile: str = "dev") -> None:
+    table = Table("component", "state")
+    states = devstack.status(profile)
+    for name, state in states.items():
+        table.add_row(name, state)
+    console.print(table)
+
+
+@dev.command("test", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def dev_test(ctx: typer.Context) -> None:
+    """Bring up the test profile, run pytest with the extra arguments, tear down."""
+    sys.exit(devstack.run_tests(list(ctx.args)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,83 @@
+"""A tiny service on the runtime, for proving the runtime's guarantees.
+
+``Credit {account, amount, seq, sleep_s?}`` adds to an account and records the
+application (one row per application: applying twice shows as two rows); with
+``--out-topic`` it emits ``Credited`` through the outbox. ``Credited`` consumed by a
+downstream instance is recorded the same way. A missing field is a permanent error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert
+
+from services.runtime.errors import PermanentError
+from services.runtime.messages import Context, Route
+from services.runtime.service import Service, make_engine, run_service
+
+metadata = MetaData()
+applied = Table(
+    "ledger_applied",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("consumer_group", String(128), nullable=False, index=True),
+    Column("account", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("event_id", String(64), nullable=False),
+)
+
+
+def build(args: argparse.Namespace) -> Service:
+    group = args.group
+
+    async def on_credit(ctx: Context) -> None:
+        p = ctx.payload
+        try:
+            account, amount, seq = str(p["account"]), int(p["amount"]), int(p["seq"])
+        except (KeyError, ValueError) as exc:
+            raise PermanentError("schema_violation", f"Credit payload: {exc!r}") from exc
+        if p.get("sleep_s"):
+            await asyncio.sleep(float(p["sleep_s"]))
+        await ctx.conn.execute(
+            insert(applied).values(consumer_group=group, account=account, seq=seq, amount=amount,
+                                   event_id=ctx.event_id)
+        )  # fmt: skip
+        if args.out_topic:
+            await ctx.emit(args.out_topic, "Credited", {"account": account, "amount": amount,
+                                                        "seq": seq}, key=account)  # fmt: skip
+
+    async def on_credited(ctx: Context) -> None:
+        p = ctx.payload
+        await ctx.conn.execute(
+            insert(applied).values(consumer_group=group, account=p["account"], seq=p["seq"],
+                                   amount=p["amount"], event_id=ctx.event_id)
+        )  # fmt: skip
+
+    return Service(
+        name="ledger",
+        group=group,
+        engine=make_engine(args.db_url),
+        database_url=args.db_url,
+        bootstrap=args.bootstrap,
+        routes=[Route(args.in_topic, handlers={"Credit": on_credit, "Credited": on_credited})],
+        registry=CollectorRegistry(),
+        http_port=args.port,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for flag in ("--in-topic", "--group", "--db-url", "--bootstrap"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--out-topic")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    run_service(lambda: build(args))
+
+
+if __name__ == "__main__":
+    main()

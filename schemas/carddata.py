@@ -1,78 +1,92 @@
-"""CONTRACT §2.2's definition of card data, in one place.
+"""CONTRACT §2.2's definition of card data, in one place (payments' rejection rule,
+the audit model's guard, the dead-letter redaction).
 
-Card data is a primary account number — a 13–19 digit Luhn-valid number, also typed
-with single spaces or dashes between groups — or a key naming a card number or
-security code. Nothing here ever returns or logs the matched value.
+Card data is a primary account number — a Luhn-valid run of 13-19 digits, plain or in
+groups joined by single spaces or dashes, as people type card numbers — or a key
+naming a card number or security code. Nothing here returns or logs a matched value.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Iterator
 
-#: keys compared case-insensitively with ``_`` and ``-`` removed
+CARD_NUMBER_PRESENT = "card_number_present"
+SECURITY_CODE_PRESENT = "security_code_present"
+
+# Compared after lower-casing and dropping "_" and "-", so "Card-Number" and "CVV_2" match.
 CARD_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "securitycode"})
-
-# digits, optionally separated by one space or dash ("4242 4242 4242 4242"), not glued
-# to further digits
-_CANDIDATE = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,}(?!\d)")
+# Digit groups joined by exactly one space or dash.
+_DIGIT_GROUPS = re.compile(r"\d+(?:[ -]\d+)*")
+_GROUP = re.compile(r"\d+")
 
 
 def luhn_valid(digits: str) -> bool:
     total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
+    for i, char in enumerate(reversed(digits)):
+        d = ord(char) - 48
+        if i % 2:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
 
 
-def _pan_spans(text: str) -> list[tuple[int, int]]:
-    """Spans of ``text`` holding a PAN: a whole run of 13–19 digits that passes Luhn.
-    Longer runs are ids, not card numbers."""
-    spans = []
-    for m in _CANDIDATE.finditer(text):
-        digits = "".join(c for c in m.group() if c.isdigit())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            spans.append((m.start(), m.end()))
-    return spans
+def _pan_spans(text: str) -> Iterator[tuple[int, int]]:
+    # Candidates are runs of whole groups only: a 13-19 digit window cut out of a longer
+    # plain run (a 24-digit reference, a hex id) is not a card number, and flagging every
+    # window of a long run would reject ordinary ids about as often as not.
+    for match in _DIGIT_GROUPS.finditer(text):
+        groups = list(_GROUP.finditer(match.group()))
+        for start in range(len(groups)):
+            digits = ""
+            for end in range(start, len(groups)):
+                digits += groups[end].group()
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and luhn_valid(digits):
+                    yield match.start() + groups[start].start(), match.start() + groups[end].end()
+                    break
 
 
 def contains_pan(text: str) -> bool:
-    return bool(_pan_spans(text))
+    return next(_pan_spans(text), None) is not None
 
 
-def _is_card_key(key: str) -> bool:
+def is_card_key(key: str) -> bool:
     return key.lower().replace("_", "").replace("-", "") in CARD_KEYS
 
 
-def find_card_data(obj: Any) -> str | None:
-    """Walk parsed JSON; return ``security_code_present`` for a card-data key,
-    ``card_number_present`` for a PAN in any string or number, else None."""
-    stack = [obj]
-    found_number = False
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if isinstance(k, str) and _is_card_key(k):
-                    return "security_code_present"
-                stack.append(k)
-                stack.append(v)
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-        elif isinstance(item, str | int) and not isinstance(item, bool):
-            found_number = found_number or contains_pan(str(item))
-    return "card_number_present" if found_number else None
+def find_card_data(obj: object) -> str | None:
+    """The reason code for card data anywhere in parsed JSON ``obj``, else None:
+    ``card_number_present`` (a PAN in any key, string or number; it takes precedence) or
+    ``security_code_present`` (a key naming card data)."""
+    key_found = False
+    stack: list[object] = [obj]
+    while stack:  # iterative: attacker-controlled nesting must not hit the recursion limit
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                key_found = key_found or is_card_key(str(key))
+                stack.append(str(key))
+                stack.append(value)
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif (
+            isinstance(node, str | int | float)
+            and not isinstance(node, bool)
+            and contains_pan(str(node))
+        ):
+            return CARD_NUMBER_PRESENT
+    return SECURITY_CODE_PRESENT if key_found else None
 
 
 def redact_card_numbers(text: str) -> str:
-    """Replace every PAN in ``text`` with ``[REDACTED-PAN]``."""
+    """``text`` with every PAN replaced by ``[REDACTED-PAN]``."""
     out, last = [], 0
-    for s, e in _pan_spans(text):
-        out.append(text[last:s])
-        out.append("[REDACTED-PAN]")
-        last = e
+    for start, end in sorted(_pan_spans(text)):
+        if start < last:
+            continue  # overlaps one already redacted
+        out += [text[last:start], "[REDACTED-PAN]"]
+        last = end
     out.append(text[last:])
     return "".join(out)

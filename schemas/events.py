@@ -4,11 +4,11 @@ Every saga payload that follows an accepted payment inherits `PaymentContext`, s
 consumer never needs another service's database. All models forbid unknown fields.
 """
 
-import re
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, Field, Strict, model_validator
 
+from schemas.carddata import find_card_data
 from schemas.contract import (
     Amount,
     ContractModel,
@@ -187,25 +187,6 @@ class CompensationFailed(PaymentContext):
 
 # --- audit.events.v1 -------------------------------------------------------------
 
-# CONTRACT §2.2's definition of card data: a key naming it, or a 13-19 digit
-# Luhn-valid number.
-_CARD_KEYS = frozenset({"cvv", "cvc", "card_number", "pan"})
-_DIGIT_RUN = re.compile(r"\d+")
-
-
-def _luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, char in enumerate(reversed(digits)):
-        d = int(char)
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def _has_pan(text: str) -> bool:
-    return any(13 <= len(run) <= 19 and _luhn_valid(run) for run in _DIGIT_RUN.findall(text))
-
 
 class AuditRecorded(ContractModel):
     """A security or validation outcome worth keeping (stored by orders).
@@ -227,14 +208,8 @@ class AuditRecorded(ContractModel):
 
     @model_validator(mode="after")
     def _no_card_data(self) -> Self:
-        forbidden = sorted(key for key in self.details if key.lower() in _CARD_KEYS)
-        if forbidden:
-            raise ValueError(f"details must not carry card data; forbidden keys: {forbidden}")
-        texts = [self.subject, self.action, self.outcome, self.reason, self.order_id]
-        texts += [self.transaction_id, self.gateway_event_id, *self.details]
-        texts += [str(value) for value in self.details.values()]
-        if any(text is not None and _has_pan(text) for text in texts):
-            raise ValueError("must not carry card data: found a Luhn-valid 13-19 digit number")
+        if find_card_data(self.model_dump()) is not None:
+            raise ValueError("must not carry card data (a card number or security-code key)")
         return self
 
 

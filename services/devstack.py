@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import glob
 import os
 import pwd
@@ -142,7 +143,9 @@ def stop_pid(pidfile: Path, marker: str, timeout: float = 30.0) -> bool:
     return True
 
 
-def wait_until(what: str, check: Callable[[], bool], alive: Callable[[], bool], timeout: float) -> None:
+def wait_until(
+    what: str, check: Callable[[], bool], alive: Callable[[], bool], timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
@@ -166,36 +169,46 @@ def kafka_lib() -> Path:
     _log(f"fetching Kafka {kafka_version()} jars with Maven into {lib.relative_to(REPO)}")
     lib.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["mvn", "-B", "-q", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
-         "-DincludeScope=runtime", f"-DoutputDirectory={lib}"],
+        [
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(KAFKA_POM),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={lib}",
+        ],
         check=True,
-    )  # fmt: skip
+    )
     (lib / ".complete").touch()
     return lib
 
 
 def _kafka_properties(p: Profile, data: Path) -> str:
-    return "\n".join([
-        "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@127.0.0.1:{p.controller_port}",
-        f"listeners=PLAINTEXT://127.0.0.1:{p.kafka_port},CONTROLLER://127.0.0.1:{p.controller_port}",
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka_port}",
-        "controller.listener.names=CONTROLLER",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        f"log.dirs={data}",
-        "num.partitions=1",
-        "offsets.topic.replication.factor=1",
-        "offsets.topic.num.partitions=6",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
-        "group.initial.rebalance.delay.ms=0",
-        "auto.create.topics.enable=false",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{p.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{p.kafka_port},CONTROLLER://127.0.0.1:{p.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka_port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={data}",
+            "num.partitions=1",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=6",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=false",
+            "",
+        ]
+    )
 
 
 def kafka_up(p: Profile) -> None:
@@ -215,17 +228,38 @@ def kafka_up(p: Profile) -> None:
             while cluster_id.startswith("-"):
                 cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()[:22]
             subprocess.run(
-                ["java", "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", marker],
-                check=True, stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    "java",
+                    "-cp",
+                    classpath,
+                    f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    marker,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         _log(f"starting Kafka {kafka_version()} on {p.bootstrap}")
         pid = spawn(
-            ["java", "-Xms512m", "-Xmx512m", "-XX:+UseG1GC",
-             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={home}",
-             "-cp", classpath, "kafka.Kafka", marker],
-            home / "kafka.log", pidfile,
-        )  # fmt: skip
+            [
+                "java",
+                "-Xms512m",
+                "-Xmx512m",
+                "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                f"-Dkafka.logs.dir={home}",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                marker,
+            ],
+            home / "kafka.log",
+            pidfile,
+        )
     wait_until(
         f"Kafka on {p.bootstrap}",
         lambda: asyncio.run(_kafka_ready(p.bootstrap)),
@@ -301,21 +335,49 @@ def pg_up(p: Profile, databases: tuple[str, ...]) -> None:
         run.mkdir(exist_ok=True)
         _chown_for_db(home)
         subprocess.run(
-            _as_db_owner([str(bindir / "initdb"), "-D", str(data), "-U", "paysaga",
-                          "--auth=trust", "-E", "UTF8", "--no-locale"]),
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+            _as_db_owner(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "paysaga",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     if not _pg_accepts(p):
         _log(f"starting PostgreSQL on 127.0.0.1:{p.pg_port}")
-        opts = (f"-p {p.pg_port} -c listen_addresses=127.0.0.1 -k {run} "
-                "-c max_connections=300 -c shared_buffers=128MB")  # fmt: skip
+        opts = (
+            f"-p {p.pg_port} -c listen_addresses=127.0.0.1 -k {run} "
+            "-c max_connections=300 -c shared_buffers=128MB"
+        )
         log.touch()
         _chown_for_db(log)
         subprocess.run(
-            _as_db_owner([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log),
-                          "-o", opts, "-w", "-t", "60", "start"]),
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+            _as_db_owner(
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     wait_until(f"PostgreSQL on {p.pg_port}", lambda: _pg_accepts(p), lambda: True, timeout=60)
     with psycopg.connect(_pg_conninfo(p, "postgres"), autocommit=True) as conn:
         existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
@@ -343,8 +405,10 @@ def pg_down(p: Profile) -> bool:
         return False
     subprocess.run(
         _as_db_owner([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-        check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return True
 
 
@@ -436,7 +500,7 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
             except httpx.HTTPError:
                 return False
 
-        wait_until(sp.name, answers, lambda pid=pid: pid_running(pid), timeout=60)
+        wait_until(sp.name, answers, functools.partial(pid_running, pid), timeout=60)
 
 
 def up(profile: str = "dev") -> None:
@@ -460,11 +524,11 @@ def down(profile: str = "dev") -> None:
 def status(profile: str = "dev") -> dict[str, str]:
     p = PROFILES[profile]
     out = {
-        "kafka": "running" if running_pid(p.root / "kafka" / "kafka.pid",
-                                          str(p.root / "kafka" / "server.properties"))
+        "kafka": "running"
+        if running_pid(p.root / "kafka" / "kafka.pid", str(p.root / "kafka" / "server.properties"))
         else "stopped",
         "postgresql": "running" if _pg_accepts(p) else "stopped",
-    }  # fmt: skip
+    }
     for sp in SERVICE_PROCESSES:
         pid = running_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}")
         out[sp.name] = f"running (pid {pid}, port {service_port(p, sp)})" if pid else "stopped"
@@ -479,7 +543,8 @@ def run_tests(pytest_args: list[str]) -> int:
         env = infra_up(p)
         _log(f"test infrastructure ready in {time.monotonic() - started:.1f}s")
         env["PAYSAGA_TEST_PROFILE"] = p.name
-        return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env,
-                              cwd=REPO, check=False).returncode  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", *pytest_args], env=env, cwd=REPO, check=False
+        ).returncode
     finally:
         down(p.name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -32,9 +31,11 @@ class Infra:
 
 
 @pytest.fixture(scope="session")
-def infra() -> Iterator[Infra]:
+def infra() -> Infra:
     from services import devstack
 
-    if not (os.environ.get("PAYSAGA_KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("PAYSAGA_DATABASE_URL")):
+    if not (
+        os.environ.get("PAYSAGA_KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("PAYSAGA_DATABASE_URL")
+    ):
         devstack.infra_up(devstack.PROFILES["test"])
-    yield Infra(os.environ["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"], os.environ["PAYSAGA_DATABASE_URL"])
+    return Infra(os.environ["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"], os.environ["PAYSAGA_DATABASE_URL"])

@@ -16,8 +16,6 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 __all__ = [
-    "CARD_NUMBER_PRESENT",
-    "SECURITY_CODE_PRESENT",
     "Confirmation",
     "Decision",
     "Item",
@@ -26,74 +24,7 @@ __all__ = [
     "decide_match_unmatched",
     "decide_order_placed",
     "decide_retry",
-    "find_card_data",
 ]
-
-# --- card data (CONTRACT §2.2) ----------------------------------------------------
-
-CARD_NUMBER_PRESENT = "card_number_present"
-SECURITY_CODE_PRESENT = "security_code_present"
-
-# Compared after lower-casing and dropping "_" and "-", so "Card-Number" and "CVV_2" match.
-_SENSITIVE_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "securitycode"})
-# Digit groups joined by exactly one space or dash, the way people type card numbers.
-_DIGIT_GROUPS = re.compile(r"\d+(?:[ -]\d+)*")
-_GROUP_SEPARATOR = re.compile(r"[ -]")
-
-
-def _luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, char in enumerate(reversed(digits)):
-        d = int(char)
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def _has_card_number(text: str) -> bool:
-    # Candidates are whole groups only: a 13-19 digit window cut out of a longer plain run
-    # (a 24-digit reference, a hex id) is not a card number, and flagging every window
-    # of a long run would reject ordinary ids about as often as not.
-    for match in _DIGIT_GROUPS.finditer(text):
-        groups = _GROUP_SEPARATOR.split(match.group())
-        for start in range(len(groups)):
-            digits = ""
-            for group in groups[start:]:
-                digits += group
-                if len(digits) > 19:
-                    break
-                if len(digits) >= 13 and _luhn_valid(digits):
-                    return True
-    return False
-
-
-def find_card_data(obj: object) -> str | None:
-    """The reason code for card data anywhere in parsed JSON `obj`, else None.
-
-    `card_number_present`: a string (value or key) or number holds a Luhn-valid run of
-    13-19 digits, plain or grouped by single spaces/dashes; it takes precedence.
-    `security_code_present`: a dict key, case-insensitive and ignoring `_`/`-`, is one of
-    cvv, cvc, cvv2, cvc2, card_number, cardnumber, pan, security_code.
-    Guarantee: only the reason is returned; the value itself is never returned or logged.
-    """
-    key_found = False
-    stack: list[object] = [obj]
-    while stack:  # iterative: attacker-controlled nesting must not hit the recursion limit
-        node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
-                text = str(key)
-                normalised = text.lower().replace("_", "").replace("-", "")
-                key_found = key_found or normalised in _SENSITIVE_KEYS
-                stack.append(text)
-                stack.append(value)
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
-        elif isinstance(node, str | int | float) and _has_card_number(str(node)):
-            return CARD_NUMBER_PRESENT
-    return SECURITY_CODE_PRESENT if key_found else None
-
 
 # --- state and decisions ----------------------------------------------------------
 

@@ -81,20 +81,29 @@ async def read_dead_letters(bootstrap: str, filters: Filters) -> list[Record]:
         await consumer.stop()
 
 
-async def publish(bootstrap: str, records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]]) -> None:
+async def publish(
+    bootstrap: str,
+    records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]],
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for topic, key, value, headers, ts in records:
-            await producer.send_and_wait(topic, value=value, key=key, headers=headers, timestamp_ms=ts)
+            await producer.send_and_wait(
+                topic, value=value, key=key, headers=headers, timestamp_ms=ts
+            )
     finally:
         await producer.stop()
 
 
 def _filters(
-    ref: str | None, topic: str | None, group: str | None, error_class: str | None,
-    since: str | None, until: str | None,
-) -> Filters:  # fmt: skip
+    ref: str | None,
+    topic: str | None,
+    group: str | None,
+    error_class: str | None,
+    since: str | None,
+    until: str | None,
+) -> Filters:
     def when(v: str | None) -> datetime | None:
         return datetime.fromisoformat(v).astimezone(UTC) if v else None
 
@@ -111,22 +120,31 @@ UntilOpt = typer.Option(None, "--until", help="first failure at or before (ISO 8
 
 @app.command("list")
 def list_(
-    topic: str | None = TopicOpt, group: str | None = GroupOpt, error_class: str | None = ErrorOpt,
-    since: str | None = SinceOpt, until: str | None = UntilOpt,
-) -> None:  # fmt: skip
+    topic: str | None = TopicOpt,
+    group: str | None = GroupOpt,
+    error_class: str | None = ErrorOpt,
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+) -> None:
     """List dead letters, oldest first."""
-    recs = asyncio.run(read_dead_letters(
-        KafkaSettings().kafka_bootstrap_servers, _filters(None, topic, group, error_class, since, until)
-    ))  # fmt: skip
+    recs = asyncio.run(
+        read_dead_letters(
+            KafkaSettings().kafka_bootstrap_servers,
+            _filters(None, topic, group, error_class, since, until),
+        )
+    )
     table = Table("ref", "group", "original", "key", "error", "attempts", "first failure")
     for r in recs:
         h = dlq.header_dict(r.headers)
         table.add_row(
-            ref_of(r), h.get(dlq.H_GROUP, "?"),
+            ref_of(r),
+            h.get(dlq.H_GROUP, "?"),
             f"{h.get(dlq.H_TOPIC)}:{h.get(dlq.H_PARTITION)}:{h.get(dlq.H_OFFSET)}",
-            r.key_str or "", f"{h.get(dlq.H_ERROR_CLASS)}: {h.get(dlq.H_ERROR_MESSAGE, '')[:80]}",
-            h.get(dlq.H_ATTEMPTS, "?"), h.get(dlq.H_FIRST_FAILURE, "?"),
-        )  # fmt: skip
+            r.key_str or "",
+            f"{h.get(dlq.H_ERROR_CLASS)}: {h.get(dlq.H_ERROR_MESSAGE, '')[:80]}",
+            h.get(dlq.H_ATTEMPTS, "?"),
+            h.get(dlq.H_FIRST_FAILURE, "?"),
+        )
     console.print(table)
     console.print(f"{len(recs)} dead letter(s)")
 
@@ -139,7 +157,9 @@ def show(ref: str = typer.Argument(..., help="<dlq topic>:<partition>:<offset>")
         console.print(f"no dead letter {ref}")
         raise typer.Exit(1)
     r = recs[0]
-    console.print_json(json.dumps({"ref": ref, "key": r.key_str, "headers": dlq.header_dict(r.headers)}))
+    console.print_json(
+        json.dumps({"ref": ref, "key": r.key_str, "headers": dlq.header_dict(r.headers)})
+    )
     console.print(r.value.decode("utf-8", "replace"))
 
 
@@ -157,9 +177,13 @@ def _act(action: str, recs: list[Record]) -> None:
 
 @app.command("replay")
 def replay(
-    ref: str | None = RefArg, topic: str | None = TopicOpt, group: str | None = GroupOpt,
-    error_class: str | None = ErrorOpt, since: str | None = SinceOpt, until: str | None = UntilOpt,
-) -> None:  # fmt: skip
+    ref: str | None = RefArg,
+    topic: str | None = TopicOpt,
+    group: str | None = GroupOpt,
+    error_class: str | None = ErrorOpt,
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+) -> None:
     """Re-deliver dead letters to the group that failed them (safe to repeat)."""
     f = _filters(ref, topic, group, error_class, since, until)
     _act("replay", asyncio.run(read_dead_letters(KafkaSettings().kafka_bootstrap_servers, f)))
@@ -167,9 +191,13 @@ def replay(
 
 @app.command("purge")
 def purge(
-    ref: str | None = RefArg, topic: str | None = TopicOpt, group: str | None = GroupOpt,
-    error_class: str | None = ErrorOpt, since: str | None = SinceOpt, until: str | None = UntilOpt,
-) -> None:  # fmt: skip
+    ref: str | None = RefArg,
+    topic: str | None = TopicOpt,
+    group: str | None = GroupOpt,
+    error_class: str | None = ErrorOpt,
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+) -> None:
     """Give up on dead letters: their orders' parked records are processed, they are not."""
     f = _filters(ref, topic, group, error_class, since, until)
     if f == Filters():

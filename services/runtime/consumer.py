@@ -83,8 +83,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self.runtime.expected.pop(tp, None)  # reload from the database
-        log.info("%s assigned %s", self.runtime.group,
-                 sorted(f"{t.topic}/{t.partition}" for t in assigned))  # fmt: skip
+        log.info(
+            "%s assigned %s",
+            self.runtime.group,
+            sorted(f"{t.topic}/{t.partition}" for t in assigned),
+        )
 
 
 class ConsumerRuntime:
@@ -215,8 +218,14 @@ class ConsumerRuntime:
                     first_failure = datetime.now(UTC)
                 spent = time.monotonic() - started
                 if not is_transient(exc) or spent >= self.settings.retry_budget_s:
-                    log.warning("%s dead-lettering %s/%d@%d: %r", self.group, rec.topic,
-                                rec.partition, rec.offset, exc)  # fmt: skip
+                    log.warning(
+                        "%s dead-lettering %s/%d@%d: %r",
+                        self.group,
+                        rec.topic,
+                        rec.partition,
+                        rec.offset,
+                        exc,
+                    )
                     await self._dead_letter(tp, rec, exc, attempt, first_failure)
                     return "dead_lettered"
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
@@ -235,12 +244,17 @@ class ConsumerRuntime:
         if not replay and await self._blocked(conn, order_key):
             await conn.execute(
                 insert(parked).values(
-                    consumer_group=self.group, order_key=order_key, topic=rec.topic,
-                    partition=rec.partition, offset=rec.offset, key=rec.key, value=rec.value,
+                    consumer_group=self.group,
+                    order_key=order_key,
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    key=rec.key,
+                    value=rec.value,
                     headers=[[k, v.decode("utf-8", "replace")] for k, v in rec.headers],
                     timestamp_ms=rec.timestamp_ms,
                 )
-            )  # fmt: skip
+            )
             return "parked"
         outcome = await self._handle(conn, rec)
         if replay:
@@ -313,10 +327,14 @@ class ConsumerRuntime:
         ).all()
         for row in sorted(rows, key=lambda r: r.id):
             rec = Record(
-                topic=row.topic, partition=row.partition, offset=row.offset, key=row.key,
-                value=row.value, headers=tuple((k, v.encode()) for k, v in row.headers),
+                topic=row.topic,
+                partition=row.partition,
+                offset=row.offset,
+                key=row.key,
+                value=row.value,
+                headers=tuple((k, v.encode()) for k, v in row.headers),
                 timestamp_ms=row.timestamp_ms,
-            )  # fmt: skip
+            )
             await self._handle(conn, rec)
 
     async def _dead_letter(
@@ -332,12 +350,17 @@ class ConsumerRuntime:
             async with self._transaction() as conn:
                 await conn.execute(
                     insert(dead_letters).values(
-                        consumer_group=self.group, order_key=_order_key(rec), topic=rec.topic,
-                        partition=rec.partition, offset=rec.offset,
-                        error_class=type(exc).__name__, error_message=dlq.describe(exc)[:2000],
-                        attempts=attempts, first_failure_at=first,
+                        consumer_group=self.group,
+                        order_key=_order_key(rec),
+                        topic=rec.topic,
+                        partition=rec.partition,
+                        offset=rec.offset,
+                        error_class=type(exc).__name__,
+                        error_message=dlq.describe(exc)[:2000],
+                        attempts=attempts,
+                        first_failure_at=first,
                     )
-                )  # fmt: skip
+                )
                 if self.on_dead_letter is not None:
                     await self.on_dead_letter(conn, rec, exc)
                 await self._save_position(conn, tp, rec.offset + 1)

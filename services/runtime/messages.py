@@ -5,20 +5,14 @@ to Kafka)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.runtime.tables import outbox
-
-#: NOTIFY channel the outbox relay of a database listens on
-OUTBOX_CHANNEL = "paysaga_outbox"
+from services.runtime.outbox import write_event
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +44,6 @@ class Context:
     record: Record
     envelope: dict[str, Any] | None
     now: datetime
-    _notified: bool = False
 
     @property
     def event_id(self) -> str | None:
@@ -79,31 +72,17 @@ class Context:
         cause = self.envelope or {}
         if saga_seq is None:
             saga_seq = int(cause["saga_seq"]) + 1 if cause.get("saga_seq") else 1
-        body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload)
-        event_id = uuid.uuid4().hex
-        envelope = {
-            "event_id": event_id,
-            "event_type": event_type,
-            "schema_version": 1,
-            "occurred_at": self.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "correlation_id": correlation_id or cause.get("correlation_id"),
-            "causation_id": causation_id or self.event_id or _record_id(self.record),
-            "saga_seq": saga_seq,
-            "payload": body,
-        }
-        await self.emit_raw(topic, key.encode(), json.dumps(envelope, separators=(",", ":")).encode())
-        return event_id
-
-    async def emit_raw(
-        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, str]] = []
-    ) -> None:
-        await self.conn.execute(
-            insert(outbox).values(topic=topic, key=key, value=value, headers=[list(h) for h in headers])
+        return await write_event(
+            self.conn,
+            topic,
+            event_type,
+            payload,
+            key=key,
+            now=self.now,
+            saga_seq=saga_seq,
+            causation_id=causation_id or self.event_id or _record_id(self.record),
+            correlation_id=correlation_id or cause.get("correlation_id"),
         )
-        if not self._notified:
-            # delivered at commit, and only if the transaction commits
-            await self.conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
-            self._notified = True
 
 
 def _record_id(record: Record) -> str:

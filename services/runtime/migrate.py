@@ -7,10 +7,11 @@ Each service keeps ``services/<service>/migrations`` whose ``env.py`` calls
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, pool
+from sqlalchemy import MetaData, create_engine, pool
 
 SERVICES_DIR = Path(__file__).resolve().parents[1]
 
@@ -38,3 +39,14 @@ def run_env() -> None:
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()
+
+
+def create_initial(op: Any, service_metadata: MetaData) -> None:
+    """The first migration of every service: the runtime's tables (inbox, positions,
+    outbox, dead letters, parked) and the service's own tables as first released.
+    Later changes are explicit ``op.*`` migrations on top."""
+    from services.runtime.tables import metadata as runtime_metadata
+
+    bind = op.get_bind()
+    runtime_metadata.create_all(bind)
+    service_metadata.create_all(bind)

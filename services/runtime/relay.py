@@ -30,8 +30,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.faults import fault_point
-from services.runtime.messages import OUTBOX_CHANNEL
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.outbox import OUTBOX_CHANNEL
 from services.runtime.tables import inbox, outbox
 
 log = logging.getLogger("paysaga.relay")
@@ -114,7 +114,9 @@ class OutboxRelay:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.value, outbox.c.headers)
+                    select(
+                        outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.value, outbox.c.headers
+                    )
                     .where(outbox.c.sent_at.is_(None))
                     .order_by(outbox.c.id)
                     .limit(self.settings.batch)
@@ -157,7 +159,9 @@ class OutboxRelay:
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0
         self.metrics.outbox_oldest_age.labels(self.service).set(age)
 
-    async def _wait_for_notify(self, conn: psycopg.AsyncConnection[object], stop: asyncio.Event) -> None:
+    async def _wait_for_notify(
+        self, conn: psycopg.AsyncConnection[object], stop: asyncio.Event
+    ) -> None:
         with contextlib.suppress(TimeoutError):
             async for _ in conn.notifies(timeout=self.settings.poll_s, stop_after=1):
                 break

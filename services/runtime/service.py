@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import uvicorn
@@ -32,7 +32,7 @@ from services.runtime.relay import OutboxRelay, RelaySettings
 
 log = logging.getLogger("paysaga.service")
 
-Worker = Callable[[asyncio.Event], Awaitable[None]]
+Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def make_engine(url: str, pool_size: int = 5) -> AsyncEngine:
@@ -122,20 +122,33 @@ class Service:
         producer = DeadLetterProducer(self.bootstrap, f"paysaga-{self.name}")
         await producer.start()
         self.consumer = ConsumerRuntime(
-            service=self.name, group=self.group, routes=self.routes, engine=self.engine,
-            bootstrap=self.bootstrap, producer=producer, metrics=self.metrics,
-            settings=self.runtime_settings, on_dead_letter=self.on_dead_letter,
-        )  # fmt: skip
+            service=self.name,
+            group=self.group,
+            routes=self.routes,
+            engine=self.engine,
+            bootstrap=self.bootstrap,
+            producer=producer,
+            metrics=self.metrics,
+            settings=self.runtime_settings,
+            on_dead_letter=self.on_dead_letter,
+        )
         self.relay = OutboxRelay(
-            service=self.name, engine=self.engine, conninfo=libpq_conninfo(self.database_url),
-            bootstrap=self.bootstrap, metrics=self.metrics, settings=self.relay_settings,
-        )  # fmt: skip
+            service=self.name,
+            engine=self.engine,
+            conninfo=libpq_conninfo(self.database_url),
+            bootstrap=self.bootstrap,
+            metrics=self.metrics,
+            settings=self.relay_settings,
+        )
         server = _Server(
             uvicorn.Config(
-                self.http_app(), host=self.http_host, port=self.http_port,
-                log_level="warning", lifespan="off",
+                self.http_app(),
+                host=self.http_host,
+                port=self.http_port,
+                log_level="warning",
+                lifespan="off",
             )
-        )  # fmt: skip
+        )
         tasks = [
             asyncio.create_task(self.consumer.run(stop), name="consumer"),
             asyncio.create_task(self.relay.run(stop), name="relay"),

@@ -101,7 +101,9 @@ async def apply(bootstrap: str, specs: list[TopicSpec]) -> ApplyReport:
             await admin.create_partitions(raise_to)
             report.partitions_raised = sorted(raise_to)
         current = await _topic_configs(admin, [s.name for s in present])
-        stale = [s for s in present if any(current[s.name].get(k) != v for k, v in s.configs.items())]
+        stale = [
+            s for s in present if any(current[s.name].get(k) != v for k, v in s.configs.items())
+        ]
         if stale:
             await admin.alter_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, s.name, s.configs) for s in stale]
@@ -123,14 +125,17 @@ async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[s
     return out
 
 
-async def partitions_of(bootstrap: str, prefix: str = "", suffix: str = "",
-                        names: list[str] | None = None) -> list[TopicPartition]:  # fmt: skip
+async def partitions_of(
+    bootstrap: str, prefix: str = "", suffix: str = "", names: list[str] | None = None
+) -> list[TopicPartition]:
     """Every partition of the named topics (or of all topics matching prefix/suffix)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         if names is None:
-            names = [t for t in await admin.list_topics() if t.startswith(prefix) and t.endswith(suffix)]
+            names = [
+                t for t in await admin.list_topics() if t.startswith(prefix) and t.endswith(suffix)
+            ]
         if not names:
             return []
         described = await admin.describe_topics(sorted(names))

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.integration
 
 def credits(n: int, accounts: int = 3, start: int = 0) -> list[tuple[str, bytes]]:
     return [
-        (f"acct{i % accounts}", envelope("Credit", {"account": f"acct{i % accounts}", "amount": 1, "seq": i}))
+        (
+            f"acct{i % accounts}",
+            envelope("Credit", {"account": f"acct{i % accounts}", "amount": 1, "seq": i}),
+        )
         for i in range(start, start + n)
     ]
 
@@ -27,13 +30,19 @@ def test_records_flow_through_consume_transaction_outbox_relay(ledger: Ledger) -
     rows = wait_for(lambda: len(ledger.applied()) == 30 and ledger.applied(), what="30 applied")
     assert sorted(r[1] for r in rows) == list(range(30))
     out = wait_for(
-        lambda: len(recs := asyncio.run(read_all(ledger.infra.bootstrap, ledger.out_topic))) >= 30 and recs,
+        lambda: (
+            len(recs := asyncio.run(read_all(ledger.infra.bootstrap, ledger.out_topic))) >= 30
+            and recs
+        ),
         what="30 Credited published",
     )
     assert len(out) == 30
     assert {m.key.decode() for m in out} == {"acct0", "acct1", "acct2"}
-    pos = query(ledger.conninfo, "SELECT sum(next_offset) FROM consumer_positions WHERE consumer_group=%s",
-                ledger.group)  # fmt: skip
+    pos = query(
+        ledger.conninfo,
+        "SELECT sum(next_offset) FROM consumer_positions WHERE consumer_group=%s",
+        ledger.group,
+    )
     assert pos[0][0] == 30
     svc.stop()
     assert svc.wait_exit() == 0
@@ -41,7 +50,9 @@ def test_records_flow_through_consume_transaction_outbox_relay(ledger: Ledger) -
 
 def test_crash_after_db_commit_before_kafka_commit_applies_once(ledger: Ledger) -> None:
     asyncio.run(produce(ledger.infra.bootstrap, ledger.in_topic, credits(12)))
-    crashing = ledger.process("crash").start(PAYSAGA_FAULT_POINT="after_db_commit_before_kafka_commit")
+    crashing = ledger.process("crash").start(
+        PAYSAGA_FAULT_POINT="after_db_commit_before_kafka_commit"
+    )
     assert crashing.wait_exit() == 86
     committed = len(ledger.applied())
     assert committed > 0  # the batch committed in PostgreSQL before the crash
@@ -52,11 +63,17 @@ def test_crash_after_db_commit_before_kafka_commit_applies_once(ledger: Ledger) 
 
 def test_crash_inside_db_transaction_leaves_nothing_partial(ledger: Ledger) -> None:
     asyncio.run(produce(ledger.infra.bootstrap, ledger.in_topic, credits(6)))
-    crashing = ledger.process("crash").start(PAYSAGA_FAULT_POINT="inside_db_transaction",
-                                             PAYSAGA_FAULT_AFTER="3")  # fmt: skip
+    crashing = ledger.process("crash").start(
+        PAYSAGA_FAULT_POINT="inside_db_transaction", PAYSAGA_FAULT_AFTER="3"
+    )
     assert crashing.wait_exit() == 86
     assert ledger.applied() == []  # the batch's transaction never committed
-    assert query(ledger.conninfo, "SELECT count(*) FROM outbox o WHERE o.topic=%s", ledger.out_topic)[0][0] == 0
+    assert (
+        query(ledger.conninfo, "SELECT count(*) FROM outbox o WHERE o.topic=%s", ledger.out_topic)[
+            0
+        ][0]
+        == 0
+    )
     ledger.process("restart").start()
     rows = wait_for(lambda: len(ledger.applied()) >= 6 and ledger.applied(), what="reprocessed")
     assert sorted(r[1] for r in rows) == list(range(6))
@@ -68,8 +85,20 @@ def test_poison_record_is_dead_lettered_and_later_records_of_its_key_parked(ledg
     poison = envelope("Credit", {"account": "k1", "seq": 2})  # amount missing: schema violation
     parked_later = envelope("Credit", {"account": "k1", "amount": 1, "seq": 3})
     other_key = envelope("Credit", {"account": "k2", "amount": 1, "seq": 4})
-    asyncio.run(produce(b, ledger.in_topic, [("k1", good_before), ("k1", b"{not json"), ("k1", poison),
-                                             ("k1", parked_later), ("k2", other_key)], partition=0))  # fmt: skip
+    asyncio.run(
+        produce(
+            b,
+            ledger.in_topic,
+            [
+                ("k1", good_before),
+                ("k1", b"{not json"),
+                ("k1", poison),
+                ("k1", parked_later),
+                ("k2", other_key),
+            ],
+            partition=0,
+        )
+    )
     ledger.process().start()
     wait_for(lambda: ("k2", 4) in [(a, s) for a, s, _ in ledger.applied()], what="k2 applied")
     applied = [(a, s) for a, s, _ in ledger.applied()]
@@ -77,10 +106,18 @@ def test_poison_record_is_dead_lettered_and_later_records_of_its_key_parked(ledg
     dead = wait_for(lambda: asyncio.run(read_all(b, f"{ledger.group}.dlq")), what="dead letters")
     assert len(dead) == 1  # the bad JSON; the schema violation comes after it and is parked
     h = {k: v.decode() for k, v in dead[0].headers}
-    assert h[dlq.H_TOPIC] == ledger.in_topic and h[dlq.H_PARTITION] == "0" and h[dlq.H_OFFSET] == "1"
-    assert h[dlq.H_GROUP] == ledger.group and h[dlq.H_ERROR_CLASS] == "PermanentError"
-    assert "invalid_json" in h[dlq.H_ERROR_MESSAGE] and h[dlq.H_ATTEMPTS] == "1"
-    assert h[dlq.H_FIRST_FAILURE].endswith("Z") and int(h[dlq.H_TIMESTAMP]) > 0
-    parked = query(ledger.conninfo, "SELECT order_key, count(*) FROM parked WHERE consumer_group=%s GROUP BY 1",
-                   ledger.group)  # fmt: skip
+    assert h[dlq.H_TOPIC] == ledger.in_topic
+    assert h[dlq.H_PARTITION] == "0"
+    assert h[dlq.H_OFFSET] == "1"
+    assert h[dlq.H_GROUP] == ledger.group
+    assert h[dlq.H_ERROR_CLASS] == "PermanentError"
+    assert "invalid_json" in h[dlq.H_ERROR_MESSAGE]
+    assert h[dlq.H_ATTEMPTS] == "1"
+    assert h[dlq.H_FIRST_FAILURE].endswith("Z")
+    assert int(h[dlq.H_TIMESTAMP]) > 0
+    parked = query(
+        ledger.conninfo,
+        "SELECT order_key, count(*) FROM parked WHERE consumer_group=%s GROUP BY 1",
+        ledger.group,
+    )
     assert parked == [("k1", 2)]

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.carddata import CARD_NUMBER_PRESENT, SECURITY_CODE_PRESENT, find_card_data
 from services.payments.domain import (
-    CARD_NUMBER_PRESENT,
-    SECURITY_CODE_PRESENT,
     Confirmation,
     Item,
     Order,
@@ -22,7 +21,6 @@ from services.payments.domain import (
     decide_match_unmatched,
     decide_order_placed,
     decide_retry,
-    find_card_data,
 )
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)

@@ -313,9 +313,9 @@ def test_audit_record_refuses_card_data() -> None:
     base = {"subject": "gateway_confirmation", "action": "verify", "outcome": "rejected"}
     ok = AuditRecorded.model_validate({**base, "reason": "card_data", "details": {"n": 1}})
     assert ok.details == {"n": 1}
-    with pytest.raises(ValidationError, match="forbidden keys: \\['cvv'\\]"):
+    with pytest.raises(ValidationError, match="security-code key"):
         AuditRecorded.model_validate({**base, "reason": None, "details": {"cvv": "123"}})
-    with pytest.raises(ValidationError, match="Luhn-valid"):
+    with pytest.raises(ValidationError, match="must not carry card data"):
         AuditRecorded.model_validate(
             {**base, "reason": None, "details": {"body": "card 4242424242424242"}}
         )

@@ -1,0 +1,247 @@
+"""The gateway bridge (CONTRACT §2.2): a dumb pipe from a gateway's webhooks to Kafka.
+
+``POST /webhooks/{gateway}`` appends the request body, byte for byte, to
+``gateway.confirmations.v1``, keyed by the body's ``data.order_id`` (else
+``data.payment_intent_id``), with the headers ``paysaga-gateway`` and
+``paysaga-signature`` (the request's, verbatim).
+
+Guarantees:
+
+* ``202`` only after the broker acknowledged the record (idempotent producer,
+  ``acks=all``); anything else is an error status, so the gateway retries whatever was
+  not stored. Kafka unavailable or slower than ``PAYSAGA_BRIDGE_PRODUCE_TIMEOUT_S``: 503.
+* At least once, not exactly once: a gateway retry after a lost 202, or a produce that
+  timed out here but was appended anyway, gives a second record. Payments dedupes by the
+  gateway event id.
+* It verifies nothing but the gateway id, the body size, the presence of a signature and
+  that the body names a key. Signature, tolerance and card-data checks are the
+  consumer's, on the raw bytes stored here. Bodies are never logged: they may carry card
+  data that payments must reject without persisting anywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from services.runtime.service import configure_logging
+from services.runtime.settings import GatewaySecrets, KafkaSettings
+
+TOPIC = "gateway.confirmations.v1"
+
+log = logging.getLogger("paysaga.bridge")
+
+
+class BridgeSettings(KafkaSettings, GatewaySecrets):
+    """``PAYSAGA_*`` settings. ``PAYSAGA_GATEWAY_SECRETS`` is required; only its gateway
+    ids are used here (the bridge verifies no signature)."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    bridge_host: str = "127.0.0.1"
+    bridge_port: int = 8070
+    bridge_max_body_bytes: int = 64 * 1024
+    bridge_produce_timeout_s: float = 10.0
+
+
+class KafkaUnavailableError(Exception):
+    """The producer has not connected to the cluster yet."""
+
+
+class KafkaLink:
+    """The bridge's one idempotent producer, connected in the background and retried
+    until the cluster answers: the HTTP side is up (answering 503) while Kafka is not."""
+
+    def __init__(self, bootstrap: str, timeout_s: float) -> None:
+        self.bootstrap, self.timeout_s = bootstrap, timeout_s
+        self.producer: AIOKafkaProducer | None = None
+
+    async def connect(self) -> None:
+        delay = 0.5
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                client_id="paysaga-bridge",
+                enable_idempotence=True,
+                acks="all",
+                # batches still unsent when a request gives up expire instead of lingering
+                request_timeout_ms=int(self.timeout_s * 1000),
+            )
+            try:
+                await producer.start()
+            except (KafkaError, OSError) as exc:
+                await producer.stop()
+                log.warning("kafka unreachable (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.producer = producer
+            log.info("connected to kafka at %s", self.bootstrap)
+            return
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()  # flushes what is in flight
+            self.producer = None
+
+    async def send(self, key: str, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        """Append one record and wait for the broker's acknowledgement (RecordMetadata).
+        Raises KafkaUnavailableError, KafkaError or TimeoutError."""
+        if self.producer is None:
+            raise KafkaUnavailableError("kafka producer not connected")
+        return await asyncio.wait_for(
+            self.producer.send_and_wait(TOPIC, value=value, key=key.encode(), headers=headers),
+            self.timeout_s,
+        )
+
+    async def ready(self) -> bool:
+        """Connected, and a broker answers a metadata request now."""
+        if self.producer is None:
+            return False
+        try:
+            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 3)
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        return True
+
+
+def record_key(body: bytes) -> str:
+    """The record key of a webhook body: ``data.order_id`` if present, else
+    ``data.payment_intent_id``. Raises ValueError when there is nothing to key it by."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError("body is not JSON") from exc
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if isinstance(data, dict):
+        for field in ("order_id", "payment_intent_id"):
+            value = data.get(field)
+            if isinstance(value, str) and value:
+                return value
+    raise ValueError(
+        "body has neither data.order_id nor data.payment_intent_id: nothing to key the record by"
+    )
+
+
+async def _read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it grows past ``limit`` (a chunked body has no
+    Content-Length to check up front)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastAPI:
+    gateways = frozenset(settings.gateway_secrets)
+    limit = settings.bridge_max_body_bytes
+    link = link or KafkaLink(settings.kafka_bootstrap_servers, settings.bridge_produce_timeout_s)
+    registry = CollectorRegistry()
+    webhooks = Counter(
+        "paysaga_bridge_webhooks_total",
+        "Webhooks received, by outcome: accepted, unknown_gateway, too_large, "
+        "missing_signature, no_key, kafka_unavailable",
+        ["gateway", "outcome"],
+        registry=registry,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        connecting = asyncio.create_task(link.connect())
+        try:
+            yield
+        finally:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            await link.close()
+
+    app = FastAPI(title="paysaga gateway bridge", lifespan=lifespan)
+
+    def reject(gateway: str, status: int, outcome: str, detail: str) -> JSONResponse:
+        webhooks.labels(gateway, outcome).inc()
+        return JSONResponse({"error": outcome, "detail": detail}, status_code=status)
+
+    @app.post("/webhooks/{gateway}", status_code=202)
+    async def webhook(gateway: str, request: Request) -> JSONResponse:
+        if gateway not in gateways:
+            # label "unknown": a label per guessed id would let callers grow the metrics
+            return reject("unknown", 404, "unknown_gateway", f"unknown gateway {gateway!r}")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return reject(gateway, 413, "too_large", f"body larger than {limit} bytes")
+        # raw bytes: the signature must reach the consumer exactly as the gateway sent it
+        signature = next((v for k, v in request.headers.raw if k == b"paysaga-signature"), b"")
+        if not signature:
+            return reject(gateway, 400, "missing_signature", "paysaga-signature header required")
+        body = await _read_capped(request, limit)
+        if body is None:
+            return reject(gateway, 413, "too_large", f"body larger than {limit} bytes")
+        try:
+            key = record_key(body)
+        except ValueError as exc:
+            return reject(gateway, 400, "no_key", str(exc))
+        headers = [("paysaga-gateway", gateway.encode()), ("paysaga-signature", signature)]
+        try:
+            meta = await link.send(key, body, headers)
+        except (KafkaUnavailableError, KafkaError, TimeoutError) as exc:
+            log.warning("webhook of %s not stored: %r", gateway, exc)
+            return reject(gateway, 503, "kafka_unavailable", "could not store the webhook; retry")
+        webhooks.labels(gateway, "accepted").inc()
+        return JSONResponse(
+            {"status": "accepted", "topic": meta.topic, "partition": meta.partition,
+             "offset": meta.offset},
+            status_code=202,
+        )  # fmt: skip
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive", "service": "bridge"}
+
+    @app.get("/readyz")
+    async def readyz(response: Response) -> dict[str, Any]:
+        kafka = await link.ready()
+        response.status_code = 200 if kafka else 503
+        return {"ready": kafka, "checks": {"kafka": kafka}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def main() -> None:
+    """Serve on ``PAYSAGA_BRIDGE_HOST``:``PAYSAGA_BRIDGE_PORT``; refuse to start without
+    ``PAYSAGA_GATEWAY_SECRETS``."""
+    configure_logging()
+    try:
+        settings = BridgeSettings()
+    except ValidationError as exc:
+        # without the inputs: they would print the gateway secrets
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
+        )
+        sys.exit(f"bridge: invalid settings (PAYSAGA_GATEWAY_SECRETS is required): {problems}")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.bridge_host, port=settings.bridge_port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""payments: wiring and ``main()`` (``python -m services.payments.app``)."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+
+from prometheus_client import CollectorRegistry
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.payments.handlers import Metrics, PaymentsHandlers
+from services.runtime.messages import Record, Route
+from services.runtime.service import Service, make_engine, run_service
+from services.runtime.settings import DatabaseSettings, GatewaySecrets, KafkaSettings
+
+
+class PaymentsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    payments_port: int = 8081
+    #: |signature t - record time| allowed, both directions (CONTRACT §2.2)
+    signature_tolerance_s: int = 300
+    #: how long an unmatched payment is matched automatically when its order arrives
+    unmatched_window_s: int = 86_400
+
+
+def confirmation_dedupe_key(rec: Record) -> str:
+    """Inbox key of a raw webhook record: the gateway and a digest of the exact bytes.
+    Known before anything parses the body; a gateway retry (same bytes) is absorbed
+    here, and the semantic rules (event id, transaction + type) are applied after the
+    signature is verified."""
+    gateway = (rec.header("paysaga-gateway") or b"").decode("utf-8", "replace")
+    return f"webhook:{gateway}:{hashlib.sha256(rec.value).hexdigest()}"
+
+
+def build() -> Service:
+    settings = PaymentsSettings()
+    secrets = GatewaySecrets().gateway_secrets  # refuses to start without them
+    url = DatabaseSettings().url_for("payments")
+    registry = CollectorRegistry()
+    h = PaymentsHandlers(
+        secrets=secrets,
+        tolerance_s=settings.signature_tolerance_s,
+        unmatched_window=timedelta(seconds=settings.unmatched_window_s),
+        metrics=Metrics.create(registry),
+    )
+    routes = [
+        Route(
+            "checkout.orders.v1",
+            handlers={
+                "OrderPlaced": h.on_order_placed,
+                "PaymentRetryRequested": h.on_retry_requested,
+            },
+        ),
+        Route(
+            "gateway.confirmations.v1",
+            raw_handler=h.on_confirmation,
+            dedupe_key=confirmation_dedupe_key,
+        ),
+        Route("orders.status.v1", handlers={"OrderStatusChanged": h.on_status_changed}),
+    ]
+    return Service(
+        name="payments",
+        group="paysaga.payments",
+        engine=make_engine(url),
+        database_url=url,
+        bootstrap=KafkaSettings().kafka_bootstrap_servers,
+        routes=routes,
+        registry=registry,
+        http_port=settings.payments_port,
+        on_dead_letter=h.flag_dead_letter,
+    )
+
+
+def main() -> None:
+    run_service(build)
+
+
+if __name__ == "__main__":
+    main()

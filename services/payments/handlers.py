@@ -1,0 +1,410 @@
+"""payments handlers (UC-35: store payment confirmation and record registration status).
+
+Every handler runs inside the consumed record's transaction (services/runtime): the
+order state, stored confirmation, emitted saga events, audit events and the consumer
+position commit together. Nothing here calls Kafka or a clock directly.
+
+A confirmation is checked in this order, each failure a rejection with a reason code
+that is logged (security/validation), audited and counted — and never changes a status:
+gateway known → signature (every configured secret of that gateway, every ``v1``) →
+timestamp within tolerance of the *record* time (too old and too far in the future) →
+well-formed body → no card data → not a duplicate → matching order / intent / amount /
+currency. The raw bytes are verified before any JSON is parsed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from schemas.carddata import find_card_data
+from schemas.contract import GatewayWebhook, OrderPlaced, OrderStatusChanged, PaymentRetryRequested
+from schemas.events import AuditRecorded
+from services.payments import domain, store
+from services.payments.domain import Confirmation, Decision, Item, Order
+from services.runtime import signature
+from services.runtime.errors import PermanentError
+from services.runtime.messages import Context, Record
+from services.runtime.outbox import write_event
+
+log = logging.getLogger("paysaga.payments")
+security_log = logging.getLogger("paysaga.payments.security")
+
+PAYMENTS_TOPIC = "payments.events.v1"
+AUDIT_TOPIC = "audit.events.v1"
+#: statuses in which an attempt is settled for good: a pending retry is refused
+SETTLED_NOT_FAILED = {"PAID_CONFIRMED", "REFUNDED", "NEEDS_RECONCILIATION"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    confirmations: Counter
+    orders: Counter
+    retries: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> Metrics:
+        return cls(
+            confirmations=Counter(
+                "paysaga_confirmations_total",
+                "Gateway confirmations by outcome (accepted, declined, parked, matched, "
+                "duplicate, rejected) and reason",
+                ["outcome", "reason"],
+                registry=registry,
+            ),
+            orders=Counter(
+                "paysaga_payments_orders_total",
+                "OrderPlaced records by outcome (registered, duplicate, rejected)",
+                ["outcome"],
+                registry=registry,
+            ),
+            retries=Counter(
+                "paysaga_payment_retries_total",
+                "PaymentRetryRequested by outcome (retry_accepted, held, rejected) and reason",
+                ["outcome", "reason"],
+                registry=registry,
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PaymentsHandlers:
+    secrets: dict[str, list[str]]
+    tolerance_s: int
+    unmatched_window: timedelta
+    metrics: Metrics
+
+    # ------------------------------------------------------------ checkout.orders.v1
+
+    async def on_order_placed(self, ctx: Context) -> None:
+        placed = _validate(OrderPlaced, ctx.payload)
+        incoming = Order(
+            order_id=placed.order_id,
+            customer_id=placed.customer_id,
+            currency=placed.currency,
+            total_amount=placed.total_amount,
+            payment_intent_id=placed.payment_intent_id,
+            payment_method=placed.payment_method,
+            attempt=1,
+            status="pending",
+            items=tuple(Item(i.sku, i.quantity) for i in placed.items),
+            correlation_id=(ctx.envelope or {}).get("correlation_id"),
+            content_hash=store.content_hash(ctx.payload),
+        )
+        row = await store.load_order(ctx.conn, placed.order_id)
+        decision = domain.decide_order_placed(store.order_from_row(row) if row else None, incoming)
+        self.metrics.orders.labels(decision.outcome).inc()
+        if decision.outcome == "rejected":
+            security_log.warning("order %s rejected: %s", placed.order_id, decision.reason)
+        if decision.order is not None:
+            await store.insert_order(ctx.conn, decision.order)
+        await self._apply(ctx, decision, subject="order")
+        if decision.outcome == "registered" and decision.order is not None:
+            await self._match_parked(ctx, decision.order)
+
+    async def _match_parked(self, ctx: Context, order: Order) -> None:
+        rows = await store.parked_for(ctx.conn, order)
+        parked = [store.confirmation_from_unmatched(r) for r in rows]
+        for c, decision in domain.decide_match_unmatched(
+            order, parked, ctx.now, self.unmatched_window
+        ):
+            outcome = "matched" if decision.outcome in ("accepted", "declined") else "rejected"
+            self.metrics.confirmations.labels(outcome, decision.reason or "none").inc()
+            if decision.order is not None:
+                await store.store_confirmation(ctx.conn, c, decision.order, decision.outcome)
+                await store.save_order(ctx.conn, decision.order)
+            await store.close_unmatched(
+                ctx.conn,
+                c.transaction_id,
+                c.type,
+                outcome,
+                decision.reason or decision.outcome,
+                ctx.now,
+            )
+            await self._apply(
+                ctx, decision, subject="unmatched_payment", causation=c.gateway_event_id
+            )
+
+    async def on_retry_requested(self, ctx: Context) -> None:
+        retry = _validate(PaymentRetryRequested, ctx.payload)
+        row = await store.load_order(ctx.conn, retry.order_id)
+        order = store.order_from_row(row) if row else None
+        if row is not None and order is not None and order.status == "accepted":
+            if row.saga_status in SETTLED_NOT_FAILED:
+                decision = Decision(
+                    "rejected",
+                    "retry_not_allowed_in_status",
+                    audit=(
+                        _audit_entry(
+                            "payment_retry",
+                            "rejected",
+                            "retry_not_allowed_in_status",
+                            order.order_id,
+                        ),
+                    ),
+                )
+            else:
+                # The attempt is still in flight (e.g. a capture that may yet be declined):
+                # hold the request until orders.status.v1 says how the attempt ended, so a
+                # customer who retries on seeing PAYMENT_FAILED is never refused for our lag.
+                await store.set_order_fields(
+                    ctx.conn,
+                    order.order_id,
+                    pending_retry={
+                        "payment_intent_id": retry.payment_intent_id,
+                        "payment_method": retry.payment_method,
+                        "event_id": ctx.event_id,
+                    },
+                )
+                self.metrics.retries.labels("held", "attempt_in_flight").inc()
+                held = _audit_entry("payment_retry", "held", "attempt_in_flight", order.order_id)
+                await self._emit_audit(ctx, "payment_retry", held, order.order_id)
+                return
+        else:
+            decision = domain.decide_retry(order, retry.payment_intent_id, retry.payment_method)
+        await self._settle_retry(ctx, decision)
+
+    async def _settle_retry(
+        self, ctx: Context, decision: Decision, causation: str | None = None
+    ) -> None:
+        self.metrics.retries.labels(decision.outcome, decision.reason or "none").inc()
+        if decision.outcome == "rejected":
+            security_log.warning("payment retry rejected: %s", decision.reason)
+        if decision.order is not None:
+            await store.save_order(ctx.conn, decision.order, pending_retry=None)
+        await self._apply(ctx, decision, subject="payment_retry", causation=causation)
+        if decision.order is not None:
+            await self._match_parked(ctx, decision.order)
+
+    # ------------------------------------------------------------ orders.status.v1
+
+    async def on_status_changed(self, ctx: Context) -> None:
+        """Mirror the saga's outcome of the current attempt: payments must know that a
+        capture decline or an out-of-stock void failed the attempt (to accept a retry)."""
+        status = _validate(OrderStatusChanged, ctx.payload)
+        row = await store.load_order(ctx.conn, status.order_id)
+        if row is None or status.version <= row.saga_version:
+            return
+        await store.set_order_fields(
+            ctx.conn, status.order_id, saga_status=status.status.value, saga_version=status.version
+        )
+        order = store.order_from_row(row)
+        if status.payment_intent_id != order.payment_intent_id:
+            return  # about an earlier attempt
+        if status.status.value == "PAYMENT_FAILED" and order.status == "accepted":
+            order = dataclasses.replace(order, status="failed")
+            await store.save_order(ctx.conn, order)
+        pending = row.pending_retry
+        if pending is None:
+            return
+        if status.status.value == "PAYMENT_FAILED":
+            decision = domain.decide_retry(
+                order, pending["payment_intent_id"], pending["payment_method"]
+            )
+            await self._settle_retry(ctx, decision, causation=pending["event_id"])
+        elif status.status.value in SETTLED_NOT_FAILED:
+            await store.set_order_fields(ctx.conn, order.order_id, pending_retry=None)
+            decision = Decision(
+                "rejected",
+                "retry_not_allowed_in_status",
+                audit=(
+                    _audit_entry(
+                        "payment_retry", "rejected", "retry_not_allowed_in_status", order.order_id
+                    ),
+                ),
+            )
+            await self._settle_retry(ctx, decision)
+
+    # ------------------------------------------------------------ gateway.confirmations.v1
+
+    async def on_confirmation(self, ctx: Context) -> None:
+        rec = ctx.record
+        checked = self._check(rec)
+        if isinstance(checked, str):
+            await self._reject(ctx, checked, None)
+            return
+        c, gateway_event_id = checked
+        if not await store.mark_seen(ctx.conn, c.gateway, gateway_event_id) or (
+            await store.transaction_known(ctx.conn, c.transaction_id, c.type)
+        ):
+            self.metrics.confirmations.labels("duplicate", "none").inc()
+            return
+        row = (
+            await store.load_order(ctx.conn, c.order_id)
+            if c.order_id
+            else await store.load_order_by_intent(ctx.conn, c.payment_intent_id)
+        )
+        decision = domain.decide_confirmation(store.order_from_row(row) if row else None, c)
+        if decision.outcome == "parked":
+            await store.park(ctx.conn, c)
+            log.info(
+                "unmatched payment parked: gateway event %s, transaction %s",
+                c.gateway_event_id,
+                c.transaction_id,
+            )
+        elif decision.outcome == "rejected":
+            security_log.warning(
+                "confirmation rejected: %s (gateway %s, event %s, transaction %s)",
+                decision.reason,
+                c.gateway,
+                c.gateway_event_id,
+                c.transaction_id,
+            )
+        elif decision.order is not None:
+            await store.store_confirmation(ctx.conn, c, decision.order, decision.outcome)
+            await store.save_order(ctx.conn, decision.order)
+        self.metrics.confirmations.labels(decision.outcome, decision.reason or "none").inc()
+        await self._apply(ctx, decision, subject="gateway_confirmation", causation=gateway_event_id)
+
+    def _check(self, rec: Record) -> tuple[Confirmation, str] | str:
+        """The confirmation, or the reason it is rejected. Raw bytes are verified before
+        anything parses them."""
+        gateway = (rec.header("paysaga-gateway") or b"").decode("utf-8", "replace")
+        secrets = self.secrets.get(gateway)
+        if not secrets:
+            return "unknown_gateway"
+        header = rec.header("paysaga-signature")
+        try:
+            signature.verify(
+                secrets,
+                header.decode("ascii", "replace") if header else None,
+                rec.value,
+                reference_time=rec.timestamp_ms // 1000,
+                tolerance_s=self.tolerance_s,
+            )
+        except signature.SignatureError as exc:
+            return exc.reason
+        try:
+            raw = json.loads(rec.value)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "invalid_body"
+        card = find_card_data(raw)
+        if card is not None:
+            return card
+        try:
+            hook = GatewayWebhook.model_validate(raw)
+        except ValidationError:
+            return "invalid_body"
+        d = hook.data
+        confirmation = Confirmation(
+            gateway=gateway,
+            gateway_event_id=hook.id,
+            type=hook.type.value,
+            transaction_id=d.transaction_id,
+            payment_intent_id=d.payment_intent_id,
+            order_id=d.order_id,
+            amount=d.amount,
+            currency=d.currency,
+            payment_method_type=d.payment_method.type,
+            brand=d.payment_method.brand,
+            last4=d.payment_method.last4,
+            failure_code=d.failure_code,
+            failure_message=d.failure_message,
+            record_time=datetime.fromtimestamp(rec.timestamp_ms / 1000, UTC),
+        )
+        return confirmation, hook.id
+
+    async def _reject(self, ctx: Context, reason: str, c: Confirmation | None) -> None:
+        rec = ctx.record
+        security_log.warning(
+            "confirmation rejected: %s (topic %s partition %d offset %d)",
+            reason,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+        )
+        self.metrics.confirmations.labels("rejected", reason).inc()
+        key = rec.key_str or f"{rec.topic}/{rec.partition}/{rec.offset}"
+        audit = _audit_entry("confirmation", "rejected", reason, None)
+        audit["details"] = {"record": f"{rec.topic}/{rec.partition}/{rec.offset}"}
+        await self._emit_audit(ctx, "gateway_confirmation", audit, key)
+
+    # ------------------------------------------------------------ shared
+
+    async def _apply(
+        self, ctx: Context, decision: Decision, *, subject: str, causation: str | None = None
+    ) -> None:
+        """Emit the decision's saga events (roots of the attempt: saga_seq 1) and audit."""
+        for event_type, payload in decision.events:
+            await ctx.emit(
+                PAYMENTS_TOPIC,
+                event_type,
+                payload,
+                key=payload["order_id"],
+                saga_seq=1,
+                causation_id=causation,
+            )
+        for entry in decision.audit:
+            key = entry.get("order_id") or entry.get("transaction_id") or "unknown"
+            await self._emit_audit(ctx, subject, entry, key)
+
+    async def _emit_audit(
+        self, ctx: Context, subject: str, entry: dict[str, Any], key: str
+    ) -> None:
+        audit = AuditRecorded.model_validate({"subject": subject, **entry})
+        await ctx.emit(AUDIT_TOPIC, "AuditRecorded", audit, key=key, saga_seq=1)
+
+    async def flag_dead_letter(
+        self, conn: AsyncConnection, rec: Record, exc: BaseException
+    ) -> None:
+        """A confirmation or order record that could not be processed (e.g. the database
+        stayed down past the retry budget): flag its order for reconciliation — never
+        leave it looking merely pending — if the order is known. Runs in the dead-letter
+        transaction."""
+        key = rec.key_str
+        if key is None:
+            return
+        row = await store.load_order(conn, key) or await store.load_order_by_intent(conn, key)
+        if row is None:
+            return
+        order = dataclasses.replace(store.order_from_row(row), status="flagged")
+        await store.save_order(conn, order)
+        payload = {
+            "order_id": order.order_id,
+            "attempt": order.attempt,
+            "reason": "record_dead_lettered",
+        }
+        await write_event(
+            conn,
+            PAYMENTS_TOPIC,
+            "OrderFlaggedForReconciliation",
+            payload,
+            key=order.order_id,
+            now=datetime.now(UTC),
+            saga_seq=1,
+            causation_id=f"{rec.topic}/{rec.partition}/{rec.offset}",
+            correlation_id=order.correlation_id,
+        )
+        log.error(
+            "order %s flagged for reconciliation: %s dead-lettered (%s)",
+            order.order_id,
+            rec.topic,
+            type(exc).__name__,
+        )
+
+
+def _audit_entry(
+    action: str, outcome: str, reason: str | None, order_id: str | None
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "outcome": outcome,
+        "reason": reason,
+        "order_id": order_id,
+        "transaction_id": None,
+        "gateway_event_id": None,
+    }
+
+
+def _validate(model: Any, payload: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise PermanentError("schema_violation", f"{model.__name__}: {exc}") from exc

@@ -1,0 +1,315 @@
+"""The payments database: orders as payments knows them, stored confirmations, the
+unmatched-payments store and the gateway events already seen.
+
+Card data never reaches these tables: a confirmation is stored only after it was
+checked card-free, and then only its business fields (payment method brand and last4).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.payments.domain import Confirmation, Item, Order
+
+metadata = MetaData()
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("customer_id", String(64), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("total_amount", BigInteger, nullable=False),
+    Column("payment_intent_id", String(64), nullable=False),
+    Column("payment_method", String(32), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("items", JSONB, nullable=False),
+    Column("correlation_id", String(64), nullable=True),
+    Column("content_hash", String(64), nullable=False),
+    #: the order's status as published on orders.status.v1 (mirrored, with its version)
+    Column("saga_status", String(32), nullable=True),
+    Column("saga_version", Integer, nullable=False, server_default="0"),
+    #: a PaymentRetryRequested that arrived while the attempt was still in flight
+    Column("pending_retry", JSONB, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_orders_payment_intent", "payment_intent_id"),
+)
+
+#: accepted and declined confirmations (the durable record behind PAYMENT_AUTHORIZED)
+confirmations = Table(
+    "confirmations",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("gateway", String(64), nullable=False),
+    Column("gateway_event_id", String(128), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("transaction_id", String(64), nullable=False),
+    Column("payment_intent_id", String(64), nullable=False),
+    Column("order_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("payment_method_type", String(32), nullable=False),
+    Column("brand", String(32), nullable=True),
+    Column("last4", String(4), nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("transaction_id", "type", name="uq_confirmations_txn_type"),
+)
+
+#: confirmations that matched no order (yet)
+unmatched = Table(
+    "unmatched_payments",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("gateway", String(64), nullable=False),
+    Column("gateway_event_id", String(128), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("transaction_id", String(64), nullable=False),
+    Column("payment_intent_id", String(64), nullable=False),
+    Column("order_id", String(64), nullable=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("payment_method_type", String(32), nullable=False),
+    Column("brand", String(32), nullable=True),
+    Column("last4", String(4), nullable=True),
+    Column("failure_code", String(64), nullable=True),
+    Column("failure_message", Text, nullable=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    #: parked | matched | resolved_order | resolved_refund | rejected
+    Column("state", String(16), nullable=False, server_default="parked"),
+    Column("resolution", Text, nullable=True),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("transaction_id", "type", name="uq_unmatched_txn_type"),
+    Index("ix_unmatched_intent", "payment_intent_id", postgresql_where="state = 'parked'"),
+)
+
+#: every signature-verified gateway event id: the contract's first duplicate rule
+seen_gateway_events = Table(
+    "seen_gateway_events",
+    metadata,
+    Column("gateway", String(64), primary_key=True),
+    Column("gateway_event_id", String(128), primary_key=True),
+    Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+def order_from_row(row: Any) -> Order:
+    return Order(
+        order_id=row.order_id,
+        customer_id=row.customer_id,
+        currency=row.currency,
+        total_amount=row.total_amount,
+        payment_intent_id=row.payment_intent_id,
+        payment_method=row.payment_method,
+        attempt=row.attempt,
+        status=row.status,
+        items=tuple(Item(i["sku"], i["quantity"]) for i in row.items),
+        correlation_id=row.correlation_id,
+        content_hash=row.content_hash,
+    )
+
+
+def _order_values(order: Order) -> dict[str, Any]:
+    return {
+        "customer_id": order.customer_id,
+        "currency": order.currency,
+        "total_amount": order.total_amount,
+        "payment_intent_id": order.payment_intent_id,
+        "payment_method": order.payment_method,
+        "attempt": order.attempt,
+        "status": order.status,
+        "items": [{"sku": i.sku, "quantity": i.quantity} for i in order.items],
+        "correlation_id": order.correlation_id,
+        "content_hash": order.content_hash,
+        "updated_at": func.now(),
+    }
+
+
+async def load_order(conn: AsyncConnection, order_id: str, *, lock: bool = True) -> Any:
+    stmt = select(orders).where(orders.c.order_id == order_id)
+    return (await conn.execute(stmt.with_for_update() if lock else stmt)).first()
+
+
+async def load_order_by_intent(conn: AsyncConnection, payment_intent_id: str) -> Any:
+    stmt = select(orders).where(orders.c.payment_intent_id == payment_intent_id).with_for_update()
+    return (await conn.execute(stmt)).first()
+
+
+async def insert_order(conn: AsyncConnection, order: Order) -> bool:
+    """False if the order id exists already (a concurrent or earlier OrderPlaced)."""
+    result = await conn.execute(
+        pg_insert(orders)
+        .values(order_id=order.order_id, **_order_values(order))
+        .on_conflict_do_nothing()
+        .returning(orders.c.order_id)
+    )
+    return result.first() is not None
+
+
+async def save_order(conn: AsyncConnection, order: Order, **extra: Any) -> None:
+    await conn.execute(
+        update(orders)
+        .where(orders.c.order_id == order.order_id)
+        .values(**_order_values(order), **extra)
+    )
+
+
+async def set_order_fields(conn: AsyncConnection, order_id: str, **values: Any) -> None:
+    await conn.execute(update(orders).where(orders.c.order_id == order_id).values(**values))
+
+
+async def mark_seen(conn: AsyncConnection, gateway: str, gateway_event_id: str) -> bool:
+    """True the first time a verified gateway event id is seen."""
+    result = await conn.execute(
+        pg_insert(seen_gateway_events)
+        .values(gateway=gateway, gateway_event_id=gateway_event_id)
+        .on_conflict_do_nothing()
+        .returning(seen_gateway_events.c.gateway_event_id)
+    )
+    return result.first() is not None
+
+
+async def transaction_known(conn: AsyncConnection, transaction_id: str, type_: str) -> bool:
+    """The contract's second duplicate rule: same transaction id and type."""
+    for table in (confirmations, unmatched):
+        found = await conn.execute(
+            select(table.c.id).where(
+                table.c.transaction_id == transaction_id, table.c.type == type_
+            )
+        )
+        if found.first() is not None:
+            return True
+    return False
+
+
+async def store_confirmation(
+    conn: AsyncConnection, c: Confirmation, order: Order, outcome: str
+) -> bool:
+    """Store an accepted/declined confirmation; False if (transaction, type) exists."""
+    result = await conn.execute(
+        pg_insert(confirmations)
+        .values(
+            gateway=c.gateway,
+            gateway_event_id=c.gateway_event_id,
+            type=c.type,
+            transaction_id=c.transaction_id,
+            payment_intent_id=c.payment_intent_id,
+            order_id=order.order_id,
+            attempt=order.attempt,
+            amount=c.amount,
+            currency=c.currency,
+            payment_method_type=c.payment_method_type,
+            brand=c.brand,
+            last4=c.last4,
+            outcome=outcome,
+            received_at=c.record_time,
+        )
+        .on_conflict_do_nothing()
+        .returning(confirmations.c.id)
+    )
+    return result.first() is not None
+
+
+async def park(conn: AsyncConnection, c: Confirmation) -> bool:
+    result = await conn.execute(
+        pg_insert(unmatched)
+        .values(
+            gateway=c.gateway,
+            gateway_event_id=c.gateway_event_id,
+            type=c.type,
+            transaction_id=c.transaction_id,
+            payment_intent_id=c.payment_intent_id,
+            order_id=c.order_id,
+            amount=c.amount,
+            currency=c.currency,
+            payment_method_type=c.payment_method_type,
+            brand=c.brand,
+            last4=c.last4,
+            failure_code=c.failure_code,
+            failure_message=c.failure_message,
+            received_at=c.record_time,
+        )
+        .on_conflict_do_nothing()
+        .returning(unmatched.c.id)
+    )
+    return result.first() is not None
+
+
+def confirmation_from_unmatched(row: Any) -> Confirmation:
+    return Confirmation(
+        gateway=row.gateway,
+        gateway_event_id=row.gateway_event_id,
+        type=row.type,
+        transaction_id=row.transaction_id,
+        payment_intent_id=row.payment_intent_id,
+        order_id=row.order_id,
+        amount=row.amount,
+        currency=row.currency,
+        payment_method_type=row.payment_method_type,
+        brand=row.brand,
+        last4=row.last4,
+        failure_code=row.failure_code,
+        failure_message=row.failure_message,
+        record_time=row.received_at,
+    )
+
+
+async def parked_for(conn: AsyncConnection, order: Order) -> list[Any]:
+    """Parked confirmations that may belong to ``order`` (its intent), locked."""
+    rows = await conn.execute(
+        select(unmatched)
+        .where(
+            unmatched.c.state == "parked", unmatched.c.payment_intent_id == order.payment_intent_id
+        )
+        .order_by(unmatched.c.received_at, unmatched.c.id)
+        .with_for_update()
+    )
+    return list(rows)
+
+
+async def close_unmatched(
+    conn: AsyncConnection,
+    transaction_id: str,
+    type_: str,
+    state: str,
+    resolution: str,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        update(unmatched)
+        .where(unmatched.c.transaction_id == transaction_id, unmatched.c.type == type_)
+        .values(state=state, resolution=resolution, resolved_at=now)
+    )
+
+
+def content_hash(payload: dict[str, Any]) -> str:
+    import hashlib
+
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()

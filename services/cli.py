@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services import devstack
+from services.payments.cli import app as unmatched_app
 from services.runtime import migrate as migrations
 from services.runtime import topics as topic_specs
 from services.runtime.cli_dlq import app as dlq_app
@@ -25,6 +26,7 @@ topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics from topics.ya
 app.add_typer(dev, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(unmatched_app, name="unmatched")
 console = Console()
 
 

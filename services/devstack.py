@@ -427,6 +427,12 @@ class ServiceProcess:
 #: gateway bridge 8070, gateway simulator 8090; the test profile adds 10000.
 SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
     ServiceProcess("gatewaysim", "services.gatewaysim.app", 8090),
+    ServiceProcess("bridge", "services.bridge.app", 8070),
+    ServiceProcess("payments", "services.payments.app", 8081),
+    ServiceProcess("inventory", "services.inventory.app", 8082),
+    ServiceProcess("capture", "services.capture.app", 8083),
+    ServiceProcess("refunds", "services.refunds.app", 8084),
+    ServiceProcess("orders", "services.orders.app", 8080),
 )
 
 
@@ -486,7 +492,7 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
     import httpx
 
     logs = p.root / "logs"
-    for sp in SERVICE_PROCESSES:
+    for sp in available_services():
         pidfile = p.root / "pids" / f"{sp.name}.pid"
         if running_pid(pidfile, f"-m {sp.module}") is not None:
             continue
@@ -503,6 +509,18 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
         wait_until(sp.name, answers, functools.partial(pid_running, pid), timeout=60)
 
 
+def available_services() -> list[ServiceProcess]:
+    return [
+        sp for sp in SERVICE_PROCESSES if (REPO / (sp.module.replace(".", "/") + ".py")).exists()
+    ]
+
+
+def services_down(p: Profile) -> None:
+    for sp in reversed(SERVICE_PROCESSES):
+        if stop_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}"):
+            _log(f"stopped {sp.name}")
+
+
 def up(profile: str = "dev") -> None:
     p = PROFILES[profile]
     env = infra_up(p)
@@ -512,9 +530,7 @@ def up(profile: str = "dev") -> None:
 
 def down(profile: str = "dev") -> None:
     p = PROFILES[profile]
-    for sp in reversed(SERVICE_PROCESSES):
-        if stop_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}"):
-            _log(f"stopped {sp.name}")
+    services_down(p)
     if kafka_down(p):
         _log("stopped Kafka")
     if pg_down(p):

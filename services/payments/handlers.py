@@ -323,7 +323,11 @@ class PaymentsHandlers:
         self.metrics.confirmations.labels("rejected", reason).inc()
         key = rec.key_str or f"{rec.topic}/{rec.partition}/{rec.offset}"
         audit = _audit_entry("confirmation", "rejected", reason, None)
-        audit["details"] = {"record": f"{rec.topic}/{rec.partition}/{rec.offset}"}
+        # the key the bridge gave the record (unverified, so not claimed as the order id)
+        audit["details"] = {
+            "record": f"{rec.topic}/{rec.partition}/{rec.offset}",
+            "record_key": rec.key_str,
+        }
         await self._emit_audit(ctx, "gateway_confirmation", audit, key)
 
     # ------------------------------------------------------------ shared

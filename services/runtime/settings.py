@@ -63,3 +63,13 @@ class GatewaySecrets(BaseSettings):
         if not value or not all(isinstance(s, list) and s and all(s) for s in value.values()):
             raise ValueError("PAYSAGA_GATEWAY_SECRETS must map each gateway id to >= 1 secret")
         return value
+
+
+class GatewayClientSettings(BaseSettings):
+    """Where the payment gateway is (CONTRACT §4) and how long a call may take."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    gateway_url: str = "http://127.0.0.1:8090"
+    gateway_timeout_s: float = 5.0
+    gateway_max_attempts: int = 4

@@ -1,0 +1,40 @@
+"""The running stack, driven only through the contract (see services/devclient.py).
+
+The stack is started once, lazily, by the first e2e test — after the unit and
+integration tests, whose own service processes use the same consumer groups."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from services import devstack
+from services.devclient import DevClient, new_id
+from tests.conftest import Infra
+
+pytestmark = pytest.mark.e2e
+
+Stack = DevClient
+__all__ = ["Stack", "new_id"]
+
+
+@pytest.fixture(scope="session")
+def stack(infra: Infra) -> Iterator[DevClient]:
+    profile = devstack.PROFILES["test"]
+    env = devstack.stack_env(profile)
+    env.update(
+        {
+            # small delays so failure paths (lost responses, timeouts) resolve within a test
+            "PAYSAGA_GATEWAY_TIMEOUT_S": "1",
+            "PAYSAGA_LOST_RESPONSE_DELAY_S": "3",
+            "PAYSAGA_POLL_TIMEOUT_MS": "200",
+            "PAYSAGA_RELAY_POLL_S": "1",
+            # two secrets for simgw, as during a rotation (the simulator signs with the first)
+            "PAYSAGA_GATEWAY_SECRETS": json.dumps({"simgw": ["whsec_local_dev", "whsec_rotated"]}),
+        }
+    )
+    devstack.services_up(profile, env)
+    yield DevClient(infra.bootstrap, infra.database_url, env)
+    devstack.services_down(profile)

@@ -8,6 +8,7 @@ naming a card number or security code. Nothing here returns or logs a matched va
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -90,3 +91,12 @@ def redact_card_numbers(text: str) -> str:
         last = end
     out.append(text[last:])
     return "".join(out)
+
+
+def find_card_data_in_bytes(raw: bytes) -> str | None:
+    """:func:`find_card_data` for a raw body: parsed when it is JSON, else scanned as text."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return find_card_data(json.loads(text))
+    except ValueError:
+        return CARD_NUMBER_PRESENT if contains_pan(text) else None

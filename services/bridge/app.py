@@ -13,10 +13,12 @@ Guarantees:
 * At least once, not exactly once: a gateway retry after a lost 202, or a produce that
   timed out here but was appended anyway, gives a second record. Payments dedupes by the
   gateway event id.
-* It verifies nothing but the gateway id, the body size, the presence of a signature and
-  that the body names a key. Signature, tolerance and card-data checks are the
-  consumer's, on the raw bytes stored here. Bodies are never logged: they may carry card
-  data that payments must reject without persisting anywhere else.
+* It verifies nothing but the gateway id, the body size, the presence of a signature,
+  that the body names a key — and that it carries no card data: a body with a card
+  number or security code is refused with 422 and never written to Kafka, where it
+  would be retained for days (PCI: card data must not be stored anywhere). Signature,
+  tolerance, amount and order checks are the consumer's, on the raw bytes stored here.
+  Bodies are never logged.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
+from schemas.carddata import find_card_data_in_bytes
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
 
@@ -124,7 +128,7 @@ def record_key(body: bytes) -> str:
     ``data.payment_intent_id``. Raises ValueError when there is nothing to key it by."""
     try:
         doc = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting
         raise ValueError("body is not JSON") from exc
     data = doc.get("data") if isinstance(doc, dict) else None
     if isinstance(data, dict):
@@ -156,7 +160,8 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
     webhooks = Counter(
         "paysaga_bridge_webhooks_total",
         "Webhooks received, by outcome: accepted, unknown_gateway, too_large, "
-        "missing_signature, no_key, kafka_unavailable",
+        "missing_signature, card_number_present, security_code_present, no_key, "
+        "kafka_unavailable",
         ["gateway", "outcome"],
         registry=registry,
     )
@@ -193,6 +198,10 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
         body = await _read_capped(request, limit)
         if body is None:
             return reject(gateway, 413, "too_large", f"body larger than {limit} bytes")
+        card = find_card_data_in_bytes(body)
+        if card is not None:
+            log.warning("webhook of %s refused: %s (body not stored)", gateway, card)
+            return reject(gateway, 422, card, "the webhook carries card data; it was not stored")
         try:
             key = record_key(body)
         except ValueError as exc:
@@ -233,12 +242,17 @@ def main() -> None:
     configure_logging()
     try:
         settings = BridgeSettings()
+    except SettingsError as exc:  # a value that is not JSON; the message omits the value
+        sys.exit(f"bridge: invalid settings: {exc}")
     except ValidationError as exc:
         # without the inputs: they would print the gateway secrets
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
         )
-        sys.exit(f"bridge: invalid settings (PAYSAGA_GATEWAY_SECRETS is required): {problems}")
+        sys.exit(
+            f"bridge: invalid settings: {problems} (PAYSAGA_GATEWAY_SECRETS is required: "
+            'a JSON object like {"simgw": ["whsec_..."]})'
+        )
     app = create_app(settings)
     uvicorn.run(app, host=settings.bridge_host, port=settings.bridge_port, log_level="warning")
 

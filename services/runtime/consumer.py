@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -133,6 +134,9 @@ class ConsumerRuntime:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_records=s.max_batch,
+            # saga topics are co-partitioned by order id: the range assignor gives one
+            # member partition N of every topic, so one order's events meet in one process
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self._consumer = consumer
         consumer.subscribe(list(self.routes), listener=_Listener(self))

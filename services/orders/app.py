@@ -1,0 +1,82 @@
+"""Wiring of the orders service: consumer group ``paysaga.orders`` over the four saga
+topics and ``audit.events.v1``, its outbox relay, and the status API.
+
+``python -m services.orders.app`` runs it until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from prometheus_client import CollectorRegistry
+from pydantic_settings import SettingsConfigDict
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.orders import store
+from services.orders.api import create_api
+from services.orders.handlers import OrdersMetrics, Projection
+from services.runtime.service import Service, Worker, make_engine, run_service
+from services.runtime.settings import DatabaseSettings, KafkaSettings
+
+GROUP = "paysaga.orders"
+
+log = logging.getLogger("paysaga.orders")
+
+
+class OrdersSettings(KafkaSettings, DatabaseSettings):
+    """``PAYSAGA_*`` settings; the database is ``PAYSAGA_ORDERS_DATABASE_URL``, else
+    ``PAYSAGA_DATABASE_URL`` + ``/paysaga_orders``."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    orders_host: str = "127.0.0.1"
+    orders_port: int = 8080
+    orders_held_gauge_interval_s: float = 10.0
+
+
+def held_gauge(engine: AsyncEngine, metrics: OrdersMetrics, interval_s: float) -> Worker:
+    """Refresh ``paysaga_orders_held_events`` from the table: the count across every
+    process of the group, and only of committed holds. A count stuck above zero means
+    a cause that never arrived (e.g. dead-lettered upstream)."""
+
+    async def run(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with engine.connect() as conn:
+                    metrics.held.set(await asyncio.wait_for(store.count_held(conn), 5))
+            except Exception as exc:  # noqa: BLE001 -- a metric must not take the service down
+                log.warning("held events gauge not refreshed: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+    return run
+
+
+def build(settings: OrdersSettings) -> Service:
+    url = settings.url_for("orders")
+    engine = make_engine(url)
+    registry = CollectorRegistry()
+    metrics = OrdersMetrics.create(registry)
+    return Service(
+        name="orders",
+        group=GROUP,
+        engine=engine,
+        database_url=url,
+        bootstrap=settings.kafka_bootstrap_servers,
+        routes=Projection(metrics).routes(),
+        registry=registry,
+        http_port=settings.orders_port,
+        http_host=settings.orders_host,
+        app=create_api(engine),
+        workers=[held_gauge(engine, metrics, settings.orders_held_gauge_interval_s)],
+    )
+
+
+def main() -> None:
+    run_service(lambda: build(OrdersSettings()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The orders service's handlers: the status projection and the audit store.
+
+Each handler runs inside the runtime's transaction for the consumed record, after the
+runtime's inbox accepted its event id (a redelivered event never reaches a handler).
+Everything a handler does — the view, the applied-event set, held events, history,
+audit rows and the ``orders.status.v1`` / ``customer.notifications.v1`` outbox rows —
+commits together with the consumer position, or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import BaseModel, ValidationError
+
+from schemas.contract import CustomerNotificationRequested, OrderStatusChanged
+from schemas.envelope import Envelope
+from schemas.events import AuditRecorded, parse_payload
+from services.orders import store
+from services.orders.domain import decide, is_ready, release_order
+from services.runtime.errors import PermanentError
+from services.runtime.messages import Context, Handler, Route
+
+log = logging.getLogger("paysaga.orders")
+M = TypeVar("M", bound=BaseModel)
+
+STATUS_TOPIC = "orders.status.v1"
+NOTIFICATIONS_TOPIC = "customer.notifications.v1"
+AUDIT_TOPIC = "audit.events.v1"
+
+#: Every saga event type the projection consumes (docs/saga-events.md), by topic.
+SAGA_EVENTS: Mapping[str, tuple[str, ...]] = {
+    "payments.events.v1": (
+        "OrderRegistered",
+        "PaymentRetryAccepted",
+        "PaymentAccepted",
+        "PaymentDeclined",
+        "OrderFlaggedForReconciliation",
+    ),
+    "inventory.events.v1": (
+        "StockReserved",
+        "StockReservationFailed",
+        "StockReleased",
+        "StockCommitted",
+    ),
+    "capture.events.v1": (
+        "PaymentCaptured",
+        "SaleConfirmed",
+        "CaptureDeclined",
+        "AuthorizationExpired",
+        "CaptureFailed",
+    ),
+    "refunds.events.v1": ("AuthorizationVoided", "RefundSucceeded", "CompensationFailed"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OrdersMetrics:
+    status_changes: Counter
+    ignored: Counter
+    held: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> OrdersMetrics:
+        return cls(
+            status_changes=Counter(
+                "paysaga_order_status_changes_total",
+                "Status changes emitted on orders.status.v1, by new status",
+                ["status"],
+                registry=registry,
+            ),
+            ignored=Counter(
+                "paysaga_orders_ignored_events_total",
+                "Saga events applied without a status change they asked for, by reason "
+                "(stale_attempt, transition_not_allowed, unknown_order, ...)",
+                ["reason"],
+                registry=registry,
+            ),
+            held=Gauge(
+                "paysaga_orders_held_events",
+                "Saga events waiting for their cause (held_events rows, all orders)",
+                registry=registry,
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SagaEvent:
+    """A validated saga event: envelope fields the gate needs plus the payload."""
+
+    event_id: str
+    event_type: str
+    saga_seq: int | None
+    causation_id: str | None
+    correlation_id: str | None
+    payload: dict[str, Any]
+    envelope: dict[str, Any]
+
+    @property
+    def order_id(self) -> str:
+        return str(self.payload["order_id"])
+
+    @classmethod
+    def parse(cls, envelope: dict[str, Any]) -> SagaEvent:
+        """Raises PermanentError for a malformed envelope or payload."""
+        env = _validated(Envelope, envelope)
+        if env.saga_seq is not None and env.saga_seq > 1 and not env.causation_id:
+            # its cause could never be found: it would be held forever
+            raise PermanentError("schema_violation", "saga_seq > 1 without causation_id")
+        payload = _validated_payload(env.event_type, env.payload)
+        return cls(
+            event_id=env.event_id,
+            event_type=env.event_type,
+            saga_seq=env.saga_seq,
+            causation_id=env.causation_id,
+            correlation_id=env.correlation_id,
+            payload=payload.model_dump(mode="json"),
+            envelope=envelope,
+        )
+
+
+def _schema_error(exc: ValidationError) -> PermanentError:
+    # without the inputs: a rejected payload may carry card data (AuditRecorded's check)
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
+    )
+    return PermanentError("schema_violation", f"{exc.title}: {problems}")
+
+
+def _validated(model: type[M], data: Mapping[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _schema_error(exc) from exc
+
+
+def _validated_payload(event_type: str, payload: dict[str, Any]) -> BaseModel:
+    try:
+        return parse_payload(event_type, payload)
+    except ValidationError as exc:
+        raise _schema_error(exc) from exc
+
+
+async def _emit(ctx: Context, cause: SagaEvent, topic: str, payload: BaseModel) -> None:
+    """To the outbox, caused by ``cause``: for a released event that is not the
+    consumed record, which ``Context.emit`` would name by default."""
+    await ctx.emit(
+        topic,
+        type(payload).__name__,
+        payload,
+        key=cause.order_id,
+        saga_seq=(cause.saga_seq or 0) + 1,
+        causation_id=cause.event_id,
+        correlation_id=cause.correlation_id,
+    )
+
+
+class Projection:
+    """The status projection (CONTRACT §3.1, §3.3) with its causal gate.
+
+    Guarantees, per order: events are applied in causal order (an event with
+    ``saga_seq > 1`` only after the event named by its ``causation_id``; earlier ones
+    are held and released in the same transaction as their cause); each event is applied
+    at most once (runtime inbox + ``applied_events``); ``version`` on orders.status.v1
+    grows by exactly one per change; each notification is requested at most once per
+    (attempt, kind) — all decided by the pure ``domain.decide``.
+
+    Metrics are counted when handled: a batch that rolls back and is retried counts
+    again.
+    """
+
+    def __init__(self, metrics: OrdersMetrics) -> None:
+        self.metrics = metrics
+
+    def routes(self) -> list[Route]:
+        saga: list[Route] = [
+            Route(topic, handlers=dict.fromkeys(types, self.on_saga_event))
+            for topic, types in SAGA_EVENTS.items()
+        ]
+        audit: dict[str, Handler] = {"AuditRecorded": self.on_audit_recorded}
+        return [*saga, Route(AUDIT_TOPIC, handlers=audit)]
+
+    async def on_saga_event(self, ctx: Context) -> None:
+        assert ctx.envelope is not None
+        ev = SagaEvent.parse(ctx.envelope)
+        await store.lock_order(ctx.conn, ev.order_id)
+        applied = await store.applied_ids(ctx.conn, ev.order_id)
+        if not is_ready(ev.saga_seq, ev.causation_id, applied):
+            assert ev.saga_seq is not None  # a root is always ready
+            await store.hold(
+                ctx.conn, ev.order_id, ev.envelope, ev.payload, ev.saga_seq, ev.causation_id
+            )
+            log.info("order %s: holding %s %s until %s is applied",
+                     ev.order_id, ev.event_type, ev.event_id, ev.causation_id)  # fmt: skip
+            return
+        await self._apply(ctx, ev)
+        applied.add(ev.event_id)
+        await self._release(ctx, ev.order_id, applied)
+
+    async def _release(self, ctx: Context, order_id: str, applied: set[str]) -> None:
+        held = await store.held_for(ctx.conn, order_id)
+        if not held:
+            return
+        by_id = {h.event_id: h for h in held}
+        ready = release_order([(h.saga_seq, h.event_id, h.causation_id) for h in held], applied)
+        for event_id in ready:
+            await self._apply(ctx, SagaEvent.parse(by_id[event_id].envelope))
+            applied.add(event_id)
+        # also drops held copies of events applied meanwhile (release_order skips them)
+        await store.drop_held(ctx.conn, order_id, [i for i in by_id if i in applied])
+
+    async def _apply(self, ctx: Context, ev: SagaEvent) -> None:
+        """Apply one ready event: decide, save, record it as applied, emit on a change."""
+        view = await store.load_view(ctx.conn, ev.order_id)
+        outcome = decide(view, ev.event_type, ev.payload)
+        await store.record_applied(ctx.conn, ev.order_id, ev.event_id)
+        if outcome.ignored_reason is not None:
+            self.metrics.ignored.labels(outcome.ignored_reason).inc()
+            log.info("order %s: %s %s ignored (%s)",
+                     ev.order_id, ev.event_type, ev.event_id, outcome.ignored_reason)  # fmt: skip
+        change = outcome.change
+        if change is None or outcome.view is None:
+            return
+        await store.save_view(ctx.conn, outcome.view, ctx.now)
+        await store.append_history(ctx.conn, change, ctx.now)
+        status = _validated(OrderStatusChanged, dataclasses.asdict(change))
+        await _emit(ctx, ev, STATUS_TOPIC, status)
+        self.metrics.status_changes.labels(change.status).inc()
+        if (notification := outcome.notification) is not None:
+            note = _validated(CustomerNotificationRequested, dataclasses.asdict(notification))
+            await _emit(ctx, ev, NOTIFICATIONS_TOPIC, note)
+
+    async def on_audit_recorded(self, ctx: Context) -> None:
+        """Append to ``audit_log``; the runtime inbox and the unique event id make a
+        redelivery a no-op."""
+        assert ctx.envelope is not None
+        env = _validated(Envelope, ctx.envelope)
+        audit = _validated(AuditRecorded, env.payload)
+        await store.append_audit(ctx.conn, env.event_id, env.occurred_at, audit, ctx.now)

@@ -1,0 +1,314 @@
+"""The orders service's tables and queries (database ``paysaga_orders``).
+
+Every write here runs on the connection of the record being handled, i.e. inside the
+runtime's per-record (or per-batch) transaction: the projection, the applied-event
+set, held events, the history and the outbox rows commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    DDL,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from schemas.events import AuditRecorded
+from services.orders.domain import OrderView, StatusChange
+
+metadata = MetaData()
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("customer_id", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("reason", String(64), nullable=True),
+    Column("attempt", Integer, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("payment_intent_id", String(64), nullable=False),
+    Column("transaction_id", String(200), nullable=True),
+    Column("version", Integer, nullable=False),
+    #: [[attempt, kind], ...]: notifications already requested (OrderView.notified)
+    Column("notified", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Every saga event applied to an order, status-bearing or not: the causal gate's
+#: "applied_ids" (any applied event can be the cause of a held one).
+applied_events = Table(
+    "applied_events",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("event_id", String(64), primary_key=True),
+)
+
+order_history = Table(
+    "order_history",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("status", String(32), nullable=False),
+    Column("reason", String(64), nullable=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+#: Events that arrived before their cause (docs/saga-events.md, "Ordering in the status
+#: projection"); ``id`` keeps arrival order among events of equal saga_seq.
+held_events = Table(
+    "held_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("order_id", String(64), nullable=False),
+    Column("event_id", String(64), nullable=False),
+    Column("saga_seq", Integer, nullable=False),
+    Column("causation_id", String(200), nullable=True),
+    Column("event_type", String(64), nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("envelope", JSONB, nullable=False),
+    Column("held_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ux_held_events_order_event", "order_id", "event_id", unique=True),
+)
+
+#: Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("subject", String(200), nullable=False),
+    Column("action", String(200), nullable=False),
+    Column("outcome", String(200), nullable=False),
+    Column("reason", String(64), nullable=True),
+    Column("order_id", String(200), nullable=True),
+    Column("transaction_id", String(200), nullable=True),
+    Column("gateway_event_id", String(200), nullable=True),
+    Column("details", JSONB, nullable=False),
+    Index("ix_audit_log_order_id", "order_id"),
+)
+
+event.listen(
+    audit_log,
+    "after_create",
+    DDL(  # type: ignore[no-untyped-call]
+        """
+        CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$;
+        CREATE TRIGGER audit_log_no_update_delete BEFORE UPDATE OR DELETE ON audit_log
+            FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+        CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+        """
+    ),
+)
+
+
+# ------------------------------------------------------------------ the projection
+
+
+async def lock_order(conn: AsyncConnection, order_id: str) -> None:
+    """Serialize the handling of one order until the transaction ends.
+
+    The four saga topics are co-partitioned, but the group's assignor may give the same
+    partition number of two topics to different members, so one order's events can be
+    handled concurrently. Without this, an event could be held by one transaction while
+    its cause is applied (and held events released) by another that cannot see it."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"orders:{order_id}"},
+    )
+
+
+async def applied_ids(conn: AsyncConnection, order_id: str) -> set[str]:
+    rows = await conn.execute(
+        select(applied_events.c.event_id).where(applied_events.c.order_id == order_id)
+    )
+    return set(rows.scalars())
+
+
+async def record_applied(conn: AsyncConnection, order_id: str, event_id: str) -> None:
+    await conn.execute(
+        pg_insert(applied_events)
+        .values(order_id=order_id, event_id=event_id)
+        .on_conflict_do_nothing()
+    )
+
+
+async def load_view(conn: AsyncConnection, order_id: str) -> OrderView | None:
+    row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
+    if row is None:
+        return None
+    return OrderView(
+        order_id=row.order_id,
+        customer_id=row.customer_id,
+        status=row.status,
+        reason=row.reason,
+        attempt=row.attempt,
+        amount=row.amount,
+        currency=row.currency,
+        payment_intent_id=row.payment_intent_id,
+        transaction_id=row.transaction_id,
+        version=row.version,
+        notified=frozenset((int(a), str(k)) for a, k in row.notified),
+    )
+
+
+async def save_view(conn: AsyncConnection, view: OrderView, now: datetime) -> None:
+    values: dict[str, Any] = {
+        "customer_id": view.customer_id,
+        "status": view.status,
+        "reason": view.reason,
+        "attempt": view.attempt,
+        "amount": view.amount,
+        "currency": view.currency,
+        "payment_intent_id": view.payment_intent_id,
+        "transaction_id": view.transaction_id,
+        "version": view.version,
+        "notified": sorted([a, k] for a, k in view.notified),
+        "updated_at": now,
+    }
+    stmt = pg_insert(orders).values(order_id=view.order_id, created_at=now, **values)
+    await conn.execute(stmt.on_conflict_do_update(index_elements=["order_id"], set_=values))
+
+
+async def append_history(conn: AsyncConnection, change: StatusChange, at: datetime) -> None:
+    await conn.execute(
+        order_history.insert().values(
+            order_id=change.order_id,
+            version=change.version,
+            status=change.status,
+            reason=change.reason,
+            at=at,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class HeldEvent:
+    saga_seq: int
+    event_id: str
+    causation_id: str | None
+    envelope: dict[str, Any]
+
+
+async def hold(
+    conn: AsyncConnection,
+    order_id: str,
+    envelope: dict[str, Any],
+    payload: dict[str, Any],
+    saga_seq: int,
+    causation_id: str | None,
+) -> None:
+    await conn.execute(
+        pg_insert(held_events)
+        .values(
+            order_id=order_id,
+            event_id=envelope["event_id"],
+            saga_seq=saga_seq,
+            causation_id=causation_id,
+            event_type=envelope["event_type"],
+            payload=payload,
+            envelope=envelope,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def held_for(conn: AsyncConnection, order_id: str) -> list[HeldEvent]:
+    """The order's held events in arrival order."""
+    rows = await conn.execute(
+        select(
+            held_events.c.saga_seq,
+            held_events.c.event_id,
+            held_events.c.causation_id,
+            held_events.c.envelope,
+        )
+        .where(held_events.c.order_id == order_id)
+        .order_by(held_events.c.id)
+    )
+    return [HeldEvent(r.saga_seq, r.event_id, r.causation_id, r.envelope) for r in rows]
+
+
+async def drop_held(conn: AsyncConnection, order_id: str, event_ids: list[str]) -> None:
+    await conn.execute(
+        delete(held_events).where(
+            and_(held_events.c.order_id == order_id, held_events.c.event_id.in_(event_ids))
+        )
+    )
+
+
+async def count_held(conn: AsyncConnection) -> int:
+    return int((await conn.execute(select(func.count()).select_from(held_events))).scalar_one())
+
+
+# ------------------------------------------------------------------ audit
+
+
+async def append_audit(
+    conn: AsyncConnection, event_id: str, occurred_at: datetime, audit: AuditRecorded, now: datetime
+) -> None:
+    """Insert once per event id (a repeat changes nothing); rows are never changed."""
+    await conn.execute(
+        pg_insert(audit_log)
+        .values(
+            event_id=event_id,
+            occurred_at=occurred_at,
+            recorded_at=now,
+            **audit.model_dump(mode="json"),
+        )
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+
+
+# ------------------------------------------------------------------ the status API
+
+
+async def read_order(conn: AsyncConnection, order_id: str) -> dict[str, Any] | None:
+    """The order and its history up to the order's version: the two reads may straddle
+    a commit, and history past the row read would contradict it."""
+    row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
+    if row is None:
+        return None
+    history = await conn.execute(
+        select(order_history.c.status, order_history.c.reason, order_history.c.at)
+        .where(order_history.c.order_id == order_id, order_history.c.version <= row.version)
+        .order_by(order_history.c.version)
+    )
+    return {
+        "order_id": row.order_id,
+        "status": row.status,
+        "reason": row.reason,
+        "amount": row.amount,
+        "currency": row.currency,
+        "payment_intent_id": row.payment_intent_id,
+        "transaction_id": row.transaction_id,
+        "updated_at": cast(datetime, row.updated_at).astimezone(UTC),
+        "history": [
+            {"status": h.status, "reason": h.reason, "at": cast(datetime, h.at).astimezone(UTC)}
+            for h in history
+        ],
+    }

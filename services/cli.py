@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services import devstack
+from services.inventory.cli import app as stock_app
 from services.payments.cli import app as unmatched_app
 from services.runtime import migrate as migrations
 from services.runtime import topics as topic_specs
@@ -27,6 +28,7 @@ app.add_typer(dev, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(unmatched_app, name="unmatched")
+app.add_typer(stock_app, name="stock")
 console = Console()
 
 

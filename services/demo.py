@@ -49,10 +49,14 @@ SCENARIOS = [
     Scenario("declined, retried with a wallet", "PAID_CONFIRMED", mode="decline", then=_retry),
     Scenario("out of stock, authorization voided", "PAYMENT_FAILED", stock=0),
     Scenario("out of stock after a sale: refunded", "REFUNDED", mode="sale", stock=0),
-    Scenario("capture declined: stock released, voided", "PAYMENT_FAILED", marker="_capture_declined"),
+    Scenario(
+        "capture declined: stock released, voided", "PAYMENT_FAILED", marker="_capture_declined"
+    ),
     Scenario("capture answers 503 twice", "PAID_CONFIRMED", marker="_capture_flaky"),
     Scenario("capture response lost: resolved", "PAID_CONFIRMED", marker="_capture_lost"),
-    Scenario("refund declined", "NEEDS_RECONCILIATION", mode="sale", stock=0, marker="_refund_declined"),
+    Scenario(
+        "refund declined", "NEEDS_RECONCILIATION", mode="sale", stock=0, marker="_refund_declined"
+    ),
     Scenario("payment before its order (unmatched)", "PAID_CONFIRMED", unmatched_first=True),
     Scenario("webhook delivered 3 times", "PAID_CONFIRMED", duplicates=2),
 ]
@@ -118,7 +122,9 @@ def main() -> None:
     ok = False
     try:
         devstack.up("dev")
-        console.print(f"stack ready in {time.monotonic() - started:.1f}s; running {len(SCENARIOS)} orders")
+        console.print(
+            f"stack ready in {time.monotonic() - started:.1f}s; running {len(SCENARIOS)} orders"
+        )
         env = devstack.stack_env(profile)
         client = DevClient(env["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"], env["PAYSAGA_DATABASE_URL"], env)
         ok = run(client)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -44,7 +45,7 @@ def envelope(event_type: str, payload: dict[str, Any], event_id: str | None = No
         "event_id": event_id or uuid.uuid4().hex,
         "event_type": event_type,
         "schema_version": 1,
-        "occurred_at": "2026-11-22T10:00:00Z",
+        "occurred_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "payload": payload,
     }
     return json.dumps(doc).encode()

@@ -492,7 +492,7 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
     import httpx
 
     logs = p.root / "logs"
-    for sp in available_services():
+    for sp in SERVICE_PROCESSES:
         pidfile = p.root / "pids" / f"{sp.name}.pid"
         if running_pid(pidfile, f"-m {sp.module}") is not None:
             continue
@@ -507,12 +507,6 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
                 return False
 
         wait_until(sp.name, answers, functools.partial(pid_running, pid), timeout=60)
-
-
-def available_services() -> list[ServiceProcess]:
-    return [
-        sp for sp in SERVICE_PROCESSES if (REPO / (sp.module.replace(".", "/") + ".py")).exists()
-    ]
 
 
 def services_down(p: Profile) -> None:

@@ -18,6 +18,9 @@ Guarantees:
 * Once a record of an order key is dead-lettered, later records of that key for this
   group are parked (stored, not processed) until a replay of the dead letter succeeds
   or an operator purges it (``paysaga dlq``): replay never applies events out of order.
+  Released parked records are applied in order; one that fails permanently then
+  becomes the key's dead letter and blocks the rest. A replay or purge acts only while
+  the dead letter it names is open, so repeating one is harmless.
 """
 
 from __future__ import annotations
@@ -166,16 +169,7 @@ class ConsumerRuntime:
         consumer = self._consumer
         assert consumer is not None
         if tp not in self.expected:
-            async with self.engine.connect() as conn:
-                self.expected[tp] = (
-                    await conn.execute(
-                        select(consumer_positions.c.next_offset).where(
-                            consumer_positions.c.consumer_group == self.group,
-                            consumer_positions.c.topic == tp.topic,
-                            consumer_positions.c.partition == tp.partition,
-                        )
-                    )
-                ).scalar()
+            self.expected[tp] = await self._stored_position(tp)
         expected = self.expected[tp]
         if expected is None:
             return records  # never processed by this group: take the partition from its start
@@ -185,6 +179,32 @@ class ConsumerRuntime:
             consumer.seek(tp, expected)
             return []
         return records
+
+    async def _stored_position(self, tp: TopicPartition) -> int | None:
+        """The partition's position stored in the database, retried with backoff while
+        the database is unavailable: an assignment (a member joining or leaving) during
+        an outage must wait for the database, not kill the consumer."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.engine.connect() as conn:
+                    stored: int | None = (
+                        await conn.execute(
+                            select(consumer_positions.c.next_offset).where(
+                                consumer_positions.c.consumer_group == self.group,
+                                consumer_positions.c.topic == tp.topic,
+                                consumer_positions.c.partition == tp.partition,
+                            )
+                        )
+                    ).scalar()
+                return stored
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.metrics.retries.labels(self.service, type(exc).__name__).inc()
+                log.info("%s loading the position of %s failed (%r): retrying", self.group, tp, exc)
+                await self._backoff(attempt)
 
     # ------------------------------------------------------------------ processing
 
@@ -241,10 +261,19 @@ class ConsumerRuntime:
         if target is not None and target.decode() != self.group:
             return "skipped"  # a replay or release meant for another consumer group
         order_key = _order_key(rec)
-        if rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE:
+        release = rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE
+        replay = rec.header(dlq.H_REPLAY_OF) is not None
+        if release or replay:
+            named = await self._named_dead_letter(conn, rec)
+            if named is None:
+                # its dead letter was resolved already (a repeated replay or purge, or a
+                # replay of a purged record): acting again would unblock the key past a
+                # record that failed since, or apply an event after its successors
+                return "skipped"
+            order_key = named or order_key
+        if release:
             await self._release(conn, order_key, "purged")
             return "released"
-        replay = rec.header(dlq.H_REPLAY_OF) is not None
         if not replay and await self._blocked(conn, order_key):
             await conn.execute(
                 insert(parked).values(
@@ -308,9 +337,35 @@ class ConsumerRuntime:
         )
         return row.first() is not None
 
+    async def _named_dead_letter(self, conn: AsyncConnection, rec: Record) -> str | None:
+        """The order key of the open dead letter a replay or release names (``""`` for a
+        record from before replays named one: it acts on its key's open dead letters),
+        or None when that dead letter is no longer open."""
+        named = rec.header(dlq.H_DEAD_LETTER)
+        if named is None:
+            return ""
+        topic, partition, offset = dlq.failed_record(named)
+        row = await conn.execute(
+            select(dead_letters.c.order_key)
+            .where(
+                and_(
+                    dead_letters.c.consumer_group == self.group,
+                    dead_letters.c.topic == topic,
+                    dead_letters.c.partition == partition,
+                    dead_letters.c.offset == offset,
+                    dead_letters.c.resolved_at.is_(None),
+                )
+            )
+            .limit(1)
+        )
+        found: str | None = row.scalar()
+        return found
+
     async def _release(self, conn: AsyncConnection, order_key: str, resolution: str) -> None:
         """Resolve the key's open dead letters, then apply its parked records in order,
-        in this same transaction."""
+        in this same transaction. A parked record that fails permanently becomes the
+        key's dead letter in turn and the records behind it stay parked: a release never
+        skips a record, and never fails (and dead-letters) the replay or purge behind it."""
         await conn.execute(
             update(dead_letters)
             .where(
@@ -322,14 +377,20 @@ class ConsumerRuntime:
             )
             .values(resolved_at=datetime.now(UTC), resolution=resolution)
         )
+        if await self._blocked(conn, order_key):
+            # the same release ran concurrently (two members around a rebalance), got
+            # here first and stopped at a new poison record, which now blocks the key
+            return
         rows = (
             await conn.execute(
-                delete(parked)
+                select(parked)
                 .where(and_(parked.c.consumer_group == self.group, parked.c.order_key == order_key))
-                .returning(parked)
+                .order_by(parked.c.id)
+                .with_for_update()
             )
         ).all()
-        for row in sorted(rows, key=lambda r: r.id):
+        done: list[int] = []
+        for row in rows:
             rec = Record(
                 topic=row.topic,
                 partition=row.partition,
@@ -339,7 +400,36 @@ class ConsumerRuntime:
                 headers=tuple((k, v.encode()) for k, v in row.headers),
                 timestamp_ms=row.timestamp_ms,
             )
-            await self._handle(conn, rec)
+            try:
+                async with conn.begin_nested():  # a failure undoes this record only
+                    await self._handle(conn, rec)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # the whole release is retried with backoff
+                await self._dead_letter_parked(conn, rec, exc)
+                done.append(row.id)
+                break
+            done.append(row.id)
+        if done:
+            await conn.execute(delete(parked).where(parked.c.id.in_(done)))
+
+    async def _dead_letter_parked(self, conn: AsyncConnection, rec: Record, exc: Exception) -> None:
+        """Dead-letter a parked record inside the release's transaction. Published first
+        (acks=all): should the transaction then fail, the release is retried and the dead
+        letter may be published twice — never lost."""
+        log.warning(
+            "%s dead-lettering parked %s/%d@%d: %r",
+            self.group,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            exc,
+        )
+        now = datetime.now(UTC)
+        headers = dlq.headers_for(rec, self.group, exc, 1, now)
+        await self.producer.send_dead_letter(self.group, rec, headers)
+        await self._record_dead_letter(conn, rec, exc, 1, now)
+        self.metrics.records.labels(self.service, rec.topic, "dead_lettered").inc()
 
     async def _dead_letter(
         self, tp: TopicPartition, rec: Record, exc: BaseException, attempts: int, first: datetime
@@ -352,24 +442,30 @@ class ConsumerRuntime:
 
         async def record() -> None:
             async with self._transaction() as conn:
-                await conn.execute(
-                    insert(dead_letters).values(
-                        consumer_group=self.group,
-                        order_key=_order_key(rec),
-                        topic=rec.topic,
-                        partition=rec.partition,
-                        offset=rec.offset,
-                        error_class=type(exc).__name__,
-                        error_message=dlq.describe(exc)[:2000],
-                        attempts=attempts,
-                        first_failure_at=first,
-                    )
-                )
-                if self.on_dead_letter is not None:
-                    await self.on_dead_letter(conn, rec, exc)
+                await self._record_dead_letter(conn, rec, exc, attempts, first)
                 await self._save_position(conn, tp, rec.offset + 1)
 
         await self._until_done(record)
+
+    async def _record_dead_letter(
+        self, conn: AsyncConnection, rec: Record, exc: BaseException, attempts: int, first: datetime
+    ) -> None:
+        """The dead_letters row (it blocks the key) and the service's hook."""
+        await conn.execute(
+            insert(dead_letters).values(
+                consumer_group=self.group,
+                order_key=_order_key(rec),
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                error_class=type(exc).__name__,
+                error_message=dlq.describe(exc)[:2000],
+                attempts=attempts,
+                first_failure_at=first,
+            )
+        )
+        if self.on_dead_letter is not None:
+            await self.on_dead_letter(conn, rec, exc)
 
     async def _until_done(self, step: Callable[[], Awaitable[None]]) -> None:
         attempt = 0

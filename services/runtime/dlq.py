@@ -9,7 +9,8 @@ record timestamp (the gateway signature tolerance is measured against it), addre
 to the one consumer group that failed it (``paysaga-target-group``; other groups skip
 it). The consumer's inbox makes a replay safe to repeat. Purge publishes a release
 control record instead, which unblocks the key's parked records without applying the
-dead letter.
+dead letter. Both name the dead letter they resolve and do nothing once it is resolved
+(so a purged record cannot be replayed later, out of order).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ H_TARGET_GROUP = "paysaga-target-group"
 H_REPLAY_OF = "paysaga-replay-of"
 H_CONTROL = "paysaga-control"
 CONTROL_RELEASE = b"release"
+#: on replay and release records: the failed record the dead letter is about, as JSON
+#: [topic, partition, offset] (the dead_letters row's key). The consumer acts only while
+#: that dead letter is still open, so repeating a replay or purge never unblocks a key
+#: whose head-of-line record failed since.
+H_DEAD_LETTER = "paysaga-dead-letter"
 
 
 def dlq_topic(group: str) -> str:
@@ -65,11 +71,8 @@ def headers_for(
     ]
     # the original headers travel on (a replay needs e.g. the gateway signature), minus
     # any routing headers of an earlier replay
-    original = [
-        (k, v)
-        for k, v in rec.headers
-        if not k.startswith(H_PREFIX) and k not in (H_TARGET_GROUP, H_REPLAY_OF, H_CONTROL)
-    ]
+    routing = (H_TARGET_GROUP, H_REPLAY_OF, H_CONTROL, H_DEAD_LETTER)
+    original = [(k, v) for k, v in rec.headers if not k.startswith(H_PREFIX) and k not in routing]
     return [(k, v.encode()) for k, v in own] + original
 
 
@@ -112,12 +115,31 @@ def replay_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[st
     h = header_dict(dead.headers)
     original = [(k, v) for k, v in dead.headers if not k.startswith(H_PREFIX)]
     origin = json.dumps([dead.topic, dead.partition, dead.offset]).encode()
-    headers = [*original, (H_TARGET_GROUP, h[H_GROUP].encode()), (H_REPLAY_OF, origin)]
+    headers = [
+        *original,
+        (H_TARGET_GROUP, h[H_GROUP].encode()),
+        (H_REPLAY_OF, origin),
+        (H_DEAD_LETTER, _failed_record(h)),
+    ]
     return h[H_TOPIC], dead.key, dead.value, headers, int(h[H_TIMESTAMP])
 
 
 def release_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
     """(topic, key, value, headers) of the control record that purges one dead letter."""
     h = header_dict(dead.headers)
-    headers = [(H_TARGET_GROUP, h[H_GROUP].encode()), (H_CONTROL, CONTROL_RELEASE)]
+    headers = [
+        (H_TARGET_GROUP, h[H_GROUP].encode()),
+        (H_CONTROL, CONTROL_RELEASE),
+        (H_DEAD_LETTER, _failed_record(h)),
+    ]
     return h[H_TOPIC], dead.key, b"{}", headers
+
+
+def _failed_record(h: dict[str, str]) -> bytes:
+    return json.dumps([h[H_TOPIC], int(h[H_PARTITION]), int(h[H_OFFSET])]).encode()
+
+
+def failed_record(value: bytes) -> tuple[str, int, int]:
+    """The (topic, partition, offset) of an ``H_DEAD_LETTER`` header."""
+    topic, partition, offset = json.loads(value)
+    return str(topic), int(partition), int(offset)

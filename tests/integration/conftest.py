@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -11,23 +13,28 @@ from sqlalchemy import create_engine
 from services.runtime.tables import metadata as runtime_metadata
 from tests.conftest import Infra
 from tests.support import ledger_service
-from tests.support.harness import Proc, create_topic, free_port, query, uid
-
-RUNTIME_DB = "paysaga_runtime_test"
+from tests.support.harness import Proc, create_topic, free_port, published, query, uid
 
 
-@pytest.fixture(scope="session")
-def runtime_db(infra: Infra) -> str:
-    """A database with the runtime's tables and the ledger test service's table."""
-    admin = infra.conninfo("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (RUNTIME_DB,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{RUNTIME_DB}"')
-    engine = create_engine(infra.db_url(RUNTIME_DB))
+def create_runtime_db(infra: Infra, dbname: str) -> str:
+    """A fresh database with the runtime's tables and the ledger test service's table.
+
+    One per test, like one per service in production: a relay publishes every unsent
+    outbox row of its database and competes for that database's advisory lock, so
+    tests (or engineers running the suite at the same time) sharing one database would
+    publish each other's rows and steal each other's relay lock."""
+    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    engine = create_engine(infra.db_url(dbname))
     runtime_metadata.create_all(engine)
     ledger_service.metadata.create_all(engine)
     engine.dispose()
-    return infra.db_url(RUNTIME_DB)
+    return infra.db_url(dbname)
+
+
+def drop_db(infra: Infra, dbname: str) -> None:
+    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 @dataclasses.dataclass
@@ -39,17 +46,35 @@ class Ledger:
     in_topic: str
     out_topic: str
     group: str
+    dbname: str
     procs: list[Proc] = dataclasses.field(default_factory=list)
 
     @property
     def conninfo(self) -> str:
-        return self.infra.conninfo(RUNTIME_DB)
+        return self.infra.conninfo(self.dbname)
 
-    def process(self, name: str = "ledger", group: str | None = None, in_topic: str | None = None,
-                out_topic: str | None = "default", **env: str) -> Proc:  # fmt: skip
-        argv = ["-m", "tests.support.ledger_service", "--in-topic", in_topic or self.in_topic,
-                "--group", group or self.group, "--db-url", self.db_url,
-                "--bootstrap", self.infra.bootstrap, "--port", str(free_port())]  # fmt: skip
+    def process(
+        self,
+        name: str = "ledger",
+        group: str | None = None,
+        in_topic: str | None = None,
+        out_topic: str | None = "default",
+        **env: str,
+    ) -> Proc:
+        argv = [
+            "-m",
+            "tests.support.ledger_service",
+            "--in-topic",
+            in_topic or self.in_topic,
+            "--group",
+            group or self.group,
+            "--db-url",
+            self.db_url,
+            "--bootstrap",
+            self.infra.bootstrap,
+            "--port",
+            str(free_port()),
+        ]
         out = self.out_topic if out_topic == "default" else out_topic
         if out:
             argv += ["--out-topic", out]
@@ -57,26 +82,48 @@ class Ledger:
         self.procs.append(proc)
         return proc
 
+    def unsent(self) -> int:
+        """Outbox rows the relay has not marked sent yet."""
+        return int(query(self.conninfo, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")[0][0])
+
+    def out_seqs_in_key_order(self) -> dict[str, list[int]]:
+        """Per key, the seqs of the out topic in log order with re-published duplicates
+        removed (a relay that dies after sending re-sends; consumers' inboxes absorb it).
+        Fails if what remains is not strictly increasing: that would be a reordering."""
+        seen: set[str] = set()
+        per_key: dict[str, list[int]] = defaultdict(list)
+        for _, _, key, env in published(self.infra.bootstrap, self.out_topic):
+            if env["event_id"] not in seen:
+                seen.add(env["event_id"])
+                per_key[str(key)].append(int(env["payload"]["seq"]))
+        for key, seqs in per_key.items():
+            assert all(a < b for a, b in itertools.pairwise(seqs)), f"{key} reordered: {seqs}"
+        return per_key
+
     def applied(self, group: str | None = None) -> list[tuple[str, int, str]]:
         return [
             (r[0], r[1], r[2])
             for r in query(
                 self.conninfo,
-                "SELECT account, seq, event_id FROM ledger_applied WHERE consumer_group = %s ORDER BY id",
+                "SELECT account, seq, event_id FROM ledger_applied"
+                " WHERE consumer_group = %s ORDER BY id",
                 group or self.group,
             )
         ]
 
 
 @pytest.fixture
-def ledger(infra: Infra, runtime_db: str) -> Iterator[Ledger]:
+def ledger(infra: Infra) -> Iterator[Ledger]:
     t = uid()
-    lg = Ledger(infra, runtime_db, f"test.in.{t}", f"test.out.{t}", f"paysaga.test-{t}")
+    dbname = f"paysaga_rt_{t}"
+    lg = Ledger(infra, create_runtime_db(infra, dbname), f"test.in.{t}", f"test.out.{t}",
+                f"paysaga.test-{t}", dbname)  # fmt: skip
     for topic in (lg.in_topic, lg.out_topic, f"{lg.group}.dlq", f"{lg.group}-down.dlq"):
         asyncio.run(create_topic(infra.bootstrap, topic, 3))
     yield lg
     for p in lg.procs:
         p.kill()
+    drop_db(infra, dbname)
 
 
 Check = Callable[[], object]

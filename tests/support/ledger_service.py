@@ -4,12 +4,15 @@
 application (one row per application: applying twice shows as two rows); with
 ``--out-topic`` it emits ``Credited`` through the outbox. ``Credited`` consumed by a
 downstream instance is recorded the same way. A missing field is a permanent error.
+``fail_until_file`` names a file: while it exists the record fails permanently (a
+condition an operator fixes, then replays the dead letter).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert
@@ -28,6 +31,8 @@ applied = Table(
     Column("seq", Integer, nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("event_id", String(64), nullable=False),
+    # which process applied it: tests check that work really moved between members
+    Column("pid", Integer, nullable=True),
 )
 
 
@@ -40,22 +45,40 @@ def build(args: argparse.Namespace) -> Service:
             account, amount, seq = str(p["account"]), int(p["amount"]), int(p["seq"])
         except (KeyError, ValueError) as exc:
             raise PermanentError("schema_violation", f"Credit payload: {exc!r}") from exc
+        if p.get("fail_until_file") and os.path.exists(p["fail_until_file"]):
+            raise PermanentError("not_yet_fixed", str(p["fail_until_file"]))
         if p.get("sleep_s"):
             await asyncio.sleep(float(p["sleep_s"]))
         await ctx.conn.execute(
-            insert(applied).values(consumer_group=group, account=account, seq=seq, amount=amount,
-                                   event_id=ctx.event_id)
-        )  # fmt: skip
+            insert(applied).values(
+                consumer_group=group,
+                account=account,
+                seq=seq,
+                amount=amount,
+                event_id=ctx.event_id,
+                pid=os.getpid(),
+            )
+        )
         if args.out_topic:
-            await ctx.emit(args.out_topic, "Credited", {"account": account, "amount": amount,
-                                                        "seq": seq}, key=account)  # fmt: skip
+            await ctx.emit(
+                args.out_topic,
+                "Credited",
+                {"account": account, "amount": amount, "seq": seq},
+                key=account,
+            )
 
     async def on_credited(ctx: Context) -> None:
         p = ctx.payload
         await ctx.conn.execute(
-            insert(applied).values(consumer_group=group, account=p["account"], seq=p["seq"],
-                                   amount=p["amount"], event_id=ctx.event_id)
-        )  # fmt: skip
+            insert(applied).values(
+                consumer_group=group,
+                account=p["account"],
+                seq=p["seq"],
+                amount=p["amount"],
+                event_id=ctx.event_id,
+                pid=os.getpid(),
+            )
+        )
 
     return Service(
         name="ledger",

@@ -1,0 +1,204 @@
+"""Inventory tables and queries. Every function runs in the caller's transaction.
+
+The rule "reserved quantity never exceeds stock" is the CHECK constraint
+``ck_stock_within_available`` (``reserved + sold <= available``): the conditional
+UPDATEs below keep it, and the database refuses any write that would not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.inventory.domain import Line, ReservationState, StockLevel
+
+metadata = MetaData()
+
+stock = Table(
+    "stock",
+    metadata,
+    Column("sku", String(64), primary_key=True),
+    Column("available", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False, server_default="0"),
+    Column("sold", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("available >= 0", name="ck_stock_available_non_negative"),
+    CheckConstraint("reserved >= 0", name="ck_stock_reserved_non_negative"),
+    CheckConstraint("sold >= 0", name="ck_stock_sold_non_negative"),
+    CheckConstraint("reserved + sold <= available", name="ck_stock_within_available"),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("order_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("transaction_id", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    #: merged lines in SKU order: [{"sku", "quantity"}]
+    Column("lines", JSONB, nullable=False),
+    Column("short_skus", JSONB, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("order_id", "attempt", name="pk_reservations"),
+    CheckConstraint(
+        "state IN ('reserved', 'failed', 'released', 'committed')", name="ck_reservations_state"
+    ),
+)
+
+
+def _level(row: Any) -> StockLevel:
+    return StockLevel(row.sku, row.available, row.reserved, row.sold)
+
+
+def _lines(stored: Any) -> tuple[Line, ...]:
+    return tuple(Line(str(i["sku"]), int(i["quantity"])) for i in stored)
+
+
+async def set_available(
+    conn: AsyncConnection, sku: str, available: int, now: datetime
+) -> StockLevel | None:
+    """Upsert a SKU's quota in one statement; None (nothing written) when the row holds
+    more reserved + sold than ``available`` — the guard is in the statement itself, so
+    a concurrent reservation cannot slip between a check and the write."""
+    stmt = pg_insert(stock).values(sku=sku, available=available, updated_at=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[stock.c.sku],
+        set_={"available": stmt.excluded.available, "updated_at": stmt.excluded.updated_at},
+        where=stock.c.reserved + stock.c.sold <= stmt.excluded.available,
+    )
+    row = (await conn.execute(stmt.returning(*stock.c))).first()
+    return None if row is None else _level(row)
+
+
+async def get_stock(conn: AsyncConnection, sku: str) -> StockLevel | None:
+    row = (await conn.execute(select(stock).where(stock.c.sku == sku))).first()
+    return None if row is None else _level(row)
+
+
+async def list_stock(conn: AsyncConnection, sku: str | None = None) -> list[StockLevel]:
+    query = select(stock).order_by(stock.c.sku)
+    if sku is not None:
+        query = query.where(stock.c.sku == sku)
+    return [_level(row) for row in await conn.execute(query)]
+
+
+async def reserve(
+    conn: AsyncConnection,
+    order_id: str,
+    attempt: int,
+    transaction_id: str,
+    lines: Sequence[Line],
+    now: datetime,
+) -> list[str] | None:
+    """Reserve every line of (order_id, attempt), or none. Returns the short SKUs (empty:
+    all reserved), or None if that attempt was handled before (nothing changes).
+
+    The reservation row is claimed first (``ON CONFLICT DO NOTHING``), so a duplicate —
+    even one running concurrently — changes nothing. Each line is one conditional
+    ``UPDATE … WHERE available - reserved - sold >= q`` (never read-then-write), in the
+    caller's SKU order; all of them run in a savepoint that is rolled back if any line
+    is short. A SKU that was never stocked has no row and is therefore short. Every line
+    is tried, so ``short_skus`` names all of them, not just the first.
+    """
+    claimed = await conn.execute(
+        pg_insert(reservations)
+        .values(
+            order_id=order_id,
+            attempt=attempt,
+            transaction_id=transaction_id,
+            state="reserved",
+            lines=[{"sku": ln.sku, "quantity": ln.quantity} for ln in lines],
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing()
+        .returning(reservations.c.order_id)
+    )
+    if claimed.first() is None:
+        return None
+    short: list[str] = []
+    async with conn.begin_nested() as savepoint:
+        for line in lines:
+            held = await conn.execute(
+                update(stock)
+                .where(
+                    stock.c.sku == line.sku,
+                    stock.c.available - stock.c.reserved - stock.c.sold >= line.quantity,
+                )
+                .values(reserved=stock.c.reserved + line.quantity, updated_at=now)
+                .returning(stock.c.sku)
+            )
+            if held.first() is None:
+                short.append(line.sku)
+        if short:
+            await savepoint.rollback()  # also releases the row locks taken after it
+    if short:
+        await conn.execute(
+            update(reservations)
+            .where(reservations.c.order_id == order_id, reservations.c.attempt == attempt)
+            .values(state="failed", short_skus=short, updated_at=now)
+        )
+    return short
+
+
+async def lock_reservation(
+    conn: AsyncConnection, order_id: str, attempt: int
+) -> tuple[ReservationState, tuple[Line, ...]] | None:
+    """The reservation's state and lines, its row locked until the transaction ends so
+    that two settlements of one reservation run one after the other."""
+    row = (
+        await conn.execute(
+            select(reservations.c.state, reservations.c.lines)
+            .where(reservations.c.order_id == order_id, reservations.c.attempt == attempt)
+            .with_for_update()
+        )
+    ).first()
+    if row is None:
+        return None
+    return cast(ReservationState, row.state), _lines(row.lines)
+
+
+async def settle(
+    conn: AsyncConnection,
+    order_id: str,
+    attempt: int,
+    lines: Sequence[Line],
+    target: ReservationState,
+    now: datetime,
+) -> None:
+    """Move a locked, held reservation to ``committed`` (reserved → sold) or ``released``
+    (reserved → sellable again), line by line in SKU order."""
+    for line in lines:
+        values: dict[str, Any] = {"reserved": stock.c.reserved - line.quantity, "updated_at": now}
+        if target == "committed":
+            values["sold"] = stock.c.sold + line.quantity
+        done = await conn.execute(
+            update(stock).where(stock.c.sku == line.sku).values(**values).returning(stock.c.sku)
+        )
+        if done.first() is None:
+            raise RuntimeError(f"stock row {line.sku!r} of a held reservation is missing")
+    await conn.execute(
+        update(reservations)
+        .where(reservations.c.order_id == order_id, reservations.c.attempt == attempt)
+        .values(state=target, updated_at=now)
+    )

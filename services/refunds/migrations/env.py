@@ -1,0 +1,3 @@
+from services.runtime.migrate import run_env
+
+run_env()

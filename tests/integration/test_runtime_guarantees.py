@@ -1,0 +1,308 @@
+"""The runtime's delivery guarantees under crashes, duplicates, rebalances and slow
+handlers, proven with the ledger test service in real processes against the real
+Kafka broker and PostgreSQL. Every check polls stored rows or emitted records with a
+deadline; "exactly once" always means: one ``ledger_applied`` row per event."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Ledger
+from tests.support.harness import (
+    Feeder,
+    Proc,
+    assert_once_in_key_order,
+    caught_up,
+    cli,
+    credit,
+    envelope,
+    produce,
+    published,
+    query,
+    read_all,
+    stream,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+#: A member that dies or stalls is noticed within seconds instead of the default 10 s.
+FAST_GROUP = {"PAYSAGA_SESSION_TIMEOUT_MS": "6000", "PAYSAGA_HEARTBEAT_INTERVAL_MS": "1000"}
+
+
+def member_of(proc: Proc) -> list[str] | None:
+    """The process's current partitions if it has any (for wait_for)."""
+    return proc.assignment() or None
+
+
+# ------------------------------------------------------------------ 1. relay crash
+
+
+def test_relay_crash_after_send_before_mark_duplicates_are_applied_once_downstream(
+    ledger: Ledger,
+) -> None:
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [credit(f"acct{i % 5}", i) for i in range(30)]))
+    crashing = ledger.process("relay-crash").start(
+        PAYSAGA_FAULT_POINT="relay_after_send_before_mark"
+    )
+    assert crashing.wait_exit(60) == 86
+    sent_before_crash = {env["event_id"] for *_, env in published(b, ledger.out_topic)}
+    assert sent_before_crash, "the relay published before it died"
+    never_marked = {
+        json.loads(v)["event_id"]
+        for (v,) in query(ledger.conninfo, "SELECT value FROM outbox WHERE sent_at IS NULL")
+    }
+    assert sent_before_crash <= never_marked  # acknowledged by Kafka, not marked sent
+
+    ledger.process("upstream").start()
+    down = f"{ledger.group}-down"
+    ledger.process("downstream", group=down, in_topic=ledger.out_topic, out_topic=None).start()
+
+    wait_for(lambda: len(ledger.applied()) == 30 and ledger.unsent() == 0, what="all relayed")
+    out = [env["event_id"] for *_, env in published(b, ledger.out_topic)]
+    assert len(set(out)) == 30
+    assert len(out) > 30, "the re-published rows are in the out topic twice"
+    assert sent_before_crash <= {e for e in out if out.count(e) > 1}
+
+    wait_for(lambda: caught_up(ledger.conninfo, b, down, ledger.out_topic), what="downstream done")
+    applied_down = ledger.applied(down)
+    assert sorted(e for *_, e in applied_down) == sorted(set(out))  # each event exactly once
+    assert_once_in_key_order(applied_down, set(range(30)))
+    assert_once_in_key_order(ledger.applied(), set(range(30)))
+
+
+# ------------------------------------------------ 2. concurrent duplicate delivery
+
+
+def test_same_event_delivered_concurrently_to_two_members_is_applied_once(ledger: Ledger) -> None:
+    b = ledger.infra.bootstrap
+    a = ledger.process("a").start()
+    c = ledger.process("c").start()
+    # both members hold partitions before the copies arrive, so they race for the event
+    wait_for(lambda: member_of(a) and member_of(c) and
+             len(set(a.assignment() or ()) | set(c.assignment() or ())) == 3,
+             what="two members sharing the partitions")  # fmt: skip
+    same = envelope("Credit", {"account": "acctX", "amount": 5, "seq": 1})
+    asyncio.run(produce(b, ledger.in_topic, [(f"copy{i}", same) for i in range(20)]))
+
+    spread = {f"{m.topic}/{m.partition}" for m in asyncio.run(read_all(b, ledger.in_topic))}
+    assert spread & set(member_of(a) or ()), "copies went to the first member"
+    assert spread & set(member_of(c) or ()), "copies went to the second member"
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic), what="all seen")
+    assert [(acct, seq) for acct, seq, _ in ledger.applied()] == [("acctX", 1)]
+    wait_for(lambda: ledger.unsent() == 0, what="relayed")
+    assert len(published(b, ledger.out_topic)) == 1  # one application, one emitted event
+
+
+# ------------------------------------------------------------------ 3. rebalance
+
+
+def test_member_joining_mid_stream_keeps_exactly_once_and_key_order(ledger: Ledger) -> None:
+    b = ledger.infra.bootstrap
+    first = ledger.process("first").start(**FAST_GROUP)
+    feeder = Feeder(b, ledger.in_topic, stream(), per_second=150)
+    feeder.start()
+    try:
+        wait_for(lambda: len(ledger.applied()) >= 60, what="first member consuming")
+        second = ledger.process("second").start(**FAST_GROUP)
+        wait_for(lambda: member_of(second), what="second member assigned")
+        # the stream keeps flowing across the rebalance and onto both members
+        at_join = feeder.sent
+        wait_for(lambda: len(ledger.applied()) >= at_join + 150, what="flow after the join")
+    finally:
+        total = feeder.finish()
+
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic),
+             timeout=90, what="all processed")  # fmt: skip
+    assert_once_in_key_order(ledger.applied(), set(range(total)))
+    pids = {r[0] for r in query(ledger.conninfo, "SELECT DISTINCT pid FROM ledger_applied")}
+    assert pids == {first.pid, second.pid}, "both members applied records"
+    wait_for(lambda: ledger.unsent() == 0, what="relayed")
+    assert sum(map(len, ledger.out_seqs_in_key_order().values())) == total
+
+
+# ------------------------------------------------------------------ 4. DLQ tooling
+
+
+def dead_letter_refs(lg: Ledger) -> list[str]:
+    return [
+        f"{m.topic}:{m.partition}:{m.offset}"
+        for m in asyncio.run(read_all(lg.infra.bootstrap, f"{lg.group}.dlq"))
+    ]
+
+
+def dead_letter_rows(lg: Ledger) -> list[tuple[str, int, str | None]]:
+    """(order key, original offset, resolution) of every dead letter, oldest first."""
+    return [
+        (r[0], r[1], r[2])
+        for r in query(
+            lg.conninfo, 'SELECT order_key, "offset", resolution FROM dead_letters ORDER BY id'
+        )
+    ]
+
+
+def seqs_of(lg: Ledger, account: str) -> list[int]:
+    return [s for a, s, _ in lg.applied() if a == account]
+
+
+def parked_count(lg: Ledger) -> int:
+    return int(query(lg.conninfo, "SELECT count(*) FROM parked")[0][0])
+
+
+def test_dlq_purge_releases_the_parked_records_of_the_key_in_order(ledger: Ledger) -> None:
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [
+        credit("k1", 1), ("k1", b"{not json"), credit("k1", 2), credit("k1", 3), credit("k2", 10),
+    ], partition=0))  # fmt: skip
+    ledger.process().start()
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic), what="consumed")
+    assert seqs_of(ledger, "k1") == [1]
+    assert seqs_of(ledger, "k2") == [10]
+    assert parked_count(ledger) == 2
+    [ref] = wait_for(lambda: dead_letter_refs(ledger), what="dead letter")
+
+    listing = cli("dlq", "list", "--group", ledger.group, bootstrap=b).stdout
+    assert ref in listing
+    assert "invalid_json" in listing
+    assert "1 dead letter(s)" in listing
+
+    cli("dlq", "purge", ref, bootstrap=b)
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 3], what="parked records applied")
+    assert dead_letter_rows(ledger) == [("k1", 1, "purged")]
+    assert parked_count(ledger) == 0
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic), what="consumed")
+    assert seqs_of(ledger, "k1") == [1, 2, 3]  # the purged record itself was never applied
+
+
+def test_dlq_purge_stops_again_at_a_poison_record_among_the_parked(ledger: Ledger) -> None:
+    """Releasing a key applies its parked records in order; one that fails permanently
+    becomes the key's new dead letter and keeps the rest parked behind it."""
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [
+        credit("k1", 1), ("k1", b"{not json"), credit("k1", 2),
+        ("k1", envelope("Credit", {"account": "k1", "seq": 3})),  # amount missing
+        credit("k1", 4),
+    ], partition=0))  # fmt: skip
+    ledger.process().start()
+    [first] = wait_for(lambda: dead_letter_refs(ledger), what="first dead letter")
+    wait_for(lambda: parked_count(ledger) == 3, what="three parked")
+
+    cli("dlq", "purge", first, bootstrap=b)
+    refs = wait_for(
+        lambda: len(r := dead_letter_refs(ledger)) == 2 and r, what="second dead letter"
+    )
+    wait_for(lambda: dead_letter_rows(ledger) == [("k1", 1, "purged"), ("k1", 3, None)],
+             what="the parked poison dead-lettered")  # fmt: skip
+    assert seqs_of(ledger, "k1") == [1, 2]  # up to the poison, and not past it
+    assert parked_count(ledger) == 1
+
+    cli("dlq", "purge", refs[1], bootstrap=b)
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 4], what="the rest released")
+    assert parked_count(ledger) == 0
+    assert [r[2] for r in dead_letter_rows(ledger)] == ["purged", "purged"]
+
+
+def test_dlq_replay_after_the_cause_is_fixed_applies_once_even_replayed_twice(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    b = ledger.infra.bootstrap
+    broken = tmp_path / "broken"
+    broken.touch()
+    asyncio.run(produce(b, ledger.in_topic, [
+        credit("k2", 1), credit("k2", 2, fail_until_file=str(broken)), credit("k2", 3),
+        ("k2", envelope("Credit", {"account": "k2", "seq": 4})),  # amount missing: poison
+        credit("k2", 5), credit("k3", 7),
+    ], partition=1))  # fmt: skip
+    ledger.process().start()
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic), what="consumed")
+    assert seqs_of(ledger, "k2") == [1]
+    assert seqs_of(ledger, "k3") == [7]
+    [ref] = wait_for(lambda: dead_letter_refs(ledger), what="dead letter")
+    listing = cli("dlq", "list", "--group", ledger.group, bootstrap=b).stdout
+    assert ref in listing
+    assert "not_yet_fixed" in listing
+    assert "1 dead letter(s)" in listing
+
+    broken.unlink()  # the operator fixes the cause
+    cli("dlq", "replay", ref, bootstrap=b)
+    wait_for(lambda: seqs_of(ledger, "k2") == [1, 2, 3], what="replayed, then the parked 3")
+    # the release stopped at the poison: it is the key's dead letter now, 5 waits behind it
+    wait_for(lambda: dead_letter_rows(ledger) == [("k2", 1, "replayed"), ("k2", 3, None)],
+             what="the parked poison dead-lettered")  # fmt: skip
+    assert parked_count(ledger) == 1
+
+    cli("dlq", "replay", ref, bootstrap=b)  # an SRE runs it again: harmless
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic), what="consumed")
+    assert seqs_of(ledger, "k2") == [1, 2, 3]  # not applied twice...
+    assert dead_letter_rows(ledger) == [("k2", 1, "replayed"), ("k2", 3, None)]
+    assert parked_count(ledger) == 1  # ...and 5 is not released past the open poison
+
+    [*_, poison] = dead_letter_refs(ledger)
+    cli("dlq", "purge", poison, bootstrap=b)
+    wait_for(lambda: seqs_of(ledger, "k2") == [1, 2, 3, 5], what="5 released by the purge")
+    assert [r[2] for r in dead_letter_rows(ledger)] == ["replayed", "purged"]
+
+
+# ------------------------------------------------------------------ 6. relay failover
+
+
+def test_standby_relay_takes_over_when_the_active_one_is_killed(ledger: Ledger) -> None:
+    b = ledger.infra.bootstrap
+    active = ledger.process("active").start(**FAST_GROUP)
+    wait_for(lambda: "relay is active" in active.log_text(), what="first relay active")
+    standby = ledger.process("standby").start(**FAST_GROUP)
+    wait_for(lambda: member_of(standby), what="standby consuming")
+    assert "relay is active" not in standby.log_text()  # the advisory lock is taken
+
+    feeder = Feeder(b, ledger.in_topic, stream(), per_second=150)
+    feeder.start()
+    try:
+        wait_for(lambda: len(asyncio.run(read_all(b, ledger.out_topic))) >= 60, what="relaying")
+        active.kill()  # SIGKILL: its lock goes with its database session
+        wait_for(lambda: "relay is active" in standby.log_text(), what="standby took over")
+        at_takeover = feeder.sent
+        wait_for(lambda: len(ledger.applied()) >= at_takeover + 100, what="flow after takeover")
+    finally:
+        total = feeder.finish()
+
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic)
+             and ledger.unsent() == 0, timeout=90, what="all processed and relayed")  # fmt: skip
+    assert_once_in_key_order(ledger.applied(), set(range(total)))
+    per_key = ledger.out_seqs_in_key_order()  # nothing reordered per key...
+    assert sorted(itertools.chain(*per_key.values())) == list(range(total))  # ...or lost
+
+
+# ------------------------------------------------------------ 7. slow handler
+
+
+def test_handler_slower_than_max_poll_interval_is_applied_once(ledger: Ledger) -> None:
+    """The slow member overruns max.poll.interval and leaves the group; the other member
+    takes its partitions and re-reads the slow record, whose inbox row is still locked by
+    the first member's open transaction — it waits, then sees a duplicate. No loop."""
+    b = ledger.infra.bootstrap
+    env = {"PAYSAGA_MAX_POLL_INTERVAL_MS": "2000", **FAST_GROUP}
+    slow = ledger.process("slow").start(**env)
+    wait_for(lambda: member_of(slow), what="first member assigned")
+    other = ledger.process("other").start(**env)
+    wait_for(lambda: member_of(other) and len(member_of(slow) or ()) < 3, what="both members")
+    # the slow record goes to a partition of the first member
+    slow_tp = sorted(member_of(slow) or ())[0]
+    partition = int(slow_tp.rsplit("/", 1)[1])
+    asyncio.run(produce(b, ledger.in_topic, [
+        credit("k1", 1), credit("k1", 2, sleep_s=4), credit("k1", 3),
+    ], partition=partition))  # fmt: skip
+    wait_for(lambda: len(ledger.applied()) >= 3, what="slow record applied")
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", 4), credit("k2", 5), credit("k3", 6)]))
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic)
+             and len(ledger.applied()) >= 6, what="later records applied")  # fmt: skip
+    assert_once_in_key_order(ledger.applied(), {1, 2, 3, 4, 5, 6})
+    # the other member really was handed the partition while the slow handler ran
+    assert any(slow_tp in a for a in other.assignments()), other.assignments()
+    assert slow.alive
+    assert other.alive

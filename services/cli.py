@@ -66,6 +66,26 @@ def migrate() -> None:
             console.print(f"{service}: at head")
 
 
+@app.command()
+def reconcile(
+    gateway: bool = typer.Option(False, "--gateway", help="also check the gateway's ledger"),
+) -> None:
+    """Check CONTRACT §3.1's rules across every store; exit 1 listing each violation."""
+    from services.reconcile import check
+    from services.runtime.settings import GatewayClientSettings
+
+    violations = check(GatewayClientSettings().gateway_url if gateway else None)
+    if not violations:
+        console.print("reconcile: no violation")
+        return
+    table = Table("rule", "subject", "detail")
+    for v in violations:
+        table.add_row(v.rule, v.subject, v.detail)
+    console.print(table)
+    console.print(f"reconcile: {len(violations)} violation(s)")
+    raise typer.Exit(1)
+
+
 @dev.command("up")
 def dev_up(profile: str = "dev") -> None:
     devstack.up(profile)

@@ -10,8 +10,8 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -40,13 +40,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-def envelope(event_type: str, payload: dict[str, Any], event_id: str | None = None) -> bytes:
+def envelope(
+    event_type: str, payload: dict[str, Any], event_id: str | None = None, **extra: Any
+) -> bytes:
+    """A contract envelope, as an upstream producer writes it; ``extra`` adds envelope
+    fields (``saga_seq``, ``causation_id``, ``correlation_id``, ...)."""
     doc = {
         "event_id": event_id or uuid.uuid4().hex,
         "event_type": event_type,
         "schema_version": 1,
         "occurred_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "payload": payload,
+        **extra,
     }
     return json.dumps(doc).encode()
 
@@ -54,9 +59,10 @@ def envelope(event_type: str, payload: dict[str, Any], event_id: str | None = No
 async def produce(
     bootstrap: str,
     topic: str,
-    records: list[tuple[str | None, bytes]],
+    records: Sequence[tuple[str | None, bytes]],
     headers: list[tuple[str, bytes]] | None = None,
     timestamp_ms: int | None = None,
+    partition: int | None = None,
 ) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
@@ -68,6 +74,7 @@ async def produce(
                 key=key.encode() if key else None,
                 headers=headers or [],
                 timestamp_ms=timestamp_ms,
+                partition=partition,
             )
     finally:
         await producer.stop()

@@ -1,0 +1,152 @@
+"""``paysaga reconcile``: the rules of CONTRACT §3.1, checked across every store.
+
+Each service owns its database, so no single query can see a violation: this reads
+each store (read-only) and compares. Rules:
+
+* ``paid_without_capture`` — PAID_CONFIRMED without a stored capture (or captured sale)
+  of that transaction;
+* ``paid_without_reservation`` — PAID_CONFIRMED without the attempt's items reserved
+  or sold;
+* ``paid_without_confirmation`` — PAID_CONFIRMED without the accepted confirmation;
+* ``failed_but_captured`` — PAYMENT_FAILED while the attempt's money was captured and
+  not refunded;
+* ``refunded_without_refund`` — REFUNDED without a succeeded refund;
+* ``stock_oversold`` — reserved + sold above a SKU's stock, or reserved not matching
+  the reservations held;
+* with ``--gateway``: ``captured_twice`` / ``refunded_twice`` in the gateway's ledger,
+  and ``capture_unknown_to_gateway`` — a capture we stored that the gateway lacks.
+
+Orders still in flight are not violations; the monitor watches for stalls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+
+from services.runtime.service import libpq_conninfo
+from services.runtime.settings import DatabaseSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    rule: str
+    subject: str
+    detail: str
+
+
+def _rows(service: str, sql: str) -> list[Any]:
+    url = DatabaseSettings().url_for(service)
+    with (
+        psycopg.connect(libpq_conninfo(url), autocommit=True) as conn,
+        conn.cursor(row_factory=psycopg.rows.namedtuple_row) as cur,
+    ):
+        cur.execute(sql)
+        return cur.fetchall()
+
+
+def check(gateway_url: str | None = None) -> list[Violation]:
+    orders = _rows("orders", "SELECT order_id, status, attempt, transaction_id FROM orders")
+    captures = {
+        r.transaction_id: r.state
+        for r in _rows("capture", "SELECT transaction_id, state FROM captures")
+    }
+    reservations = {
+        (r.order_id, r.attempt): r.state
+        for r in _rows("inventory", "SELECT order_id, attempt, state FROM reservations")
+    }
+    confirmed = {
+        r.transaction_id
+        for r in _rows(
+            "payments", "SELECT transaction_id FROM confirmations WHERE outcome = 'accepted'"
+        )
+    }
+    refunds = {
+        r.transaction_id: r.state
+        for r in _rows(
+            "refunds", "SELECT transaction_id, state FROM compensations WHERE action = 'refund'"
+        )
+    }
+    out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
+    out += _stock_rules()
+    if gateway_url:
+        out += _gateway_rules(gateway_url, captures)
+    return out
+
+
+def _order_rules(
+    orders: list[Any],
+    captures: dict[str, str],
+    reservations: dict[tuple[str, int], str],
+    confirmed: set[str],
+    refunds: dict[str, str],
+) -> Iterator[Violation]:
+    for o in orders:
+        txn = o.transaction_id
+        if o.status == "PAID_CONFIRMED":
+            if captures.get(txn) not in ("captured", "sale_confirmed"):
+                yield Violation(
+                    "paid_without_capture", o.order_id, f"capture of {txn}: {captures.get(txn)}"
+                )
+            if reservations.get((o.order_id, o.attempt)) not in ("reserved", "committed"):
+                state = reservations.get((o.order_id, o.attempt))
+                yield Violation("paid_without_reservation", o.order_id, f"reservation: {state}")
+            if txn not in confirmed:
+                yield Violation(
+                    "paid_without_confirmation", o.order_id, f"no accepted confirmation of {txn}"
+                )
+        elif o.status == "PAYMENT_FAILED" and txn is not None:
+            if captures.get(txn) == "captured" and refunds.get(txn) != "succeeded":
+                yield Violation("failed_but_captured", o.order_id, f"{txn} captured, not refunded")
+        elif o.status == "REFUNDED" and refunds.get(txn) != "succeeded":
+            yield Violation(
+                "refunded_without_refund", o.order_id, f"refund of {txn}: {refunds.get(txn)}"
+            )
+
+
+def _stock_rules() -> list[Violation]:
+    out = []
+    held: dict[str, int] = {}
+    for r in _rows("inventory", "SELECT lines FROM reservations WHERE state = 'reserved'"):
+        for line in r.lines:
+            held[line["sku"]] = held.get(line["sku"], 0) + int(line["quantity"])
+    for s in _rows("inventory", "SELECT sku, available, reserved, sold FROM stock"):
+        if s.reserved + s.sold > s.available or s.reserved < 0:
+            out.append(
+                Violation(
+                    "stock_oversold",
+                    s.sku,
+                    f"available {s.available}, reserved {s.reserved}, sold {s.sold}",
+                )
+            )
+        if s.reserved != held.get(s.sku, 0):
+            out.append(
+                Violation(
+                    "stock_oversold",
+                    s.sku,
+                    f"reserved {s.reserved} but reservations hold {held.get(s.sku, 0)}",
+                )
+            )
+    return out
+
+
+def _gateway_rules(gateway_url: str, captures: dict[str, str]) -> list[Violation]:
+    out = []
+    with httpx.Client(base_url=gateway_url, timeout=10) as client:
+        for txn, state in captures.items():
+            r = client.get(f"/v1/payments/{txn}")
+            if r.status_code == 404:
+                if state == "captured":
+                    out.append(Violation("capture_unknown_to_gateway", txn, "gateway: 404"))
+                continue
+            r.raise_for_status()
+            payment = r.json()
+            if len(payment.get("captures", [])) > 1:
+                out.append(Violation("captured_twice", txn, f"{len(payment['captures'])} captures"))
+            if len(payment.get("refunds", [])) > 1:
+                out.append(Violation("refunded_twice", txn, f"{len(payment['refunds'])} refunds"))
+    return out

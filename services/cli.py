@@ -10,7 +10,6 @@ import asyncio
 import sys
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from services import devstack
@@ -20,6 +19,7 @@ from services.runtime import migrate as migrations
 from services.runtime import topics as topic_specs
 from services.runtime.cli_dlq import app as dlq_app
 from services.runtime.settings import SERVICES, DatabaseSettings, KafkaSettings
+from services.runtime.terminal import make_console
 
 app = typer.Typer(no_args_is_help=True, help="paysaga: a payment saga over Kafka")
 dev = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, PostgreSQL, services)")
@@ -29,7 +29,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(unmatched_app, name="unmatched")
 app.add_typer(stock_app, name="stock")
-console = Console()
+console = make_console()
 
 
 @topics_app.command("apply")
@@ -69,12 +69,13 @@ def migrate() -> None:
 @app.command()
 def reconcile(
     gateway: bool = typer.Option(False, "--gateway", help="also check the gateway's ledger"),
+    order: list[str] = typer.Option(None, "--order", help="only these orders (repeatable)"),
 ) -> None:
     """Check CONTRACT §3.1's rules across every store; exit 1 listing each violation."""
     from services.reconcile import check
     from services.runtime.settings import GatewayClientSettings
 
-    violations = check(GatewayClientSettings().gateway_url if gateway else None)
+    violations = check(GatewayClientSettings().gateway_url if gateway else None, order)
     if not violations:
         console.print("reconcile: no violation")
         return

@@ -9,13 +9,13 @@ import sys
 import time
 from collections.abc import Callable
 
-from rich.console import Console
 from rich.table import Table
 
 from services import devstack
 from services.devclient import DevClient, new_id
+from services.runtime.terminal import make_console
 
-console = Console()
+console = make_console()
 FINAL = {"PAID_CONFIRMED", "PAYMENT_FAILED", "REFUNDED", "NEEDS_RECONCILIATION"}
 
 

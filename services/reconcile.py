@@ -49,8 +49,12 @@ def _rows(service: str, sql: str) -> list[Any]:
         return cur.fetchall()
 
 
-def check(gateway_url: str | None = None) -> list[Violation]:
+def check(gateway_url: str | None = None, order_ids: list[str] | None = None) -> list[Violation]:
+    """Every violation; with ``order_ids`` the order rules look at those orders only (the
+    stock rules are global invariants and always run)."""
     orders = _rows("orders", "SELECT order_id, status, attempt, transaction_id FROM orders")
+    if order_ids:
+        orders = [o for o in orders if o.order_id in set(order_ids)]
     captures = {
         r.transaction_id: r.state
         for r in _rows("capture", "SELECT transaction_id, state FROM captures")
@@ -74,7 +78,8 @@ def check(gateway_url: str | None = None) -> list[Violation]:
     out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
     out += _stock_rules()
     if gateway_url:
-        out += _gateway_rules(gateway_url, captures)
+        txns = {o.transaction_id for o in orders}
+        out += _gateway_rules(gateway_url, {t: s for t, s in captures.items() if t in txns})
     return out
 
 

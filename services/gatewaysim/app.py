@@ -224,7 +224,7 @@ class Simulator:
             txn.refunds.append(entry)
             txn.state = "refunded"
             return 200, {"refund_id": entry["refund_id"], "status": "succeeded"}
-        entry["capture_id"] = _new_id("cap")
+        entry |= {"capture_id": _new_id("cap"), "via": "capture_call"}
         txn.captures.append(entry)
         txn.state = "captured"
         return 200, {"capture_id": entry["capture_id"], "status": "captured"}
@@ -241,7 +241,13 @@ class Simulator:
             event_id=_new_id("evt"),
         )
         if request.mode == "sale":
-            capture = {"amount": txn.amount, "currency": txn.currency, "created": created}
+            # "via" tells a sale's own charge from a capture call in the ledger
+            capture = {
+                "amount": txn.amount,
+                "currency": txn.currency,
+                "created": created,
+                "via": "sale",
+            }
             txn.captures.append(capture | {"capture_id": _new_id("cap")})
         data: dict[str, Any] = {
             "transaction_id": txn.transaction_id,

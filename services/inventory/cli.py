@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 import typer
 from aiokafka import AIOKafkaProducer
-from rich.console import Console
 from rich.table import Table
 
 from schemas.contract import StockLevelSet
@@ -22,9 +21,10 @@ from services.inventory import domain, store
 from services.inventory.handlers import CATALOG_TOPIC
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, KafkaSettings
+from services.runtime.terminal import make_console
 
 app = typer.Typer(no_args_is_help=True, help="Stock levels of the inventory service")
-console = Console()
+console = make_console()
 
 
 async def publish_stock_level(bootstrap: str, sku: str, available: int) -> str:

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -27,9 +26,10 @@ from services.runtime.gateway_client import GatewayClient
 from services.runtime.outbox import write_event
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings
+from services.runtime.terminal import make_console
 
 app = typer.Typer(no_args_is_help=True, help="Payments that matched no order")
-console = Console()
+console = make_console()
 
 
 def _engine() -> AsyncEngine:

@@ -15,17 +15,17 @@ from datetime import UTC, datetime
 
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from rich.console import Console
 from rich.table import Table
 
 from services.runtime import dlq
 from services.runtime.consumer import _record
 from services.runtime.messages import Record
 from services.runtime.settings import KafkaSettings
+from services.runtime.terminal import make_console
 from services.runtime.topics import partitions_of
 
 app = typer.Typer(no_args_is_help=True, help="Inspect, replay and purge dead letters")
-console = Console()
+console = make_console()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,8 +71,8 @@ def run(client: DevClient) -> bool:
             s.txn = client.pay(s.order_id, s.intent, 1500, s.mode)["transaction_id"]
         client.place_order(s.order_id, intent=s.intent, items=[(f"sku-{s.order_id}", 1, 1500)])
     for s in SCENARIOS:
-        client.wait_status(s.order_id, "PENDING_PAYMENT", timeout=60)
-        if not s.unmatched_first:
+        if not s.unmatched_first:  # that one is matched (and paid) as soon as it registers
+            client.wait_status(s.order_id, "PENDING_PAYMENT", timeout=60)
             sim = client.pay(s.order_id, s.intent, 1500, s.mode)
             s.txn = sim["transaction_id"]
             for _ in range(s.duplicates):

@@ -24,6 +24,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,6 +144,23 @@ def stop_pid(pidfile: Path, marker: str, timeout: float = 30.0) -> bool:
     return True
 
 
+def port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def claim_port(port: int, what: str) -> None:
+    """Refuse to start ``what`` where something else already listens: silently using
+    another stack's server (another checkout, a system PostgreSQL) would make this one's
+    stop/start — and every test that relies on it — act on the wrong process."""
+    if port_taken(port):
+        raise StackError(
+            f"{what}: port {port} is in use by a process this stack did not start "
+            f"(another checkout's stack? run its `make down`, or free the port)"
+        )
+
+
 def wait_until(
     what: str, check: Callable[[], bool], alive: Callable[[], bool], timeout: float
 ) -> None:
@@ -216,6 +234,8 @@ def kafka_up(p: Profile) -> None:
     pidfile, marker = home / "kafka.pid", str(home / "server.properties")
     pid = running_pid(pidfile, marker)
     if pid is None:
+        claim_port(p.kafka_port, "Kafka")
+        claim_port(p.controller_port, "Kafka controller")
         lib = kafka_lib()
         data = home / "data"
         home.mkdir(parents=True, exist_ok=True)
@@ -351,7 +371,17 @@ def pg_up(p: Profile, databases: tuple[str, ...]) -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    if not _pg_accepts(p):
+    running = (
+        subprocess.run(
+            _as_db_owner([str(bindir / "pg_ctl"), "-D", str(data), "status"]),
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
+    if not running:
+        claim_port(p.pg_port, "PostgreSQL")
         _log(f"starting PostgreSQL on 127.0.0.1:{p.pg_port}")
         opts = (
             f"-p {p.pg_port} -c listen_addresses=127.0.0.1 -k {run} "
@@ -496,6 +526,7 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
         pidfile = p.root / "pids" / f"{sp.name}.pid"
         if running_pid(pidfile, f"-m {sp.module}") is not None:
             continue
+        claim_port(int(env.get(f"PAYSAGA_{sp.name.upper()}_PORT", service_port(p, sp))), sp.name)
         _log(f"starting {sp.name}")
         pid = spawn([sys.executable, "-m", sp.module], logs / f"{sp.name}.log", pidfile, env)
         url = f"http://127.0.0.1:{service_port(p, sp)}/healthz"

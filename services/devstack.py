@@ -345,7 +345,7 @@ def _chown_for_db(path: Path) -> None:
             os.chown(p, pw.pw_uid, pw.pw_gid)
 
 
-def pg_up(p: Profile, databases: tuple[str, ...]) -> None:
+def pg_up(p: Profile) -> None:
     home = p.root / "pg"
     data, run, log = home / "data", home / "run", home / "postgres.log"
     bindir = pg_bindir()
@@ -409,9 +409,17 @@ def pg_up(p: Profile, databases: tuple[str, ...]) -> None:
             stdout=subprocess.DEVNULL,
         )
     wait_until(f"PostgreSQL on {p.pg_port}", lambda: _pg_accepts(p), lambda: True, timeout=60)
-    with psycopg.connect(_pg_conninfo(p, "postgres"), autocommit=True) as conn:
+
+
+def ensure_databases(server_url: str, names: tuple[str, ...]) -> None:
+    """Create the missing service databases on a server (local or existing)."""
+    from services.runtime.service import libpq_conninfo
+
+    with psycopg.connect(
+        libpq_conninfo(f"{server_url.rstrip('/')}/postgres"), autocommit=True
+    ) as conn:
         existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
-        for name in databases:
+        for name in names:
             if name not in existing:
                 conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -497,8 +505,9 @@ def infra_up(p: Profile) -> dict[str, str]:
     if "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
         kafka_up(p)
     if "PAYSAGA_DATABASE_URL" not in os.environ:
-        pg_up(p, tuple(f"paysaga_{s}" for s in SERVICES))
+        pg_up(p)
     os.environ.update({k: v for k, v in env.items() if k.startswith("PAYSAGA_")})
+    ensure_databases(env["PAYSAGA_DATABASE_URL"], tuple(f"paysaga_{s}" for s in SERVICES))
     kafka = KafkaSettings()
     report = asyncio.run(
         topics.apply(

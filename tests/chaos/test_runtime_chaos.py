@@ -48,7 +48,7 @@ def test_postgresql_outage_loses_duplicates_and_dead_letters_nothing(
             # that keep arriving meanwhile
             wait_for(lambda: feeder.sent >= at_down + 500, timeout=30, what="outage traffic")
         finally:
-            pg_up(TEST_PG, databases=())
+            pg_up(TEST_PG)
         at_up = feeder.sent
         wait_for(lambda: len(ledger.applied()) >= at_up, timeout=90, what="recovered")
     finally:
@@ -90,7 +90,7 @@ def test_rebalance_during_postgresql_outage_keeps_members_alive(
                      "loading the position" in second.log_text()),
                      timeout=30, what="the rebalance, during the outage")  # fmt: skip
         finally:
-            pg_up(TEST_PG, databases=())
+            pg_up(TEST_PG)
         assert first.alive, first.log_text()[-3000:]
         assert second.alive, second.log_text()[-3000:]
         at_up = feeder.sent

@@ -402,8 +402,10 @@ def test_postgresql_down_during_processing_marks_nothing_until_stored(stack: Sta
     """The confirmation reaches Kafka while payments' database is down: payments retries
     (visible in its metrics), stores nothing and marks nothing; when the database is back
     within the retry budget the order completes, once, with no dead letter."""
-    order_id, intent, total = stocked_order(stack)
     profile = devstack.PROFILES["test"]
+    if stack.database_url.rstrip("/") != profile.database_url:
+        pytest.skip("stops the local test PostgreSQL; this run uses another server")
+    order_id, intent, total = stocked_order(stack)
     before = _retries(stack)
     devstack.pg_down(profile)
     try:
@@ -412,7 +414,7 @@ def test_postgresql_down_during_processing_marks_nothing_until_stored(stack: Sta
             lambda: _retries(stack) > before, what="payments retrying while PostgreSQL is down"
         )
     finally:
-        devstack.pg_up(profile, databases=())
+        devstack.pg_up(profile)
     stack.wait_status(order_id, "PAID_CONFIRMED", timeout=120)
     assert len(confirmation_rows(stack, order_id)) == 1
     assert stack.db(

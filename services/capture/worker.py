@@ -9,9 +9,7 @@ reclaims rows whose worker died mid-call (look-up first) and owns authorization 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import random
 from datetime import timedelta
 
@@ -22,15 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schemas import events
 from services.capture import domain, store
 from services.capture.handlers import CAPTURE_TOPIC
-from services.runtime.gateway_client import (
-    GatewayClient,
-    GatewayNotFoundError,
-    GatewayProtocolError,
-    GatewayUnavailableError,
-)
-from services.runtime.intents import Clock, utc_now
-
-log = logging.getLogger("paysaga.capture.worker")
+from services.runtime.gateway_client import GatewayClient, GatewayProtocolError
+from services.runtime.intents import Clock, IntentWorker, utc_now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +66,11 @@ _OUTCOMES: dict[type, str] = {
 }
 
 
-class CaptureWorker:
+class CaptureWorker(IntentWorker[store.Claimed, domain.Resolution]):
+    """Capture rounds; also the capture service's janitor (expiry, reclaimed rows)."""
+
+    not_found_reason = "transaction_not_found"
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -88,46 +83,38 @@ class CaptureWorker:
         clock: Clock = utc_now,
         rng: random.Random | None = None,
     ) -> None:
-        self.engine, self.gateway, self.policy, self.metrics = engine, gateway, policy, metrics
-        self.lease, self.batch, self.clock = lease, batch, clock
-        self.rng = rng or random.Random()
-        # a round must end well inside its lease, or another worker could reclaim the
-        # row while this one still calls the gateway
-        self.round_budget_s = lease.total_seconds() * 0.8
+        super().__init__(engine, gateway, lease=lease, batch=batch, clock=clock, rng=rng)
+        self.policy, self.metrics = policy, metrics
 
-    async def tick(self) -> bool:
-        """Run one round for each due intent (concurrently); False if none was due."""
-        claimed = await store.claim_due(self.engine, self.clock(), self.batch, self.lease)
-        if not claimed:
-            return False
-        results = await asyncio.gather(*(self._round(c) for c in claimed), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for error in errors[1:]:
-            log.error("capture round failed", exc_info=error)
-        if errors:
-            raise errors[0]  # its row stays in_flight and is reclaimed after the lease
-        return True
+    async def claim_due(self) -> list[store.Claimed]:
+        return await store.claim_due(self.engine, self.clock(), self.batch, self.lease)
 
-    async def _round(self, claimed: store.Claimed) -> None:
+    async def resolve(self, claimed: store.Claimed, resolution: domain.Resolution) -> bool:
+        event = event_for(claimed, resolution)
+        return await store.resolve(
+            self.engine, claimed, resolution, event, CAPTURE_TOPIC, self.clock()
+        )
+
+    def record(self, claimed: store.Claimed, resolution: domain.Resolution, stored: bool) -> None:
         claim = claimed.claim
-        try:
-            async with asyncio.timeout(self.round_budget_s):
-                resolution = await self._decide(claimed)
-        except TimeoutError:
-            resolution = self._retry(claim, "round_timeout")
-        ok = await store.resolve(
-            self.engine, claimed, resolution, event_for(claimed, resolution), CAPTURE_TOPIC,
-            self.clock(),
-        )  # fmt: skip
-        outcome = _OUTCOMES[type(resolution)] if ok else "lease_lost"
-        self.metrics.rounds.labels(outcome).inc()
-        log.info("capture %s round %d: %s", claim.transaction_id, claim.attempt,
-                 resolution if ok else "lease lost")  # fmt: skip
+        self.metrics.rounds.labels(_OUTCOMES[type(resolution)] if stored else "lease_lost").inc()
+        self.log.info(
+            "capture %s round %d: %s",
+            claim.transaction_id,
+            claim.attempt,
+            resolution if stored else "lease lost",
+        )
 
-    async def _decide(self, claimed: store.Claimed) -> domain.Resolution:
+    async def decide(self, claimed: store.Claimed) -> domain.Resolution:
         claim = claimed.claim
         first = domain.first_step(claim, self.clock(), self.policy)
-        step = await self._lookup(claim) if isinstance(first, domain.Lookup) else first
+        if isinstance(first, domain.Lookup):
+            payment = await self.look_up(claimed, claim.transaction_id)
+            if not isinstance(payment, dict):
+                return payment
+            step = domain.after_lookup(claim, payment, self.clock(), self.policy)
+        else:
+            step = first
         if not isinstance(step, domain.CallCapture):
             return step
         try:
@@ -136,19 +123,10 @@ class CaptureWorker:
             )
         except GatewayProtocolError as exc:
             # outside the contract (e.g. 409): the look-up next round tells what happened
-            return self._retry(claim, f"http_{exc.status_code}")
+            return self.retry(claimed, f"http_{exc.status_code}")
         return domain.after_capture(claim, outcome, self.clock(), self.policy, self.rng.random())
 
-    async def _lookup(self, claim: domain.Claim) -> domain.CallCapture | domain.Resolution:
-        try:
-            payment = await self.gateway.get_payment(claim.transaction_id)
-        except GatewayNotFoundError:
-            return domain.Failed("transaction_not_found")
-        except (GatewayUnavailableError, GatewayProtocolError) as exc:
-            return self._retry(claim, f"lookup: {exc}")
-        return domain.after_lookup(claim, payment, self.clock(), self.policy)
-
-    def _retry(self, claim: domain.Claim, error: str) -> domain.Retry | domain.Failed:
+    def retry(self, claimed: store.Claimed, error: str) -> domain.Retry | domain.Failed:
         return domain.retry_or_fail(
-            claim.attempt, error, self.clock(), self.policy.retry, self.rng.random()
+            claimed.claim.attempt, error, self.clock(), self.policy.retry, self.rng.random()
         )

@@ -10,9 +10,7 @@ after the lease and looked up first.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import random
 from datetime import timedelta
 
@@ -23,16 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schemas import events
 from services.refunds import domain, store
 from services.refunds.handlers import REFUNDS_TOPIC
-from services.runtime.gateway_client import (
-    GatewayClient,
-    GatewayNotFoundError,
-    GatewayOutcome,
-    GatewayProtocolError,
-    GatewayUnavailableError,
-)
-from services.runtime.intents import Clock, utc_now
-
-log = logging.getLogger("paysaga.refunds.worker")
+from services.runtime.gateway_client import GatewayClient, GatewayOutcome, GatewayProtocolError
+from services.runtime.intents import Clock, IntentWorker, utc_now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +65,9 @@ def event_for(claimed: store.Claimed, resolution: domain.Resolution) -> BaseMode
             return None
 
 
-class RefundsWorker:
+class RefundsWorker(IntentWorker[store.Claimed, domain.Resolution]):
+    """Void and refund rounds."""
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -88,54 +80,49 @@ class RefundsWorker:
         clock: Clock = utc_now,
         rng: random.Random | None = None,
     ) -> None:
-        self.engine, self.gateway, self.policy, self.metrics = engine, gateway, policy, metrics
-        self.lease, self.batch, self.clock = lease, batch, clock
-        self.rng = rng or random.Random()
-        # a round must end well inside its lease (see the capture worker)
-        self.round_budget_s = lease.total_seconds() * 0.8
+        super().__init__(engine, gateway, lease=lease, batch=batch, clock=clock, rng=rng)
+        self.policy, self.metrics = policy, metrics
 
-    async def tick(self) -> bool:
-        """Run one round for each due compensation (concurrently); False if none was due."""
-        claimed = await store.claim_due(self.engine, self.clock(), self.batch, self.lease)
-        if not claimed:
-            return False
-        results = await asyncio.gather(*(self._round(c) for c in claimed), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for error in errors[1:]:
-            log.error("compensation round failed", exc_info=error)
-        if errors:
-            raise errors[0]  # its row stays in_flight and is reclaimed after the lease
-        return True
+    async def claim_due(self) -> list[store.Claimed]:
+        return await store.claim_due(self.engine, self.clock(), self.batch, self.lease)
 
-    async def _round(self, claimed: store.Claimed) -> None:
+    async def resolve(self, claimed: store.Claimed, resolution: domain.Resolution) -> bool:
+        event = event_for(claimed, resolution)
+        return await store.resolve(
+            self.engine, claimed, resolution, event, REFUNDS_TOPIC, self.clock()
+        )
+
+    def record(self, claimed: store.Claimed, resolution: domain.Resolution, stored: bool) -> None:
         claim = claimed.claim
-        try:
-            async with asyncio.timeout(self.round_budget_s):
-                resolution = await self._decide(claimed)
-        except TimeoutError:
-            resolution = self._retry(claim, "round_timeout")
-        ok = await store.resolve(
-            self.engine, claimed, resolution, event_for(claimed, resolution), REFUNDS_TOPIC,
-            self.clock(),
-        )  # fmt: skip
-        outcome = type(resolution).__name__.lower() if ok else "lease_lost"
+        outcome = type(resolution).__name__.lower() if stored else "lease_lost"
         self.metrics.rounds.labels(claim.action, outcome).inc()
-        if ok and isinstance(resolution, domain.Failed):
+        if stored and isinstance(resolution, domain.Failed):
             self.metrics.failures.labels(claim.action, resolution.reason).inc()
-        log.info("%s %s round %d: %s", claim.action, claim.transaction_id, claim.attempt,
-                 resolution if ok else "lease lost")  # fmt: skip
+        self.log.info(
+            "%s %s round %d: %s",
+            claim.action,
+            claim.transaction_id,
+            claim.attempt,
+            resolution if stored else "lease lost",
+        )
 
-    async def _decide(self, claimed: store.Claimed) -> domain.Resolution:
+    async def decide(self, claimed: store.Claimed) -> domain.Resolution:
         claim = claimed.claim
         first = domain.first_step(claim)
-        step = await self._lookup(claim) if isinstance(first, domain.Lookup) else first
+        if isinstance(first, domain.Lookup):
+            payment = await self.look_up(claimed, claim.transaction_id)
+            if not isinstance(payment, dict):
+                return payment
+            step = domain.after_lookup(claim, payment)
+        else:
+            step = first
         if not isinstance(step, domain.Call):
             return step
         try:
             outcome = await self._call(claimed)
         except GatewayProtocolError as exc:
             # outside the contract (e.g. 409): the look-up next round tells what happened
-            return self._retry(claim, f"http_{exc.status_code}")
+            return self.retry(claimed, f"http_{exc.status_code}")
         return domain.after_call(claim, outcome, self.clock(), self.policy, self.rng.random())
 
     async def _call(self, claimed: store.Claimed) -> GatewayOutcome:
@@ -146,16 +133,7 @@ class RefundsWorker:
             claim.transaction_id, claim.amount, claim.currency, claim.reason, key
         )
 
-    async def _lookup(self, claim: domain.Claim) -> domain.Call | domain.Resolution:
-        try:
-            payment = await self.gateway.get_payment(claim.transaction_id)
-        except GatewayNotFoundError:
-            return domain.Failed("not_found")
-        except (GatewayUnavailableError, GatewayProtocolError) as exc:
-            return self._retry(claim, f"lookup: {exc}")
-        return domain.after_lookup(claim, payment)
-
-    def _retry(self, claim: domain.Claim, error: str) -> domain.Retry | domain.Failed:
+    def retry(self, claimed: store.Claimed, error: str) -> domain.Retry | domain.Failed:
         return domain.retry_or_fail(
-            claim.attempt, error, self.clock(), self.policy, self.rng.random()
+            claimed.claim.attempt, error, self.clock(), self.policy, self.rng.random()
         )

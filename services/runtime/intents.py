@@ -17,21 +17,28 @@ its event. This module holds what both services need for that:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from pydantic import BaseModel
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime.errors import is_transient
+from services.runtime.gateway_client import (
+    GatewayClient,
+    GatewayNotFoundError,
+    GatewayProtocolError,
+    GatewayUnavailableError,
+)
 from services.runtime.messages import Context
 from services.runtime.outbox import write_event
 
@@ -182,3 +189,89 @@ async def emit_caused(
         saga_seq=cause.next_seq,
         correlation_id=cause.correlation_id,
     )
+
+
+ClaimedT = TypeVar("ClaimedT")
+ResolutionT = TypeVar("ResolutionT")
+
+
+class IntentWorker(abc.ABC, Generic[ClaimedT, ResolutionT]):
+    """The rounds of a gateway-intent worker (capture, refunds).
+
+    Per round: the intent is claimed (``claim_due``: a short transaction, ``FOR UPDATE
+    SKIP LOCKED``, state ``in_flight`` with a lease) → ``decide`` looks the payment up
+    and/or calls the gateway with the intent's one idempotency key, no transaction open
+    → ``resolve`` is transaction B: the outcome, fenced by the claim, and its event in
+    the outbox. A round must end well inside its lease, or another worker could reclaim
+    the row while this one still calls the gateway: a round over budget becomes a retry
+    (which looks the payment up first). Rows of a worker that died mid-call are
+    reclaimed after their lease, and looked up first.
+    """
+
+    #: reason of the failure when the gateway does not know the transaction
+    not_found_reason = "not_found"
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        gateway: GatewayClient,
+        *,
+        lease: timedelta,
+        batch: int = 8,
+        clock: Clock = utc_now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine, self.gateway = engine, gateway
+        self.lease, self.batch, self.clock = lease, batch, clock
+        self.rng = rng or random.Random()
+        self.round_budget_s = lease.total_seconds() * 0.8
+        self.log = logging.getLogger(f"paysaga.{type(self).__name__}")
+
+    @abc.abstractmethod
+    async def claim_due(self) -> Sequence[ClaimedT]: ...
+
+    @abc.abstractmethod
+    async def decide(self, claimed: ClaimedT) -> ResolutionT: ...
+
+    @abc.abstractmethod
+    async def resolve(self, claimed: ClaimedT, resolution: ResolutionT) -> bool:
+        """Transaction B; False when the claim was lost (another worker took the row)."""
+
+    @abc.abstractmethod
+    def retry(self, claimed: ClaimedT, error: str) -> ResolutionT: ...
+
+    @abc.abstractmethod
+    def record(self, claimed: ClaimedT, resolution: ResolutionT, stored: bool) -> None:
+        """Metrics and a log line for a finished round."""
+
+    async def tick(self) -> bool:
+        """Run one round for each due intent (concurrently); False if none was due."""
+        claimed = await self.claim_due()
+        if not claimed:
+            return False
+        results = await asyncio.gather(*(self._round(c) for c in claimed), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors[1:]:
+            self.log.error("round failed", exc_info=error)
+        if errors:
+            raise errors[0]  # its row stays in_flight and is reclaimed after the lease
+        return True
+
+    async def _round(self, claimed: ClaimedT) -> None:
+        try:
+            async with asyncio.timeout(self.round_budget_s):
+                resolution = await self.decide(claimed)
+        except TimeoutError:
+            resolution = self.retry(claimed, "round_timeout")
+        self.record(claimed, resolution, await self.resolve(claimed, resolution))
+
+    async def look_up(
+        self, claimed: ClaimedT, transaction_id: str
+    ) -> dict[str, Any] | Failed | ResolutionT:
+        """The gateway's view of the payment, or how this round ends without one."""
+        try:
+            return await self.gateway.get_payment(transaction_id)
+        except GatewayNotFoundError:
+            return Failed(self.not_found_reason)
+        except (GatewayUnavailableError, GatewayProtocolError) as exc:
+            return self.retry(claimed, f"lookup: {exc}")

@@ -121,3 +121,28 @@ def test_poison_record_is_dead_lettered_and_later_records_of_its_key_parked(ledg
         ledger.group,
     )
     assert parked == [("k1", 2)]
+
+
+def test_relay_prunes_sent_outbox_rows_and_old_inbox_rows(ledger: Ledger) -> None:
+    """Retention: sent outbox rows older than PAYSAGA_RELAY_OUTBOX_RETENTION_H and inbox
+    rows older than PAYSAGA_RELAY_INBOX_RETENTION_DAYS go; unsent and recent rows stay."""
+    c = ledger.conninfo
+    query(
+        c,
+        "INSERT INTO inbox (consumer_group, dedupe_key, received_at) VALUES"
+        " ('g', 'old', now() - interval '8 days'), ('g', 'recent', now()) RETURNING 1",
+    )
+    query(
+        c,
+        "INSERT INTO outbox (topic, key, value, created_at, sent_at) VALUES"
+        " ('t', 'k', 'old', now() - interval '2 days', now() - interval '2 days'),"
+        " ('t', 'k', 'recent', now(), now()) RETURNING 1",
+    )
+    ledger.process().start()
+
+    def pruned() -> bool:
+        inbox = {r[0] for r in query(c, "SELECT dedupe_key FROM inbox WHERE consumer_group='g'")}
+        outbox = {bytes(r[0]) for r in query(c, "SELECT value FROM outbox WHERE topic='t'")}
+        return inbox == {"recent"} and outbox == {b"recent"}
+
+    wait_for(pruned, what="old inbox and sent outbox rows pruned")

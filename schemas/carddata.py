@@ -1,9 +1,14 @@
 """CONTRACT §2.2's definition of card data, in one place (payments' rejection rule,
 the audit model's guard, the dead-letter redaction).
 
-Card data is a primary account number — a Luhn-valid run of 13-19 digits, plain or in
-groups joined by single spaces or dashes, as people type card numbers — or a key
+Card data is a primary account number — a Luhn-valid number of 13-19 digits, plain or
+in groups joined by single spaces or dashes, as people type card numbers — or a key
 naming a card number or security code. Nothing here returns or logs a matched value.
+
+A number stands on its own: digits inside an alphanumeric token are part of an id, not
+a card number. Gateway ids are hex or base62 (``evt_4194986994504da1daa0004f``); about
+one 13-digit run in ten passes Luhn by chance, and treating such runs as card numbers
+refused genuine payments (found by the 50-concurrent-orders e2e test).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ SECURITY_CODE_PRESENT = "security_code_present"
 
 # Compared after lower-casing and dropping "_" and "-", so "Card-Number" and "CVV_2" match.
 CARD_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "securitycode"})
-# Digit groups joined by exactly one space or dash.
-_DIGIT_GROUPS = re.compile(r"\d+(?:[ -]\d+)*")
+# Digit groups joined by exactly one space or dash, not glued to letters or digits.
+_DIGIT_GROUPS = re.compile(r"(?<![A-Za-z0-9])\d+(?:[ -]\d+)*(?![A-Za-z0-9])")
 _GROUP = re.compile(r"\d+")
 
 

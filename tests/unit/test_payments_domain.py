@@ -236,6 +236,25 @@ def test_deep_nesting_does_not_hit_the_recursion_limit() -> None:
     assert find_card_data(node) == CARD_NUMBER_PRESENT
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "evt_4194986994504da1daa0004f",  # a 13-digit Luhn-valid run inside a hex id
+        "txn_a4242424242424242b",
+        "ref4111111111111111",
+    ],
+)
+def test_digits_inside_an_identifier_are_not_card_numbers(value: str) -> None:
+    assert find_card_data({"id": value}) is None
+
+
+@pytest.mark.parametrize(
+    "value", ["pan=4242424242424242", "(4242424242424242)", "#4242424242424242"]
+)
+def test_a_card_number_next_to_punctuation_is_found(value: str) -> None:
+    assert find_card_data({"note": value}) == CARD_NUMBER_PRESENT
+
+
 # --- find_card_data: properties ---------------------------------------------------
 
 SAFE_TEXT = st.text(alphabet=st.characters(exclude_categories=["Nd"]), max_size=12)

@@ -488,15 +488,20 @@ class ConsumerRuntime:
         if consumer is None:
             await asyncio.sleep(delay)
             return
-        paused = consumer.assignment()
-        consumer.pause(*paused)
         try:
             deadline = time.monotonic() + delay
             while (left := deadline - time.monotonic()) > 0:
-                await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+                # re-paused every round: a rebalance meanwhile brings unpaused partitions
+                consumer.pause(*consumer.assignment())
+                returned = await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+                # this poll only keeps the membership alive: whatever it returned anyway
+                # is un-read, or — if it was a partition's last records — never processed
+                for tp, messages in returned.items():
+                    if messages:
+                        consumer.seek(tp, messages[0].offset)
                 self._progress()
         finally:
-            consumer.resume(*(tp for tp in paused if tp in consumer.assignment()))
+            consumer.resume(*consumer.assignment())
 
     async def _save_position(self, conn: AsyncConnection, tp: TopicPartition, nxt: int) -> None:
         stmt = pg_insert(consumer_positions).values(

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import logging
 import os
 import pwd
 import secrets
@@ -294,6 +295,8 @@ async def _kafka_ready(bootstrap: str) -> bool:
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    # "connection refused" until the broker listens is the expected answer, not news
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         await asyncio.wait_for(admin.start(), 5)
         cluster = await admin.describe_cluster()
@@ -307,6 +310,7 @@ async def _kafka_ready(bootstrap: str) -> bool:
     except (KafkaError, OSError, TimeoutError):
         return False
     finally:
+        logging.getLogger("aiokafka").setLevel(logging.NOTSET)
         with contextlib.suppress(Exception):
             await admin.close()
 

@@ -59,24 +59,47 @@ orders = Table(
 )
 
 #: accepted and declined confirmations (the durable record behind PAYMENT_AUTHORIZED)
+def _confirmation_columns() -> list[Column[Any]]:
+    """What is kept of a verified, card-free confirmation (both tables below)."""
+    return [
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        Column("gateway", String(64), nullable=False),
+        Column("gateway_event_id", String(128), nullable=False),
+        Column("type", String(32), nullable=False),
+        Column("transaction_id", String(64), nullable=False),
+        Column("payment_intent_id", String(64), nullable=False),
+        Column("amount", BigInteger, nullable=False),
+        Column("currency", String(3), nullable=False),
+        Column("payment_method_type", String(32), nullable=False),
+        Column("brand", String(32), nullable=True),
+        Column("last4", String(4), nullable=True),
+        Column("received_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+def _confirmation_values(c: Confirmation) -> dict[str, Any]:
+    return {
+        "gateway": c.gateway,
+        "gateway_event_id": c.gateway_event_id,
+        "type": c.type,
+        "transaction_id": c.transaction_id,
+        "payment_intent_id": c.payment_intent_id,
+        "amount": c.amount,
+        "currency": c.currency,
+        "payment_method_type": c.payment_method_type,
+        "brand": c.brand,
+        "last4": c.last4,
+        "received_at": c.record_time,
+    }
+
+
 confirmations = Table(
     "confirmations",
     metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("gateway", String(64), nullable=False),
-    Column("gateway_event_id", String(128), nullable=False),
-    Column("type", String(32), nullable=False),
-    Column("transaction_id", String(64), nullable=False),
-    Column("payment_intent_id", String(64), nullable=False),
+    *_confirmation_columns(),
     Column("order_id", String(64), nullable=False),
     Column("attempt", Integer, nullable=False),
-    Column("amount", BigInteger, nullable=False),
-    Column("currency", String(3), nullable=False),
-    Column("payment_method_type", String(32), nullable=False),
-    Column("brand", String(32), nullable=True),
-    Column("last4", String(4), nullable=True),
     Column("outcome", String(16), nullable=False),
-    Column("received_at", DateTime(timezone=True), nullable=False),
     Column("stored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("transaction_id", "type", name="uq_confirmations_txn_type"),
 )
@@ -85,21 +108,10 @@ confirmations = Table(
 unmatched = Table(
     "unmatched_payments",
     metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("gateway", String(64), nullable=False),
-    Column("gateway_event_id", String(128), nullable=False),
-    Column("type", String(32), nullable=False),
-    Column("transaction_id", String(64), nullable=False),
-    Column("payment_intent_id", String(64), nullable=False),
+    *_confirmation_columns(),
     Column("order_id", String(64), nullable=True),
-    Column("amount", BigInteger, nullable=False),
-    Column("currency", String(3), nullable=False),
-    Column("payment_method_type", String(32), nullable=False),
-    Column("brand", String(32), nullable=True),
-    Column("last4", String(4), nullable=True),
     Column("failure_code", String(64), nullable=True),
     Column("failure_message", Text, nullable=True),
-    Column("received_at", DateTime(timezone=True), nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: parked | matched | resolved_order | resolved_refund | rejected
     Column("state", String(16), nullable=False, server_default="parked"),
@@ -215,20 +227,10 @@ async def store_confirmation(
     result = await conn.execute(
         pg_insert(confirmations)
         .values(
-            gateway=c.gateway,
-            gateway_event_id=c.gateway_event_id,
-            type=c.type,
-            transaction_id=c.transaction_id,
-            payment_intent_id=c.payment_intent_id,
+            **_confirmation_values(c),
             order_id=order.order_id,
             attempt=order.attempt,
-            amount=c.amount,
-            currency=c.currency,
-            payment_method_type=c.payment_method_type,
-            brand=c.brand,
-            last4=c.last4,
             outcome=outcome,
-            received_at=c.record_time,
         )
         .on_conflict_do_nothing()
         .returning(confirmations.c.id)
@@ -240,20 +242,10 @@ async def park(conn: AsyncConnection, c: Confirmation) -> bool:
     result = await conn.execute(
         pg_insert(unmatched)
         .values(
-            gateway=c.gateway,
-            gateway_event_id=c.gateway_event_id,
-            type=c.type,
-            transaction_id=c.transaction_id,
-            payment_intent_id=c.payment_intent_id,
+            **_confirmation_values(c),
             order_id=c.order_id,
-            amount=c.amount,
-            currency=c.currency,
-            payment_method_type=c.payment_method_type,
-            brand=c.brand,
-            last4=c.last4,
             failure_code=c.failure_code,
             failure_message=c.failure_message,
-            received_at=c.record_time,
         )
         .on_conflict_do_nothing()
         .returning(unmatched.c.id)

@@ -214,8 +214,11 @@ class ConsumerRuntime:
         outcomes: list[tuple[str, str]] = []
         try:
             async with self._transaction() as conn:
+                # one query for the batch instead of one per record; _apply keeps the set
+                # current when a replay or purge in the batch changes a key's state
+                blocked = await self._blocked_keys(conn, {_order_key(r) for r in records})
                 for rec in records:
-                    outcomes.append((rec.topic, await self._apply(conn, rec)))
+                    outcomes.append((rec.topic, await self._apply(conn, rec, blocked)))
                 await self._save_position(conn, tp, records[-1].offset + 1)
         except Exception as exc:
             if len(records) > 1 or not isinstance(exc, PermanentError):
@@ -255,7 +258,9 @@ class ConsumerRuntime:
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                 await self._backoff(attempt)
 
-    async def _apply(self, conn: AsyncConnection, rec: Record) -> str:
+    async def _apply(
+        self, conn: AsyncConnection, rec: Record, blocked: set[str] | None = None
+    ) -> str:
         """Handle one record inside ``conn``'s transaction; returns the outcome label."""
         target = rec.header(dlq.H_TARGET_GROUP)
         if target is not None and target.decode() != self.group:
@@ -273,8 +278,11 @@ class ConsumerRuntime:
             order_key = named or order_key
         if release:
             await self._release(conn, order_key, "purged")
+            await self._refresh_blocked(conn, order_key, blocked)
             return "released"
-        if not replay and await self._blocked(conn, order_key):
+        if not replay and (
+            order_key in blocked if blocked is not None else await self._blocked(conn, order_key)
+        ):
             await conn.execute(
                 insert(parked).values(
                     consumer_group=self.group,
@@ -292,6 +300,7 @@ class ConsumerRuntime:
         outcome = await self._handle(conn, rec)
         if replay:
             await self._release(conn, order_key, "replayed")
+            await self._refresh_blocked(conn, order_key, blocked)
         return outcome
 
     async def _handle(self, conn: AsyncConnection, rec: Record) -> str:
@@ -336,6 +345,27 @@ class ConsumerRuntime:
             .limit(1)
         )
         return row.first() is not None
+
+    async def _refresh_blocked(
+        self, conn: AsyncConnection, order_key: str, blocked: set[str] | None
+    ) -> None:
+        """After a release: the key is free — unless a parked record failed and blocks it."""
+        if blocked is not None:
+            blocked.discard(order_key)
+            if await self._blocked(conn, order_key):
+                blocked.add(order_key)
+
+    async def _blocked_keys(self, conn: AsyncConnection, keys: set[str]) -> set[str]:
+        rows = await conn.execute(
+            select(dead_letters.c.order_key)
+            .where(
+                dead_letters.c.consumer_group == self.group,
+                dead_letters.c.order_key.in_(keys),
+                dead_letters.c.resolved_at.is_(None),
+            )
+            .distinct()
+        )
+        return set(rows.scalars())
 
     async def _named_dead_letter(self, conn: AsyncConnection, rec: Record) -> str | None:
         """The order key of the open dead letter a replay or release names (``""`` for a

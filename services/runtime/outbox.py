@@ -57,9 +57,11 @@ async def write_raw(
     await conn.execute(
         insert(outbox).values(topic=topic, key=key, value=value, headers=[list(h) for h in headers])
     )
-    # delivered at commit, and only if the transaction commits; PostgreSQL folds
-    # identical notifications of one transaction into one
-    await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+    # delivered at commit, and only if the transaction commits; once per transaction
+    transaction = conn.get_transaction()
+    if conn.info.get("outbox_notified") is not transaction:
+        await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+        conn.info["outbox_notified"] = transaction
 
 
 async def write_event(

@@ -58,6 +58,7 @@ orders = Table(
     Index("ix_orders_payment_intent", "payment_intent_id"),
 )
 
+
 #: accepted and declined confirmations (the durable record behind PAYMENT_AUTHORIZED)
 def _confirmation_columns() -> list[Column[Any]]:
     """What is kept of a verified, card-free confirmation (both tables below)."""

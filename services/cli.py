@@ -39,7 +39,8 @@ def topics_apply(
     """Create missing topics, raise partitions and configs; report what cannot be fixed."""
     kafka = KafkaSettings()
     specs = topic_specs.load_specs(
-        partitions=partitions, replication_factor=kafka.kafka_replication_factor
+        partitions=partitions or kafka.kafka_partitions,
+        replication_factor=kafka.kafka_replication_factor,
     )
     report = asyncio.run(topic_specs.apply(kafka.kafka_bootstrap_servers, specs))
     for label, names in (

@@ -516,7 +516,10 @@ def infra_up(p: Profile) -> dict[str, str]:
     report = asyncio.run(
         topics.apply(
             kafka.kafka_bootstrap_servers,
-            topics.load_specs(replication_factor=kafka.kafka_replication_factor),
+            topics.load_specs(
+                partitions=kafka.kafka_partitions,
+                replication_factor=kafka.kafka_replication_factor,
+            ),
         )
     )
     if report.created:

@@ -23,8 +23,8 @@ class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    #: Every saga topic has this many partitions (co-partitioned by order id).
-    kafka_partitions: int = 6
+    #: overrides topics.yaml's partition count for every topic (co-partitioned by order id)
+    kafka_partitions: int | None = None
     kafka_replication_factor: int = 1
 
 
@@ -40,7 +40,6 @@ class DatabaseSettings(BaseSettings):
     capture_database_url: str | None = None
     refunds_database_url: str | None = None
     orders_database_url: str | None = None
-    runtime_test_database_url: str | None = None
 
     def url_for(self, service: str) -> str:
         explicit: str | None = getattr(self, f"{service}_database_url", None)

@@ -45,7 +45,9 @@ def is_transient(exc: BaseException) -> bool:
             | psycopg.errors.SerializationFailure
             | psycopg.errors.DeadlockDetected
             | psycopg.errors.AdminShutdown
-            | psycopg.errors.CannotConnectNow,
+            | psycopg.errors.CannotConnectNow
+            # a primary demoted during a failover answers read-only until clients reconnect
+            | psycopg.errors.ReadOnlySqlTransaction,
         )
     if isinstance(exc, sqlalchemy.exc.TimeoutError | psycopg.OperationalError):
         return True

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import zlib
 from datetime import UTC, datetime, timedelta
@@ -97,7 +98,7 @@ class OutboxRelay:
             )
             await producer.start()
             try:
-                last_prune = 0.0
+                last_prune = -math.inf  # prune at once on taking the lead, then every prune_every_s
                 while not stop.is_set():
                     while await self._publish_batch(producer):
                         pass

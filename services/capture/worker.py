@@ -10,18 +10,15 @@ reclaims rows whose worker died mid-call (look-up first) and owns authorization 
 from __future__ import annotations
 
 import dataclasses
-import random
-from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import events
 from services.capture import domain, store
 from services.capture.handlers import CAPTURE_TOPIC
-from services.runtime.gateway_client import GatewayClient, GatewayProtocolError
-from services.runtime.intents import Clock, IntentWorker, utc_now
+from services.runtime.gateway_client import GatewayProtocolError
+from services.runtime.intents import Claimed, IntentWorker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,22 +38,6 @@ class CaptureMetrics:
         )
 
 
-def event_for(claimed: store.Claimed, resolution: domain.Resolution) -> BaseModel | None:
-    """The event a resolution emits (a retry emits none)."""
-    ctx = claimed.context.model_dump()
-    match resolution:
-        case domain.Captured(capture_id=capture_id):
-            return events.PaymentCaptured(**ctx, capture_id=capture_id)
-        case domain.CaptureDeclined(decline_code=code):
-            return events.CaptureDeclined(**ctx, decline_code=code)
-        case domain.Expired():
-            return events.AuthorizationExpired(**ctx)
-        case domain.Failed(reason=reason):
-            return events.CaptureFailed(**ctx, reason=reason)
-        case domain.Retry():
-            return None
-
-
 _OUTCOMES: dict[type, str] = {
     domain.Captured: "captured",
     domain.CaptureDeclined: "declined",
@@ -66,36 +47,37 @@ _OUTCOMES: dict[type, str] = {
 }
 
 
-class CaptureWorker(IntentWorker[store.Claimed, domain.Resolution]):
+class CaptureWorker(
+    IntentWorker[domain.Claim, domain.Resolution, domain.CapturePolicy, CaptureMetrics]
+):
     """Capture rounds; also the capture service's janitor (expiry, reclaimed rows)."""
 
     not_found_reason = "transaction_not_found"
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        gateway: GatewayClient,
-        policy: domain.CapturePolicy,
-        metrics: CaptureMetrics,
-        *,
-        lease: timedelta,
-        batch: int = 8,
-        clock: Clock = utc_now,
-        rng: random.Random | None = None,
+    intents = store.INTENTS
+    topic = CAPTURE_TOPIC
+
+    @staticmethod
+    def event_for(
+        claimed: Claimed[domain.Claim], resolution: domain.Resolution
+    ) -> BaseModel | None:
+        """The event a resolution emits (a retry emits none)."""
+        ctx = claimed.context.model_dump()
+        match resolution:
+            case domain.Captured(capture_id=capture_id):
+                return events.PaymentCaptured(**ctx, capture_id=capture_id)
+            case domain.CaptureDeclined(decline_code=code):
+                return events.CaptureDeclined(**ctx, decline_code=code)
+            case domain.Expired():
+                return events.AuthorizationExpired(**ctx)
+            case domain.Failed(reason=reason):
+                return events.CaptureFailed(**ctx, reason=reason)
+            case domain.Retry():
+                return None
+
+    def record(
+        self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
-        super().__init__(engine, gateway, lease=lease, batch=batch, clock=clock, rng=rng)
-        self.policy, self.metrics = policy, metrics
-
-    async def claim_due(self) -> list[store.Claimed]:
-        return await store.claim_due(self.engine, self.clock(), self.batch, self.lease)
-
-    async def resolve(self, claimed: store.Claimed, resolution: domain.Resolution) -> bool:
-        event = event_for(claimed, resolution)
-        return await store.resolve(
-            self.engine, claimed, resolution, event, CAPTURE_TOPIC, self.clock()
-        )
-
-    def record(self, claimed: store.Claimed, resolution: domain.Resolution, stored: bool) -> None:
         claim = claimed.claim
         self.metrics.rounds.labels(_OUTCOMES[type(resolution)] if stored else "lease_lost").inc()
         self.log.info(
@@ -105,7 +87,7 @@ class CaptureWorker(IntentWorker[store.Claimed, domain.Resolution]):
             resolution if stored else "lease lost",
         )
 
-    async def decide(self, claimed: store.Claimed) -> domain.Resolution:
+    async def decide(self, claimed: Claimed[domain.Claim]) -> domain.Resolution:
         claim = claimed.claim
         first = domain.first_step(claim, self.clock(), self.policy)
         if isinstance(first, domain.Lookup):
@@ -126,7 +108,7 @@ class CaptureWorker(IntentWorker[store.Claimed, domain.Resolution]):
             return self.retry(claimed, f"http_{exc.status_code}")
         return domain.after_capture(claim, outcome, self.clock(), self.policy, self.rng.random())
 
-    def retry(self, claimed: store.Claimed, error: str) -> domain.Retry | domain.Failed:
+    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Failed:
         return domain.retry_or_fail(
             claimed.claim.attempt, error, self.clock(), self.policy.retry, self.rng.random()
         )

@@ -11,18 +11,15 @@ after the lease and looked up first.
 from __future__ import annotations
 
 import dataclasses
-import random
-from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import events
 from services.refunds import domain, store
 from services.refunds.handlers import REFUNDS_TOPIC
-from services.runtime.gateway_client import GatewayClient, GatewayOutcome, GatewayProtocolError
-from services.runtime.intents import Clock, IntentWorker, utc_now
+from services.runtime.gateway_client import GatewayOutcome, GatewayProtocolError
+from services.runtime.intents import Claimed, IntentWorker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,50 +46,35 @@ class RefundsMetrics:
         )
 
 
-def event_for(claimed: store.Claimed, resolution: domain.Resolution) -> BaseModel | None:
-    """The event a resolution emits (a retry emits none)."""
-    ctx = claimed.context.model_dump()
-    claim = claimed.claim
-    match resolution:
-        case domain.Succeeded(refund_id=refund_id) if claim.action == "refund":
-            assert refund_id is not None  # the domain names every successful refund
-            return events.RefundSucceeded(**ctx, refund_id=refund_id, reason=claim.reason)
-        case domain.Succeeded():
-            return events.AuthorizationVoided(**ctx, reason=claim.reason)
-        case domain.Failed(reason=reason):
-            return events.CompensationFailed(**ctx, action=claim.action, reason=reason)
-        case domain.Retry():
-            return None
-
-
-class RefundsWorker(IntentWorker[store.Claimed, domain.Resolution]):
+class RefundsWorker(
+    IntentWorker[domain.Claim, domain.Resolution, domain.RetryPolicy, RefundsMetrics]
+):
     """Void and refund rounds."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        gateway: GatewayClient,
-        policy: domain.RetryPolicy,
-        metrics: RefundsMetrics,
-        *,
-        lease: timedelta,
-        batch: int = 8,
-        clock: Clock = utc_now,
-        rng: random.Random | None = None,
+    intents = store.INTENTS
+    topic = REFUNDS_TOPIC
+
+    @staticmethod
+    def event_for(
+        claimed: Claimed[domain.Claim], resolution: domain.Resolution
+    ) -> BaseModel | None:
+        """The event a resolution emits (a retry emits none)."""
+        ctx = claimed.context.model_dump()
+        claim = claimed.claim
+        match resolution:
+            case domain.Succeeded(refund_id=refund_id) if claim.action == "refund":
+                assert refund_id is not None  # the domain names every successful refund
+                return events.RefundSucceeded(**ctx, refund_id=refund_id, reason=claim.reason)
+            case domain.Succeeded():
+                return events.AuthorizationVoided(**ctx, reason=claim.reason)
+            case domain.Failed(reason=reason):
+                return events.CompensationFailed(**ctx, action=claim.action, reason=reason)
+            case domain.Retry():
+                return None
+
+    def record(
+        self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
-        super().__init__(engine, gateway, lease=lease, batch=batch, clock=clock, rng=rng)
-        self.policy, self.metrics = policy, metrics
-
-    async def claim_due(self) -> list[store.Claimed]:
-        return await store.claim_due(self.engine, self.clock(), self.batch, self.lease)
-
-    async def resolve(self, claimed: store.Claimed, resolution: domain.Resolution) -> bool:
-        event = event_for(claimed, resolution)
-        return await store.resolve(
-            self.engine, claimed, resolution, event, REFUNDS_TOPIC, self.clock()
-        )
-
-    def record(self, claimed: store.Claimed, resolution: domain.Resolution, stored: bool) -> None:
         claim = claimed.claim
         outcome = type(resolution).__name__.lower() if stored else "lease_lost"
         self.metrics.rounds.labels(claim.action, outcome).inc()
@@ -106,7 +88,7 @@ class RefundsWorker(IntentWorker[store.Claimed, domain.Resolution]):
             resolution if stored else "lease lost",
         )
 
-    async def decide(self, claimed: store.Claimed) -> domain.Resolution:
+    async def decide(self, claimed: Claimed[domain.Claim]) -> domain.Resolution:
         claim = claimed.claim
         first = domain.first_step(claim)
         if isinstance(first, domain.Lookup):
@@ -125,7 +107,7 @@ class RefundsWorker(IntentWorker[store.Claimed, domain.Resolution]):
             return self.retry(claimed, f"http_{exc.status_code}")
         return domain.after_call(claim, outcome, self.clock(), self.policy, self.rng.random())
 
-    async def _call(self, claimed: store.Claimed) -> GatewayOutcome:
+    async def _call(self, claimed: Claimed[domain.Claim]) -> GatewayOutcome:
         claim, key = claimed.claim, claimed.idempotency_key
         if claim.action == "void":
             return await self.gateway.void(claim.transaction_id, key)
@@ -133,7 +115,7 @@ class RefundsWorker(IntentWorker[store.Claimed, domain.Resolution]):
             claim.transaction_id, claim.amount, claim.currency, claim.reason, key
         )
 
-    def retry(self, claimed: store.Claimed, error: str) -> domain.Retry | domain.Failed:
+    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Failed:
         return domain.retry_or_fail(
             claimed.claim.attempt, error, self.clock(), self.policy, self.rng.random()
         )

@@ -13,6 +13,10 @@ its event. This module holds what both services need for that:
   writes (causation = the stored cause's event id, ``saga_seq`` = the cause's + 1,
   correlation propagated).
 * ``RetryPolicy`` / ``retry_or_fail``: the pure retry arithmetic of a round.
+* ``IntentStore``: an intent table's rows — recorded (transaction A), claimed with a
+  lease and a fencing token, resolved with their event (transaction B).
+* ``IntentWorker``: the rounds (claim → gateway → resolve); ``intent_service`` wires a
+  service of them.
 """
 
 from __future__ import annotations
@@ -22,16 +26,36 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import psycopg
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
-from sqlalchemy import text
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from schemas.events import PaymentContext
 from services.runtime.errors import is_transient
 from services.runtime.gateway_client import (
     GatewayClient,
@@ -39,8 +63,10 @@ from services.runtime.gateway_client import (
     GatewayProtocolError,
     GatewayUnavailableError,
 )
-from services.runtime.messages import Context
+from services.runtime.messages import Context, Handler, Route
 from services.runtime.outbox import write_event
+from services.runtime.service import Service, libpq_conninfo, make_engine
+from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
 
 log = logging.getLogger("paysaga.work_loop")
 
@@ -191,23 +217,211 @@ async def emit_caused(
     )
 
 
-ClaimedT = TypeVar("ClaimedT")
+ClaimT = TypeVar("ClaimT")
 ResolutionT = TypeVar("ResolutionT")
+PolicyT = TypeVar("PolicyT")
+MetricsT = TypeVar("MetricsT")
 
 
-class IntentWorker(abc.ABC, Generic[ClaimedT, ResolutionT]):
+def intent_columns() -> list[Column[Any]]:
+    """The columns of every intent table, besides its key and its outcome columns."""
+    return [
+        Column("idempotency_key", Text, nullable=False, unique=True),
+        Column("order_id", String(64), nullable=False, index=True),
+        Column("amount", BigInteger, nullable=False),
+        Column("currency", String(3), nullable=False),
+        #: the PaymentContext every resulting event carries
+        Column("context", JSONB, nullable=False),
+        Column("state", String(16), nullable=False),
+        #: worker rounds so far (each claim counts one)
+        Column("attempts", Integer, nullable=False, server_default="0"),
+        Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+        Column("lease_until", DateTime(timezone=True), nullable=True),
+        Column("claim_token", String(32), nullable=True),
+        Column("cause_event_id", String(64), nullable=False),
+        Column("cause_saga_seq", Integer, nullable=True),
+        Column("correlation_id", Text, nullable=True),
+        Column("last_error", Text, nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+def intent_indexes(table: str) -> list[Index]:
+    """What the claim query reads: due rows and rows whose lease may have run out."""
+    return [
+        Index(
+            f"ix_{table}_due",
+            "next_attempt_at",
+            postgresql_where=text("state IN ('pending', 'unknown')"),
+        ),
+        Index(f"ix_{table}_leased", "lease_until", postgresql_where=text("state = 'in_flight'")),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed(Generic[ClaimT]):
+    """An intent row claimed for one round; ``token`` fences its transaction B."""
+
+    claim: ClaimT
+    idempotency_key: str
+    context: PaymentContext
+    cause: Cause
+    token: str
+
+
+class IntentStore(Generic[ClaimT, ResolutionT]):
+    """The life of the rows of one intent table (``intent_columns`` + ``key`` columns +
+    outcome columns): ``pending`` (transaction A) → ``in_flight`` (claimed by a worker
+    round, with a lease and a fencing token) → ``unknown`` (retry: look up first) … → a
+    final state (transaction B, which also writes the resulting event to the outbox).
+
+    ``claim_of`` makes a row's domain claim (it has an attribute per ``key`` column);
+    ``values_of`` gives the columns a resolution stores (``state`` among them)."""
+
+    def __init__(
+        self,
+        table: Table,
+        key: tuple[str, ...],
+        claim_of: Callable[[Any], ClaimT],
+        values_of: Callable[[ResolutionT], dict[str, Any]],
+    ) -> None:
+        self.table, self.key, self.claim_of, self.values_of = table, key, claim_of, values_of
+
+    async def record(
+        self,
+        conn: AsyncConnection,
+        context: PaymentContext,
+        cause: Cause,
+        now: datetime,
+        **values: Any,
+    ) -> bool:
+        """Transaction A (the consumer's): insert the intent; False if the row (or its
+        idempotency key) exists already — a redelivered or repeated trigger then causes
+        no second gateway call."""
+        inserted = await conn.execute(
+            pg_insert(self.table)
+            .values(
+                transaction_id=context.transaction_id,
+                order_id=context.order_id,
+                amount=context.amount,
+                currency=context.currency,
+                context=context.model_dump(mode="json"),
+                cause_event_id=cause.event_id,
+                cause_saga_seq=cause.saga_seq,
+                correlation_id=cause.correlation_id,
+                created_at=now,
+                updated_at=now,
+                **values,
+            )
+            .on_conflict_do_nothing()
+            .returning(self.table.c.transaction_id)
+        )
+        return inserted.first() is not None
+
+    async def claim_due(
+        self, engine: AsyncEngine, now: datetime, limit: int, lease: timedelta
+    ) -> list[Claimed[ClaimT]]:
+        """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
+        or whose lease ran out (their worker died mid-call), in one short transaction:
+        ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by side, and the claim
+        commits before any gateway call, so no transaction stays open across HTTP."""
+        c = self.table.c
+        due = (
+            select(*(c[k] for k in self.key), c.state.label("prior_state"))
+            .where(
+                or_(
+                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= now),
+                    and_(c.state == "in_flight", c.lease_until <= now),
+                )
+            )
+            .order_by(c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        token = uuid.uuid4().hex
+        async with engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    update(self.table)
+                    .where(*(c[k] == due.c[k] for k in self.key))
+                    .values(
+                        state="in_flight",
+                        attempts=c.attempts + 1,
+                        lease_until=now + lease,
+                        claim_token=token,
+                        updated_at=now,
+                    )
+                    .returning(*c, due.c.prior_state)
+                )
+            ).all()
+        return [
+            Claimed(
+                claim=self.claim_of(row),
+                idempotency_key=row.idempotency_key,
+                context=PaymentContext.model_validate(row.context),
+                cause=Cause(row.cause_event_id, row.cause_saga_seq, row.correlation_id),
+                token=token,
+            )
+            for row in rows
+        ]
+
+    async def resolve(
+        self,
+        engine: AsyncEngine,
+        claimed: Claimed[ClaimT],
+        resolution: ResolutionT,
+        event: BaseModel | None,
+        topic: str,
+        now: datetime,
+    ) -> bool:
+        """Transaction B: store the round's resolution and, in the same transaction, write
+        its event (if any) to the outbox. Fenced by the claim token: False — nothing
+        written — if the lease was lost and another round owns the row now (that round
+        looks the payment up, so the outcome is still emitted exactly once)."""
+        c = self.table.c
+        async with engine.begin() as conn:
+            updated = await conn.execute(
+                update(self.table)
+                .where(
+                    *(c[k] == getattr(claimed.claim, k) for k in self.key),
+                    c.state == "in_flight",
+                    c.claim_token == claimed.token,
+                )
+                .values(
+                    **self.values_of(resolution),
+                    lease_until=None,
+                    claim_token=None,
+                    updated_at=now,
+                )
+                .returning(c.transaction_id)
+            )
+            if updated.first() is None:
+                return False
+            if event is not None:
+                await emit_caused(
+                    conn, claimed.cause, topic, event, key=claimed.context.order_id, now=now
+                )
+        return True
+
+
+class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
     """The rounds of a gateway-intent worker (capture, refunds).
 
-    Per round: the intent is claimed (``claim_due``: a short transaction, ``FOR UPDATE
-    SKIP LOCKED``, state ``in_flight`` with a lease) → ``decide`` looks the payment up
-    and/or calls the gateway with the intent's one idempotency key, no transaction open
-    → ``resolve`` is transaction B: the outcome, fenced by the claim, and its event in
-    the outbox. A round must end well inside its lease, or another worker could reclaim
-    the row while this one still calls the gateway: a round over budget becomes a retry
-    (which looks the payment up first). Rows of a worker that died mid-call are
-    reclaimed after their lease, and looked up first.
+    Per round: the intent is claimed (``IntentStore.claim_due``) → ``decide`` looks the
+    payment up and/or calls the gateway with the intent's one idempotency key, no
+    transaction open → ``IntentStore.resolve`` is transaction B: the outcome, fenced by
+    the claim, and its event (``event_for``) in the outbox on ``topic``. A round must
+    end well inside its lease, or another worker could reclaim the row while this one
+    still calls the gateway: a round over budget becomes a retry (which looks the
+    payment up first). Rows of a worker that died mid-call are reclaimed after their
+    lease, and looked up first.
     """
 
+    #: the intent table and the topic its events go to (set by each subclass)
+    intents: ClassVar[IntentStore[Any, Any]]
+    topic: ClassVar[str]
     #: reason of the failure when the gateway does not know the transaction
     not_found_reason = "not_found"
 
@@ -215,34 +429,44 @@ class IntentWorker(abc.ABC, Generic[ClaimedT, ResolutionT]):
         self,
         engine: AsyncEngine,
         gateway: GatewayClient,
+        policy: PolicyT,
+        metrics: MetricsT,
         *,
         lease: timedelta,
         batch: int = 8,
         clock: Clock = utc_now,
         rng: random.Random | None = None,
     ) -> None:
-        self.engine, self.gateway = engine, gateway
+        self.engine, self.gateway, self.policy, self.metrics = engine, gateway, policy, metrics
         self.lease, self.batch, self.clock = lease, batch, clock
         self.rng = rng or random.Random()
         self.round_budget_s = lease.total_seconds() * 0.8
         self.log = logging.getLogger(f"paysaga.{type(self).__name__}")
 
+    @staticmethod
     @abc.abstractmethod
-    async def claim_due(self) -> Sequence[ClaimedT]: ...
+    def event_for(claimed: Claimed[ClaimT], resolution: ResolutionT) -> BaseModel | None:
+        """The event a resolution emits (a retry emits none)."""
 
     @abc.abstractmethod
-    async def decide(self, claimed: ClaimedT) -> ResolutionT: ...
+    async def decide(self, claimed: Claimed[ClaimT]) -> ResolutionT: ...
 
     @abc.abstractmethod
-    async def resolve(self, claimed: ClaimedT, resolution: ResolutionT) -> bool:
-        """Transaction B; False when the claim was lost (another worker took the row)."""
+    def retry(self, claimed: Claimed[ClaimT], error: str) -> ResolutionT: ...
 
     @abc.abstractmethod
-    def retry(self, claimed: ClaimedT, error: str) -> ResolutionT: ...
-
-    @abc.abstractmethod
-    def record(self, claimed: ClaimedT, resolution: ResolutionT, stored: bool) -> None:
+    def record(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
         """Metrics and a log line for a finished round."""
+
+    async def claim_due(self) -> list[Claimed[ClaimT]]:
+        return await self.intents.claim_due(self.engine, self.clock(), self.batch, self.lease)
+
+    async def resolve(self, claimed: Claimed[ClaimT], resolution: ResolutionT) -> bool:
+        """Transaction B; False when the claim was lost (another worker took the row)."""
+        event = self.event_for(claimed, resolution)
+        return await self.intents.resolve(
+            self.engine, claimed, resolution, event, self.topic, self.clock()
+        )
 
     async def tick(self) -> bool:
         """Run one round for each due intent (concurrently); False if none was due."""
@@ -257,7 +481,7 @@ class IntentWorker(abc.ABC, Generic[ClaimedT, ResolutionT]):
             raise errors[0]  # its row stays in_flight and is reclaimed after the lease
         return True
 
-    async def _round(self, claimed: ClaimedT) -> None:
+    async def _round(self, claimed: Claimed[ClaimT]) -> None:
         try:
             async with asyncio.timeout(self.round_budget_s):
                 resolution = await self.decide(claimed)
@@ -266,7 +490,7 @@ class IntentWorker(abc.ABC, Generic[ClaimedT, ResolutionT]):
         self.record(claimed, resolution, await self.resolve(claimed, resolution))
 
     async def look_up(
-        self, claimed: ClaimedT, transaction_id: str
+        self, claimed: Claimed[ClaimT], transaction_id: str
     ) -> dict[str, Any] | Failed | ResolutionT:
         """The gateway's view of the payment, or how this round ends without one."""
         try:
@@ -275,3 +499,70 @@ class IntentWorker(abc.ABC, Generic[ClaimedT, ResolutionT]):
             return Failed(self.not_found_reason)
         except (GatewayUnavailableError, GatewayProtocolError) as exc:
             return self.retry(claimed, f"lookup: {exc}")
+
+
+class IntentServiceSettings(BaseSettings):
+    """A gateway-intent service's own settings, ``PAYSAGA_<SERVICE>_…`` (a subclass sets
+    the prefix and the port)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    #: worker rounds before automatic handling gives up (→ NEEDS_RECONCILIATION)
+    max_attempts: int = 10
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    #: must exceed one round's worst case (look-up + call, each up to the gateway
+    #: client's PAYSAGA_GATEWAY_MAX_ATTEMPTS x PAYSAGA_GATEWAY_TIMEOUT_S plus backoff)
+    lease_s: float = 120.0
+    poll_s: float = 0.5
+    concurrency: int = 8
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.retry_base_s, self.retry_max_s)
+
+
+class SharedSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+
+def intent_service(
+    name: str,
+    own: IntentServiceSettings,
+    shared: SharedSettings,
+    *,
+    handlers: Mapping[str, Mapping[str, Handler]],
+    channel: str,
+    worker: type[IntentWorker[Any, Any, PolicyT, MetricsT]],
+    policy: PolicyT,
+    metrics: MetricsT,
+    registry: CollectorRegistry,
+) -> Service:
+    """Wire a gateway-intent service: its consumer (``handlers`` record intents in
+    transaction A and NOTIFY ``channel``) and one ``WorkLoop`` running ``worker`` rounds."""
+    url = shared.url_for(name)
+    engine = make_engine(url, pool_size=own.concurrency + 2)
+
+    async def work(stop: asyncio.Event) -> None:
+        async with GatewayClient(
+            shared.gateway_url,
+            timeout_s=shared.gateway_timeout_s,
+            max_attempts=shared.gateway_max_attempts,
+        ) as gateway:
+            rounds = worker(
+                engine, gateway, policy, metrics,
+                lease=timedelta(seconds=own.lease_s), batch=own.concurrency,
+            )  # fmt: skip
+            await WorkLoop(name, libpq_conninfo(url), channel, rounds.tick, own.poll_s).run(stop)
+
+    return Service(
+        name=name,
+        group=f"paysaga.{name}",
+        engine=engine,
+        database_url=url,
+        bootstrap=shared.kafka_bootstrap_servers,
+        routes=[Route(topic, handlers=dict(h)) for topic, h in handlers.items()],
+        registry=registry,
+        http_port=own.port,
+        http_host=own.host,
+        workers=[work],
+    )

@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 from schemas import events
 from schemas.events import PaymentContext
 from services.capture import domain
-from services.capture.store import Claimed
-from services.capture.worker import event_for
+from services.capture.worker import CaptureWorker
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Cause
+from services.runtime.intents import Cause, Claimed
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 POLICY = domain.CapturePolicy(
@@ -110,7 +109,7 @@ def test_backoff_grows_and_is_capped(attempt: int, jitter: float) -> None:
     assert ceiling / 2 <= policy.delay_s(attempt, jitter) <= ceiling
 
 
-def _claimed() -> Claimed:
+def _claimed() -> Claimed[domain.Claim]:
     context = PaymentContext(
         order_id="ord_1", attempt=1, payment_intent_id="pi_1", transaction_id="txn_1",
         flow="authorization", amount=1250, currency="EUR", gateway="simgw",
@@ -130,13 +129,13 @@ def _claimed() -> Claimed:
 def test_each_final_resolution_emits_its_event(
     resolution: domain.Resolution, event_type: type[events.PaymentContext]
 ) -> None:
-    event = event_for(_claimed(), resolution)
+    event = CaptureWorker.event_for(_claimed(), resolution)
     assert isinstance(event, event_type)
     assert event.transaction_id == "txn_1"
 
 
 def test_a_retry_emits_nothing() -> None:
-    assert event_for(_claimed(), domain.Retry(NOW, "timeout")) is None
+    assert CaptureWorker.event_for(_claimed(), domain.Retry(NOW, "timeout")) is None
 
 
 def test_the_emitted_envelope_follows_its_cause() -> None:

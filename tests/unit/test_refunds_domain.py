@@ -10,10 +10,9 @@ import pytest
 from schemas import events
 from schemas.events import PaymentContext
 from services.refunds import domain
-from services.refunds.store import Claimed
-from services.refunds.worker import event_for
+from services.refunds.worker import RefundsWorker
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Cause
+from services.runtime.intents import Cause, Claimed
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 POLICY = domain.RetryPolicy(max_attempts=3, base_s=1, max_s=60)
@@ -87,7 +86,7 @@ def test_an_unknown_outcome_is_retried_then_fails() -> None:
     )
 
 
-def _claimed(action: Any) -> Claimed:
+def _claimed(action: Any) -> Claimed[domain.Claim]:
     context = PaymentContext(
         order_id="ord_1", attempt=1, payment_intent_id="pi_1", transaction_id="txn_1",
         flow="sale" if action == "refund" else "authorization", amount=1250, currency="EUR",
@@ -97,12 +96,12 @@ def _claimed(action: Any) -> Claimed:
 
 
 def test_each_resolution_emits_its_event() -> None:
-    refunded = event_for(_claimed("refund"), domain.Succeeded("re_1"))
+    refunded = RefundsWorker.event_for(_claimed("refund"), domain.Succeeded("re_1"))
     assert isinstance(refunded, events.RefundSucceeded)
     assert (refunded.refund_id, refunded.reason) == ("re_1", "out_of_stock")
-    voided = event_for(_claimed("void"), domain.Succeeded())
+    voided = RefundsWorker.event_for(_claimed("void"), domain.Succeeded())
     assert isinstance(voided, events.AuthorizationVoided)
-    failed = event_for(_claimed("refund"), domain.Failed("declined"))
+    failed = RefundsWorker.event_for(_claimed("refund"), domain.Failed("declined"))
     assert isinstance(failed, events.CompensationFailed)
     assert (failed.action, failed.reason) == ("refund", "declined")
-    assert event_for(_claimed("void"), domain.Retry(NOW, "timeout")) is None
+    assert RefundsWorker.event_for(_claimed("void"), domain.Retry(NOW, "timeout")) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -45,23 +46,27 @@ def reservation(stack: Stack, order_id: str) -> list[str]:
     ]
 
 
-def assert_agree(
-    stack: Stack,
-    order_id: str,
-    txn: str,
-    *,
-    status: str,
-    reason: str | None,
-    captures: int,
-    refunds: int,
-    voids: int,
-    notifications: list[str],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Outcome:
+    """Where a path ends: the status API's status and reason, the gateway ledger's
+    (captures, refunds, voids) of the transaction, and the notification kinds sent."""
+
+    status: str
+    reason: str | None
+    ledger: tuple[int, int, int]
+    notifications: tuple[str, ...]
+
+
+CONFIRMED = Outcome("PAID_CONFIRMED", None, (1, 0, 0), ("payment_confirmed",))
+VOIDED_OUT_OF_STOCK = Outcome("PAYMENT_FAILED", "out_of_stock", (0, 0, 1), ("out_of_stock",))
+
+
+def assert_agree(stack: Stack, order_id: str, txn: str, outcome: Outcome) -> dict[str, Any]:
     """Status API, orders.status.v1, notifications and the gateway ledger tell one story."""
+    status, notifications, expected = outcome.status, outcome.notifications, outcome.ledger
     order = stack.wait_status(order_id, status)
-    assert order["reason"] == reason
+    assert order["reason"] == outcome.reason
     assert order["transaction_id"] == txn
-    expected = (captures, refunds, voids)
     # compensations after a final status (the void after a declined capture) are eventual
     wait_for(
         lambda: (
@@ -89,17 +94,7 @@ def assert_agree(
 def test_authorization_is_reserved_captured_and_confirmed(stack: Stack) -> None:
     order_id, intent, sku, total = order_with_stock(stack, 3)
     txn = stack.pay(order_id, intent, total)["transaction_id"]
-    order = assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAID_CONFIRMED",
-        reason=None,
-        captures=1,
-        refunds=0,
-        voids=0,
-        notifications=["payment_confirmed"],
-    )
+    order = assert_agree(stack, order_id, txn, CONFIRMED)
     assert [h["status"] for h in order["history"]] == [
         "PENDING_PAYMENT",
         "PAYMENT_AUTHORIZED",
@@ -114,17 +109,7 @@ def test_authorization_is_reserved_captured_and_confirmed(stack: Stack) -> None:
 def test_sale_is_reserved_and_confirmed_without_a_gateway_call(stack: Stack) -> None:
     order_id, intent, sku, total = order_with_stock(stack, 3)
     txn = stack.pay(order_id, intent, total, "sale")["transaction_id"]
-    assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAID_CONFIRMED",
-        reason=None,
-        captures=1,
-        refunds=0,
-        voids=0,
-        notifications=["payment_confirmed"],
-    )
+    assert_agree(stack, order_id, txn, CONFIRMED)
     assert [c["via"] for c in stack.ledger(txn)["captures"]] == ["sale"]  # no capture call
     wait_for(lambda: stock_of(stack, sku) == (3, 0, 1), what="sold")
 
@@ -132,17 +117,7 @@ def test_sale_is_reserved_and_confirmed_without_a_gateway_call(stack: Stack) -> 
 def test_out_of_stock_authorization_is_voided_and_nothing_captured(stack: Stack) -> None:
     order_id, intent, _, total = order_with_stock(stack, 0)
     txn = stack.pay(order_id, intent, total)["transaction_id"]
-    assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAYMENT_FAILED",
-        reason="out_of_stock",
-        captures=0,
-        refunds=0,
-        voids=1,
-        notifications=["out_of_stock"],
-    )
+    assert_agree(stack, order_id, txn, VOIDED_OUT_OF_STOCK)
     assert stack.ledger(txn)["state"] == "voided"
     assert reservation(stack, order_id) == ["failed"]
 
@@ -151,15 +126,7 @@ def test_out_of_stock_sale_is_refunded_exactly_once(stack: Stack) -> None:
     order_id, intent, _, total = order_with_stock(stack, 0)
     txn = stack.pay(order_id, intent, total, "sale")["transaction_id"]
     order = assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="REFUNDED",
-        reason="out_of_stock",
-        captures=1,
-        refunds=1,
-        voids=0,
-        notifications=["refunded"],
+        stack, order_id, txn, Outcome("REFUNDED", "out_of_stock", (1, 1, 0), ("refunded",))
     )
     assert "REFUND_PENDING" in [h["status"] for h in order["history"]]
 
@@ -167,17 +134,7 @@ def test_out_of_stock_sale_is_refunded_exactly_once(stack: Stack) -> None:
 def test_unknown_sku_is_out_of_stock(stack: Stack) -> None:
     order_id, intent, _, total = order_with_stock(stack, None)
     txn = stack.pay(order_id, intent, total)["transaction_id"]
-    assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAYMENT_FAILED",
-        reason="out_of_stock",
-        captures=0,
-        refunds=0,
-        voids=1,
-        notifications=["out_of_stock"],
-    )
+    assert_agree(stack, order_id, txn, VOIDED_OUT_OF_STOCK)
 
 
 def test_capture_declined_restores_stock_and_voids(stack: Stack) -> None:
@@ -187,12 +144,7 @@ def test_capture_declined_restores_stock_and_voids(stack: Stack) -> None:
         stack,
         order_id,
         txn,
-        status="PAYMENT_FAILED",
-        reason="capture_declined",
-        captures=0,
-        refunds=0,
-        voids=1,
-        notifications=["payment_failed"],
+        Outcome("PAYMENT_FAILED", "capture_declined", (0, 0, 1), ("payment_failed",)),
     )
     wait_for(lambda: stock_of(stack, sku) == (2, 0, 0), what="stock restored")
     assert reservation(stack, order_id) == ["released"]
@@ -201,48 +153,20 @@ def test_capture_declined_restores_stock_and_voids(stack: Stack) -> None:
 def test_flaky_capture_is_retried_with_the_same_key_and_captures_once(stack: Stack) -> None:
     order_id, intent, _, total = order_with_stock(stack, 2, "_capture_flaky")
     txn = stack.pay(order_id, intent, total)["transaction_id"]
-    assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAID_CONFIRMED",
-        reason=None,
-        captures=1,
-        refunds=0,
-        voids=0,
-        notifications=["payment_confirmed"],
-    )
+    assert_agree(stack, order_id, txn, CONFIRMED)
 
 
 def test_lost_capture_response_is_resolved_by_lookup_and_captures_once(stack: Stack) -> None:
     order_id, intent, _, total = order_with_stock(stack, 2, "_capture_lost")
     txn = stack.pay(order_id, intent, total)["transaction_id"]
-    assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAID_CONFIRMED",
-        reason=None,
-        captures=1,
-        refunds=0,
-        voids=0,
-        notifications=["payment_confirmed"],
-    )
+    assert_agree(stack, order_id, txn, CONFIRMED)
 
 
 def test_refund_declined_needs_reconciliation(stack: Stack) -> None:
     order_id, intent, _, total = order_with_stock(stack, 0, "_refund_declined")
     txn = stack.pay(order_id, intent, total, "sale")["transaction_id"]
     order = assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="NEEDS_RECONCILIATION",
-        reason="refund_failed",
-        captures=1,
-        refunds=0,
-        voids=0,
-        notifications=[],
+        stack, order_id, txn, Outcome("NEEDS_RECONCILIATION", "refund_failed", (1, 0, 0), ())
     )
     assert "REFUND_PENDING" in [h["status"] for h in order["history"]]
 
@@ -259,12 +183,7 @@ def test_retry_with_another_method_after_a_capture_decline(stack: Stack) -> None
         stack,
         order_id,
         second,
-        status="PAID_CONFIRMED",
-        reason=None,
-        captures=1,
-        refunds=0,
-        voids=0,
-        notifications=["payment_failed", "payment_confirmed"],
+        Outcome("PAID_CONFIRMED", None, (1, 0, 0), ("payment_failed", "payment_confirmed")),
     )
     assert len(stack.ledger(first)["captures"]) == 0
     wait_for(lambda: stock_of(stack, sku) == (2, 0, 1), what="one unit sold")
@@ -311,17 +230,7 @@ def test_multi_line_order_with_one_short_line_reserves_nothing(stack: Stack) -> 
     total = stack.place_order(order_id, intent=intent, items=[(plenty, 2, 1000), (scarce, 2, 500)])
     stack.wait_status(order_id, "PENDING_PAYMENT")
     txn = stack.pay(order_id, intent, total)["transaction_id"]
-    assert_agree(
-        stack,
-        order_id,
-        txn,
-        status="PAYMENT_FAILED",
-        reason="out_of_stock",
-        captures=0,
-        refunds=0,
-        voids=1,
-        notifications=["out_of_stock"],
-    )
+    assert_agree(stack, order_id, txn, VOIDED_OUT_OF_STOCK)
     assert stock_of(stack, plenty) == (5, 0, 0)
     assert stock_of(stack, scarce) == (1, 0, 0)
     short = stack.db("inventory", "SELECT short_skus FROM reservations WHERE order_id=%s", order_id)

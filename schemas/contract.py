@@ -92,6 +92,17 @@ Amount = Annotated[int, Strict(), Field(gt=0)]
 ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 """A short snake_case code (CONTRACT §3.1 `reason`)."""
 
+_REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def reason_code(raw: str | None) -> str | None:
+    """A gateway's failure code as the contract's snake_case reason ("Do-Not-Honor" →
+    "do_not_honor"); codes that cannot be made one become `payment_declined`."""
+    if raw is None:
+        return None
+    code = re.sub(r"[^a-z0-9]+", "_", raw.lower()).strip("_")[:64]
+    return code if _REASON_CODE.fullmatch(code) else "payment_declined"
+
 
 class ContractModel(BaseModel):
     """Base of every payload paysaga or checkout defines: unknown fields are errors."""

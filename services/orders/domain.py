@@ -10,11 +10,12 @@ PAID_CONFIRMED or REFUNDED, and never applies an older attempt's event; each
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from schemas.contract import reason_code
 
 __all__ = [
     "Notification",
@@ -120,17 +121,6 @@ _NOT_STATUS_BEARING = frozenset(
 _NO_STATUS = "no_status"
 _UNKNOWN_EVENT = "unknown_event_type"
 
-_REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-
-
-def _reason_code(raw: str | None) -> str | None:
-    """A gateway's failure code as the contract's snake_case reason ("Do-Not-Honor" →
-    "do_not_honor"); codes that cannot be made one become `payment_declined`."""
-    if raw is None:
-        return None
-    code = re.sub(r"[^a-z0-9]+", "_", raw.lower()).strip("_")[:64]
-    return code if _REASON_CODE.fullmatch(code) else "payment_declined"
-
 
 def _target(event_type: str, p: Mapping[str, Any]) -> tuple[Status, str | None] | str:
     """The (status, reason) an event drives, or `_NO_STATUS` / `_UNKNOWN_EVENT`."""
@@ -142,7 +132,7 @@ def _target(event_type: str, p: Mapping[str, Any]) -> tuple[Status, str | None] 
         case "PaymentAccepted":
             return "PAYMENT_AUTHORIZED", None
         case "PaymentDeclined":
-            return "PAYMENT_FAILED", _reason_code(p["failure_code"])
+            return "PAYMENT_FAILED", reason_code(p["failure_code"])
         case "StockReserved":
             return "INVENTORY_RESERVED", None
         case "StockReservationFailed":

@@ -9,11 +9,12 @@ docs/saga-events.md; audit entries never carry card data.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
+
+from schemas.contract import reason_code
 
 __all__ = [
     "Confirmation",
@@ -92,18 +93,6 @@ class Decision:
     order: Order | None = None
     events: tuple[tuple[str, Payload], ...] = ()
     audit: tuple[Payload, ...] = ()
-
-
-_REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-
-
-def _reason_code(raw: str | None) -> str | None:
-    """A gateway's failure code as the contract's snake_case reason ("Do-Not-Honor" →
-    "do_not_honor"); codes that cannot be made one become `payment_declined`."""
-    if raw is None:
-        return None
-    code = re.sub(r"[^a-z0-9]+", "_", raw.lower()).strip("_")[:64]
-    return code if _REASON_CODE.fullmatch(code) else "payment_declined"
 
 
 def _audit(
@@ -220,7 +209,7 @@ def _confirm(order: Order | None, c: Confirmation, action: str) -> Decision:
             "rejected", reason, audit=(_audit(action, "rejected", reason, order.order_id, c),)
         )
     if c.type == "payment.failed":
-        reason = _reason_code(c.failure_code)
+        reason = reason_code(c.failure_code)
         failed = replace(order, status="failed")
         declined = {
             "order_id": order.order_id,

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
-    DDL,
     BigInteger,
     Column,
     DateTime,
@@ -23,7 +22,6 @@ from sqlalchemy import (
     Table,
     and_,
     delete,
-    event,
     func,
     select,
     text,
@@ -92,7 +90,7 @@ held_events = Table(
     Index("ux_held_events_order_event", "order_id", "event_id", unique=True),
 )
 
-#: Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE.
+#: Append-only: a trigger (migration 0001) refuses UPDATE, DELETE and TRUNCATE.
 audit_log = Table(
     "audit_log",
     metadata,
@@ -110,22 +108,6 @@ audit_log = Table(
     Column("details", JSONB, nullable=False),
     Index("ix_audit_log_order_id", "order_id"),
 )
-
-event.listen(
-    audit_log,
-    "after_create",
-    DDL(  # type: ignore[no-untyped-call]
-        """
-        CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$;
-        CREATE TRIGGER audit_log_no_update_delete BEFORE UPDATE OR DELETE ON audit_log
-            FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
-        CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
-            FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
-        """
-    ),
-)
-
 
 # ------------------------------------------------------------------ the projection
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from services.runtime import migrate, topics
@@ -101,7 +103,14 @@ def test_migrations_run_up_from_an_empty_database(infra: Infra, service: str) ->
         migrate.upgrade(service, url)  # at head: nothing to do
         engine = create_engine(url)
         tables = set(inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            # the frozen migrations produce exactly the models: a model changed without
+            # a migration (or a migration without its model change) fails here
+            drift = compare_metadata(
+                MigrationContext.configure(conn), migrate.target_metadata(service)
+            )
         engine.dispose()
+        assert drift == []
         assert {"inbox", "outbox", "consumer_positions", "dead_letters", "parked"} <= tables
         assert "alembic_version" in tables
         assert len(tables) > 6  # the service's own tables too

@@ -187,7 +187,7 @@ def kafka_lib() -> Path:
         raise StackError("Java 17 and Maven are needed to fetch and run Kafka (see README)")
     _log(f"fetching Kafka {kafka_version()} jars with Maven into {lib.relative_to(REPO)}")
     lib.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
+    fetched = subprocess.run(
         [
             "mvn",
             "-B",
@@ -198,8 +198,12 @@ def kafka_lib() -> Path:
             "-DincludeScope=runtime",
             f"-DoutputDirectory={lib}",
         ],
-        check=True,
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if fetched.returncode != 0:
+        raise StackError(f"Maven could not fetch the Kafka jars:\n{fetched.stdout[-3000:]}")
     (lib / ".complete").touch()
     return lib
 

@@ -14,7 +14,10 @@ each store (read-only) and compares. Rules:
 * ``stock_oversold`` — reserved + sold above a SKU's stock, or reserved not matching
   the reservations held;
 * with ``--gateway``: ``captured_twice`` / ``refunded_twice`` in the gateway's ledger,
-  and ``capture_unknown_to_gateway`` — a capture we stored that the gateway lacks.
+  ``capture_unknown_to_gateway`` — a capture we stored that the gateway lacks — and
+  ``captured_but_rejected`` — money the gateway captured for a confirmation payments
+  rejected (a sale of the wrong amount, a second payment of a paid order), never
+  accepted nor refunded: nothing in the saga gives it back, an operator must.
 
 Orders still in flight are not violations; the monitor watches for stalls.
 """
@@ -80,6 +83,19 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
     if gateway_url:
         txns = {o.transaction_id for o in orders}
         out += _gateway_rules(gateway_url, {t: s for t, s in captures.items() if t in txns})
+        rejected = {
+            r.transaction_id: r
+            for r in _rows(
+                "orders",
+                "SELECT DISTINCT ON (transaction_id) transaction_id, order_id, reason"
+                " FROM audit_log WHERE subject = 'gateway_confirmation'"
+                " AND outcome = 'rejected' AND transaction_id IS NOT NULL",
+            )
+            if r.transaction_id not in confirmed
+            and r.transaction_id not in refunds
+            and (not order_ids or r.order_id in order_ids)
+        }
+        out += _rejected_rules(gateway_url, list(rejected.values()))
     return out
 
 
@@ -154,4 +170,19 @@ def _gateway_rules(gateway_url: str, captures: dict[str, str]) -> list[Violation
                 out.append(Violation("captured_twice", txn, f"{len(payment['captures'])} captures"))
             if len(payment.get("refunds", [])) > 1:
                 out.append(Violation("refunded_twice", txn, f"{len(payment['refunds'])} refunds"))
+    return out
+
+
+def _rejected_rules(gateway_url: str, rejected: list[Any]) -> list[Violation]:
+    out = []
+    with httpx.Client(base_url=gateway_url, timeout=10) as client:
+        for r in rejected:
+            answer = client.get(f"/v1/payments/{r.transaction_id}")
+            if answer.status_code == 404:
+                continue
+            answer.raise_for_status()
+            payment = answer.json()
+            if payment.get("captures") and not payment.get("refunds"):
+                detail = f"{r.transaction_id} captured; its confirmation was rejected ({r.reason})"
+                out.append(Violation("captured_but_rejected", r.order_id or "-", detail))
     return out

@@ -268,3 +268,31 @@ def test_reconcile_passes_on_the_stack_and_names_a_violation(stack: Stack) -> No
     assert bad.returncode == 1
     assert "paid_without_capture" in bad.stdout
     assert order_id in bad.stdout
+
+
+def test_reconcile_names_money_captured_for_a_rejected_confirmation(stack: Stack) -> None:
+    """A sale of the wrong amount is captured at the gateway but rejected by payments
+    (no status change): only reconcile can tell an operator to give the money back."""
+    order_id, intent, _, total = order_with_stock(stack, 1)
+    txn = stack.pay(order_id, intent, total + 100, "sale")["transaction_id"]
+    wait_for(
+        lambda: stack.db(
+            "orders",
+            "SELECT reason FROM audit_log WHERE transaction_id=%s AND outcome='rejected'",
+            txn,
+        ),
+        what="rejection audited",
+    )
+    assert (stack.order(order_id) or {})["status"] == "PENDING_PAYMENT"
+    assert len(stack.ledger(txn)["captures"]) == 1
+    found = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "paysaga"), "reconcile", "--gateway", "--order", order_id],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert found.returncode == 1, found.stdout
+    assert "captured_but_rejected" in found.stdout
+    assert txn in found.stdout
+    assert "amount_mismatch" in found.stdout

@@ -1,5 +1,6 @@
 """CONTRACT §2.2's definition of card data, in one place (payments' rejection rule,
-the audit model's guard, the dead-letter redaction).
+the bridge's refusal, the audit model's guard, and :func:`redact`: the one redaction
+of everything the runtime logs, dead-letters or parks).
 
 Card data is a primary account number — a Luhn-valid number of 13-19 digits, plain or
 in groups joined by single spaces or dashes, as people type card numbers — or a key
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from typing import NamedTuple
 
 CARD_NUMBER_PRESENT = "card_number_present"
 SECURITY_CODE_PRESENT = "security_code_present"
@@ -25,6 +27,35 @@ CARD_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "secur
 # Digit groups joined by exactly one space or dash, not glued to letters or digits.
 _DIGIT_GROUPS = re.compile(r"(?<![A-Za-z0-9])\d+(?:[ -]\d+)*(?![A-Za-z0-9])")
 _GROUP = re.compile(r"\d+")
+REDACTED = "[redacted]"
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
+# A card-data key and its value in free text (error messages, dict reprs, JSON quoted
+# inside a string): the key spelled as ``is_card_key`` accepts it, maybe quoted; the
+# value quoted (escaped quotes too) or a bare token. Only card-data keys match, so the
+# quoted value of another key cannot swallow one; bare tokens stop at quotes, so a
+# "cvv=123" inside a JSON string leaves the JSON valid.
+_KEY_VALUE = re.compile(
+    r"(?<![A-Za-z0-9_-])(?P<key>[_-]*(?:"
+    + "|".join("[_-]*".join(k) for k in sorted(CARD_KEYS, key=len, reverse=True))
+    + r""")[_-]*)(?![A-Za-z0-9_-])(?P<sep>(?:\\?["'])?\s*[:=]\s*)"""
+    r"""(?:(?P<q>\\?["']).*?(?<!\\)(?P=q)|\[[^\]\s]*\]|[^\s,;)}\]"'\\]+)""",
+    re.IGNORECASE,
+)
+# pydantic renders each bad input apart from its key (on the line below the field name):
+# no input of a validation error is worth the risk of keeping.
+_PYDANTIC_INPUT = re.compile(r"input_value=.*?, input_type=")
+
+
+class _Pairs(list[tuple[str, object]]):
+    """A parsed JSON object as all its key/value pairs: ``json.loads`` keeps only the
+    last of repeated keys, and card data must not hide behind a repeated key."""
+
+
+def _parse(text: str) -> object:
+    """``text`` as JSON with every key/value pair kept. Raises ``ValueError`` (and
+    ``RecursionError`` for absurd nesting) when it is not JSON."""
+    return json.loads(text, object_pairs_hook=_Pairs)
 
 
 def luhn_valid(digits: str) -> bool:
@@ -70,8 +101,8 @@ def find_card_data(obj: object) -> str | None:
     stack: list[object] = [obj]
     while stack:  # iterative: attacker-controlled nesting must not hit the recursion limit
         node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
+        if isinstance(node, dict | _Pairs):
+            for key, value in node.items() if isinstance(node, dict) else node:
                 key_found = key_found or is_card_key(str(key))
                 stack.append(str(key))
                 stack.append(value)
@@ -86,8 +117,78 @@ def find_card_data(obj: object) -> str | None:
     return SECURITY_CODE_PRESENT if key_found else None
 
 
-def redact_card_numbers(text: str) -> str:
-    """``text`` with every PAN replaced by ``[REDACTED-PAN]``."""
+def find_card_data_in_bytes(raw: bytes) -> str | None:
+    """:func:`find_card_data` for a raw body: every key/value pair of it when it is JSON
+    (repeated keys included), else its text — for card numbers and card-data keys."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        parsed = _parse(text)
+    except (ValueError, RecursionError):
+        if contains_pan(text):
+            return CARD_NUMBER_PRESENT
+        if _KEY_VALUE.search(text) is not None:
+            return SECURITY_CODE_PRESENT
+        return None
+    return find_card_data(parsed)
+
+
+class Redacted(NamedTuple):
+    text: str
+    #: what was replaced: "card_number" (a PAN), "card_key" (the value of a card-data key)
+    kinds: tuple[str, ...]
+
+
+def redact(text: str) -> Redacted:
+    """``text`` without card data: in a JSON document the value (of any type) of every
+    card-data key, at any depth, repeated keys included; in any text a ``key: value`` or
+    ``key=value`` of a card-data key, pydantic's rendering of bad inputs, and every PAN
+    (``[REDACTED-PAN]``). Everything else is kept byte for byte. The one redaction of
+    error texts, log lines, dead letters and parked records.
+
+    A redacted dead letter or parked record is replayed redacted: fine, a record that
+    carried card data is rejected anyway (a card-data key stays, a changed body fails
+    its signature)."""
+    keys = _redact_json_keys(text)
+    # PANs before free-text keys: "card_number: 4111 1111 1111 1111" must not lose only
+    # its first group to the key rule
+    pans = _redact_pans(keys)
+    out = _KEY_VALUE.sub(_redact_key_value, pans)
+    out = _PYDANTIC_INPUT.sub(f"input_value={REDACTED}, input_type=", out)
+    kinds = ("card_number",) * (pans != keys) + ("card_key",) * (keys != text or out != pans)
+    return Redacted(out, kinds)
+
+
+def _redact_json_keys(text: str) -> str:
+    try:
+        _parse(text)
+    except (ValueError, RecursionError):
+        return text
+    # Replaced in place rather than re-serialized, so nothing else of the record changes.
+    # In a valid document a string followed by a colon is a key, and strings are found in
+    # order from the start, so one inside another string is never mistaken for a key.
+    decoder, out, pos = json.JSONDecoder(), [], 0
+    while (string := _JSON_STRING.search(text, pos)) is not None:
+        colon = _JSON_COLON.match(text, string.end())
+        if colon is None or not is_card_key(json.loads(string.group())):
+            out.append(text[pos : string.end()])
+            pos = string.end()
+            continue
+        try:
+            _, end = decoder.raw_decode(text, colon.end())
+        except RecursionError:
+            end = len(text)  # a value nested too deep to measure: the rest goes
+        out += [text[pos : colon.end()], json.dumps(REDACTED)]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _redact_key_value(match: re.Match[str]) -> str:
+    quote = match["q"] or ""
+    return f"{match['key']}{match['sep']}{quote}{REDACTED}{quote}"
+
+
+def _redact_pans(text: str) -> str:
     out, last = [], 0
     for start, end in sorted(_pan_spans(text)):
         if start < last:
@@ -96,12 +197,3 @@ def redact_card_numbers(text: str) -> str:
         last = end
     out.append(text[last:])
     return "".join(out)
-
-
-def find_card_data_in_bytes(raw: bytes) -> str | None:
-    """:func:`find_card_data` for a raw body: parsed when it is JSON, else scanned as text."""
-    text = raw.decode("utf-8", "replace")
-    try:
-        return find_card_data(json.loads(text))
-    except ValueError:
-        return CARD_NUMBER_PRESENT if contains_pan(text) else None

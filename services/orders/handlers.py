@@ -22,7 +22,7 @@ from schemas.envelope import Envelope
 from schemas.events import AuditRecorded, parse_payload
 from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
-from services.runtime.errors import PermanentError
+from services.runtime.errors import PermanentError, schema_violation
 from services.runtime.messages import Context, Handler, Route
 
 log = logging.getLogger("paysaga.orders")
@@ -123,26 +123,18 @@ class SagaEvent:
         )
 
 
-def _schema_error(exc: ValidationError) -> PermanentError:
-    # without the inputs: a rejected payload may carry card data (AuditRecorded's check)
-    problems = "; ".join(
-        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
-    )
-    return PermanentError("schema_violation", f"{exc.title}: {problems}")
-
-
 def _validated(model: type[M], data: Mapping[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _schema_error(exc) from exc
+        raise schema_violation(exc) from exc
 
 
 def _validated_payload(event_type: str, payload: dict[str, Any]) -> BaseModel:
     try:
         return parse_payload(event_type, payload)
     except ValidationError as exc:
-        raise _schema_error(exc) from exc
+        raise schema_violation(exc) from exc
 
 
 async def _emit(ctx: Context, cause: SagaEvent, topic: str, payload: BaseModel) -> None:

@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schemas.carddata import find_card_data
+from schemas.carddata import find_card_data_in_bytes
 from schemas.contract import GatewayWebhook, OrderPlaced, OrderStatusChanged, PaymentRetryRequested
 from schemas.events import AuditRecorded
 from services.payments import domain, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
-from services.runtime.errors import PermanentError
+from services.runtime.errors import schema_violation
 from services.runtime.messages import Context, Record
 from services.runtime.outbox import write_event
 
@@ -285,7 +285,9 @@ class PaymentsHandlers:
             raw = json.loads(rec.value)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return "invalid_body"
-        card = find_card_data(raw)
+        # every key/value pair of the raw bytes: json.loads kept only the last of a
+        # repeated key, behind which card data could hide
+        card = find_card_data_in_bytes(rec.value)
         if card is not None:
             return card
         try:
@@ -411,4 +413,4 @@ def _validate(model: Any, payload: dict[str, Any]) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        raise PermanentError("schema_violation", f"{model.__name__}: {exc}") from exc
+        raise schema_violation(exc) from exc

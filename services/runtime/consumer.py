@@ -43,7 +43,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import dlq
-from services.runtime.errors import PermanentError, is_transient
+from services.runtime.errors import PermanentError, describe, is_transient, said
 from services.runtime.faults import fault_point
 from services.runtime.messages import Context, Record, Route
 from services.runtime.metrics import RuntimeMetrics
@@ -203,7 +203,12 @@ class ConsumerRuntime:
                 if not is_transient(exc):
                     raise
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
-                log.info("%s loading the position of %s failed (%r): retrying", self.group, tp, exc)
+                log.info(
+                    "%s loading the position of %s failed (%s): retrying",
+                    self.group,
+                    tp,
+                    said(exc),
+                )
                 await self._backoff(attempt)
 
     # ------------------------------------------------------------------ processing
@@ -222,7 +227,12 @@ class ConsumerRuntime:
                 await self._save_position(conn, tp, records[-1].offset + 1)
         except Exception as exc:
             if len(records) > 1 or not isinstance(exc, PermanentError):
-                log.info("%s batch of %d failed (%r): one at a time", self.group, len(records), exc)
+                log.info(
+                    "%s batch of %d failed (%s): one at a time",
+                    self.group,
+                    len(records),
+                    said(exc),
+                )
             outcomes = [(rec.topic, await self._process_one(tp, rec)) for rec in records]
         self.expected[tp] = records[-1].offset + 1
         fault_point("after_db_commit_before_kafka_commit")
@@ -246,12 +256,12 @@ class ConsumerRuntime:
                 spent = time.monotonic() - started
                 if not is_transient(exc) or spent >= self.settings.retry_budget_s:
                     log.warning(
-                        "%s dead-lettering %s/%d@%d: %r",
+                        "%s dead-lettering %s/%d@%d: %s",
                         self.group,
                         rec.topic,
                         rec.partition,
                         rec.offset,
-                        exc,
+                        said(exc),
                     )
                     await self._dead_letter(tp, rec, exc, attempt, first_failure)
                     return "dead_lettered"
@@ -283,6 +293,8 @@ class ConsumerRuntime:
         if not replay and (
             order_key in blocked if blocked is not None else await self._blocked(conn, order_key)
         ):
+            # stored without card data (released, a redacted record is rejected anyway)
+            value, _ = dlq.redacted_value(rec.value)
             await conn.execute(
                 insert(parked).values(
                     consumer_group=self.group,
@@ -291,8 +303,11 @@ class ConsumerRuntime:
                     partition=rec.partition,
                     offset=rec.offset,
                     key=rec.key,
-                    value=rec.value,
-                    headers=[[k, v.decode("utf-8", "replace")] for k, v in rec.headers],
+                    value=value,
+                    headers=[
+                        [k, v.decode("utf-8", "replace")]
+                        for k, v in dlq.redacted_headers(rec.headers)
+                    ],
                     timestamp_ms=rec.timestamp_ms,
                 )
             )
@@ -448,12 +463,12 @@ class ConsumerRuntime:
         (acks=all): should the transaction then fail, the release is retried and the dead
         letter may be published twice — never lost."""
         log.warning(
-            "%s dead-lettering parked %s/%d@%d: %r",
+            "%s dead-lettering parked %s/%d@%d: %s",
             self.group,
             rec.topic,
             rec.partition,
             rec.offset,
-            exc,
+            said(exc),
         )
         now = datetime.now(UTC)
         headers = dlq.headers_for(rec, self.group, exc, 1, now)
@@ -489,7 +504,7 @@ class ConsumerRuntime:
                 partition=rec.partition,
                 offset=rec.offset,
                 error_class=type(exc).__name__,
-                error_message=dlq.describe(exc)[:2000],
+                error_message=describe(exc)[:2000],
                 attempts=attempts,
                 first_failure_at=first,
             )
@@ -506,7 +521,7 @@ class ConsumerRuntime:
                 return
             except Exception as exc:
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
-                log.warning("%s retrying dead-letter step: %r", self.group, exc)
+                log.warning("%s retrying dead-letter step: %s", self.group, said(exc))
                 await self._backoff(attempt)
 
     async def _backoff(self, attempt: int) -> None:
@@ -556,7 +571,7 @@ class ConsumerRuntime:
             await consumer.commit({tp: nxt})
             self._progress()
         except Exception as exc:  # informational only: the database holds the position
-            log.info("%s kafka commit of %s skipped: %r", self.group, tp, exc)
+            log.info("%s kafka commit of %s skipped: %s", self.group, tp, said(exc))
 
     async def _update_lag(self) -> None:
         consumer = self._consumer

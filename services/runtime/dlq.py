@@ -21,7 +21,8 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaProducer
 
-from schemas.carddata import redact_card_numbers
+from schemas.carddata import redact
+from services.runtime.errors import describe
 from services.runtime.messages import Record
 
 H_PREFIX = "paysaga-dlq-"
@@ -51,8 +52,20 @@ def dlq_topic(group: str) -> str:
     return f"{group}.dlq"
 
 
-def describe(exc: BaseException) -> str:
-    return redact_card_numbers(f"{exc}")
+def redacted_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``headers`` with card data redacted from their values (unchanged values keep
+    their exact bytes: a replay needs e.g. the gateway signature as it was)."""
+    out = []
+    for k, v in headers:
+        r = redact(v.decode("utf-8", "replace"))
+        out.append((k, r.text.encode() if r.kinds else v))
+    return out
+
+
+def redacted_value(value: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """``value`` with card data redacted, and what was replaced (nothing: same bytes)."""
+    r = redact(value.decode("utf-8", "replace"))
+    return (r.text.encode(), r.kinds) if r.kinds else (value, ())
 
 
 def headers_for(
@@ -73,7 +86,7 @@ def headers_for(
     # any routing headers of an earlier replay
     routing = (H_TARGET_GROUP, H_REPLAY_OF, H_CONTROL, H_DEAD_LETTER)
     original = [(k, v) for k, v in rec.headers if not k.startswith(H_PREFIX) and k not in routing]
-    return [(k, v.encode()) for k, v in own] + original
+    return [(k, v.encode()) for k, v in own] + redacted_headers(original)
 
 
 class DeadLetterProducer:
@@ -97,12 +110,10 @@ class DeadLetterProducer:
     async def send_dead_letter(
         self, group: str, rec: Record, headers: Sequence[tuple[str, bytes]]
     ) -> None:
-        value = rec.value
-        redacted = redact_card_numbers(value.decode("utf-8", "replace"))
+        value, kinds = redacted_value(rec.value)
         hdrs = list(headers)
-        if redacted != value.decode("utf-8", "replace"):
-            value = redacted.encode()
-            hdrs.append((H_REDACTED, b"card_number"))
+        if kinds:
+            hdrs.append((H_REDACTED, ",".join(kinds).encode()))
         await self._producer.send_and_wait(dlq_topic(group), value=value, key=rec.key, headers=hdrs)
 
 

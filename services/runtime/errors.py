@@ -17,6 +17,8 @@ import sqlalchemy.exc
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from schemas.carddata import redact
+
 
 class PermanentError(Exception):
     """The record can never be processed as it is. ``reason`` is a short snake_case code."""
@@ -24,6 +26,28 @@ class PermanentError(Exception):
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(f"{reason}: {message}" if message else reason)
         self.reason = reason
+
+
+def describe(exc: BaseException) -> str:
+    """``exc``'s message without card data (``schemas.carddata.redact``): what the
+    runtime logs, stores and puts in dead-letter headers about an error."""
+    return redact(f"{exc}").text
+
+
+def said(exc: BaseException) -> str:
+    """How a log line names an error: its class and :func:`describe`."""
+    return f"{type(exc).__name__}: {describe(exc)}"
+
+
+def schema_violation(exc: ValidationError) -> PermanentError:
+    """``exc`` as a ``schema_violation`` naming each bad field and what is wrong with it
+    — never the input: a rejected payload may carry card data (an extra ``cvv`` field),
+    and this message is logged, stored and put in dead-letter headers."""
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+        for e in exc.errors(include_input=False, include_url=False)
+    )
+    return PermanentError("schema_violation", f"{exc.title}: {problems}")
 
 
 class TransientError(Exception):

@@ -56,7 +56,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext
-from services.runtime.errors import is_transient
+from services.runtime.errors import describe, is_transient, said
 from services.runtime.gateway_client import (
     GatewayClient,
     GatewayNotFoundError,
@@ -118,7 +118,7 @@ class WorkLoop:
                     raise
                 failures += 1
                 delay = min(self.backoff_max_s, 0.5 * 2 ** min(failures, 10))
-                log.warning("%s worker: %r; retrying in %.1fs", self.name, exc, delay)
+                log.warning("%s worker: %s; retrying in %.1fs", self.name, said(exc), delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay * self._rng.uniform(0.5, 1))
 
@@ -498,7 +498,7 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         except GatewayNotFoundError:
             return Failed(self.not_found_reason)
         except (GatewayUnavailableError, GatewayProtocolError) as exc:
-            return self.retry(claimed, f"lookup: {exc}")
+            return self.retry(claimed, f"lookup: {describe(exc)}")
 
 
 class IntentServiceSettings(BaseSettings):

@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.runtime.errors import said
 from services.runtime.faults import fault_point
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
@@ -72,7 +73,7 @@ class OutboxRelay:
                 await self._lead(stop)
             except Exception as exc:  # database or broker gone: stand down, then compete again
                 self.active = False
-                log.warning("%s relay stopped publishing: %r", self.service, exc)
+                log.warning("%s relay stopped publishing: %s", self.service, said(exc))
                 await _wait(stop, self.settings.lock_retry_s)
 
     async def _lead(self, stop: asyncio.Event) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from schemas.carddata import redact
 from services.runtime.consumer import ConsumerRuntime, DeadLetterHook, RuntimeSettings
 from services.runtime.dlq import DeadLetterProducer
 from services.runtime.messages import Route
@@ -184,11 +185,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every formatted line, traceback included, through ``schemas.carddata.redact``: the
+    last guard behind the runtime's redacted error texts (an exception from a library
+    may quote the record it choked on)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record)).text
+
+
 def configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("PAYSAGA_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=os.environ.get("PAYSAGA_LOG_LEVEL", "INFO"), handlers=[handler])
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 

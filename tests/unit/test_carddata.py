@@ -1,0 +1,177 @@
+"""Card data is never written anywhere (CONTRACT §2.2): detection that repeated JSON keys
+cannot fool, the one redaction (schemas/carddata.py) and the error texts built on it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from schemas.carddata import (
+    CARD_NUMBER_PRESENT,
+    SECURITY_CODE_PRESENT,
+    find_card_data_in_bytes,
+    redact,
+)
+from schemas.contract import OrderPlaced
+from services.orders.handlers import SagaEvent
+from services.payments.handlers import Metrics, PaymentsHandlers, _validate
+from services.runtime import dlq, signature
+from services.runtime.errors import PermanentError, describe
+from services.runtime.messages import Record
+from services.runtime.service import RedactingFormatter
+
+PAN, CVV = "4111111111111111", "987"
+SECRET = "whsec_unit"
+HIDDEN = (
+    b'{"id":"evt_1","type":"payment.authorized","created":1763805600,'
+    b'"data":{"card_number":"4111111111111111","cvv":"987"},'
+    b'"data":{"transaction_id":"txn_1","payment_intent_id":"pi_1","order_id":"ord_1",'
+    b'"amount":100,"currency":"EUR","payment_method":{"type":"card"}}}'
+)
+
+
+def leaks(text: str) -> bool:
+    return PAN in text or CVV in text
+
+
+# --- detection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (HIDDEN, CARD_NUMBER_PRESENT),
+        (b'{"data":{"CVV":"987"},"data":{"order_id":"o"}}', SECURITY_CODE_PRESENT),
+        (b'{"a":[{"x":{"pan":1},"x":{}}],"a":[]}', SECURITY_CODE_PRESENT),
+        (b"not json, card 4111 1111 1111 1111", CARD_NUMBER_PRESENT),
+        (b"cvv=987&amount=1", SECURITY_CODE_PRESENT),
+        (b'{"data":{"order_id":"o"},"data":{"order_id":"p"}}', None),
+        (b"[" * 100_000, None),  # too deep for json: scanned as text, not a crash
+    ],
+)
+def test_repeated_keys_and_non_json_bodies_are_scanned_whole(
+    body: bytes, reason: str | None
+) -> None:
+    assert find_card_data_in_bytes(body) == reason
+
+
+def test_payments_rejects_card_data_behind_a_repeated_key() -> None:
+    handlers = PaymentsHandlers(
+        {"simgw": [SECRET]}, 300, timedelta(hours=24), Metrics.create(CollectorRegistry())
+    )
+    now = int(datetime.now(UTC).timestamp())
+    headers = (
+        ("paysaga-gateway", b"simgw"),
+        ("paysaga-signature", signature.sign(SECRET, now, HIDDEN).encode()),
+    )
+    rec = Record("gateway.confirmations.v1", 0, 1, b"ord_1", HIDDEN, headers, now * 1000)
+    assert handlers._check(rec) == CARD_NUMBER_PRESENT
+
+
+# --- redaction ---------------------------------------------------------------------
+
+
+def test_redaction_replaces_card_key_values_at_any_depth_and_keeps_the_rest() -> None:
+    body = (
+        '{"id": "evt_1",\n "data": {"Card-Number": "4111 1111 1111 1111", "CVV": 987,'
+        ' "c\\u0076c": {"nested": ["987"]}, "note": "caf\\u00e9", "amount": 100},'
+        ' "data": {"pan": "4111111111111111"}}'
+    )
+    out = redact(body)
+    assert out.text == (
+        '{"id": "evt_1",\n "data": {"Card-Number": "[redacted]", "CVV": "[redacted]",'
+        ' "c\\u0076c": "[redacted]", "note": "caf\\u00e9", "amount": 100},'
+        ' "data": {"pan": "[redacted]"}}'
+    )
+    assert out.kinds == ("card_key",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"card: {PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]} exp 12/30",
+        f"{{'cvv': '{CVV}', 'card_number': {PAN}}}",  # a dict repr in an error message
+        f'payload {{"body": "{{\\"cvv\\": \\"{CVV}\\"}}"}}',  # JSON quoted in a string
+        f"card_number={PAN}; cvc={CVV}",
+        f"x\n  Extra inputs are not permitted [type=extra_forbidden, input_value='{CVV}', "
+        "input_type=str]",
+    ],
+)
+def test_redaction_of_free_text(text: str) -> None:
+    out = redact(text)
+    assert not leaks(out.text), out.text
+    assert out.kinds
+
+
+def test_text_without_card_data_is_kept_as_is() -> None:
+    text = '{"id": "evt_4194986994504da1daa0004f", "amount": 12345, "note": "expand=1"}'
+    assert redact(text) == (text, ())
+
+
+def test_dead_letter_value_and_headers_are_redacted() -> None:
+    value, kinds = dlq.redacted_value(HIDDEN)
+    assert not leaks(value.decode())
+    assert json.loads(value)["data"]["order_id"] == "ord_1"
+    assert kinds == ("card_key",)
+    assert dlq.redacted_value(b"{}") == (b"{}", ())
+    rec = Record("t", 0, 1, b"k", HIDDEN, (("note", f"cvv={CVV}".encode()),), 0)
+    exc = PermanentError("schema_violation", f"pan: {PAN}")
+    headers = dlq.headers_for(rec, "g", exc, 1, datetime.now(UTC))
+    assert not any(leaks(v.decode()) for _, v in headers)
+
+
+# --- error texts -------------------------------------------------------------------
+
+
+EXAMPLE = Path(__file__).parents[2] / "schemas" / "examples" / "OrderPlaced.json"
+
+
+def order_placed_with_card_data() -> dict[str, Any]:
+    envelope: dict[str, Any] = json.loads(EXAMPLE.read_text())
+    envelope["payload"].update(cvv=CVV, card_number=PAN)  # extra fields: forbidden
+    return envelope
+
+
+def test_payments_schema_violation_names_the_fields_never_the_values() -> None:
+    with pytest.raises(PermanentError) as raised:
+        _validate(OrderPlaced, order_placed_with_card_data()["payload"])
+    message = str(raised.value)
+    assert message == (
+        "schema_violation: OrderPlaced: cvv: Extra inputs are not permitted; "
+        "card_number: Extra inputs are not permitted"
+    )
+
+
+def test_orders_schema_violation_uses_the_same_message() -> None:
+    with pytest.raises(PermanentError) as raised:
+        SagaEvent.parse(order_placed_with_card_data())
+    assert "cvv: Extra inputs are not permitted" in str(raised.value)
+    assert not leaks(str(raised.value))
+
+
+def test_runtime_error_texts_never_carry_card_data() -> None:
+    # handlers of other services let pydantic's ValidationError (which quotes inputs) out
+    with pytest.raises(ValidationError) as raised:
+        OrderPlaced.model_validate(order_placed_with_card_data()["payload"])
+    assert leaks(str(raised.value))
+    assert not leaks(describe(raised.value))
+    assert "cvv" in describe(raised.value)
+
+
+def test_log_lines_and_tracebacks_are_redacted() -> None:
+    try:
+        raise ValueError(f"bad record {{'cvv': '{CVV}', 'pan': '{PAN}'}}")
+    except ValueError:
+        info = sys.exc_info()
+    record = logging.LogRecord("t", logging.ERROR, __file__, 1, "card %s", (PAN,), info)
+    line = RedactingFormatter("%(message)s").format(record)
+    assert "Traceback" in line
+    assert not leaks(line)

@@ -42,9 +42,10 @@ def said(exc: BaseException) -> str:
 def schema_violation(exc: ValidationError) -> PermanentError:
     """``exc`` as a ``schema_violation`` naming each bad field and what is wrong with it
     — never the input: a rejected payload may carry card data (an extra ``cvv`` field),
-    and this message is logged, stored and put in dead-letter headers."""
+    and this message is logged, stored and put in dead-letter headers. Not "field: msg":
+    the redaction would take "cvv: Extra" for a card-data key's value."""
     problems = "; ".join(
-        f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+        f"{'.'.join(map(str, e['loc']))} ({e['msg']})"
         for e in exc.errors(include_input=False, include_url=False)
     )
     return PermanentError("schema_violation", f"{exc.title}: {problems}")

@@ -143,6 +143,24 @@ def test_card_data_is_refused_and_never_stored(
     assert previous.key != order_id.encode() or previous.value == good
 
 
+def test_card_data_behind_a_repeated_key_is_refused_and_never_stored(
+    infra: Infra, bridge: str
+) -> None:
+    # json.loads keeps the last "data" only: the card data must be found in the first
+    order_id = uid("ord_")
+    body = (
+        b'{"id":"evt_r","data":{"card_number":"4111111111111111","cvv":"987"},'
+        b'"data":{"order_id":"' + order_id.encode() + b'","amount":1}}'
+    )
+    response = post(bridge, body)
+    assert response.status_code == 422
+    assert response.json()["error"] == "card_number_present"
+    good = json.dumps({"id": "evt_g", "data": {"order_id": order_id}}).encode()
+    ack = post(bridge, good).json()
+    previous = asyncio.run(fetch(infra.bootstrap, ack["partition"], max(0, ack["offset"] - 1)))
+    assert previous.key != order_id.encode() or previous.value == good
+
+
 def test_missing_signature_is_rejected(bridge: str) -> None:
     response = post(bridge, b'{"data": {"order_id": "ord_1"}}', signature=None)
     assert response.status_code == 400

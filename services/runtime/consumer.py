@@ -163,22 +163,56 @@ class ConsumerRuntime:
 
     async def _in_position(self, tp: TopicPartition, records: list[Record]) -> list[Record]:
         """The records of a batch that continue from the stored position. Records below
-        it were processed already; a batch starting above it (the consumer was placed
-        elsewhere, e.g. by its committed offset) is dropped and the partition is
-        re-positioned, so nothing is skipped."""
+        it were processed already. Right after (re)loading the position, a batch starting
+        above it (the consumer was placed elsewhere, e.g. by its Kafka-committed offset)
+        is dropped and the partition sought to the stored position — once: offsets
+        missing from a log are normal (compacted away, a transaction marker, retention),
+        so whatever Kafka returns from there on is taken as the continuation."""
         consumer = self._consumer
         assert consumer is not None
         if tp not in self.expected:
-            self.expected[tp] = await self._stored_position(tp)
+            stored = self.expected[tp] = await self._stored_position(tp)
+            if stored is not None and records and records[0].offset > stored:
+                log.info("%s re-positioning %s to stored offset %d", self.group, tp, stored)
+                consumer.seek(tp, stored)
+                return []
         expected = self.expected[tp]
         if expected is None:
             return records  # never processed by this group: take the partition from its start
         records = [r for r in records if r.offset >= expected]
         if records and records[0].offset > expected:
-            log.info("%s re-positioning %s to stored offset %d", self.group, tp, expected)
-            consumer.seek(tp, expected)
-            return []
+            await self._gap(tp, expected, records[0].offset)
         return records
+
+    async def _gap(self, tp: TopicPartition, expected: int, got: int) -> None:
+        """Offsets ``expected..got-1`` do not exist. Compaction and transaction markers
+        make such gaps; a stored position below the log start means records expired
+        (retention) before this group processed them — said loudly."""
+        consumer = self._consumer
+        assert consumer is not None
+        start = (await consumer.beginning_offsets([tp]))[tp]
+        if expected < start:
+            self.metrics.records.labels(self.service, tp.topic, "lost_to_retention").inc(
+                start - expected
+            )
+            log.error(
+                "%s %s: stored position %d is below the log start %d: %d record(s) expired"
+                " before this group processed them; continuing from %d",
+                self.group,
+                tp,
+                expected,
+                start,
+                start - expected,
+                got,
+            )
+        else:
+            log.debug(
+                "%s %s: offsets %d..%d absent (compaction/markers)",
+                self.group,
+                tp,
+                expected,
+                got - 1,
+            )
 
     async def _stored_position(self, tp: TopicPartition) -> int | None:
         """The partition's position stored in the database, retried with backoff while

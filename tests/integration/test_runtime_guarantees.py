@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from tests.integration.conftest import Ledger
 from tests.support.harness import (
@@ -26,6 +28,7 @@ from tests.support.harness import (
     query,
     read_all,
     stream,
+    uid,
     wait_for,
 )
 
@@ -306,3 +309,81 @@ def test_handler_slower_than_max_poll_interval_is_applied_once(ledger: Ledger) -
     assert any(slow_tp in a for a in other.assignments()), other.assignments()
     assert slow.alive
     assert other.alive
+
+
+# ------------------------------------------------------- 8. offsets missing from the log
+
+
+async def produce_in_transactions(
+    bootstrap: str, topic: str, transactions: list[list[tuple[str, bytes]]], partition: int
+) -> None:
+    """One Kafka transaction per list: each commit writes a marker that takes an offset
+    no consumer ever sees (under read_committed), as an upstream transactional producer's
+    would."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=uid("tx"))
+    await producer.start()
+    try:
+        for records in transactions:
+            async with producer.transaction():
+                for key, value in records:
+                    await producer.send_and_wait(
+                        topic, value=value, key=key.encode(), partition=partition
+                    )
+    finally:
+        await producer.stop()
+
+
+def stored_position(lg: Ledger, partition: int) -> int | None:
+    rows = query(lg.conninfo, "SELECT next_offset FROM consumer_positions"
+                 " WHERE topic = %s AND partition = %s", lg.in_topic, partition)  # fmt: skip
+    return int(rows[0][0]) if rows else None
+
+
+def test_offsets_missing_from_the_log_do_not_stall_the_partition(ledger: Ledger) -> None:
+    """Transaction markers occupy offsets that are never delivered (as do compacted-away
+    records): a stored position pointing at one is continued from the next record."""
+    b = ledger.infra.bootstrap
+    tx = [[credit("k1", 1)], [credit("k1", 2)]]
+    asyncio.run(produce_in_transactions(b, ledger.in_topic, tx, partition=0))
+    svc = ledger.process().start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2], what="first transactions applied")
+    # the stored position is now the offset of the commit marker after seq 2
+    assert stored_position(ledger, 0) == 3
+    asyncio.run(produce_in_transactions(b, ledger.in_topic, [[credit("k1", 3)]], partition=0))
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 3], what="record after a marker applied")
+
+    svc.kill()  # restarting at a stored position that is a marker's offset
+    assert stored_position(ledger, 0) == 5
+    asyncio.run(produce_in_transactions(b, ledger.in_topic, [[credit("k1", 4)]], partition=0))
+    ledger.process("restart").start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 3, 4], what="applied after the restart")
+    wait_for(lambda: stored_position(ledger, 0) == 7, what="position past the last record")
+
+
+def test_stored_position_below_the_log_start_continues_from_the_log_start(
+    ledger: Ledger,
+) -> None:
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", i) for i in range(6)], partition=0))
+
+    async def expire_before(offset: int) -> None:  # what retention does to old segments
+        admin = AIOKafkaAdminClient(bootstrap_servers=b)
+        await admin.start()
+        try:
+            tp = TopicPartition(ledger.in_topic, 0)
+            await admin.delete_records({tp: RecordsToDelete(before_offset=offset)})
+        finally:
+            await admin.close()
+
+    asyncio.run(expire_before(4))
+    query(
+        ledger.conninfo,
+        "INSERT INTO consumer_positions (consumer_group, topic, partition, next_offset)"
+        " VALUES (%s, %s, 0, 2) RETURNING 1",
+        ledger.group,
+        ledger.in_topic,
+    )
+    svc = ledger.process().start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [4, 5], what="the retained records applied")
+    wait_for(lambda: stored_position(ledger, 0) == 6, what="position at the end")
+    assert "below the log start 4: 2 record(s) expired" in svc.log_text()

@@ -26,14 +26,10 @@ class PermanentError(Exception):
         self.reason = reason
 
 
-class TransientError(Exception):
-    """Something the record needs is unavailable right now; retrying may succeed."""
-
-
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PermanentError | ValidationError | ValueError | KeyError | TypeError):
         return False
-    if isinstance(exc, TransientError | TimeoutError | asyncio.TimeoutError | ConnectionError):
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError):
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         # connection-level failures (server gone, cannot connect), serialization and

@@ -1,9 +1,10 @@
 """``paysaga dlq list|show|replay|purge`` — dead letters for SREs.
 
 Dead letters are read straight from the ``*.dlq`` topics (no consumer group, so
-inspecting commits nothing). ``replay`` re-publishes originals to their topics for the
-failing group only; the consumer's inbox makes a repeated replay harmless. ``purge``
-drops a dead letter: it releases the order's parked records without applying it.
+inspecting commits nothing). ``replay`` re-publishes originals to the failing group's
+dead-letter topic, its control channel (never to the original topic, which others
+read); the consumer's inbox makes a repeated replay harmless. ``purge`` drops a dead
+letter: it releases the order's parked records without applying it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ async def read_dead_letters(bootstrap: str, filters: Filters) -> list[Record]:
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=1000)
             for tp, messages in batch.items():
-                out += [r for r in map(_record, messages) if filters.match(r)]
+                out += [
+                    r for r in map(_record, messages) if not dlq.is_control(r) and filters.match(r)
+                ]
                 if messages and messages[-1].offset + 1 >= ends[tp]:
                     pending.discard(tp)
             if not batch:

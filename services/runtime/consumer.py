@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.runtime import dlq
 from services.runtime.errors import PermanentError, describe, is_transient, said
 from services.runtime.faults import fault_point
-from services.runtime.messages import Context, Record, Route
+from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.tables import consumer_positions, dead_letters, inbox, parked
 
@@ -68,6 +68,8 @@ class RuntimeSettings(BaseSettings):
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
+    #: not ready when records wait (lag > 0) and no stored position advanced for this long
+    stall_after_s: float = 120.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -115,6 +117,9 @@ class ConsumerRuntime:
         self.producer, self.metrics, self.settings = producer, metrics, settings
         self.on_dead_letter = on_dead_letter
         self.client_id = client_id or f"paysaga-{service}"
+        #: the group's dead-letter topic is also its control channel: replays and
+        #: releases (purges) arrive there, never on a topic that others read
+        self.control_topic = dlq.dlq_topic(group)
         #: next offset to process per partition, from the database; absent = not loaded
         self.expected: dict[TopicPartition, int | None] = {}
         self.last_progress = 0.0
@@ -142,12 +147,11 @@ class ConsumerRuntime:
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self._consumer = consumer
-        consumer.subscribe(list(self.routes), listener=_Listener(self))
+        consumer.subscribe([*self.routes, self.control_topic], listener=_Listener(self))
         await consumer.start()
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
-                self._progress()
                 for tp, messages in batch.items():
                     records = await self._in_position(tp, [_record(m) for m in messages])
                     if records:
@@ -158,27 +162,69 @@ class ConsumerRuntime:
             self._consumer = None
 
     def _progress(self) -> None:
+        """A stored position advanced, or nothing is waiting: polling alone (empty polls,
+        the polls of a retry backoff) is not progress."""
         self.last_progress = time.time()
         self.metrics.last_progress.labels(self.service).set(self.last_progress)
 
+    def ready(self) -> bool:
+        """False once records waited ``stall_after_s`` without a position advancing: a
+        partition stuck on one record, an endless retry, a consumer silently stuck after
+        a broker restart (aiokafka#1154)."""
+        return time.time() - self.last_progress < self.settings.stall_after_s
+
     async def _in_position(self, tp: TopicPartition, records: list[Record]) -> list[Record]:
         """The records of a batch that continue from the stored position. Records below
-        it were processed already; a batch starting above it (the consumer was placed
-        elsewhere, e.g. by its committed offset) is dropped and the partition is
-        re-positioned, so nothing is skipped."""
+        it were processed already. Right after (re)loading the position, a batch starting
+        above it (the consumer was placed elsewhere, e.g. by its Kafka-committed offset)
+        is dropped and the partition sought to the stored position — once: offsets
+        missing from a log are normal (compacted away, a transaction marker, retention),
+        so whatever Kafka returns from there on is taken as the continuation."""
         consumer = self._consumer
         assert consumer is not None
         if tp not in self.expected:
-            self.expected[tp] = await self._stored_position(tp)
+            stored = self.expected[tp] = await self._stored_position(tp)
+            if stored is not None and records and records[0].offset > stored:
+                log.info("%s re-positioning %s to stored offset %d", self.group, tp, stored)
+                consumer.seek(tp, stored)
+                return []
         expected = self.expected[tp]
         if expected is None:
             return records  # never processed by this group: take the partition from its start
         records = [r for r in records if r.offset >= expected]
         if records and records[0].offset > expected:
-            log.info("%s re-positioning %s to stored offset %d", self.group, tp, expected)
-            consumer.seek(tp, expected)
-            return []
+            await self._gap(tp, expected, records[0].offset)
         return records
+
+    async def _gap(self, tp: TopicPartition, expected: int, got: int) -> None:
+        """Offsets ``expected..got-1`` do not exist. Compaction and transaction markers
+        make such gaps; a stored position below the log start means records expired
+        (retention) before this group processed them — said loudly."""
+        consumer = self._consumer
+        assert consumer is not None
+        start = (await consumer.beginning_offsets([tp]))[tp]
+        if expected < start:
+            self.metrics.records.labels(self.service, tp.topic, "lost_to_retention").inc(
+                start - expected
+            )
+            log.error(
+                "%s %s: stored position %d is below the log start %d: %d record(s) expired"
+                " before this group processed them; continuing from %d",
+                self.group,
+                tp,
+                expected,
+                start,
+                start - expected,
+                got,
+            )
+        else:
+            log.debug(
+                "%s %s: offsets %d..%d absent (compaction/markers)",
+                self.group,
+                tp,
+                expected,
+                got - 1,
+            )
 
     async def _stored_position(self, tp: TopicPartition) -> int | None:
         """The partition's position stored in the database, retried with backoff while
@@ -235,6 +281,7 @@ class ConsumerRuntime:
                 )
             outcomes = [(rec.topic, await self._process_one(tp, rec)) for rec in records]
         self.expected[tp] = records[-1].offset + 1
+        self._progress()
         fault_point("after_db_commit_before_kafka_commit")
         for topic, outcome in outcomes:
             self.metrics.records.labels(self.service, topic, outcome).inc()
@@ -245,15 +292,24 @@ class ConsumerRuntime:
         attempt, first_failure, started = 0, datetime.now(UTC), time.monotonic()
         while True:
             attempt += 1
+            # once the budget is spent, a release dead-letters a parked record that still
+            # fails transiently instead of failing as a whole
+            final = time.monotonic() - started >= self.settings.retry_budget_s
             try:
                 async with self._transaction() as conn:
-                    outcome = await self._apply(conn, rec)
+                    outcome = await self._apply(conn, rec, final=final)
                     await self._save_position(conn, tp, rec.offset + 1)
                 return outcome
             except Exception as exc:
                 if attempt == 1:
                     first_failure = datetime.now(UTC)
                 spent = time.monotonic() - started
+                if rec.topic == self.control_topic:  # retried, never dead-lettered
+                    if not is_transient(exc) or final:
+                        return await self._abandon_control(tp, rec, exc)
+                    self.metrics.retries.labels(self.service, type(exc).__name__).inc()
+                    await self._backoff(attempt)
+                    continue
                 if not is_transient(exc) or spent >= self.settings.retry_budget_s:
                     log.warning(
                         "%s dead-lettering %s/%d@%d: %s",
@@ -268,10 +324,39 @@ class ConsumerRuntime:
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                 await self._backoff(attempt)
 
+    async def _abandon_control(self, tp: TopicPartition, rec: Record, exc: Exception) -> str:
+        """A replay or release that cannot complete (the replayed record fails again, or
+        the database stayed unavailable past the budget) is never dead-lettered: its dead
+        letter stays open and the key blocked, and the operator repeats it later."""
+        log.error(
+            "%s replay/release %s/%d@%d not completed, its dead letter stays open: %s",
+            self.group,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            said(exc),
+        )
+
+        async def move_on() -> None:
+            async with self._transaction() as conn:
+                await self._save_position(conn, tp, rec.offset + 1)
+
+        await self._until_done(move_on)
+        return "control_failed"
+
     async def _apply(
-        self, conn: AsyncConnection, rec: Record, blocked: set[str] | None = None
+        self,
+        conn: AsyncConnection,
+        rec: Record,
+        blocked: set[str] | None = None,
+        final: bool = False,
     ) -> str:
         """Handle one record inside ``conn``'s transaction; returns the outcome label."""
+        if rec.topic == self.control_topic:
+            control = dlq.control_view(rec)
+            if control is None:
+                return "skipped"  # a dead letter itself: for the operator, not for us
+            rec = control
         target = rec.header(dlq.H_TARGET_GROUP)
         if target is not None and target.decode() != self.group:
             return "skipped"  # a replay or release meant for another consumer group
@@ -285,54 +370,75 @@ class ConsumerRuntime:
                 # replay of a purged record): acting again would unblock the key past a
                 # record that failed since, or apply an event after its successors
                 return "skipped"
-            order_key = named or order_key
+            order_key = named
         if release:
-            await self._release(conn, order_key, "purged")
+            await self._release(conn, order_key, "purged", final)
             await self._refresh_blocked(conn, order_key, blocked)
             return "released"
-        if not replay and (
-            order_key in blocked if blocked is not None else await self._blocked(conn, order_key)
-        ):
-            # stored without card data (released, a redacted record is rejected anyway)
-            value, _ = dlq.redacted_value(rec.value)
-            await conn.execute(
-                insert(parked).values(
-                    consumer_group=self.group,
-                    order_key=order_key,
-                    topic=rec.topic,
-                    partition=rec.partition,
-                    offset=rec.offset,
-                    key=rec.key,
-                    value=value,
-                    headers=[
-                        [k, v.decode("utf-8", "replace")]
-                        for k, v in dlq.redacted_headers(rec.headers)
-                    ],
-                    timestamp_ms=rec.timestamp_ms,
-                )
-            )
-            return "parked"
+        if not replay and (blocked is None or order_key in blocked):
+            parked_as = await self._park(conn, order_key, rec, blocked)
+            if parked_as is not None:
+                return parked_as
         outcome = await self._handle(conn, rec)
         if replay:
-            await self._release(conn, order_key, "replayed")
+            await self._release(conn, order_key, "replayed", final)
             await self._refresh_blocked(conn, order_key, blocked)
         return outcome
 
-    async def _handle(self, conn: AsyncConnection, rec: Record) -> str:
+    async def _park(
+        self, conn: AsyncConnection, order_key: str, rec: Record, blocked: set[str] | None
+    ) -> str | None:
+        """Park ``rec`` if its key is blocked; None (apply it) if it is not. Under the
+        key's lock: a release on another member either sees this parked row or has
+        already freed the key (then this record is applied, after the released ones)."""
+        await self._lock_key(conn, order_key)
+        if not await self._blocked(conn, order_key):
+            if blocked is not None:
+                blocked.discard(order_key)
+            return None
+        if await self._is_dead_letter(conn, rec):
+            return "duplicate"  # the failed record itself, read again (a rebalance)
+        # stored without card data (released, a redacted record is rejected anyway)
+        value, _ = dlq.redacted_value(rec.value)
+        await conn.execute(
+            insert(parked).values(
+                consumer_group=self.group,
+                order_key=order_key,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=rec.key,
+                value=value,
+                headers=[
+                    [k, v.decode("utf-8", "replace")] for k, v in dlq.redacted_headers(rec.headers)
+                ],
+                timestamp_ms=rec.timestamp_ms,
+            )
+        )
+        return "parked"
+
+    def _route(self, rec: Record) -> tuple[Handler | None, str, dict[str, Any] | None]:
+        """(handler — None for an event type this group ignores, inbox key, envelope)."""
         route = self.routes.get(rec.topic)
         if route is None:
             raise PermanentError("unrouted_topic", rec.topic)
-        envelope: dict[str, Any] | None = None
         if route.raw_handler is not None:
-            handler = route.raw_handler
             assert route.dedupe_key is not None
-            dedupe = route.dedupe_key(rec)
-        else:
-            envelope = parse_envelope(rec.value)
-            found = route.handlers.get(str(envelope["event_type"]))
-            if found is None:
-                return "skipped"
-            handler, dedupe = found, str(envelope["event_id"])
+            return route.raw_handler, route.dedupe_key(rec), None
+        envelope = parse_envelope(rec.value)
+        return route.handlers.get(str(envelope["event_type"])), str(envelope["event_id"]), envelope
+
+    def _dedupe_key(self, rec: Record) -> str | None:
+        """The inbox key of a record, None if it has none (it is not even an envelope)."""
+        try:
+            return self._route(rec)[1]
+        except Exception:
+            return None
+
+    async def _handle(self, conn: AsyncConnection, rec: Record) -> str:
+        handler, dedupe, envelope = self._route(rec)
+        if handler is None:
+            return "skipped"
         inserted = await conn.execute(
             pg_insert(inbox)
             .values(consumer_group=self.group, dedupe_key=dedupe)
@@ -361,6 +467,24 @@ class ConsumerRuntime:
         )
         return row.first() is not None
 
+    async def _lock_key(self, conn: AsyncConnection, order_key: str) -> None:
+        """Serialize parking and releasing of one key across members (until commit)."""
+        lock_id = func.hashtextextended(f"{self.group}|{order_key}", 0)
+        await conn.execute(select(func.pg_advisory_xact_lock(lock_id)))
+
+    async def _is_dead_letter(self, conn: AsyncConnection, rec: Record) -> bool:
+        row = await conn.execute(
+            select(dead_letters.c.id)
+            .where(
+                dead_letters.c.consumer_group == self.group,
+                dead_letters.c.topic == rec.topic,
+                dead_letters.c.partition == rec.partition,
+                dead_letters.c.offset == rec.offset,
+            )
+            .limit(1)
+        )
+        return row.first() is not None
+
     async def _refresh_blocked(
         self, conn: AsyncConnection, order_key: str, blocked: set[str] | None
     ) -> None:
@@ -383,12 +507,11 @@ class ConsumerRuntime:
         return set(rows.scalars())
 
     async def _named_dead_letter(self, conn: AsyncConnection, rec: Record) -> str | None:
-        """The order key of the open dead letter a replay or release names (``""`` for a
-        record from before replays named one: it acts on its key's open dead letters),
-        or None when that dead letter is no longer open."""
+        """The order key of the open dead letter a replay or release names, or None when
+        that dead letter is no longer open."""
         named = rec.header(dlq.H_DEAD_LETTER)
         if named is None:
-            return ""
+            return None
         topic, partition, offset = dlq.failed_record(named)
         row = await conn.execute(
             select(dead_letters.c.order_key)
@@ -406,12 +529,17 @@ class ConsumerRuntime:
         found: str | None = row.scalar()
         return found
 
-    async def _release(self, conn: AsyncConnection, order_key: str, resolution: str) -> None:
+    async def _release(
+        self, conn: AsyncConnection, order_key: str, resolution: str, final: bool = False
+    ) -> None:
         """Resolve the key's open dead letters, then apply its parked records in order,
-        in this same transaction. A parked record that fails permanently becomes the
-        key's dead letter in turn and the records behind it stay parked: a release never
-        skips a record, and never fails (and dead-letters) the replay or purge behind it."""
-        await conn.execute(
+        in this same transaction. The resolved records' inbox keys are entered, so a
+        purged record's other copies (a relay re-publishing it, say) are duplicates from
+        now on. A parked record that fails permanently — or, once ``final``, transiently —
+        becomes the key's dead letter in turn and the records behind it stay parked: a
+        release never skips a record, and never fails the replay or purge behind it."""
+        await self._lock_key(conn, order_key)
+        resolved = await conn.execute(
             update(dead_letters)
             .where(
                 and_(
@@ -421,7 +549,15 @@ class ConsumerRuntime:
                 )
             )
             .values(resolved_at=datetime.now(UTC), resolution=resolution)
+            .returning(dead_letters.c.dedupe_key)
         )
+        keys = {k for k in resolved.scalars() if k is not None}
+        if keys:
+            await conn.execute(
+                pg_insert(inbox)
+                .values([{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)])
+                .on_conflict_do_nothing()
+            )
         if await self._blocked(conn, order_key):
             # the same release ran concurrently (two members around a rebalance), got
             # here first and stopped at a new poison record, which now blocks the key
@@ -449,7 +585,7 @@ class ConsumerRuntime:
                 async with conn.begin_nested():  # a failure undoes this record only
                     await self._handle(conn, rec)
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) and not final:
                     raise  # the whole release is retried with backoff
                 await self._dead_letter_parked(conn, rec, exc)
                 done.append(row.id)
@@ -507,6 +643,7 @@ class ConsumerRuntime:
                 error_message=describe(exc)[:2000],
                 attempts=attempts,
                 first_failure_at=first,
+                dedupe_key=self._dedupe_key(rec),
             )
         )
         if self.on_dead_letter is not None:
@@ -544,7 +681,6 @@ class ConsumerRuntime:
                 for tp, messages in returned.items():
                     if messages:
                         consumer.seek(tp, messages[0].offset)
-                self._progress()
         finally:
             consumer.resume(*consumer.assignment())
 
@@ -569,7 +705,6 @@ class ConsumerRuntime:
             return
         try:
             await consumer.commit({tp: nxt})
-            self._progress()
         except Exception as exc:  # informational only: the database holds the position
             log.info("%s kafka commit of %s skipped: %s", self.group, tp, said(exc))
 
@@ -586,6 +721,8 @@ class ConsumerRuntime:
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
         for topic, value in lag.items():
             self.metrics.consumer_lag.labels(self.service, topic).set(value)
+        if not any(lag.values()):
+            self._progress()
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:

@@ -4,17 +4,22 @@ A dead letter carries the original key and value with headers naming where it ca
 from and why it failed. Card numbers never reach a dead letter: values and error
 messages are scrubbed of anything that looks like a primary account number first.
 
-Replay re-publishes the original record to its original topic, with its original
-record timestamp (the gateway signature tolerance is measured against it), addressed
-to the one consumer group that failed it (``paysaga-target-group``; other groups skip
-it). The consumer's inbox makes a replay safe to repeat. Purge publishes a release
-control record instead, which unblocks the key's parked records without applying the
-dead letter. Both name the dead letter they resolve and do nothing once it is resolved
-(so a purged record cannot be replayed later, out of order).
+A group's dead-letter topic is also its control channel (the group's consumer reads
+it too, and ignores the dead letters themselves): nothing is ever written back to a
+topic that others read — ``orders.status.v1``, say, is a compacted contract output.
+Replay publishes the original record there with its original record timestamp (the
+gateway signature tolerance is measured against it), addressed to the group that
+failed it (``paysaga-target-group``); the consumer handles it as a record of its
+original topic (named by ``paysaga-dead-letter``). The consumer's inbox makes a replay
+safe to repeat. Purge publishes a release control record instead, which unblocks the
+key's parked records without applying the dead letter. Both name the dead letter they
+resolve and do nothing once it is resolved (so a purged record cannot be replayed
+later, out of order).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -132,7 +137,7 @@ def replay_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[st
         (H_REPLAY_OF, origin),
         (H_DEAD_LETTER, _failed_record(h)),
     ]
-    return h[H_TOPIC], dead.key, dead.value, headers, int(h[H_TIMESTAMP])
+    return dlq_topic(h[H_GROUP]), dead.key, dead.value, headers, int(h[H_TIMESTAMP])
 
 
 def release_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
@@ -143,11 +148,27 @@ def release_record(dead: Record) -> tuple[str, bytes | None, bytes, list[tuple[s
         (H_CONTROL, CONTROL_RELEASE),
         (H_DEAD_LETTER, _failed_record(h)),
     ]
-    return h[H_TOPIC], dead.key, b"{}", headers
+    return dlq_topic(h[H_GROUP]), dead.key, b"{}", headers
 
 
 def _failed_record(h: dict[str, str]) -> bytes:
     return json.dumps([h[H_TOPIC], int(h[H_PARTITION]), int(h[H_OFFSET])]).encode()
+
+
+def is_control(rec: Record) -> bool:
+    """A replay or release record (found on a dead-letter topic next to dead letters)."""
+    return rec.header(H_TARGET_GROUP) is not None
+
+
+def control_view(rec: Record) -> Record | None:
+    """A replay or release read from a dead-letter topic, as the record it acts on: the
+    failed record's topic, partition and offset (its route, its dead letter) with the
+    control record's key, value and headers. None for a dead letter itself."""
+    named = rec.header(H_DEAD_LETTER)
+    if not is_control(rec) or named is None:
+        return None
+    topic, partition, offset = failed_record(named)
+    return dataclasses.replace(rec, topic=topic, partition=partition, offset=offset)
 
 
 def failed_record(value: bytes) -> tuple[str, int, int]:

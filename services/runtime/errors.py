@@ -51,14 +51,10 @@ def schema_violation(exc: ValidationError) -> PermanentError:
     return PermanentError("schema_violation", f"{exc.title}: {problems}")
 
 
-class TransientError(Exception):
-    """Something the record needs is unavailable right now; retrying may succeed."""
-
-
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PermanentError | ValidationError | ValueError | KeyError | TypeError):
         return False
-    if isinstance(exc, TransientError | TimeoutError | asyncio.TimeoutError | ConnectionError):
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError):
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         # connection-level failures (server gone, cannot connect), serialization and

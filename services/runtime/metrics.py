@@ -25,7 +25,7 @@ class RuntimeMetrics:
             records=Counter(
                 "paysaga_records_total",
                 "Consumed records by outcome: processed, duplicate, skipped, parked, "
-                "dead_lettered, released",
+                "dead_lettered, released, control_failed, lost_to_retention",
                 ["service", "topic", "outcome"],
                 registry=registry,
             ),

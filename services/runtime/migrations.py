@@ -114,3 +114,9 @@ def runtime_0001(op: Any) -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_parked_key", "parked", ["consumer_group", "order_key", "id"], unique=False)
+
+
+def runtime_0002(op: Any) -> None:
+    """``dead_letters.dedupe_key``: the dead-lettered record's inbox key, written to the
+    inbox when the dead letter is resolved, so no other copy of it is applied later."""
+    op.add_column("dead_letters", sa.Column("dedupe_key", sa.String(length=200), nullable=True))

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -107,16 +106,16 @@ class Service:
         return app
 
     async def readiness(self) -> dict[str, bool]:
-        """Database reachable, and the consumer polled recently: a consumer stuck after
-        a broker restart (aiokafka#1154) stops polling and turns this red."""
+        """Database reachable, and the consumer progressing: records waiting while no
+        stored position advanced for ``stall_after_s`` (a stuck partition, an endless
+        retry, aiokafka#1154 after a broker restart) turn this red."""
         db = True
         try:
             async with self.engine.connect() as conn:
                 await asyncio.wait_for(conn.execute(text("SELECT 1")), 3)
         except Exception:
             db = False
-        last = self.consumer.last_progress if self.consumer else 0.0
-        return {"database": db, "kafka": time.time() - last < 30}
+        return {"database": db, "kafka": self.consumer is not None and self.consumer.ready()}
 
     async def run(self, stop: asyncio.Event) -> None:
         assert self.metrics is not None

@@ -68,6 +68,9 @@ dead_letters = Table(
     Column("error_message", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("first_failure_at", DateTime(timezone=True), nullable=False),
+    #: the failed record's inbox key (None when it has none, e.g. invalid JSON): entered
+    #: into the inbox when the dead letter is resolved, so a later copy is a duplicate
+    Column("dedupe_key", String(200), nullable=True),
     Column("dead_lettered_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: set when the dead letter was replayed successfully or purged; the key is unblocked
     Column("resolved_at", DateTime(timezone=True), nullable=True),

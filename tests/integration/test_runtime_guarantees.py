@@ -5,14 +5,25 @@ deadline; "exactly once" always means: one ``ledger_applied`` row per event."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.runtime import dlq
+from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
+from services.runtime.messages import Record
+from services.runtime.metrics import RuntimeMetrics
 from tests.integration.conftest import Ledger
+from tests.support import ledger_service
 from tests.support.harness import (
     Feeder,
     Proc,
@@ -26,6 +37,7 @@ from tests.support.harness import (
     query,
     read_all,
     stream,
+    uid,
     wait_for,
 )
 
@@ -131,9 +143,11 @@ def test_member_joining_mid_stream_keeps_exactly_once_and_key_order(ledger: Ledg
 
 
 def dead_letter_refs(lg: Ledger) -> list[str]:
+    """The dead letters of the group's .dlq topic (not the replays and releases there)."""
     return [
         f"{m.topic}:{m.partition}:{m.offset}"
         for m in asyncio.run(read_all(lg.infra.bootstrap, f"{lg.group}.dlq"))
+        if not any(k == dlq.H_TARGET_GROUP for k, _ in m.headers or ())
     ]
 
 
@@ -306,3 +320,212 @@ def test_handler_slower_than_max_poll_interval_is_applied_once(ledger: Ledger) -
     assert any(slow_tp in a for a in other.assignments()), other.assignments()
     assert slow.alive
     assert other.alive
+
+
+# ------------------------------------------------------- 8. offsets missing from the log
+
+
+async def produce_in_transactions(
+    bootstrap: str, topic: str, transactions: list[list[tuple[str, bytes]]], partition: int
+) -> None:
+    """One Kafka transaction per list: each commit writes a marker that takes an offset
+    no consumer ever sees (under read_committed), as an upstream transactional producer's
+    would."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=uid("tx"))
+    await producer.start()
+    try:
+        for records in transactions:
+            async with producer.transaction():
+                for key, value in records:
+                    await producer.send_and_wait(
+                        topic, value=value, key=key.encode(), partition=partition
+                    )
+    finally:
+        await producer.stop()
+
+
+def stored_position(lg: Ledger, partition: int) -> int | None:
+    rows = query(lg.conninfo, "SELECT next_offset FROM consumer_positions"
+                 " WHERE topic = %s AND partition = %s", lg.in_topic, partition)  # fmt: skip
+    return int(rows[0][0]) if rows else None
+
+
+def test_offsets_missing_from_the_log_do_not_stall_the_partition(ledger: Ledger) -> None:
+    """Transaction markers occupy offsets that are never delivered (as do compacted-away
+    records): a stored position pointing at one is continued from the next record."""
+    b = ledger.infra.bootstrap
+    tx = [[credit("k1", 1)], [credit("k1", 2)]]
+    asyncio.run(produce_in_transactions(b, ledger.in_topic, tx, partition=0))
+    svc = ledger.process().start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2], what="first transactions applied")
+    # the stored position is now the offset of the commit marker after seq 2
+    assert stored_position(ledger, 0) == 3
+    asyncio.run(produce_in_transactions(b, ledger.in_topic, [[credit("k1", 3)]], partition=0))
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 3], what="record after a marker applied")
+
+    svc.kill()  # restarting at a stored position that is a marker's offset
+    assert stored_position(ledger, 0) == 5
+    asyncio.run(produce_in_transactions(b, ledger.in_topic, [[credit("k1", 4)]], partition=0))
+    ledger.process("restart").start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 3, 4], what="applied after the restart")
+    wait_for(lambda: stored_position(ledger, 0) == 7, what="position past the last record")
+
+
+def test_stored_position_below_the_log_start_continues_from_the_log_start(
+    ledger: Ledger,
+) -> None:
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", i) for i in range(6)], partition=0))
+
+    async def expire_before(offset: int) -> None:  # what retention does to old segments
+        admin = AIOKafkaAdminClient(bootstrap_servers=b)
+        await admin.start()
+        try:
+            tp = TopicPartition(ledger.in_topic, 0)
+            await admin.delete_records({tp: RecordsToDelete(before_offset=offset)})
+        finally:
+            await admin.close()
+
+    asyncio.run(expire_before(4))
+    query(
+        ledger.conninfo,
+        "INSERT INTO consumer_positions (consumer_group, topic, partition, next_offset)"
+        " VALUES (%s, %s, 0, 2) RETURNING 1",
+        ledger.group,
+        ledger.in_topic,
+    )
+    svc = ledger.process().start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [4, 5], what="the retained records applied")
+    wait_for(lambda: stored_position(ledger, 0) == 6, what="position at the end")
+    assert "below the log start 4: 2 record(s) expired" in svc.log_text()
+
+
+# ------------------------------------------------------- 9. replay, purge: money and contract
+
+
+def dead_letter_ref_of(lg: Ledger, key: str) -> str:
+    [ref] = [
+        f"{m.topic}:{m.partition}:{m.offset}"
+        for m in asyncio.run(read_all(lg.infra.bootstrap, f"{lg.group}.dlq"))
+        if m.key == key.encode() and not any(k == dlq.H_TARGET_GROUP for k, _ in m.headers)
+    ]
+    return ref
+
+
+def test_replay_and_purge_write_nothing_to_the_original_topic_and_purged_copies_stay_unapplied(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    b = ledger.infra.bootstrap
+    broken = tmp_path / "broken"
+    broken.touch()
+    _, poison = credit("k1", 2, fail_until_file=str(broken))
+    asyncio.run(produce(b, ledger.in_topic, [
+        credit("k1", 1), ("k1", poison),
+        ("k1", poison),  # a copy of it, e.g. an upstream relay re-publishing after a crash
+        credit("k1", 3),
+        credit("k2", 10), credit("k2", 11, fail_until_file=str(broken)), credit("k2", 12),
+    ], partition=0))  # fmt: skip
+    ledger.process().start()
+    wait_for(lambda: caught_up(ledger.conninfo, b, ledger.group, ledger.in_topic), what="consumed")
+    assert (seqs_of(ledger, "k1"), seqs_of(ledger, "k2")) == ([1], [10])
+    assert parked_count(ledger) == 3
+    in_topic_before = len(asyncio.run(read_all(b, ledger.in_topic)))
+
+    broken.unlink()  # the cause is fixed; the operator purges k1's dead letter anyway
+    cli("dlq", "purge", dead_letter_ref_of(ledger, "k1"), bootstrap=b)
+    cli("dlq", "replay", dead_letter_ref_of(ledger, "k2"), bootstrap=b)
+    wait_for(lambda: seqs_of(ledger, "k2") == [10, 11, 12], what="k2 replayed and released")
+    wait_for(lambda: parked_count(ledger) == 0, what="k1 released")
+    assert sorted(dead_letter_rows(ledger)) == [("k1", 1, "purged"), ("k2", 5, "replayed")]
+    assert seqs_of(ledger, "k1") == [1, 3]  # the purged record's copy was not applied
+    # the control records went to the group's own dead-letter topic, never to the
+    # original one (which other groups read)
+    assert len(asyncio.run(read_all(b, ledger.in_topic))) == in_topic_before
+    assert len(dead_letter_refs(ledger)) == 2  # and the listing shows only dead letters
+
+
+def test_release_whose_parked_record_fails_transiently_dead_letters_that_record(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """Past the retry budget, the parked record becomes the key's dead letter; the purge
+    itself is never dead-lettered (it would block the key behind a ``{}`` record)."""
+    b = ledger.infra.bootstrap
+    down = tmp_path / "down"
+    down.touch()
+    asyncio.run(produce(b, ledger.in_topic, [
+        credit("k1", 1), ("k1", b"{not json"),
+        credit("k1", 2, transient_until_file=str(down)), credit("k1", 3),
+    ], partition=0))  # fmt: skip
+    ledger.process(PAYSAGA_RETRY_BUDGET_S="1", PAYSAGA_RETRY_MAX_S="0.2").start()
+    [first] = wait_for(lambda: dead_letter_refs(ledger), what="first dead letter")
+    wait_for(lambda: parked_count(ledger) == 2, what="two parked")
+
+    cli("dlq", "purge", first, bootstrap=b)
+    wait_for(lambda: dead_letter_rows(ledger) == [("k1", 1, "purged"), ("k1", 2, None)],
+             what="the transiently failing parked record dead-lettered")  # fmt: skip
+    assert parked_count(ledger) == 1  # seq 3 waits behind it
+    assert seqs_of(ledger, "k1") == [1]
+    dead = [m for m in asyncio.run(read_all(b, f"{ledger.group}.dlq"))
+            if not any(k == dlq.H_TARGET_GROUP for k, _ in m.headers)]  # fmt: skip
+    assert dead[0].value == b"{not json"
+    assert json.loads(dead[1].value)["payload"]["seq"] == 2
+    assert len(dead) == 2  # the release record itself was not dead-lettered
+
+    down.unlink()
+    cli("dlq", "replay", dead_letter_refs(ledger)[1], bootstrap=b)
+    wait_for(lambda: seqs_of(ledger, "k1") == [1, 2, 3], what="replayed, then 3 released")
+
+
+# ------------------------------------------------------- 10. park/release race
+
+
+def test_a_record_parked_while_another_member_releases_its_key_is_not_stranded(
+    ledger: Ledger,
+) -> None:
+    """P parks a record of a blocked key (its batch read the key as blocked); R, on
+    another member, releases the key before P commits. R must see P's parked row."""
+    query(ledger.conninfo, "INSERT INTO dead_letters (consumer_group, order_key, topic,"
+          " partition, \"offset\", error_class, error_message, attempts, first_failure_at)"
+          " VALUES (%s, 'k1', %s, 0, 0, 'E', 'e', 1, now()) RETURNING 1",
+          ledger.group, ledger.in_topic)  # fmt: skip
+    key, value = credit("k1", 5)
+    rec = Record(ledger.in_topic, 0, 1, key.encode(), value, (), 0)
+
+    async def race() -> None:
+        args = argparse.Namespace(group=ledger.group, db_url=ledger.db_url, bootstrap="",
+                                  in_topic=ledger.in_topic, out_topic=None, port=0)  # fmt: skip
+        svc = ledger_service.build(args)
+        rt = ConsumerRuntime(service="ledger", group=ledger.group, routes=svc.routes,
+                             engine=svc.engine, bootstrap="", producer=None,  # type: ignore[arg-type]
+                             metrics=RuntimeMetrics.create(CollectorRegistry()),
+                             settings=RuntimeSettings())  # fmt: skip
+        try:
+            async with svc.engine.begin() as p:
+                assert await rt._apply(p, rec, blocked={"k1"}) == "parked"
+
+                async def release() -> None:
+                    async with svc.engine.begin() as r:
+                        await rt._release(r, "k1", "purged")
+
+                r_task = asyncio.create_task(release())
+                # R either finished (it did not wait for P) or waits for P's key lock
+                deadline = asyncio.get_running_loop().time() + 30
+                while not r_task.done() and not await lock_waiters(svc.engine):
+                    assert asyncio.get_running_loop().time() < deadline, "R neither ran nor waited"
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(r_task, 30)
+        finally:
+            await svc.engine.dispose()
+
+    asyncio.run(race())
+    assert parked_count(ledger) == 0, "the parked record was stranded"
+    assert seqs_of(ledger, "k1") == [5]
+    assert dead_letter_rows(ledger) == [("k1", 0, "purged")]
+
+
+async def lock_waiters(engine: AsyncEngine) -> int:
+    async with engine.connect() as c:
+        found = await c.execute(
+            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        )
+        return int(found.scalar() or 0)

@@ -110,9 +110,13 @@ class Proc:
 
     def assignments(self) -> list[list[str]]:
         """Every assignment of this process so far, from its log (the runtime logs
-        ``<group> assigned [...]`` on every rebalance)."""
+        ``<group> assigned [...]`` on every rebalance), of the topics it consumes."""
         found = re.findall(r" assigned (\[.*\])$", self.log_text(), flags=re.MULTILINE)
-        return [list(ast.literal_eval(a)) for a in found]
+        # the group's own .dlq topic (its replay/purge control channel) is left out
+        return [
+            [tp for tp in ast.literal_eval(a) if not tp.rsplit("/", 1)[0].endswith(".dlq")]
+            for a in found
+        ]
 
     def assignment(self) -> list[str] | None:
         """The partitions of this process's latest assignment; None before any."""

@@ -5,7 +5,8 @@ application (one row per application: applying twice shows as two rows); with
 ``--out-topic`` it emits ``Credited`` through the outbox. ``Credited`` consumed by a
 downstream instance is recorded the same way. A missing field is a permanent error.
 ``fail_until_file`` names a file: while it exists the record fails permanently (a
-condition an operator fixes, then replays the dead letter).
+condition an operator fixes, then replays the dead letter); ``transient_until_file``
+likewise fails transiently (a dependency that is down).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def build(args: argparse.Namespace) -> Service:
             raise PermanentError("schema_violation", f"Credit payload: {exc!r}") from exc
         if p.get("fail_until_file") and os.path.exists(p["fail_until_file"]):
             raise PermanentError("not_yet_fixed", str(p["fail_until_file"]))
+        if p.get("transient_until_file") and os.path.exists(p["transient_until_file"]):
+            raise TimeoutError(f"unavailable: {p['transient_until_file']}")
         if p.get("sleep_s"):
             await asyncio.sleep(float(p["sleep_s"]))
         await ctx.conn.execute(

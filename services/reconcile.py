@@ -16,8 +16,9 @@ each store (read-only) and compares. Rules:
 * with ``--gateway``: ``captured_twice`` / ``refunded_twice`` in the gateway's ledger,
   ``capture_unknown_to_gateway`` — a capture we stored that the gateway lacks — and
   ``captured_but_rejected`` — money the gateway captured for a confirmation payments
-  rejected (a sale of the wrong amount, a second payment of a paid order), never
-  accepted nor refunded: nothing in the saga gives it back, an operator must.
+  rejected (a sale of the wrong amount, a second payment of a paid order — on arrival,
+  or when its order arrived after it was parked), never accepted nor refunded: nothing
+  in the saga gives it back, an operator must.
 
 Orders still in flight are not violations; the monitor watches for stalls.
 """
@@ -88,7 +89,7 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
             for r in _rows(
                 "orders",
                 "SELECT DISTINCT ON (transaction_id) transaction_id, order_id, reason"
-                " FROM audit_log WHERE subject = 'gateway_confirmation'"
+                " FROM audit_log WHERE subject IN ('gateway_confirmation', 'unmatched_payment')"
                 " AND outcome = 'rejected' AND transaction_id IS NOT NULL",
             )
             if r.transaction_id not in confirmed

@@ -114,6 +114,22 @@ _ALLOWED: dict[Status, frozenset[Status]] = {
     "REFUNDED": frozenset(),
 }
 
+
+def _allowed(view: OrderView, status: Status) -> bool:
+    """`_ALLOWED`, plus one move: an attempt flagged only because a record of it was
+    dead-lettered (payments' `record_dead_lettered`) before any payment of it was
+    accepted may still be authorized — the dead letter, replayed, can be the payment.
+    Once the attempt has a transaction, that would be a move backwards."""
+    if status in _ALLOWED[view.status]:
+        return True
+    return (
+        view.status == "NEEDS_RECONCILIATION"
+        and view.reason == "record_dead_lettered"
+        and status == "PAYMENT_AUTHORIZED"
+        and view.transaction_id is None
+    )
+
+
 # Events of the saga topics that drive no status (they are still applied for the gate).
 _NOT_STATUS_BEARING = frozenset(
     {"StockReleased", "StockCommitted", "AuthorizationExpired", "AuditRecorded"}
@@ -230,7 +246,7 @@ def decide(view: OrderView | None, event_type: str, payload: Mapping[str, Any]) 
         ignored = "stale_attempt"
     elif attempt > view.attempt:
         ignored = "unknown_attempt"
-    elif status not in _ALLOWED[view.status]:
+    elif not _allowed(view, status):
         ignored = "transition_not_allowed"
     if ignored is not None:
         return Outcome(view, ignored_reason=ignored)

@@ -25,12 +25,16 @@ class PaymentsSettings(BaseSettings):
 
 
 def confirmation_dedupe_key(rec: Record) -> str:
-    """Inbox key of a raw webhook record: the gateway and a digest of the exact bytes.
-    Known before anything parses the body; a gateway retry (same bytes) is absorbed
-    here, and the semantic rules (event id, transaction + type) are applied after the
-    signature is verified."""
+    """Inbox key of a raw webhook record: the gateway and a digest of the exact bytes and
+    of the signature header. Known before anything parses the body; a gateway retry
+    (same bytes, same signature) is absorbed here. The same body with a new signature
+    (resent after a rejected delivery, e.g. during a secret rotation) is a new delivery:
+    it is verified and judged like any other, and a real duplicate is still caught by
+    the semantic rules (event id, transaction + type) applied after verification."""
     gateway = (rec.header("paysaga-gateway") or b"").decode("utf-8", "replace")
-    return f"webhook:{gateway}:{hashlib.sha256(rec.value).hexdigest()}"
+    digest = hashlib.sha256(rec.value)
+    digest.update(b"\x00" + (rec.header("paysaga-signature") or b""))
+    return f"webhook:{gateway}:{digest.hexdigest()}"
 
 
 def build() -> Service:

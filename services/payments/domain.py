@@ -17,6 +17,7 @@ from typing import Any, Literal
 from schemas.contract import reason_code
 
 __all__ = [
+    "SETTLED_NOT_FAILED",
     "Confirmation",
     "Decision",
     "Item",
@@ -32,9 +33,19 @@ __all__ = [
 OrderStatus = Literal["pending", "accepted", "failed", "flagged"]
 ConfirmationType = Literal["payment.authorized", "payment.captured", "payment.failed"]
 DecisionOutcome = Literal[
-    "registered", "duplicate", "rejected", "parked", "accepted", "declined", "retry_accepted"
+    "registered",
+    "duplicate",
+    "rejected",
+    "parked",
+    "accepted",
+    "declined",
+    "retry_accepted",
+    "held",
 ]
 Payload = dict[str, Any]
+
+#: orders' published statuses in which an attempt is settled for good: no retry
+SETTLED_NOT_FAILED = frozenset({"PAID_CONFIRMED", "REFUNDED", "NEEDS_RECONCILIATION"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +57,8 @@ class Item:
 @dataclass(frozen=True, slots=True)
 class Order:
     """Payments' view of an order: the current attempt and whether it is still awaiting
-    a confirmation (`pending`). `content_hash` identifies the OrderPlaced content."""
+    a confirmation (`pending`). `content_hash` identifies the OrderPlaced content;
+    `earlier_intents` are the payment intents of the attempts before the current one."""
 
     order_id: str
     customer_id: str
@@ -59,6 +71,7 @@ class Order:
     items: tuple[Item, ...]
     correlation_id: str | None
     content_hash: str
+    earlier_intents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,25 +158,43 @@ def decide_order_placed(existing: Order | None, incoming: Order) -> Decision:
     return Decision("registered", None, order, (event,), (audit,))
 
 
-def decide_retry(order: Order | None, payment_intent_id: str, payment_method: str) -> Decision:
-    """Accept a PaymentRetryRequested only for an order whose current attempt failed:
-    attempt + 1 with the new intent, pending again, emitting PaymentRetryAccepted.
+def decide_retry(
+    order: Order | None, payment_intent_id: str, payment_method: str, saga_status: str | None
+) -> Decision:
+    """Decide a PaymentRetryRequested. `saga_status` is the order's status as orders last
+    published it for the current attempt (None before the first).
 
-    Rejections: `unknown_order`; `retry_not_allowed_in_status` (not failed);
-    `payment_intent_reused` (the failed attempt's own intent: confirmations are matched
-    by intent, so reusing it would let the old attempt's confirmations settle the new one).
+    Accepted only when the current attempt failed here and orders published
+    PAYMENT_FAILED for it: attempt + 1 with the new intent, pending again, emitting
+    PaymentRetryAccepted (orders ignores a retry in any other status, and every event of
+    the new attempt with it). `held` (reason `attempt_in_flight`) while the attempt
+    was accepted or failed but orders has not published how it ended: the handler keeps
+    the request and decides it again on the next status.
+
+    Rejections: `unknown_order`; `retry_not_allowed_in_status` (pending, flagged, or
+    settled for good: PAID_CONFIRMED, REFUNDED, NEEDS_RECONCILIATION);
+    `payment_intent_reused` (the intent of this or an earlier attempt: confirmations are
+    matched by intent, so reusing one would let an old attempt's confirmations settle
+    the new one).
     """
     reason: str | None = None
     if order is None:
         reason = "unknown_order"
-    elif order.status != "failed":
+    elif order.status not in ("accepted", "failed") or saga_status in SETTLED_NOT_FAILED:
         reason = "retry_not_allowed_in_status"
-    elif payment_intent_id == order.payment_intent_id:
+    elif payment_intent_id == order.payment_intent_id or payment_intent_id in (
+        order.earlier_intents
+    ):
         reason = "payment_intent_reused"
     if order is None or reason is not None:
         order_id = order.order_id if order else None
         return Decision(
             "rejected", reason, audit=(_audit("payment_retry", "rejected", reason, order_id),)
+        )
+    if order.status != "failed" or saga_status != "PAYMENT_FAILED":
+        reason = "attempt_in_flight"
+        return Decision(
+            "held", reason, audit=(_audit("payment_retry", "held", reason, order.order_id),)
         )
     retried = replace(
         order,
@@ -171,6 +202,7 @@ def decide_retry(order: Order | None, payment_intent_id: str, payment_method: st
         payment_intent_id=payment_intent_id,
         payment_method=payment_method,
         status="pending",
+        earlier_intents=(*order.earlier_intents, order.payment_intent_id),
     )
     event = (
         "PaymentRetryAccepted",
@@ -188,22 +220,33 @@ def decide_retry(order: Order | None, payment_intent_id: str, payment_method: st
     return Decision("retry_accepted", None, retried, (event,), (audit,))
 
 
-def _mismatch(order: Order, c: Confirmation) -> str | None:
+def _mismatch(order: Order, c: Confirmation, attempt_confirmed: bool) -> str | None:
     if c.payment_intent_id != order.payment_intent_id:
         return "payment_intent_mismatch"
     if c.amount != order.total_amount:
         return "amount_mismatch"
     if c.currency != order.currency:
         return "currency_mismatch"
-    if order.status != "pending":
+    # flagged: a record of the order was dead-lettered; if this attempt has no stored
+    # confirmation yet, this may be that very record, replayed: it still settles it
+    awaiting = order.status == "pending" or (order.status == "flagged" and not attempt_confirmed)
+    if not awaiting:
         return "order_not_awaiting_payment"
     return None
 
 
-def _confirm(order: Order | None, c: Confirmation, action: str) -> Decision:
-    if order is None:
-        return Decision("parked", audit=(_audit(action, "parked", None, c.order_id, c),))
-    reason = _mismatch(order, c)
+def _confirm(
+    order: Order | None, c: Confirmation, action: str, attempt_confirmed: bool = True
+) -> Decision:
+    if order is None or (
+        c.payment_intent_id != order.payment_intent_id
+        and c.payment_intent_id not in order.earlier_intents
+    ):
+        # no order, or an intent the order has not (yet) seen: e.g. the payment of a
+        # retry whose PaymentRetryRequested is still on its way. Matched when it arrives.
+        order_id = order.order_id if order else c.order_id
+        return Decision("parked", audit=(_audit(action, "parked", None, order_id, c),))
+    reason = _mismatch(order, c, attempt_confirmed)
     if reason is not None:
         return Decision(
             "rejected", reason, audit=(_audit(action, "rejected", reason, order.order_id, c),)
@@ -249,14 +292,21 @@ def _confirm(order: Order | None, c: Confirmation, action: str) -> Decision:
     )
 
 
-def decide_confirmation(order: Order | None, c: Confirmation) -> Decision:
+def decide_confirmation(
+    order: Order | None, c: Confirmation, *, attempt_confirmed: bool = True
+) -> Decision:
     """Decide a confirmation against the order it names (loaded by `c.order_id`, else by
-    `c.payment_intent_id`).
+    `c.payment_intent_id`). `attempt_confirmed`: a confirmation of the order's current
+    attempt is stored already (only consulted for a `flagged` order).
 
-    - no order: `parked` (kept in the unmatched store, see `decide_match_unmatched`);
-    - rejected, in this order: `payment_intent_mismatch` (not the order's current intent),
+    - no order, or an intent that is neither the order's current one nor an earlier
+      attempt's (a retry's payment ahead of its PaymentRetryRequested): `parked` (kept in
+      the unmatched store, see `decide_match_unmatched`);
+    - rejected, in this order: `payment_intent_mismatch` (an earlier attempt's intent),
       `amount_mismatch`, `currency_mismatch`, `order_not_awaiting_payment` (this attempt
-      already settled); a rejection changes nothing;
+      already settled; a `flagged` order without `attempt_confirmed` is still awaiting
+      it: the flag came from a dead-lettered record, maybe this one); a rejection
+      changes nothing;
     - payment.failed: order failed, PaymentDeclined (reason: the failure code as a
       snake_case reason);
     - payment.authorized / payment.captured: order accepted, PaymentAccepted with flow
@@ -264,7 +314,7 @@ def decide_confirmation(order: Order | None, c: Confirmation) -> Decision:
     Only the first confirmation of an attempt settles it, so a duplicate or late one can
     never emit a second PaymentAccepted or PaymentDeclined.
     """
-    return _confirm(order, c, "confirmation")
+    return _confirm(order, c, "confirmation", attempt_confirmed)
 
 
 def decide_match_unmatched(

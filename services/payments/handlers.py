@@ -38,9 +38,9 @@ log = logging.getLogger("paysaga.payments")
 security_log = logging.getLogger("paysaga.payments.security")
 
 PAYMENTS_TOPIC = "payments.events.v1"
+ORDERS_TOPIC = "checkout.orders.v1"
+CONFIRMATIONS_TOPIC = "gateway.confirmations.v1"
 AUDIT_TOPIC = "audit.events.v1"
-#: statuses in which an attempt is settled for good: a pending retry is refused
-SETTLED_NOT_FAILED = {"PAID_CONFIRMED", "REFUNDED", "NEEDS_RECONCILIATION"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +110,7 @@ class PaymentsHandlers:
             await self._match_parked(ctx, decision.order)
 
     async def _match_parked(self, ctx: Context, order: Order) -> None:
+        await store.lock_intent(ctx.conn, order.payment_intent_id)  # see on_confirmation
         rows = await store.parked_for(ctx.conn, order)
         parked = [store.confirmation_from_unmatched(r) for r in rows]
         for c, decision in domain.decide_match_unmatched(
@@ -134,41 +135,33 @@ class PaymentsHandlers:
 
     async def on_retry_requested(self, ctx: Context) -> None:
         retry = _validate(PaymentRetryRequested, ctx.payload)
+        # the new intent's lock first, as a confirmation of it takes it before the order
+        await store.lock_intent(ctx.conn, retry.payment_intent_id)
         row = await store.load_order(ctx.conn, retry.order_id)
         order = store.order_from_row(row) if row else None
-        if row is not None and order is not None and order.status == "accepted":
-            if row.saga_status in SETTLED_NOT_FAILED:
-                decision = Decision(
-                    "rejected",
-                    "retry_not_allowed_in_status",
-                    audit=(
-                        _audit_entry(
-                            "payment_retry",
-                            "rejected",
-                            "retry_not_allowed_in_status",
-                            order.order_id,
-                        ),
-                    ),
-                )
-            else:
-                # The attempt is still in flight (e.g. a capture that may yet be declined):
-                # hold the request until orders.status.v1 says how the attempt ended, so a
-                # customer who retries on seeing PAYMENT_FAILED is never refused for our lag.
-                await store.set_order_fields(
-                    ctx.conn,
-                    order.order_id,
-                    pending_retry={
-                        "payment_intent_id": retry.payment_intent_id,
-                        "payment_method": retry.payment_method,
-                        "event_id": ctx.event_id,
-                    },
-                )
-                self.metrics.retries.labels("held", "attempt_in_flight").inc()
-                held = _audit_entry("payment_retry", "held", "attempt_in_flight", order.order_id)
-                await self._emit_audit(ctx, "payment_retry", held, order.order_id)
-                return
-        else:
-            decision = domain.decide_retry(order, retry.payment_intent_id, retry.payment_method)
+        decision = domain.decide_retry(
+            order,
+            retry.payment_intent_id,
+            retry.payment_method,
+            row.saga_status if row else None,
+        )
+        if decision.outcome == "held" and order is not None:
+            # The attempt may still fail (a capture not yet declined, a status not yet
+            # published): keep the request until orders.status.v1 says how the attempt
+            # ended, so a customer who retries on seeing PAYMENT_FAILED is never refused
+            # for our lag.
+            await store.set_order_fields(
+                ctx.conn,
+                order.order_id,
+                pending_retry={
+                    "payment_intent_id": retry.payment_intent_id,
+                    "payment_method": retry.payment_method,
+                    "event_id": ctx.event_id,
+                },
+            )
+            self.metrics.retries.labels("held", decision.reason).inc()
+            await self._apply(ctx, decision, subject="payment_retry")
+            return
         await self._settle_retry(ctx, decision)
 
     async def _settle_retry(
@@ -178,7 +171,8 @@ class PaymentsHandlers:
         if decision.outcome == "rejected":
             security_log.warning("payment retry rejected: %s", decision.reason)
         if decision.order is not None:
-            await store.save_order(ctx.conn, decision.order, pending_retry=None)
+            # the new attempt has no published status yet
+            await store.save_order(ctx.conn, decision.order, pending_retry=None, saga_status=None)
         await self._apply(ctx, decision, subject="payment_retry", causation=causation)
         if decision.order is not None:
             await self._match_parked(ctx, decision.order)
@@ -186,41 +180,32 @@ class PaymentsHandlers:
     # ------------------------------------------------------------ orders.status.v1
 
     async def on_status_changed(self, ctx: Context) -> None:
-        """Mirror the saga's outcome of the current attempt: payments must know that a
-        capture decline or an out-of-stock void failed the attempt (to accept a retry)."""
+        """Mirror every published status of the current attempt: payments must know that
+        a capture decline or an out-of-stock void failed the attempt, and that a failed
+        attempt went on to NEEDS_RECONCILIATION, to accept a retry only when orders will."""
         status = _validate(OrderStatusChanged, ctx.payload)
         row = await store.load_order(ctx.conn, status.order_id)
         if row is None or status.version <= row.saga_version:
             return
-        await store.set_order_fields(
-            ctx.conn, status.order_id, saga_status=status.status.value, saga_version=status.version
-        )
+        await store.set_order_fields(ctx.conn, status.order_id, saga_version=status.version)
         order = store.order_from_row(row)
         if status.payment_intent_id != order.payment_intent_id:
             return  # about an earlier attempt
-        if status.status.value == "PAYMENT_FAILED" and order.status == "accepted":
+        saga_status = status.status.value
+        await store.set_order_fields(ctx.conn, order.order_id, saga_status=saga_status)
+        if saga_status == "PAYMENT_FAILED" and order.status in ("accepted", "flagged"):
             order = dataclasses.replace(order, status="failed")
             await store.save_order(ctx.conn, order)
         pending = row.pending_retry
         if pending is None:
             return
-        if status.status.value == "PAYMENT_FAILED":
-            decision = domain.decide_retry(
-                order, pending["payment_intent_id"], pending["payment_method"]
-            )
-            await self._settle_retry(ctx, decision, causation=pending["event_id"])
-        elif status.status.value in SETTLED_NOT_FAILED:
-            await store.set_order_fields(ctx.conn, order.order_id, pending_retry=None)
-            decision = Decision(
-                "rejected",
-                "retry_not_allowed_in_status",
-                audit=(
-                    _audit_entry(
-                        "payment_retry", "rejected", "retry_not_allowed_in_status", order.order_id
-                    ),
-                ),
-            )
-            await self._settle_retry(ctx, decision)
+        decision = domain.decide_retry(
+            order, pending["payment_intent_id"], pending["payment_method"], saga_status
+        )
+        if decision.outcome == "held":
+            return
+        await store.set_order_fields(ctx.conn, order.order_id, pending_retry=None)
+        await self._settle_retry(ctx, decision, causation=pending["event_id"])
 
     # ------------------------------------------------------------ gateway.confirmations.v1
 
@@ -236,12 +221,20 @@ class PaymentsHandlers:
         ):
             self.metrics.confirmations.labels("duplicate", "none").inc()
             return
+        # Serializes parking with the registration of the intent's order (_match_parked),
+        # which may run concurrently on another partition or instance: under READ
+        # COMMITTED each could otherwise miss the other's uncommitted row.
+        await store.lock_intent(ctx.conn, c.payment_intent_id)
         row = (
             await store.load_order(ctx.conn, c.order_id)
             if c.order_id
             else await store.load_order_by_intent(ctx.conn, c.payment_intent_id)
         )
-        decision = domain.decide_confirmation(store.order_from_row(row) if row else None, c)
+        order = store.order_from_row(row) if row else None
+        confirmed = order is None or order.status != "flagged"
+        if order is not None and not confirmed:
+            confirmed = await store.attempt_confirmed(ctx.conn, order.order_id, order.attempt)
+        decision = domain.decide_confirmation(order, c, attempt_confirmed=confirmed)
         if decision.outcome == "parked":
             await store.park(ctx.conn, c)
             log.info(
@@ -360,12 +353,16 @@ class PaymentsHandlers:
     async def flag_dead_letter(
         self, conn: AsyncConnection, rec: Record, exc: BaseException
     ) -> None:
-        """A confirmation or order record that could not be processed (e.g. the database
-        stayed down past the retry budget): flag its order for reconciliation — never
-        leave it looking merely pending — if the order is known. Runs in the dead-letter
-        transaction."""
+        """A confirmation or OrderPlaced record that could not be processed (e.g. the
+        database stayed down past the retry budget): flag its order for reconciliation —
+        never leave it looking merely pending — if the order is known. Runs in the
+        dead-letter transaction. Other records (a malformed PaymentRetryRequested, a
+        status change) change no money and flag nothing.
+
+        The key is the bridge's (order id, else payment intent) for a confirmation and
+        the order id for checkout.orders.v1, whose event type is read from the envelope."""
         key = rec.key_str
-        if key is None:
+        if key is None or not _flags_its_order(rec):
             return
         row = await store.load_order(conn, key) or await store.load_order_by_intent(conn, key)
         if row is None:
@@ -394,6 +391,18 @@ class PaymentsHandlers:
             rec.topic,
             type(exc).__name__,
         )
+
+
+def _flags_its_order(rec: Record) -> bool:
+    if rec.topic == CONFIRMATIONS_TOPIC:
+        return True
+    if rec.topic != ORDERS_TOPIC:
+        return False
+    try:
+        envelope = json.loads(rec.value)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(envelope, dict) and envelope.get("event_type") == "OrderPlaced"
 
 
 def _audit_entry(

@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -53,6 +54,8 @@ orders = Table(
     Column("saga_version", Integer, nullable=False, server_default="0"),
     #: a PaymentRetryRequested that arrived while the attempt was still in flight
     Column("pending_retry", JSONB, nullable=True),
+    #: the payment intents of the attempts before the current one (a JSON list)
+    Column("earlier_intents", JSONB, nullable=False, server_default="[]"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_orders_payment_intent", "payment_intent_id"),
@@ -145,6 +148,7 @@ def order_from_row(row: Any) -> Order:
         items=tuple(Item(i["sku"], i["quantity"]) for i in row.items),
         correlation_id=row.correlation_id,
         content_hash=row.content_hash,
+        earlier_intents=tuple(row.earlier_intents),
     )
 
 
@@ -160,8 +164,28 @@ def _order_values(order: Order) -> dict[str, Any]:
         "items": [{"sku": i.sku, "quantity": i.quantity} for i in order.items],
         "correlation_id": order.correlation_id,
         "content_hash": order.content_hash,
+        "earlier_intents": list(order.earlier_intents),
         "updated_at": func.now(),
     }
+
+
+async def lock_intent(conn: AsyncConnection, payment_intent_id: str) -> None:
+    """Serialize, until the transaction ends, everything that parks or matches payments
+    of one payment intent (a transaction-scoped advisory lock; re-entrant)."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"payments:intent:{payment_intent_id}"},
+    )
+
+
+async def attempt_confirmed(conn: AsyncConnection, order_id: str, attempt: int) -> bool:
+    """Whether a confirmation (accepted or declined) of that attempt is stored."""
+    found = await conn.execute(
+        select(confirmations.c.id)
+        .where(confirmations.c.order_id == order_id, confirmations.c.attempt == attempt)
+        .limit(1)
+    )
+    return found.first() is not None
 
 
 async def load_order(conn: AsyncConnection, order_id: str, *, lock: bool = True) -> Any:

@@ -296,3 +296,40 @@ def test_reconcile_names_money_captured_for_a_rejected_confirmation(stack: Stack
     assert "captured_but_rejected" in found.stdout
     assert txn in found.stdout
     assert "amount_mismatch" in found.stdout
+
+
+def test_reconcile_names_money_captured_for_a_parked_confirmation_rejected_later(
+    stack: Stack,
+) -> None:
+    """The sale arrives before its order, is parked, and is rejected (wrong amount) when
+    the order arrives: reconcile names the captured money just the same."""
+    order_id, intent, sku = new_id("ord"), new_id("pi"), new_id("sku")
+    stack.set_stock(sku, 1)
+    txn = stack.pay(order_id, intent, 1600, "sale")["transaction_id"]
+    wait_for(
+        lambda: stack.db(
+            "payments", "SELECT 1 FROM unmatched_payments WHERE transaction_id=%s", txn
+        ),
+        what="parked",
+    )
+    stack.place_order(order_id, intent=intent, items=[(sku, 1, 1500)])
+    wait_for(
+        lambda: stack.db(
+            "orders",
+            "SELECT 1 FROM audit_log WHERE transaction_id=%s AND subject='unmatched_payment'"
+            " AND outcome='rejected' AND reason='amount_mismatch'",
+            txn,
+        ),
+        what="rejection audited",
+    )
+    assert (stack.order(order_id) or {})["status"] == "PENDING_PAYMENT"
+    found = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "paysaga"), "reconcile", "--gateway", "--order", order_id],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert found.returncode == 1, found.stdout
+    assert "captured_but_rejected" in found.stdout
+    assert txn in found.stdout

@@ -382,6 +382,45 @@ def test_flagged_order_needs_reconciliation() -> None:
     assert result.view.reason == "duplicate_capture"
 
 
+def test_dead_lettered_record_flag_is_lifted_by_the_replayed_payment() -> None:
+    """Payments flagged the order because a genuine confirmation was dead-lettered; the
+    replayed confirmation authorizes the same attempt and the saga proceeds."""
+    result = run(
+        ev("OrderRegistered"),
+        ev("OrderFlaggedForReconciliation", reason="record_dead_lettered"),
+        *AUTHORIZATION_HAPPY[1:],
+    )
+    assert result.statuses == [
+        "PENDING_PAYMENT",
+        "NEEDS_RECONCILIATION",
+        "PAYMENT_AUTHORIZED",
+        "INVENTORY_RESERVED",
+        "PAID_CONFIRMED",
+    ]
+    assert result.view is not None
+    assert result.view.transaction_id == "txn_1"
+
+
+@pytest.mark.parametrize(
+    ("done", "reason"),
+    [
+        ([], "duplicate_capture"),  # flagged for another reason: an operator must act
+        (["PaymentAccepted"], "record_dead_lettered"),  # this attempt was authorized
+        (["PaymentDeclined"], "record_dead_lettered"),  # this attempt was declined
+    ],
+)
+def test_reconciliation_is_not_left_for_authorized_otherwise(done: list[str], reason: str) -> None:
+    result = run(
+        ev("OrderRegistered"),
+        *(ev(name) for name in done),
+        ev("OrderFlaggedForReconciliation", reason=reason),
+    )
+    assert result.statuses[-1] == "NEEDS_RECONCILIATION"
+    before = result.view
+    outcome = result.apply(*ev("PaymentAccepted"))
+    assert outcome == Outcome(before, ignored_reason="transition_not_allowed")
+
+
 def test_reconciliation_settles_when_the_capture_is_found_after_all() -> None:
     result = run(
         *AUTHORIZATION_HAPPY[:3],
@@ -600,6 +639,7 @@ ANY_EVENT = st.sampled_from(
             ("PaymentAccepted", {}),
             ("PaymentDeclined", {}),
             ("OrderFlaggedForReconciliation", {}),
+            ("OrderFlaggedForReconciliation", {"reason": "record_dead_lettered"}),
             ("StockReserved", {}),
             ("StockReservationFailed", {}),
             ("StockReleased", {}),
@@ -621,6 +661,7 @@ ANY_EVENT = st.sampled_from(
 def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, dict[str, Any]]]) -> None:
     result = run(ev("OrderRegistered"))
     sent: set[tuple[int, str]] = set()
+    authorized: set[int] = set()
     for event_type, payload in events:
         before = result.view
         assert before is not None
@@ -633,6 +674,9 @@ def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, dict[str
         assert outcome.change.previous_status == before.status
         assert before.status not in ("PAID_CONFIRMED", "REFUNDED")
         assert payload["attempt"] >= before.attempt
+        if outcome.change.status == "PAYMENT_AUTHORIZED":  # never twice in one attempt
+            assert payload["attempt"] not in authorized
+            authorized.add(payload["attempt"])
         if outcome.notification is not None:
             key = (payload["attempt"], outcome.notification.kind)
             assert key not in sent

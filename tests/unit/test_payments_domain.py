@@ -410,10 +410,14 @@ def test_same_order_id_with_different_content_is_rejected() -> None:
 
 
 def test_retry_of_a_failed_order_opens_the_next_attempt() -> None:
-    decision = decide_retry(make_order(status="failed"), "pi_2", "wallet")
+    decision = decide_retry(make_order(status="failed"), "pi_2", "wallet", "PAYMENT_FAILED")
     assert decision.outcome == "retry_accepted"
     assert decision.order == make_order(
-        attempt=2, payment_intent_id="pi_2", payment_method="wallet", status="pending"
+        attempt=2,
+        payment_intent_id="pi_2",
+        payment_method="wallet",
+        status="pending",
+        earlier_intents=("pi_1",),
     )
     assert decision.events == (
         (
@@ -436,13 +440,14 @@ def test_retry_of_a_failed_order_opens_the_next_attempt() -> None:
 def test_retries_count_attempts() -> None:
     order = make_order(status="failed")
     for attempt in (2, 3, 4):
-        order = decide_retry(order, f"pi_{attempt}", "card").order or order
+        order = decide_retry(order, f"pi_{attempt}", "card", "PAYMENT_FAILED").order or order
         assert order.attempt == attempt
+        assert order.earlier_intents == tuple(f"pi_{a}" for a in range(1, attempt))
         order = replace(order, status="failed")
 
 
 def test_retry_of_an_unknown_order_is_rejected() -> None:
-    decision = decide_retry(None, "pi_2", "card")
+    decision = decide_retry(None, "pi_2", "card", None)
     assert (decision.outcome, decision.reason, decision.order, decision.events) == (
         "rejected",
         "unknown_order",
@@ -452,9 +457,21 @@ def test_retry_of_an_unknown_order_is_rejected() -> None:
     assert decision.audit[0]["order_id"] is None
 
 
-@pytest.mark.parametrize("status", ["pending", "accepted", "flagged"])
-def test_retry_is_only_allowed_after_a_failure(status: Any) -> None:
-    decision = decide_retry(make_order(status=status), "pi_2", "card")
+@pytest.mark.parametrize(
+    ("status", "saga_status"),
+    [
+        ("pending", "PENDING_PAYMENT"),
+        ("flagged", "NEEDS_RECONCILIATION"),
+        ("accepted", "PAID_CONFIRMED"),
+        ("accepted", "REFUNDED"),
+        ("accepted", "NEEDS_RECONCILIATION"),
+        # a failed attempt whose void then failed: orders would ignore the retry and
+        # every event of the new attempt
+        ("failed", "NEEDS_RECONCILIATION"),
+    ],
+)
+def test_retry_is_only_allowed_after_a_failure(status: Any, saga_status: str) -> None:
+    decision = decide_retry(make_order(status=status), "pi_2", "card", saga_status)
     assert (decision.outcome, decision.reason, decision.order, decision.events) == (
         "rejected",
         "retry_not_allowed_in_status",
@@ -463,8 +480,30 @@ def test_retry_is_only_allowed_after_a_failure(status: Any) -> None:
     )
 
 
-def test_retry_with_the_failed_intent_is_rejected() -> None:
-    decision = decide_retry(make_order(status="failed"), "pi_1", "card")
+@pytest.mark.parametrize(
+    ("status", "saga_status"),
+    [
+        ("accepted", "PAYMENT_AUTHORIZED"),  # a capture that may yet be declined
+        ("accepted", "INVENTORY_RESERVED"),
+        ("failed", None),  # declined here, PAYMENT_FAILED not yet published
+        ("failed", "PENDING_PAYMENT"),
+    ],
+)
+def test_retry_is_held_while_the_attempt_may_still_fail(status: Any, saga_status: str) -> None:
+    decision = decide_retry(make_order(status=status), "pi_2", "card", saga_status)
+    assert (decision.outcome, decision.reason, decision.order, decision.events) == (
+        "held",
+        "attempt_in_flight",
+        None,
+        (),
+    )
+    assert decision.audit[0]["outcome"] == "held"
+
+
+@pytest.mark.parametrize("intent", ["pi_1", "pi_0"])
+def test_retry_with_the_intent_of_any_earlier_attempt_is_rejected(intent: str) -> None:
+    order = make_order(status="failed", earlier_intents=("pi_0",))
+    decision = decide_retry(order, intent, "card", "PAYMENT_FAILED")
     assert (decision.outcome, decision.reason, decision.order) == (
         "rejected",
         "payment_intent_reused",
@@ -593,12 +632,12 @@ def test_confirmation_without_an_order_is_parked() -> None:
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"payment_intent_id": "pi_other"}, "payment_intent_mismatch"),
+        ({"payment_intent_id": "pi_0"}, "payment_intent_mismatch"),
         ({"amount": 10344}, "amount_mismatch"),
         ({"currency": "USD"}, "currency_mismatch"),
         # checked in this order: the first failing rule is the reason
         (
-            {"payment_intent_id": "pi_other", "amount": 1, "currency": "USD"},
+            {"payment_intent_id": "pi_0", "amount": 1, "currency": "USD"},
             "payment_intent_mismatch",
         ),
         ({"amount": 1, "currency": "USD"}, "amount_mismatch"),
@@ -608,7 +647,8 @@ def test_confirmation_without_an_order_is_parked() -> None:
 def test_mismatched_confirmations_are_rejected_and_change_nothing(
     changes: dict[str, Any], reason: str, kind: Any
 ) -> None:
-    decision = decide_confirmation(make_order(), make_confirmation(type=kind, **changes))
+    order = make_order(earlier_intents=("pi_0",))
+    decision = decide_confirmation(order, make_confirmation(type=kind, **changes))
     assert (decision.outcome, decision.reason, decision.order, decision.events) == (
         "rejected",
         reason,
@@ -620,9 +660,67 @@ def test_mismatched_confirmations_are_rejected_and_change_nothing(
 
 
 def test_confirmation_for_a_previous_attempt_is_an_intent_mismatch() -> None:
-    order = make_order(attempt=2, payment_intent_id="pi_2")
+    order = make_order(attempt=2, payment_intent_id="pi_2", earlier_intents=("pi_1",))
     decision = decide_confirmation(order, make_confirmation(payment_intent_id="pi_1"))
-    assert decision.reason == "payment_intent_mismatch"
+    assert (decision.outcome, decision.reason, decision.order) == (
+        "rejected",
+        "payment_intent_mismatch",
+        None,
+    )
+
+
+@pytest.mark.parametrize("status", ["failed", "pending"])
+def test_confirmation_for_an_intent_the_order_has_not_seen_is_parked(status: Any) -> None:
+    """The payment of a retry whose PaymentRetryRequested is still held or lagging: never
+    lost — kept with the unmatched payments until the retry opens its attempt."""
+    order = make_order(status=status)
+    decision = decide_confirmation(order, make_confirmation(payment_intent_id="pi_2"))
+    assert (decision.outcome, decision.order, decision.events) == ("parked", None, ())
+    assert decision.audit[0]["outcome"] == "parked"
+    assert decision.audit[0]["order_id"] == "ord_1"
+
+
+def test_parked_payment_of_a_retry_settles_the_retried_attempt() -> None:
+    payment = make_confirmation(payment_intent_id="pi_2", record_time=NOW - timedelta(minutes=1))
+    assert decide_confirmation(make_order(status="failed"), payment).outcome == "parked"
+    retried = decide_retry(make_order(status="failed"), "pi_2", "wallet", "PAYMENT_FAILED").order
+    assert retried is not None
+    [(_, decision)] = decide_match_unmatched(retried, [payment], NOW, WINDOW)
+    assert decision.outcome == "accepted"
+    assert decision.events[0][1]["attempt"] == 2
+    assert decision.events[0][1]["transaction_id"] == "txn_1"
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome", "event"),
+    [
+        ("payment.authorized", "accepted", "PaymentAccepted"),
+        ("payment.captured", "accepted", "PaymentAccepted"),
+        ("payment.failed", "declined", "PaymentDeclined"),
+    ],
+)
+def test_flagged_order_without_a_stored_confirmation_is_settled_by_it(
+    kind: Any, outcome: str, event: str
+) -> None:
+    """The order was flagged because this very confirmation was dead-lettered (its
+    database stayed down): replayed, it settles the attempt as if the order were pending."""
+    decision = decide_confirmation(
+        make_order(status="flagged"), make_confirmation(type=kind), attempt_confirmed=False
+    )
+    assert decision.outcome == outcome
+    assert decision.order == make_order(status="accepted" if outcome == "accepted" else "failed")
+    assert [e[0] for e in decision.events] == [event]
+
+
+def test_flagged_order_still_checks_intent_and_amount() -> None:
+    order = make_order(status="flagged", earlier_intents=("pi_0",))
+    for changes, reason in [
+        ({"payment_intent_id": "pi_0"}, "payment_intent_mismatch"),
+        ({"amount": 1}, "amount_mismatch"),
+    ]:
+        c = make_confirmation(**changes)
+        decision = decide_confirmation(order, c, attempt_confirmed=False)
+        assert (decision.outcome, decision.reason) == ("rejected", reason)
 
 
 @pytest.mark.parametrize("status", ["accepted", "failed", "flagged"])
@@ -717,7 +815,7 @@ def test_audit_entries_never_carry_card_details() -> None:
         decide_confirmation(make_order(), make_confirmation(amount=1)),
         decide_confirmation(None, make_confirmation()),
         decide_order_placed(None, make_order()),
-        decide_retry(make_order(status="failed"), "pi_2", "card"),
+        decide_retry(make_order(status="failed"), "pi_2", "card", "PAYMENT_FAILED"),
     ]
     for decision in decisions:
         for entry in decision.audit:

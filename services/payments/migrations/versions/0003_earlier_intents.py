@@ -2,15 +2,15 @@
 (a confirmation for one of them is rejected; one for an intent the order has not seen
 yet is parked until a retry brings it).
 
-Revision ID: 0002
+Revision ID: 0003
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

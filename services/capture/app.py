@@ -10,7 +10,9 @@
 - ``PAYSAGA_AUTHORIZATION_HOLD_S`` (518400 = 6 days): an authorization not captured
   by then is expired (``AuthorizationExpired``, then released and voided);
 - worker: ``PAYSAGA_CAPTURE_MAX_ATTEMPTS`` (10 rounds), ``…_RETRY_BASE_S`` (1),
-  ``…_RETRY_MAX_S`` (60), ``…_LEASE_S`` (120), ``…_POLL_S`` (0.5), ``…_CONCURRENCY`` (8).
+  ``…_RETRY_MAX_S`` (60), ``…_LEASE_S`` (120), ``…_POLL_S`` (0.5), ``…_CONCURRENCY`` (8);
+  ``…_STALLED_RETRY_MAX_S`` (900): after the rounds are spent (``CaptureFailed``, once)
+  the payment is still looked up until the gateway settles it, this far apart at most.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ class CaptureSettings(IntentServiceSettings):
 
     port: int = 8083
     authorization_hold_s: float = Field(518_400.0, validation_alias="PAYSAGA_AUTHORIZATION_HOLD_S")
+    stalled_retry_max_s: float = 900.0
 
     def policy(self) -> domain.CapturePolicy:
         return domain.CapturePolicy(
-            hold=timedelta(seconds=self.authorization_hold_s), retry=self.retry_policy()
+            hold=timedelta(seconds=self.authorization_hold_s),
+            retry=self.retry_policy(),
+            stalled_retry_max_s=self.stalled_retry_max_s,
         )
 
 

@@ -11,12 +11,27 @@ stores the resolution:
   else is done to it; a capture is only ever repeated with the same idempotency key
   ``capture:{transaction_id}``, never under a new one;
 - ``captured`` / ``declined`` / ``expired`` / ``failed`` are final and emit one event;
-  ``Retry`` schedules another round (state ``unknown``) until the budget is spent,
-  then the intent fails (``CaptureFailed`` → NEEDS_RECONCILIATION);
+  ``Retry`` schedules another round (state ``unknown``). Spending the retry budget
+  raises the alarm once (``Stalled``: ``CaptureFailed`` → NEEDS_RECONCILIATION) but does
+  not end automatic handling: the row keeps being looked up, with a backoff capped at
+  ``CapturePolicy.stalled_retry_max_s``, until the gateway's answer settles it (a
+  capture → ``Captured``; proof that no money was taken → ``CaptureDeclined``, which
+  releases the stock and voids). ``CaptureFailed`` is emitted at most once per
+  transaction;
+- a capture is ``Captured`` only for the amount and currency of the claim: any other
+  capture found by a look-up fails to reconciliation (``amount_mismatch``);
 - authorization expiry is decided here too: the capture service's worker (its
   janitor) is the only owner of expiry, so an authorization can never be both
-  captured and expired. An authorization older than the hold is expired — if it was
-  ever sent to the gateway, only after a look-up shows it is still uncaptured.
+  captured and expired. Only an authorization whose capture was never sent (a
+  ``pending`` row) is expired once older than the hold. Once a capture may have been
+  sent, a look-up that still shows ``authorized`` re-sends it under the same key (the
+  gateway answers the first result again): the first call may still land late, and an
+  expiry would then void/release what was captured. The gateway's own expiry (a
+  ``voided`` authorization, a declined capture) settles such a row instead.
+
+Known limitation: the hold is counted from the StockReserved event's ``occurred_at``
+(see ``decide_stock_reserved``), not from the authorization's own time, which the
+saga events do not carry.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy, retry_or_fail
+from services.runtime.intents import Failed, Retry, RetryPolicy
 
 __all__ = [
     "CallCapture",
@@ -43,12 +58,14 @@ __all__ = [
     "Resolution",
     "Retry",
     "RetryPolicy",
+    "Stalled",
     "after_capture",
     "after_lookup",
     "capture_key",
     "decide_stock_reserved",
     "first_step",
-    "retry_or_fail",
+    "not_found",
+    "retry_later",
 ]
 
 CaptureState = Literal[
@@ -69,6 +86,8 @@ def capture_key(transaction_id: str) -> str:
 class CapturePolicy:
     hold: timedelta
     retry: RetryPolicy
+    #: backoff cap of the look-ups that go on after the retry budget is spent
+    stalled_retry_max_s: float = 900.0
 
 
 # --- steps and resolutions ---------------------------------------------------------
@@ -99,7 +118,17 @@ class Expired:
     pass
 
 
-Resolution = Captured | CaptureDeclined | Expired | Failed | Retry
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """The retry budget is spent: raise the alarm (``CaptureFailed``, once, at
+    ``alerted_at``) and go on looking the payment up at ``next_attempt_at``."""
+
+    alerted_at: datetime
+    next_attempt_at: datetime
+    error: str
+
+
+Resolution = Captured | CaptureDeclined | Expired | Failed | Retry | Stalled
 
 
 # --- recording the intent ------------------------------------------------------------
@@ -140,7 +169,8 @@ def decide_stock_reserved(
 class Claim:
     """An intent claimed for one round. ``prior_state`` is its state before the claim
     (``pending``, ``unknown``, or ``in_flight`` when a crashed worker's lease ran out);
-    ``attempt`` is this round's number, 1-based."""
+    ``attempt`` is this round's number, 1-based; ``alerted`` tells whether the alarm
+    (``CaptureFailed``) was raised for it already."""
 
     transaction_id: str
     amount: int
@@ -148,6 +178,7 @@ class Claim:
     prior_state: CaptureState
     attempt: int
     authorized_at: datetime
+    alerted: bool = False
 
 
 def _expired(claim: Claim, now: datetime, policy: CapturePolicy) -> bool:
@@ -162,20 +193,60 @@ def first_step(
     return Expired() if _expired(claim, now, policy) else CallCapture()
 
 
+def retry_later(
+    claim: Claim, error: str, now: datetime, policy: CapturePolicy, jitter: float
+) -> Retry | Stalled:
+    """Another round (it starts with a look-up). Within the budget: the retry policy's
+    backoff. After it: a backoff capped at ``stalled_retry_max_s``, and the first such
+    round raises the alarm (``Stalled``)."""
+    retry = policy.retry
+    if claim.attempt < retry.max_attempts:
+        return Retry(now + timedelta(seconds=retry.delay_s(claim.attempt, jitter)), error)
+    slow = RetryPolicy(retry.max_attempts, retry.base_s, policy.stalled_retry_max_s)
+    at = now + timedelta(seconds=slow.delay_s(claim.attempt, jitter))
+    return Retry(at, error) if claim.alerted else Stalled(now, at, error)
+
+
+def not_found() -> CaptureDeclined:
+    """The gateway does not know the transaction: nothing was captured on it, so the
+    stock is released (and the void attempted) as for a declined capture."""
+    return CaptureDeclined("transaction_not_found")
+
+
+def _captured(claim: Claim, captures: object) -> Captured | Failed | None:
+    """The capture a look-up shows: ``Captured`` only for one capture of the claim's
+    amount and currency; any other capture is ``amount_mismatch``; None if none."""
+    if not isinstance(captures, list) or not captures:
+        return None
+    last = captures[-1]
+    if not (
+        isinstance(last, dict) and isinstance(last.get("capture_id"), str) and last["capture_id"]
+    ):
+        return None
+    if (
+        len(captures) == 1
+        and last.get("amount") == claim.amount
+        and last.get("currency") == claim.currency
+    ):
+        return Captured(last["capture_id"])
+    return Failed("amount_mismatch")
+
+
 def after_lookup(
     claim: Claim, payment: Mapping[str, Any], now: datetime, policy: CapturePolicy
 ) -> CallCapture | Resolution:
-    """Interpret ``GET /v1/payments/{id}``: a recorded capture settles it; a payment
-    still authorized is captured again (same key) or, past the hold, expired."""
-    captures = payment.get("captures") or []
-    last = captures[-1] if isinstance(captures, list) and captures else None
-    if isinstance(last, dict) and isinstance(last.get("capture_id"), str) and last["capture_id"]:
-        return Captured(last["capture_id"])
+    """Interpret ``GET /v1/payments/{id}`` (only rows whose capture may have been sent
+    are looked up): a recorded capture of the claim's amount settles it; a payment still
+    authorized is captured again under the same key — never expired, since the first
+    call may still land; a voided one had no money taken."""
+    captured = _captured(claim, payment.get("captures"))
+    if captured is not None:
+        return captured
     state = payment.get("state")
     if state == "authorized":
-        return Expired() if _expired(claim, now, policy) else CallCapture()
+        return CallCapture()
     if state == "voided":
-        return Failed("authorization_voided")
+        return CaptureDeclined("authorization_voided")
     return Failed("unexpected_payment_state")
 
 
@@ -187,9 +258,9 @@ def after_capture(
         if isinstance(capture_id, str) and capture_id:
             return Captured(capture_id)
         # captured, but we cannot name the capture: the look-up next round will
-        return retry_or_fail(claim.attempt, "capture_id_missing", now, policy.retry, jitter)
+        return retry_later(claim, "capture_id_missing", now, policy, jitter)
     if outcome.kind == "declined":
         return CaptureDeclined(outcome.code or "declined")
     if outcome.kind == "not_found":
-        return Failed("transaction_not_found")
-    return retry_or_fail(claim.attempt, outcome.reason or "unknown", now, policy.retry, jitter)
+        return not_found()
+    return retry_later(claim, outcome.reason or "unknown", now, policy, jitter)

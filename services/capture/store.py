@@ -3,6 +3,8 @@ has at most one capture intent, under the one idempotency key ``capture:{txn}``.
 
 Rows live as ``IntentStore`` describes; the final states are ``captured``,
 ``declined``, ``expired`` and ``failed``. A sale is recorded as ``sale_confirmed``.
+``alerted_at`` is when ``CaptureFailed`` was emitted for a row that is still looked up
+(its retry budget spent; see ``domain.Stalled``): it is emitted once per transaction.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ captures = Table(
     Column("capture_id", Text, nullable=True),
     #: decline code or failure reason of a final row
     Column("outcome_reason", String(64), nullable=True),
+    #: when the alarm (CaptureFailed) was raised for a row still being looked up
+    Column("alerted_at", DateTime(timezone=True), nullable=True),
     CheckConstraint(
         "state IN ('pending', 'in_flight', 'unknown', 'captured', 'declined', 'expired', "
         "'failed', 'sale_confirmed')",
@@ -48,6 +52,7 @@ def _claim(row: Any) -> domain.Claim:
         prior_state=cast(domain.CaptureState, row.prior_state),
         attempt=row.attempts,
         authorized_at=row.authorized_at,
+        alerted=row.alerted_at is not None,
     )
 
 
@@ -63,6 +68,13 @@ def _values(resolution: domain.Resolution) -> dict[str, Any]:
             return {"state": "failed", "outcome_reason": reason}
         case domain.Retry(next_attempt_at=at, error=error):
             return {"state": "unknown", "next_attempt_at": at, "last_error": error[:500]}
+        case domain.Stalled(alerted_at=alerted_at, next_attempt_at=at, error=error):
+            return {
+                "state": "unknown",
+                "next_attempt_at": at,
+                "last_error": error[:500],
+                "alerted_at": alerted_at,
+            }
 
 
 INTENTS: IntentStore[domain.Claim, domain.Resolution] = IntentStore(

@@ -31,7 +31,7 @@ class CaptureMetrics:
             rounds=Counter(
                 "paysaga_capture_rounds_total",
                 "Capture worker rounds by resolution: captured, declined, expired, failed, "
-                "retry, lease_lost",
+                "retry, stalled (retry budget spent, still looked up), lease_lost",
                 ["outcome"],
                 registry=registry,
             )
@@ -44,6 +44,7 @@ _OUTCOMES: dict[type, str] = {
     domain.Expired: "expired",
     domain.Failed: "failed",
     domain.Retry: "retry",
+    domain.Stalled: "stalled",
 }
 
 
@@ -61,7 +62,8 @@ class CaptureWorker(
     def event_for(
         claimed: Claimed[domain.Claim], resolution: domain.Resolution
     ) -> BaseModel | None:
-        """The event a resolution emits (a retry emits none)."""
+        """The event a resolution emits (a retry emits none). ``CaptureFailed`` is emitted
+        once per transaction: not again for a row whose alarm was raised already."""
         ctx = claimed.context.model_dump()
         match resolution:
             case domain.Captured(capture_id=capture_id):
@@ -71,7 +73,9 @@ class CaptureWorker(
             case domain.Expired():
                 return events.AuthorizationExpired(**ctx)
             case domain.Failed(reason=reason):
-                return events.CaptureFailed(**ctx, reason=reason)
+                return None if claimed.claim.alerted else events.CaptureFailed(**ctx, reason=reason)
+            case domain.Stalled():
+                return events.CaptureFailed(**ctx, reason="retry_budget_exhausted")
             case domain.Retry():
                 return None
 
@@ -92,6 +96,8 @@ class CaptureWorker(
         first = domain.first_step(claim, self.clock(), self.policy)
         if isinstance(first, domain.Lookup):
             payment = await self.look_up(claimed, claim.transaction_id)
+            if isinstance(payment, domain.Failed):  # 404: the gateway does not know it
+                return domain.not_found()
             if not isinstance(payment, dict):
                 return payment
             step = domain.after_lookup(claim, payment, self.clock(), self.policy)
@@ -108,7 +114,7 @@ class CaptureWorker(
             return self.retry(claimed, f"http_{exc.status_code}")
         return domain.after_capture(claim, outcome, self.clock(), self.policy, self.rng.random())
 
-    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Failed:
-        return domain.retry_or_fail(
-            claimed.claim.attempt, error, self.clock(), self.policy.retry, self.rng.random()
+    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Stalled:
+        return domain.retry_later(
+            claimed.claim, error, self.clock(), self.policy, self.rng.random()
         )

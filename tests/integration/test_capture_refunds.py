@@ -26,7 +26,13 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer
 from fastapi import FastAPI, Request, Response
 
-from services.gatewaysim.app import GatewaySimSettings, Simulator, Transaction, create_app
+from services.gatewaysim.app import (
+    CaptureRequest,
+    GatewaySimSettings,
+    Simulator,
+    Transaction,
+    create_app,
+)
 from services.runtime import migrate
 from services.runtime.topics import partitions_of
 from tests.conftest import Infra
@@ -40,6 +46,7 @@ SIM = GatewaySimSettings(
     slow_delay_s=1.0,
 )
 LEASE_S = 8.0  # > a round with a look-up and a capture of a `_slow` payment
+CAPTURE_MAX_ATTEMPTS = 10  # the default; outlasts the hold's margin in the expiry test
 INVENTORY = "inventory.events.v1"
 OUT_TOPICS = ("capture.events.v1", "refunds.events.v1")
 Json = dict[str, Any]
@@ -59,6 +66,8 @@ class Stack:
     requests: Counter[tuple[str, str]]  # (transaction id, operation) -> HTTP requests
     events: list[Json]
     procs: dict[str, Proc]
+    #: (transaction id, operation) the gateway answers 503 to, executing nothing
+    outage: set[tuple[str, str]]
 
     async def payment(self, marker: str = "", mode: str = "authorize") -> Json:
         """A transaction in the simulator (no webhook) and the saga context it gets."""
@@ -137,6 +146,9 @@ def _service(name: str, infra: Infra, gateway_url: str) -> Proc:
             f"{prefix}_RETRY_BASE_S": "0.2",
             f"{prefix}_RETRY_MAX_S": "1",
             f"{prefix}_LEASE_S": str(LEASE_S),
+            # after the retry budget, look-ups at most a second apart
+            "PAYSAGA_CAPTURE_MAX_ATTEMPTS": str(CAPTURE_MAX_ATTEMPTS),
+            "PAYSAGA_CAPTURE_STALLED_RETRY_MAX_S": "1",
         },
     )
 
@@ -166,6 +178,7 @@ async def stack(infra: Infra) -> AsyncIterator[Stack]:
         migrate.upgrade(service, infra.db_url(f"paysaga_{service}"))
     app: FastAPI = create_app(SIM)
     requests: Counter[tuple[str, str]] = Counter()
+    outage: set[tuple[str, str]] = set()
 
     @app.middleware("http")
     async def count(
@@ -173,7 +186,11 @@ async def stack(infra: Infra) -> AsyncIterator[Stack]:
     ) -> Response:
         parts = request.url.path.strip("/").split("/")  # v1/payments/{txn}[/{op}]
         if parts[:2] == ["v1", "payments"] and len(parts) >= 3:
-            requests[(parts[2], parts[3] if len(parts) > 3 else "get")] += 1
+            call = (parts[2], parts[3] if len(parts) > 3 else "get")
+            requests[call] += 1
+            if call in outage:
+                error = {"error": {"code": "unavailable", "message": "test outage"}}
+                return Response(json.dumps(error), 503, media_type="application/json")
         return await call_next(request)
 
     sock = socket.socket()
@@ -201,7 +218,7 @@ async def stack(infra: Infra) -> AsyncIterator[Stack]:
     try:
         for proc in procs.values():
             await _ready(proc)
-        yield Stack(infra, url, app.state.simulator, requests, events, procs)
+        yield Stack(infra, url, app.state.simulator, requests, events, procs, outage)
     finally:
         for proc in procs.values():
             proc.stop()
@@ -353,3 +370,112 @@ async def test_a_capture_whose_worker_died_mid_call_is_looked_up_and_captured_on
 async def _metrics(proc: Proc) -> str:
     async with httpx.AsyncClient() as http:
         return (await http.get(f"http://127.0.0.1:{_port(proc)}/metrics")).text
+
+
+# capture: budget, expiry, amounts
+
+
+def _capture_row(stack: Stack, transaction_id: str) -> tuple[Any, ...]:
+    rows = query(
+        stack.infra.conninfo("paysaga_capture"),
+        "SELECT state, attempts, alerted_at, outcome_reason FROM captures"
+        " WHERE transaction_id = %s",
+        transaction_id,
+    )
+    return rows[0] if rows else ()
+
+
+async def _stalled(stack: Stack, ctx: Json) -> None:
+    """The retry budget is spent: CaptureFailed was emitted, the row is still looked up."""
+    failed = await stack.event(ctx["order_id"], "CaptureFailed")
+    assert failed["payload"]["reason"] == "retry_budget_exhausted"
+    txn = ctx["transaction_id"]
+    alarm = _capture_row(stack, txn)
+    assert alarm[0] in ("unknown", "in_flight")
+    assert alarm[2] is not None  # alerted_at
+    # a few more rounds after the alarm, each a look-up
+    gets = stack.requests[(txn, "get")]
+    await eventually(lambda: stack.requests[(txn, "get")] >= gets + 2, 30, "look-ups go on")
+    assert _capture_row(stack, txn)[1] > CAPTURE_MAX_ATTEMPTS
+
+
+async def test_a_capture_past_its_retry_budget_is_captured_once_the_gateway_recovers(
+    stack: Stack,
+) -> None:
+    ctx = await stack.payment()
+    txn = ctx["transaction_id"]
+    stack.outage.update({(txn, "capture"), (txn, "get")})
+    await stack.reserved(ctx)
+    await _stalled(stack, ctx)
+    stack.outage.difference_update({(txn, "capture"), (txn, "get")})
+    captured = await stack.event(ctx["order_id"], "PaymentCaptured")
+    ledger = stack.ledger(txn)
+    assert len(ledger.captures) == 1
+    assert captured["payload"]["capture_id"] == ledger.captures[0]["capture_id"]
+    assert len(stack.of(ctx["order_id"], "CaptureFailed")) == 1  # the alarm, once
+    assert _capture_row(stack, txn)[0] == "captured"
+
+
+async def test_a_capture_past_its_retry_budget_found_voided_releases_and_voids(
+    stack: Stack,
+) -> None:
+    ctx = await stack.payment()
+    txn = ctx["transaction_id"]
+    stack.outage.update({(txn, "capture"), (txn, "get")})
+    await stack.reserved(ctx)
+    await _stalled(stack, ctx)
+    # meanwhile the authorization was voided at the gateway (say, by an operator)
+    assert (await stack.sim.operate("void", txn, "operator-void", None))[0] == 200
+    stack.outage.difference_update({(txn, "capture"), (txn, "get")})
+    declined = await stack.event(ctx["order_id"], "CaptureDeclined")  # releases the stock
+    assert declined["payload"]["decline_code"] == "authorization_voided"
+    voided = await stack.event(ctx["order_id"], "AuthorizationVoided")
+    assert voided["causation_id"] == declined["event_id"]
+    ledger = stack.ledger(txn)
+    assert (len(ledger.captures), len(ledger.voids), ledger.state) == (0, 1, "voided")
+    assert len(stack.of(ctx["order_id"], "CaptureFailed")) == 1
+    assert _capture_row(stack, txn)[0] == "declined"
+
+
+async def test_a_capture_sent_before_the_hold_ran_out_is_not_expired(stack: Stack) -> None:
+    """The first capture may land late: a look-up past the hold that still shows the
+    authorization re-sends the capture under its key instead of expiring it."""
+    margin_s = 6.0
+    ctx = await stack.payment()
+    txn = ctx["transaction_id"]
+    stack.outage.update({(txn, "capture"), (txn, "get")})
+    authorized = datetime.now(UTC) - timedelta(days=6) + timedelta(seconds=margin_s)
+    hold_ends = time.monotonic() + margin_s
+    await stack.reserved(ctx, occurred_at=authorized.isoformat().replace("+00:00", "Z"))
+    await eventually(lambda: stack.requests[(txn, "capture")] >= 1, margin_s - 2, "capture sent")
+    await eventually(lambda: time.monotonic() > hold_ends + 1, margin_s + 2, "the hold passes")
+    stack.outage.discard((txn, "get"))  # look-ups answer `authorized` now; captures still fail
+    sent = stack.requests[(txn, "capture")]
+    await eventually(
+        lambda: (
+            stack.requests[(txn, "capture")] > sent
+            or stack.of(ctx["order_id"], "AuthorizationExpired")
+        ),
+        30,
+        "a round after the hold",
+    )
+    assert not stack.of(ctx["order_id"], "AuthorizationExpired")
+    stack.outage.discard((txn, "capture"))
+    await stack.event(ctx["order_id"], "PaymentCaptured")
+    assert not stack.of(ctx["order_id"], "AuthorizationExpired")
+    ledger = stack.ledger(txn)
+    assert (len(ledger.captures), len(ledger.voids)) == (1, 0)
+
+
+async def test_a_capture_of_another_amount_goes_to_reconciliation(stack: Stack) -> None:
+    ctx = await stack.payment()
+    txn = ctx["transaction_id"]
+    # a partial capture made outside paysaga
+    outside = CaptureRequest(amount=500, currency="EUR")
+    assert (await stack.sim.operate("capture", txn, "outside-capture", outside))[0] == 200
+    await stack.reserved(ctx)
+    failed = await stack.event(ctx["order_id"], "CaptureFailed")
+    assert failed["payload"]["reason"] == "amount_mismatch"
+    assert not stack.of(ctx["order_id"], "PaymentCaptured")
+    assert _capture_row(stack, txn)[0] == "failed"
+    assert len(stack.ledger(txn).captures) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,14 +57,16 @@ def test_a_call_that_may_have_reached_the_gateway_is_looked_up_first(prior: str)
     assert domain.first_step(claim(prior, age=timedelta(days=9)), NOW, POLICY) == domain.Lookup()
 
 
+CAP_1 = {"capture_id": "cap_1", "amount": 1250, "currency": "EUR"}
+
+
 @pytest.mark.parametrize(
     ("payment", "age", "expected"),
     [
-        ({"state": "captured", "captures": [{"capture_id": "cap_1"}]}, 0, domain.Captured("cap_1")),
-        ({"state": "captured", "captures": [{"capture_id": "cap_1"}]}, 9, domain.Captured("cap_1")),
+        ({"state": "captured", "captures": [CAP_1]}, 0, domain.Captured("cap_1")),
+        ({"state": "captured", "captures": [CAP_1]}, 9, domain.Captured("cap_1")),
         ({"state": "authorized", "captures": []}, 0, domain.CallCapture()),
-        ({"state": "authorized", "captures": []}, 9, domain.Expired()),
-        ({"state": "voided", "captures": []}, 0, domain.Failed("authorization_voided")),
+        ({"state": "voided", "captures": []}, 0, domain.CaptureDeclined("authorization_voided")),
         ({"state": "captured", "captures": []}, 0, domain.Failed("unexpected_payment_state")),
         ({"state": "failed"}, 0, domain.Failed("unexpected_payment_state")),
     ],
@@ -83,18 +86,12 @@ def test_after_capture_maps_every_outcome() -> None:
     assert domain.after_capture(c, declined, NOW, POLICY, 0.0) == domain.CaptureDeclined(
         "capture_declined"
     )
-    missing = GatewayOutcome("not_found")
-    assert domain.after_capture(c, missing, NOW, POLICY, 0.0) == domain.Failed(
-        "transaction_not_found"
-    )
 
 
-def test_an_unknown_outcome_is_retried_then_fails_to_reconciliation() -> None:
+def test_an_unknown_outcome_is_retried_within_the_budget() -> None:
     unknown = GatewayOutcome("unknown", reason="timeout")
     retry = domain.after_capture(claim(attempt=1), unknown, NOW, POLICY, 0.0)
     assert retry == domain.Retry(NOW + timedelta(seconds=0.5), "timeout")
-    last = domain.after_capture(claim(attempt=3), unknown, NOW, POLICY, 0.0)
-    assert last == domain.Failed("retry_budget_exhausted")
 
 
 def test_a_success_without_capture_id_is_resolved_by_a_lookup() -> None:
@@ -141,3 +138,101 @@ def test_a_retry_emits_nothing() -> None:
 def test_the_emitted_envelope_follows_its_cause() -> None:
     assert Cause("evt_1", 3, "corr").next_seq == 4
     assert Cause("evt_1", None, None).next_seq == 1
+
+
+# --- F1: a spent retry budget raises the alarm once, and look-ups go on ---------------
+
+
+def test_a_spent_budget_raises_the_alarm_but_keeps_the_row_alive() -> None:
+    unknown = GatewayOutcome("unknown", reason="timeout")
+    last = domain.after_capture(claim("unknown", attempt=3), unknown, NOW, POLICY, 0.0)
+    assert isinstance(last, domain.Stalled)
+    assert (last.alerted_at, last.error) == (NOW, "timeout")
+    assert NOW < last.next_attempt_at <= NOW + timedelta(seconds=POLICY.stalled_retry_max_s)
+
+
+def test_after_the_alarm_look_ups_go_on_without_a_second_alarm() -> None:
+    alerted = dataclasses.replace(claim("unknown", attempt=7), alerted=True)
+    later = domain.retry_later(alerted, "lookup: 503", NOW, POLICY, 0.99)
+    assert isinstance(later, domain.Retry)
+    assert later.next_attempt_at <= NOW + timedelta(seconds=POLICY.stalled_retry_max_s)
+
+
+@given(st.integers(1, 200), st.floats(0, 1, exclude_max=True), st.booleans())
+def test_the_stalled_backoff_is_capped(attempt: int, jitter: float, alerted: bool) -> None:
+    policy = dataclasses.replace(POLICY, stalled_retry_max_s=900.0)
+    c = dataclasses.replace(claim("unknown", attempt=attempt), alerted=alerted)
+    later = domain.retry_later(c, "x", NOW, policy, jitter)
+    assert not isinstance(later, domain.Failed)
+    assert NOW < later.next_attempt_at <= NOW + timedelta(seconds=900)
+
+
+@pytest.mark.parametrize("alerted", [False, True])
+def test_a_lookup_after_the_alarm_settles_the_row(alerted: bool) -> None:
+    c = dataclasses.replace(claim("unknown", attempt=12), alerted=alerted)
+    captured = {"state": "captured", "captures": [CAP_1]}
+    assert domain.after_lookup(c, captured, NOW, POLICY) == domain.Captured("cap_1")
+    voided = {"state": "voided", "captures": []}
+    assert domain.after_lookup(c, voided, NOW, POLICY) == domain.CaptureDeclined(
+        "authorization_voided"
+    )
+
+
+def test_a_transaction_the_gateway_does_not_know_releases_the_stock() -> None:
+    missing = GatewayOutcome("not_found")
+    assert domain.after_capture(claim(), missing, NOW, POLICY, 0.0) == domain.CaptureDeclined(
+        "transaction_not_found"
+    )
+    assert domain.not_found() == domain.CaptureDeclined("transaction_not_found")
+
+
+def test_capture_failed_is_emitted_once_per_transaction() -> None:
+    stalled = domain.Stalled(NOW, NOW + timedelta(minutes=15), "timeout")
+    alarm = CaptureWorker.event_for(_claimed(), stalled)
+    assert isinstance(alarm, events.CaptureFailed)
+    assert alarm.reason == "retry_budget_exhausted"
+    base = _claimed()
+    alerted = dataclasses.replace(base, claim=dataclasses.replace(base.claim, alerted=True))
+    assert CaptureWorker.event_for(alerted, domain.Failed("amount_mismatch")) is None
+    assert CaptureWorker.event_for(alerted, domain.Retry(NOW, "timeout")) is None
+    assert isinstance(
+        CaptureWorker.event_for(alerted, domain.Captured("c")), events.PaymentCaptured
+    )
+
+
+# --- F4: a capture that may have been sent is never expired on a look-up -------------
+
+
+@pytest.mark.parametrize("prior", ["unknown", "in_flight"])
+def test_an_authorized_lookup_past_the_hold_resends_the_capture(prior: str) -> None:
+    c = claim(prior, attempt=2, age=timedelta(days=9))
+    authorized = {"state": "authorized", "captures": []}
+    assert domain.after_lookup(c, authorized, NOW, POLICY) == domain.CallCapture()
+
+
+def test_only_a_capture_never_sent_expires() -> None:
+    assert domain.first_step(claim("pending", age=timedelta(days=9)), NOW, POLICY) == (
+        domain.Expired()
+    )
+
+
+# --- F5: a look-up's capture counts only for the claim's amount and currency ---------
+
+
+@pytest.mark.parametrize(
+    "captures",
+    [
+        [{"capture_id": "cap_1", "amount": 500, "currency": "EUR"}],
+        [{"capture_id": "cap_1", "amount": 1250, "currency": "USD"}],
+        [{"capture_id": "cap_1"}],
+        [{"capture_id": "cap_0", "amount": 250, "currency": "EUR"}, CAP_1],
+    ],
+)
+def test_a_capture_of_another_amount_goes_to_reconciliation(captures: list[Any]) -> None:
+    payment = {"state": "captured", "captures": captures}
+    assert domain.after_lookup(claim("unknown"), payment, NOW, POLICY) == domain.Failed(
+        "amount_mismatch"
+    )
+    event = CaptureWorker.event_for(_claimed(), domain.Failed("amount_mismatch"))
+    assert isinstance(event, events.CaptureFailed)
+    assert event.reason == "amount_mismatch"

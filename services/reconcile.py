@@ -13,6 +13,11 @@ each store (read-only) and compares. Rules:
 * ``refunded_without_refund`` — REFUNDED without a succeeded refund;
 * ``stock_oversold`` — reserved + sold above a SKU's stock, or reserved not matching
   the reservations held;
+* with ``--gateway``: ``compensation_failed`` — a void or refund that failed for good
+  (CompensationFailed) while the gateway still holds the money: the authorization is
+  still ``authorized``, or the capture is not fully refunded. The status projection may
+  not show it (a failed void of an attempt the customer has since retried); an operator
+  must settle it, after which the gateway's state clears the violation;
 * with ``--gateway``: ``captured_twice`` / ``refunded_twice`` in the gateway's ledger,
   ``capture_unknown_to_gateway`` — a capture we stored that the gateway lacks — and
   ``captured_but_rejected`` — money the gateway captured for a confirmation payments
@@ -82,6 +87,7 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
     out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
     out += _stock_rules()
     if gateway_url:
+        out += _compensation_rules(gateway_url, order_ids)
         txns = {o.transaction_id for o in orders}
         out += _gateway_rules(gateway_url, {t: s for t, s in captures.items() if t in txns})
         rejected = {
@@ -186,4 +192,44 @@ def _rejected_rules(gateway_url: str, rejected: list[Any]) -> list[Violation]:
             if payment.get("captures") and not payment.get("refunds"):
                 detail = f"{r.transaction_id} captured; its confirmation was rejected ({r.reason})"
                 out.append(Violation("captured_but_rejected", r.order_id or "-", detail))
+    return out
+
+
+def compensation_outstanding(action: str, payment: dict[str, Any]) -> bool:
+    """Whether the gateway still holds the money a failed compensation was to give back:
+    a void whose authorization is still ``authorized``; a refund of a transaction whose
+    captures exceed its refunds."""
+    if action == "void":
+        return payment.get("state") == "authorized"
+
+    def total(entries: Any) -> int:
+        return sum(int(e.get("amount") or 0) for e in entries or [] if isinstance(e, dict))
+
+    return total(payment.get("captures")) > total(payment.get("refunds"))
+
+
+def _compensation_rules(gateway_url: str, order_ids: list[str] | None) -> list[Violation]:
+    failed = [
+        c
+        for c in _rows(
+            "refunds",
+            "SELECT order_id, transaction_id, action, failure_reason FROM compensations"
+            " WHERE state = 'failed' ORDER BY order_id, transaction_id, action",
+        )
+        if not order_ids or c.order_id in order_ids
+    ]
+    out = []
+    with httpx.Client(base_url=gateway_url, timeout=10) as client:
+        for c in failed:
+            answer = client.get(f"/v1/payments/{c.transaction_id}")
+            if answer.status_code == 404:
+                continue  # the gateway holds nothing of a transaction it does not know
+            answer.raise_for_status()
+            payment = answer.json()
+            if compensation_outstanding(c.action, payment):
+                detail = (
+                    f"{c.action} of {c.transaction_id} failed ({c.failure_reason});"
+                    f" gateway: {payment.get('state')}"
+                )
+                out.append(Violation("compensation_failed", c.order_id, detail))
     return out

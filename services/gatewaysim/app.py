@@ -23,10 +23,12 @@ The ledger lives in memory and is lost on restart. Semantics, modelled on real g
 
 ``POST /sim/payments`` records a transaction and emits its webhook: the body is
 serialized once and those exact bytes are signed with the gateway's first secret and
-delivered to the bridge in a background task, retried with backoff until a 2xx, for at
-most ``delivery_give_up_s``. Each delivery attempt is re-signed with its own timestamp,
-as real gateways do, so a late retry does not fall outside the bridge's tolerance; the
-first attempt carries the returned signature.
+delivered to the bridge in a background task, retried until the bridge answers 2xx
+(CONTRACT §4), with jittered exponential backoff capped at ``delivery_backoff_max_s``.
+By default it never gives up; ``delivery_give_up_s`` (``PAYSAGA_DELIVERY_GIVE_UP_S``)
+optionally abandons a delivery after that many seconds. Each delivery attempt is
+re-signed with its own timestamp, as real gateways do, so a late retry does not fall
+outside the bridge's tolerance; the first attempt carries the returned signature.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class GatewaySimSettings(BaseSettings):
     delivery_timeout_s: float = 5.0
     delivery_backoff_base_s: float = 0.5
     delivery_backoff_max_s: float = 15.0
-    delivery_give_up_s: float = 300.0
+    #: None: retry delivery until the bridge answers 2xx (CONTRACT §4)
+    delivery_give_up_s: float | None = None
 
     @model_validator(mode="after")
     def _can_sign(self) -> GatewaySimSettings:
@@ -137,6 +140,20 @@ class Transaction:
     event_id: str = ""
     delivery: Literal["not_requested", "pending", "delivered", "abandoned"] = "not_requested"
     delivery_attempts: int = 0
+
+
+def delivery_delay(
+    settings: GatewaySimSettings, attempts: int, elapsed_s: float, jitter: float
+) -> float | None:
+    """Seconds to wait before the next webhook delivery after ``attempts`` failed ones,
+    ``elapsed_s`` after the first: exponential from ``delivery_backoff_base_s``, capped at
+    ``delivery_backoff_max_s``, times 0.5..1 (``jitter`` in [0, 1)). None — give up —
+    only when ``delivery_give_up_s`` is set and the next attempt would come after it."""
+    exponent = min(attempts - 1, 30)
+    ceiling = min(settings.delivery_backoff_max_s, settings.delivery_backoff_base_s * 2**exponent)
+    delay = ceiling * (0.5 + 0.5 * jitter)
+    give_up = settings.delivery_give_up_s
+    return None if give_up is not None and elapsed_s + delay > give_up else delay
 
 
 def _error(status: int, code: str, message: str) -> Reply:
@@ -285,7 +302,7 @@ class Simulator:
         s = self.settings
         url = f"{s.bridge_url.rstrip('/')}/webhooks/{quote(s.gateway_id, safe='')}"
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + s.delivery_give_up_s
+        started = loop.time()
         if self.http is None:
             self.http = httpx.AsyncClient()
         while True:
@@ -304,10 +321,10 @@ class Simulator:
                     txn.delivery = "delivered"
                     return
                 outcome = f"HTTP {response.status_code}"
-            exponent = min(txn.delivery_attempts - 1, 30)
-            ceiling = min(s.delivery_backoff_max_s, s.delivery_backoff_base_s * 2**exponent)
-            delay = ceiling * self.rng.uniform(0.5, 1.0)
-            if loop.time() + delay > give_up_at:
+            delay = delivery_delay(
+                s, txn.delivery_attempts, loop.time() - started, self.rng.random()
+            )
+            if delay is None:
                 txn.delivery = "abandoned"
                 log.error("webhook %s abandoned: %s", txn.event_id, outcome)
                 return

@@ -4,7 +4,8 @@ Guarantees: no I/O, no clock. The reservation itself is atomic in the database
 (``store.reserve``: conditional UPDATEs in SKU order inside a savepoint, backed by the
 CHECK ``reserved + sold <= available``); this module decides what surrounds it: how an
 order's lines become one lock order, which stock levels are acceptable, and which
-settlement a reservation may still take (reserved → committed | released, once).
+settlement a reservation may still take (reserved → committed | released, once), and
+which earlier attempts' reservations a newer payment attempt of the order supersedes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "decide_settlement",
     "merge_lines",
     "stock_level_rejection",
+    "superseded_attempts",
 ]
 
 ReservationState = Literal["reserved", "failed", "released", "committed"]
@@ -88,3 +90,15 @@ def decide_settlement(state: ReservationState | None, settlement: Settlement) ->
     if state == _TARGET[settlement]:
         return "duplicate"
     return "reject"
+
+
+def superseded_attempts(
+    attempt: int, held: Iterable[tuple[int, ReservationState]]
+) -> tuple[int, ...]:
+    """The earlier attempts of an order whose reservations a newer accepted attempt
+    releases: those still ``reserved``. A retry is accepted only after the order became
+    PAYMENT_FAILED, so an earlier attempt can no longer commit; its settlement
+    (CaptureDeclined, AuthorizationExpired) may still wait on another topic, and the
+    retry must not be refused as out of stock by units that attempt holds. That later
+    release then finds the reservation released already: a duplicate, a no-op."""
+    return tuple(sorted(n for n, state in held if n < attempt and state == "reserved"))

@@ -3,7 +3,9 @@ stock change, outbox event and consumer position commit together).
 
 Reservations are idempotent per (order_id, attempt): a second PaymentAccepted for the
 same attempt — whatever its event id — reserves nothing and emits nothing, and a
-settlement (commit/release) happens at most once per reservation.
+settlement (commit/release) happens at most once per reservation. A newer attempt's
+PaymentAccepted releases, in its own transaction, what an earlier attempt of the order
+still holds; that attempt's own release, when it arrives, is then a duplicate.
 """
 
 from __future__ import annotations
@@ -58,9 +60,22 @@ async def on_stock_level_set(ctx: Context) -> None:
 
 
 async def on_payment_accepted(ctx: Context) -> None:
-    """Reserve all lines or none → StockReserved, or StockReservationFailed{short_skus}."""
+    """Release what earlier attempts of the order still hold (``domain.superseded_attempts``:
+    their own release may still be on its way), then reserve all lines or none →
+    StockReserved, or StockReservationFailed{short_skus}."""
     event = PaymentAccepted.model_validate(ctx.payload)
     lines = domain.merge_lines((item.sku, item.quantity) for item in event.items)
+    held = await store.lock_reservations(ctx.conn, event.order_id)
+    superseded = domain.superseded_attempts(
+        event.attempt, ((attempt, state) for attempt, (state, _) in held.items())
+    )
+    if superseded:
+        old = [line for attempt in superseded for line in held[attempt][1]]
+        await store.lock_stock(ctx.conn, [line.sku for line in (*lines, *old)])
+        for attempt in superseded:
+            await store.settle(
+                ctx.conn, event.order_id, attempt, held[attempt][1], "released", ctx.now
+            )
     short = await store.reserve(
         ctx.conn, event.order_id, event.attempt, event.transaction_id, lines, ctx.now
     )

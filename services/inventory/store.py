@@ -178,6 +178,31 @@ async def lock_reservation(
     return cast(ReservationState, row.state), _lines(row.lines)
 
 
+async def lock_reservations(
+    conn: AsyncConnection, order_id: str
+) -> dict[int, tuple[ReservationState, tuple[Line, ...]]]:
+    """Every attempt's reservation of the order (attempt -> state, lines), the rows
+    locked until the transaction ends, like ``lock_reservation``."""
+    rows = await conn.execute(
+        select(reservations.c.attempt, reservations.c.state, reservations.c.lines)
+        .where(reservations.c.order_id == order_id)
+        .order_by(reservations.c.attempt)
+        .with_for_update()
+    )
+    return {row.attempt: (cast(ReservationState, row.state), _lines(row.lines)) for row in rows}
+
+
+async def lock_stock(conn: AsyncConnection, skus: Sequence[str]) -> None:
+    """Lock the stock rows of ``skus`` in SKU order: a transaction that releases one
+    reservation and takes another then keeps the single lock order of ``merge_lines``."""
+    await conn.execute(
+        select(stock.c.sku)
+        .where(stock.c.sku.in_(sorted(set(skus))))
+        .order_by(stock.c.sku)
+        .with_for_update()
+    )
+
+
 async def settle(
     conn: AsyncConnection,
     order_id: str,

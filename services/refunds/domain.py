@@ -5,9 +5,11 @@ Guarantees: no I/O, no clock, no randomness. A transaction has at most one compe
 per action (void, refund), each under one idempotency key for its whole life
 (``void:{txn}``, ``refund:{txn}``): a refund is never retried under a new key. A round
 that follows a call which may have reached the gateway starts with a look-up, so an
-unknown outcome is resolved from the gateway's own record (a recorded refund or void
-means success) before anything is sent again. Retry arithmetic is the capture
-service's (``services.capture.domain``), shared until it moves into the runtime.
+unknown outcome is resolved from the gateway's own record (a recorded void, or refunds
+of exactly the claimed amount and currency, mean success; refunds of another amount
+fail with ``amount_mismatch`` for an operator) before anything is sent again. Retry
+arithmetic is the capture service's (``services.capture.domain``), shared until it
+moves into the runtime.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "compensation_key",
     "decide_compensation",
     "first_step",
+    "refunds_the_claim",
     "retry_or_fail",
 ]
 
@@ -116,11 +119,25 @@ def after_lookup(claim: Claim, payment: Mapping[str, Any]) -> Call | Resolution:
         refunds = payment.get("refunds") or []
         last = refunds[-1] if isinstance(refunds, list) and refunds else None
         if isinstance(last, dict) and isinstance(last.get("refund_id"), str) and last["refund_id"]:
+            if not refunds_the_claim(claim, refunds):
+                return Failed("amount_mismatch")
             return Succeeded(last["refund_id"])
         return Call() if state == "captured" else Failed("unexpected_payment_state")
     if payment.get("voids") or state == "voided":
         return Succeeded()
     return Call() if state == "authorized" else Failed("unexpected_payment_state")
+
+
+def refunds_the_claim(claim: Claim, refunds: list[Any]) -> bool:
+    """The gateway's refunds of the transaction return exactly the claimed money. A
+    refund made outside paysaga (an operator's partial refund) does not settle the claim
+    unless the refunds add up to the claim's amount, in its currency."""
+    amounts = [r.get("amount") for r in refunds if isinstance(r, dict)]
+    return (
+        all(isinstance(r, dict) and r.get("currency") == claim.currency for r in refunds)
+        and all(isinstance(a, int) for a in amounts)
+        and sum(a for a in amounts if isinstance(a, int)) == claim.amount
+    )
 
 
 def after_call(

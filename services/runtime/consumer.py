@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import yaml
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +51,7 @@ from services.runtime.faults import fault_point
 from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.tables import consumer_positions, dead_letters, inbox, parked
+from services.runtime.topics import TOPICS_FILE
 
 log = logging.getLogger("paysaga.consumer")
 
@@ -730,9 +734,24 @@ class ConsumerRuntime:
             yield conn
 
 
+@functools.cache
+def _own_key_space_topics() -> frozenset[str]:
+    """Topics of topics.yaml whose record key is not an order id (``catalog.stock.v1``:
+    the SKU). Topics it does not list keep the record key as it is."""
+    doc = yaml.safe_load(TOPICS_FILE.read_text())
+    return frozenset(
+        name
+        for name, spec in doc["topics"].items()
+        if not re.match(r"(data\.)?order_id\b", str((spec or {}).get("key", "")))
+    )
+
+
 def _order_key(rec: Record) -> str:
     # records without a key have no per-order ordering to protect: block only themselves
-    return rec.key_str or f"{rec.topic}/{rec.partition}/{rec.offset}"
+    if not rec.key_str:
+        return f"{rec.topic}/{rec.partition}/{rec.offset}"
+    # a SKU "X" that is dead-lettered must not park the records of an order "X"
+    return f"{rec.topic}:{rec.key_str}" if rec.topic in _own_key_space_topics() else rec.key_str
 
 
 def _record(m: Any) -> Record:

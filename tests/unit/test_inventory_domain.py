@@ -12,6 +12,7 @@ from services.inventory.domain import (
     decide_settlement,
     merge_lines,
     stock_level_rejection,
+    superseded_attempts,
 )
 
 
@@ -71,3 +72,16 @@ def test_a_quota_below_reserved_plus_sold_is_refused(
 )
 def test_a_reservation_settles_once(state: str | None, settlement: str, decision: str) -> None:
     assert decide_settlement(state, settlement) == decision  # type: ignore[arg-type]
+
+
+def test_a_newer_attempt_supersedes_only_earlier_reservations_still_held() -> None:
+    held = [(1, "reserved"), (2, "released"), (3, "failed"), (4, "committed"), (5, "reserved")]
+    assert superseded_attempts(6, held) == (1, 5)
+    assert superseded_attempts(5, held) == (1,)  # its own reservation is not superseded
+    assert superseded_attempts(1, [(1, "reserved")]) == ()
+    assert superseded_attempts(2, []) == ()
+
+
+def test_the_release_of_a_superseded_reservation_is_a_duplicate_afterwards() -> None:
+    # CaptureDeclined / AuthorizationExpired of attempt 1 after attempt 2 released it
+    assert decide_settlement("released", "release") == "duplicate"

@@ -51,7 +51,10 @@ def test_only_a_never_sent_compensation_is_called_without_a_lookup() -> None:
     [
         (
             "refund",
-            {"state": "refunded", "refunds": [{"refund_id": "re_1"}]},
+            {
+                "state": "refunded",
+                "refunds": [{"refund_id": "re_1", "amount": 1250, "currency": "EUR"}],
+            },
             domain.Succeeded("re_1"),
         ),
         ("refund", {"state": "captured", "refunds": []}, domain.Call()),

@@ -31,13 +31,11 @@ import functools
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,7 +49,7 @@ from services.runtime.faults import fault_point
 from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.tables import consumer_positions, dead_letters, inbox, parked
-from services.runtime.topics import TOPICS_FILE
+from services.runtime.topics import load_specs
 
 log = logging.getLogger("paysaga.consumer")
 
@@ -736,14 +734,9 @@ class ConsumerRuntime:
 
 @functools.cache
 def _own_key_space_topics() -> frozenset[str]:
-    """Topics of topics.yaml whose record key is not an order id (``catalog.stock.v1``:
-    the SKU). Topics it does not list keep the record key as it is."""
-    doc = yaml.safe_load(TOPICS_FILE.read_text())
-    return frozenset(
-        name
-        for name, spec in doc["topics"].items()
-        if not re.match(r"(data\.)?order_id\b", str((spec or {}).get("key", "")))
-    )
+    """Topics whose record key is not an order id (``catalog.stock.v1``: the SKU).
+    Topics topics.yaml does not list keep the record key as it is."""
+    return frozenset(spec.name for spec in load_specs() if not spec.keyed_by_order)
 
 
 def _order_key(rec: Record) -> str:

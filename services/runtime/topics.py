@@ -8,6 +8,7 @@ drift and left alone — shrinking partitions would re-key every order.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     configs: dict[str, str]
+    #: what the record key is (topics.yaml ``key``)
+    key: str = ""
+
+    @property
+    def keyed_by_order(self) -> bool:
+        """The record key is an order id (saga topics, confirmations, statuses)."""
+        return re.match(r"(data\.)?order_id\b", self.key) is not None
 
 
 @dataclasses.dataclass
@@ -58,7 +66,7 @@ def load_specs(
         }
         configs.update({k: str(v) for k, v in (t.get("config") or {}).items()})
         n = int(t.get("partitions", partitions or d["partitions"]))
-        specs.append(TopicSpec(name, n, rf, configs))
+        specs.append(TopicSpec(name, n, rf, configs, str(t.get("key", ""))))
     return specs
 
 

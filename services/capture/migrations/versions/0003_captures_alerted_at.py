@@ -1,15 +1,15 @@
 """capture: captures.alerted_at — the alarm (CaptureFailed) raised for a row that is
 still looked up after its retry budget.
 
-Revision ID: 0002
+Revision ID: 0003
 Revises: 0001
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

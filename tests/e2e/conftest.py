@@ -6,6 +6,7 @@ integration tests, whose own service processes use the same consumer groups."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -13,11 +14,12 @@ import pytest
 from services import devstack
 from services.devclient import DevClient, new_id
 from tests.conftest import Infra
+from tests.support.harness import REPO
 
 pytestmark = pytest.mark.e2e
 
 Stack = DevClient
-__all__ = ["Stack", "new_id"]
+__all__ = ["Stack", "new_id", "paysaga"]
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,15 @@ def stack(infra: Infra) -> Iterator[DevClient]:
     devstack.services_up(profile, env)
     yield DevClient(infra.bootstrap, infra.database_url, env)
     devstack.services_down(profile)
+
+
+def paysaga(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``paysaga`` command against the stack (wide output: ids are not wrapped)."""
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "paysaga"), *args],
+        env={**stack.env, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -17,7 +17,7 @@ import pytest
 from services import devstack
 from services.devclient import produce, read_all, wait_for
 from services.runtime.signature import sign
-from tests.e2e.conftest import Stack, new_id
+from tests.e2e.conftest import Stack, new_id, paysaga
 from tests.support.harness import REPO
 
 pytestmark = pytest.mark.e2e
@@ -188,17 +188,6 @@ def test_unmatched_payment_is_matched_when_the_order_arrives(stack: Stack) -> No
     assert stack.ledger(txn)["state"] == "captured"
 
 
-def _paysaga(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / ".venv" / "bin" / "paysaga"), *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_unmatched_payment_never_matched_is_resolved_by_an_operator(stack: Stack) -> None:
     intent = new_id("pi")
     txn = stack.pay(None, intent, 2500, "authorize")["transaction_id"]
@@ -208,16 +197,16 @@ def test_unmatched_payment_never_matched_is_resolved_by_an_operator(stack: Stack
         ),
         what="parked",
     )
-    listed = _paysaga(stack, "unmatched", "list")
+    listed = paysaga(stack, "unmatched", "list")
     assert listed.returncode == 0
     assert txn in listed.stdout
-    done = _paysaga(stack, "unmatched", "resolve", str(row[0][0]), "--refund")
+    done = paysaga(stack, "unmatched", "resolve", str(row[0][0]), "--refund")
     assert done.returncode == 0, done.stdout + done.stderr
     assert stack.ledger(txn)["state"] == "voided"
     assert stack.db(
         "payments", "SELECT state FROM unmatched_payments WHERE transaction_id=%s", txn
     ) == [("resolved_refund",)]
-    again = _paysaga(stack, "unmatched", "resolve", str(row[0][0]), "--refund")
+    again = paysaga(stack, "unmatched", "resolve", str(row[0][0]), "--refund")
     assert again.returncode == 1  # nothing left to resolve; never a second void
     assert len(stack.ledger(txn)["voids"]) == 1
     wait_for(
@@ -239,7 +228,7 @@ def test_unmatched_payment_attached_to_an_order_by_an_operator(stack: Stack) -> 
         ),
         what="parked",
     )
-    done = _paysaga(stack, "unmatched", "resolve", str(row[0][0]), "--order", order_id)
+    done = paysaga(stack, "unmatched", "resolve", str(row[0][0]), "--order", order_id)
     assert done.returncode == 0, done.stdout + done.stderr
     stack.wait_status(order_id, "PAID_CONFIRMED")
     assert stack.order(order_id)["transaction_id"] == txn  # type: ignore[index]
@@ -525,7 +514,7 @@ def test_dead_lettered_confirmation_is_accepted_on_replay(stack: Stack) -> None:
     flagged = stack.wait_status(order_id, "NEEDS_RECONCILIATION", timeout=120)
     assert flagged["reason"] == "record_dead_lettered"
     assert confirmation_rows(stack, order_id) == []
-    replayed = _paysaga(stack, "dlq", "replay", f"{dead.topic}:{dead.partition}:{dead.offset}")
+    replayed = paysaga(stack, "dlq", "replay", f"{dead.topic}:{dead.partition}:{dead.offset}")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     done = stack.wait_status(order_id, "PAID_CONFIRMED")
     assert done["transaction_id"] == txn

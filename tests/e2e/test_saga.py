@@ -4,7 +4,6 @@ the customer notifications must agree (``assert_agree``)."""
 
 from __future__ import annotations
 
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +11,7 @@ from typing import Any
 import pytest
 
 from services.devclient import wait_for
-from tests.e2e.conftest import Stack, new_id
-from tests.support.harness import REPO
+from tests.e2e.conftest import Stack, new_id, paysaga
 
 pytestmark = pytest.mark.e2e
 
@@ -241,27 +239,14 @@ def test_reconcile_passes_on_the_stack_and_names_a_violation(stack: Stack) -> No
     order_id, intent, _, total = order_with_stock(stack, 1)
     stack.pay(order_id, intent, total)
     stack.wait_status(order_id, "PAID_CONFIRMED")
-    paysaga = str(REPO / ".venv" / "bin" / "paysaga")
-    ok = subprocess.run(
-        [paysaga, "reconcile", "--gateway", "--order", order_id],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    ok = paysaga(stack, "reconcile", "--gateway", "--order", order_id)
     assert ok.returncode == 0, ok.stdout
     # break the rule on purpose: a paid order whose capture row says it was declined
     txn = (stack.order(order_id) or {})["transaction_id"]
     stack.db(
         "capture", "UPDATE captures SET state='declined' WHERE transaction_id=%s RETURNING 1", txn
     )
-    bad = subprocess.run(
-        [paysaga, "reconcile", "--order", order_id],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = paysaga(stack, "reconcile", "--order", order_id)
     stack.db(
         "capture", "UPDATE captures SET state='captured' WHERE transaction_id=%s RETURNING 1", txn
     )
@@ -285,13 +270,7 @@ def test_reconcile_names_money_captured_for_a_rejected_confirmation(stack: Stack
     )
     assert (stack.order(order_id) or {})["status"] == "PENDING_PAYMENT"
     assert len(stack.ledger(txn)["captures"]) == 1
-    found = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "paysaga"), "reconcile", "--gateway", "--order", order_id],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    found = paysaga(stack, "reconcile", "--gateway", "--order", order_id)
     assert found.returncode == 1, found.stdout
     assert "captured_but_rejected" in found.stdout
     assert txn in found.stdout
@@ -323,13 +302,7 @@ def test_reconcile_names_money_captured_for_a_parked_confirmation_rejected_later
         what="rejection audited",
     )
     assert (stack.order(order_id) or {})["status"] == "PENDING_PAYMENT"
-    found = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "paysaga"), "reconcile", "--gateway", "--order", order_id],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    found = paysaga(stack, "reconcile", "--gateway", "--order", order_id)
     assert found.returncode == 1, found.stdout
     assert "captured_but_rejected" in found.stdout
     assert txn in found.stdout

@@ -9,9 +9,8 @@ import pytest
 
 from services import devstack
 from services.devclient import wait_for
-from tests.e2e.conftest import Stack, new_id
+from tests.e2e.conftest import Stack, new_id, paysaga
 from tests.e2e.test_saga import Outcome, assert_agree, order_with_stock, stock_of
-from tests.support.harness import REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -20,13 +19,7 @@ REFUNDS = next(sp for sp in devstack.SERVICE_PROCESSES if sp.name == "refunds")
 
 
 def reconcile(stack: Stack, order_id: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / ".venv" / "bin" / "paysaga"), "reconcile", "--gateway", "--order", order_id],
-        env={**stack.env, "COLUMNS": "250"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    return paysaga(stack, "reconcile", "--gateway", "--order", order_id)
 
 
 def compensation(stack: Stack, txn: str) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine
 
+from services.runtime import migrate
 from services.runtime.tables import metadata as runtime_metadata
 from tests.conftest import Infra
 from tests.support import ledger_service
@@ -127,3 +128,21 @@ def ledger(infra: Infra) -> Iterator[Ledger]:
 
 
 Check = Callable[[], object]
+
+
+@pytest.fixture
+def inventory_proc(infra: Infra) -> Iterator[Proc]:
+    """The inventory service as a process on the test infrastructure."""
+    migrate.upgrade("inventory", infra.db_url("paysaga_inventory"))  # idempotent
+    proc = Proc(
+        f"inventory-{uid()}",
+        ["-m", "services.inventory.app"],
+        env={
+            "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap,
+            "PAYSAGA_DATABASE_URL": infra.database_url,
+            "PAYSAGA_INVENTORY_PORT": str(free_port()),
+            "PAYSAGA_POLL_TIMEOUT_MS": "200",
+        },
+    ).start()
+    yield proc
+    proc.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from services.inventory.cli import app as stock_cli
 from services.inventory.domain import Line, merge_lines
 from services.runtime import migrate
 from tests.conftest import Infra
-from tests.support.harness import Proc, envelope, free_port, produce, read_all, uid, wait_for
+from tests.support.harness import Proc, envelope, produce, read_all, uid, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -145,22 +145,6 @@ async def test_a_quota_below_reserved_is_not_written(engine: AsyncEngine) -> Non
 
 
 # --- the service as a process -----------------------------------------------------------
-
-
-@pytest.fixture
-def inventory_proc(infra: Infra, inventory_url: str) -> Iterator[Proc]:
-    proc = Proc(
-        f"inventory-{uid()}",
-        ["-m", "services.inventory.app"],
-        env={
-            "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap,
-            "PAYSAGA_DATABASE_URL": infra.database_url,
-            "PAYSAGA_INVENTORY_PORT": str(free_port()),
-            "PAYSAGA_POLL_TIMEOUT_MS": "200",
-        },
-    ).start()
-    yield proc
-    proc.stop()
 
 
 def _events(infra: Infra, order_id: str) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ from tests.support.harness import (
     Proc,
     caught_up,
     envelope,
-    free_port,
     produce,
     query,
     read_all,
@@ -35,22 +33,6 @@ DB = "paysaga_inventory"
 def inventory_db(infra: Infra) -> str:
     migrate.upgrade("inventory", infra.db_url(DB))  # idempotent
     return infra.conninfo(DB)
-
-
-@pytest.fixture
-def inventory(infra: Infra, inventory_db: str) -> Iterator[Proc]:
-    proc = Proc(
-        f"inventory-{uid()}",
-        ["-m", "services.inventory.app"],
-        env={
-            "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap,
-            "PAYSAGA_DATABASE_URL": infra.database_url,
-            "PAYSAGA_INVENTORY_PORT": str(free_port()),
-            "PAYSAGA_POLL_TIMEOUT_MS": "200",
-        },
-    ).start()
-    yield proc
-    proc.stop()
 
 
 def stock_level(conninfo: str, sku: str) -> tuple[Any, ...] | None:
@@ -106,7 +88,7 @@ def open_dead_letters(conninfo: str, key: str) -> list[tuple[str, str]]:
 
 
 def test_a_retry_is_not_refused_by_the_units_its_declined_attempt_holds(
-    infra: Infra, inventory_db: str, inventory: Proc
+    infra: Infra, inventory_db: str, inventory_proc: Proc
 ) -> None:
     """Attempt 1 holds the last unit, its capture is declined; the CaptureDeclined is
     still on its way (another topic) when PaymentAccepted of attempt 2 arrives."""
@@ -148,7 +130,7 @@ def test_a_retry_is_not_refused_by_the_units_its_declined_attempt_holds(
 
 
 def test_a_dead_lettered_sku_does_not_park_an_order_spelled_alike(
-    infra: Infra, inventory_db: str, inventory: Proc
+    infra: Infra, inventory_db: str, inventory_proc: Proc
 ) -> None:
     same = uid("X")  # a SKU and an order id at once
     sku = uid("sku-ok-")

@@ -119,7 +119,8 @@ class SagaEvent:
             causation_id=env.causation_id,
             correlation_id=env.correlation_id,
             payload=payload.model_dump(mode="json"),
-            envelope=envelope,
+            # the validated envelope: an unknown field (a stray `cvv`) is never stored
+            envelope=env.model_dump(mode="json"),
         )
 
 

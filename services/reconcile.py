@@ -87,9 +87,17 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
     out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
     out += _stock_rules()
     if gateway_url:
-        out += _compensation_rules(gateway_url, order_ids)
-        txns = {o.transaction_id for o in orders}
-        out += _gateway_rules(gateway_url, {t: s for t, s in captures.items() if t in txns})
+        order_txns = {o.transaction_id for o in orders}
+        stored = {t: state for t, state in captures.items() if t in order_txns}
+        failed = [
+            c
+            for c in _rows(
+                "refunds",
+                "SELECT order_id, transaction_id, action, failure_reason FROM compensations"
+                " WHERE state = 'failed' ORDER BY order_id, transaction_id, action",
+            )
+            if not order_ids or c.order_id in order_ids
+        ]
         rejected = {
             r.transaction_id: r
             for r in _rows(
@@ -102,7 +110,10 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
             and r.transaction_id not in refunds
             and (not order_ids or r.order_id in order_ids)
         }
-        out += _rejected_rules(gateway_url, list(rejected.values()))
+        payments = _look_up(gateway_url, {*stored, *(c.transaction_id for c in failed), *rejected})
+        out += _gateway_rules(stored, payments)
+        out += _compensation_rules(failed, payments)
+        out += _rejected_rules(list(rejected.values()), payments)
     return out
 
 
@@ -162,36 +173,47 @@ def _stock_rules() -> list[Violation]:
     return out
 
 
-def _gateway_rules(gateway_url: str, captures: dict[str, str]) -> list[Violation]:
-    out = []
+def _look_up(gateway_url: str, txns: set[str]) -> dict[str, dict[str, Any] | None]:
+    """The gateway's view of each transaction (``GET /v1/payments/{id}``); None for one
+    it does not know."""
+    out: dict[str, dict[str, Any] | None] = {}
     with httpx.Client(base_url=gateway_url, timeout=10) as client:
-        for txn, state in captures.items():
-            r = client.get(f"/v1/payments/{txn}")
-            if r.status_code == 404:
-                if state == "captured":
-                    out.append(Violation("capture_unknown_to_gateway", txn, "gateway: 404"))
+        for txn in sorted(txns):
+            answer = client.get(f"/v1/payments/{txn}")
+            if answer.status_code == 404:
+                out[txn] = None
                 continue
-            r.raise_for_status()
-            payment = r.json()
-            if len(payment.get("captures", [])) > 1:
-                out.append(Violation("captured_twice", txn, f"{len(payment['captures'])} captures"))
-            if len(payment.get("refunds", [])) > 1:
-                out.append(Violation("refunded_twice", txn, f"{len(payment['refunds'])} refunds"))
+            answer.raise_for_status()
+            out[txn] = answer.json()
     return out
 
 
-def _rejected_rules(gateway_url: str, rejected: list[Any]) -> list[Violation]:
+def _gateway_rules(
+    captures: dict[str, str], payments: dict[str, dict[str, Any] | None]
+) -> list[Violation]:
     out = []
-    with httpx.Client(base_url=gateway_url, timeout=10) as client:
-        for r in rejected:
-            answer = client.get(f"/v1/payments/{r.transaction_id}")
-            if answer.status_code == 404:
-                continue
-            answer.raise_for_status()
-            payment = answer.json()
-            if payment.get("captures") and not payment.get("refunds"):
-                detail = f"{r.transaction_id} captured; its confirmation was rejected ({r.reason})"
-                out.append(Violation("captured_but_rejected", r.order_id or "-", detail))
+    for txn, state in captures.items():
+        payment = payments[txn]
+        if payment is None:
+            if state == "captured":
+                out.append(Violation("capture_unknown_to_gateway", txn, "gateway: 404"))
+            continue
+        if len(payment.get("captures", [])) > 1:
+            out.append(Violation("captured_twice", txn, f"{len(payment['captures'])} captures"))
+        if len(payment.get("refunds", [])) > 1:
+            out.append(Violation("refunded_twice", txn, f"{len(payment['refunds'])} refunds"))
+    return out
+
+
+def _rejected_rules(
+    rejected: list[Any], payments: dict[str, dict[str, Any] | None]
+) -> list[Violation]:
+    out = []
+    for r in rejected:
+        payment = payments[r.transaction_id]
+        if payment is not None and payment.get("captures") and not payment.get("refunds"):
+            detail = f"{r.transaction_id} captured; its confirmation was rejected ({r.reason})"
+            out.append(Violation("captured_but_rejected", r.order_id or "-", detail))
     return out
 
 
@@ -208,28 +230,17 @@ def compensation_outstanding(action: str, payment: dict[str, Any]) -> bool:
     return total(payment.get("captures")) > total(payment.get("refunds"))
 
 
-def _compensation_rules(gateway_url: str, order_ids: list[str] | None) -> list[Violation]:
-    failed = [
-        c
-        for c in _rows(
-            "refunds",
-            "SELECT order_id, transaction_id, action, failure_reason FROM compensations"
-            " WHERE state = 'failed' ORDER BY order_id, transaction_id, action",
-        )
-        if not order_ids or c.order_id in order_ids
-    ]
+def _compensation_rules(
+    failed: list[Any], payments: dict[str, dict[str, Any] | None]
+) -> list[Violation]:
     out = []
-    with httpx.Client(base_url=gateway_url, timeout=10) as client:
-        for c in failed:
-            answer = client.get(f"/v1/payments/{c.transaction_id}")
-            if answer.status_code == 404:
-                continue  # the gateway holds nothing of a transaction it does not know
-            answer.raise_for_status()
-            payment = answer.json()
-            if compensation_outstanding(c.action, payment):
-                detail = (
-                    f"{c.action} of {c.transaction_id} failed ({c.failure_reason});"
-                    f" gateway: {payment.get('state')}"
-                )
-                out.append(Violation("compensation_failed", c.order_id, detail))
+    for c in failed:
+        payment = payments[c.transaction_id]
+        # the gateway holds nothing of a transaction it does not know
+        if payment is not None and compensation_outstanding(c.action, payment):
+            detail = (
+                f"{c.action} of {c.transaction_id} failed ({c.failure_reason});"
+                f" gateway: {payment.get('state')}"
+            )
+            out.append(Violation("compensation_failed", c.order_id, detail))
     return out

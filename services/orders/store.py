@@ -24,7 +24,6 @@ from sqlalchemy import (
     delete,
     func,
     select,
-    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -32,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import AuditRecorded
 from services.orders.domain import OrderView, StatusChange
+from services.runtime.locks import xact_lock
 
 metadata = MetaData()
 
@@ -119,10 +119,7 @@ async def lock_order(conn: AsyncConnection, order_id: str) -> None:
     partition number of two topics to different members, so one order's events can be
     handled concurrently. Without this, an event could be held by one transaction while
     its cause is applied (and held events released) by another that cannot see it."""
-    await conn.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-        {"key": f"orders:{order_id}"},
-    )
+    await xact_lock(conn, f"orders:{order_id}")
 
 
 async def applied_ids(conn: AsyncConnection, order_id: str) -> set[str]:

@@ -24,7 +24,6 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -32,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Item, Order
+from services.runtime.locks import xact_lock
 
 metadata = MetaData()
 
@@ -172,10 +172,7 @@ def _order_values(order: Order) -> dict[str, Any]:
 async def lock_intent(conn: AsyncConnection, payment_intent_id: str) -> None:
     """Serialize, until the transaction ends, everything that parks or matches payments
     of one payment intent (a transaction-scoped advisory lock; re-entrant)."""
-    await conn.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-        {"key": f"payments:intent:{payment_intent_id}"},
-    )
+    await xact_lock(conn, f"payments:intent:{payment_intent_id}")
 
 
 async def attempt_confirmed(conn: AsyncConnection, order_id: str, attempt: int) -> bool:

@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.runtime import dlq
 from services.runtime.errors import PermanentError, describe, is_transient, said
 from services.runtime.faults import fault_point
+from services.runtime.locks import xact_lock
 from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.tables import consumer_positions, dead_letters, inbox, parked
@@ -471,8 +472,7 @@ class ConsumerRuntime:
 
     async def _lock_key(self, conn: AsyncConnection, order_key: str) -> None:
         """Serialize parking and releasing of one key across members (until commit)."""
-        lock_id = func.hashtextextended(f"{self.group}|{order_key}", 0)
-        await conn.execute(select(func.pg_advisory_xact_lock(lock_id)))
+        await xact_lock(conn, f"{self.group}|{order_key}")
 
     async def _is_dead_letter(self, conn: AsyncConnection, rec: Record) -> bool:
         row = await conn.execute(

@@ -1,0 +1,15 @@
+"""Transaction-scoped named locks: ``pg_advisory_xact_lock`` on a hash of a name, held
+until the transaction ends (re-entrant within it). Names carry their own namespace
+(``orders:{id}``, ``payments:intent:{id}``, ``{group}|{key}``)."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+async def xact_lock(conn: AsyncConnection, name: str) -> None:
+    """Wait for, then hold until commit or rollback, the lock called ``name``."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name}
+    )

@@ -44,8 +44,7 @@ from pydantic_settings.exceptions import SettingsError
 from schemas.carddata import find_card_data_in_bytes
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
-
-TOPIC = "gateway.confirmations.v1"
+from services.runtime.topics import CONFIRMATIONS_TOPIC as TOPIC
 
 log = logging.getLogger("paysaga.bridge")
 

@@ -15,9 +15,7 @@ from schemas.events import PaymentContext, SaleConfirmed, StockReserved
 from services.capture import domain, store
 from services.runtime.intents import Cause, notify
 from services.runtime.messages import Context, Handler
-
-INVENTORY_TOPIC = "inventory.events.v1"
-CAPTURE_TOPIC = "capture.events.v1"
+from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 

@@ -16,9 +16,9 @@ from pydantic import BaseModel
 
 from schemas import events
 from services.capture import domain, store
-from services.capture.handlers import CAPTURE_TOPIC
 from services.runtime.gateway_client import GatewayProtocolError
 from services.runtime.intents import Claimed, IntentWorker
+from services.runtime.topics import CAPTURE_TOPIC
 
 
 @dataclasses.dataclass(frozen=True)

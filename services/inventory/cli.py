@@ -18,10 +18,10 @@ from rich.table import Table
 from schemas.contract import StockLevelSet
 from schemas.envelope import dump, new_envelope
 from services.inventory import domain, store
-from services.inventory.handlers import CATALOG_TOPIC
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, KafkaSettings
 from services.runtime.terminal import make_console
+from services.runtime.topics import CATALOG_TOPIC
 
 app = typer.Typer(no_args_is_help=True, help="Stock levels of the inventory service")
 console = make_console()

@@ -32,11 +32,7 @@ from schemas.events import (
 from services.inventory import domain, store
 from services.runtime.errors import PermanentError
 from services.runtime.messages import Context, Handler
-
-CATALOG_TOPIC = "catalog.stock.v1"
-PAYMENTS_TOPIC = "payments.events.v1"
-CAPTURE_TOPIC = "capture.events.v1"
-INVENTORY_TOPIC = "inventory.events.v1"
+from services.runtime.topics import CAPTURE_TOPIC, CATALOG_TOPIC, INVENTORY_TOPIC, PAYMENTS_TOPIC
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 

@@ -24,13 +24,11 @@ from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
 from services.runtime.errors import PermanentError, schema_violation
 from services.runtime.messages import Context, Handler, Route
+from services.runtime.topics import AUDIT_TOPIC, NOTIFICATIONS_TOPIC, STATUS_TOPIC
 
 log = logging.getLogger("paysaga.orders")
 M = TypeVar("M", bound=BaseModel)
 
-STATUS_TOPIC = "orders.status.v1"
-NOTIFICATIONS_TOPIC = "customer.notifications.v1"
-AUDIT_TOPIC = "audit.events.v1"
 
 #: Every saga event type the projection consumes (docs/saga-events.md), by topic.
 SAGA_EVENTS: Mapping[str, tuple[str, ...]] = {

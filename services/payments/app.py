@@ -12,6 +12,7 @@ from services.payments.handlers import Metrics, PaymentsHandlers
 from services.runtime.messages import Record, Route
 from services.runtime.service import Service, make_engine, run_service
 from services.runtime.settings import DatabaseSettings, GatewaySecrets, KafkaSettings
+from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, CONFIRMATIONS_TOPIC, STATUS_TOPIC
 
 
 class PaymentsSettings(BaseSettings):
@@ -50,18 +51,18 @@ def build() -> Service:
     )
     routes = [
         Route(
-            "checkout.orders.v1",
+            CHECKOUT_ORDERS_TOPIC,
             handlers={
                 "OrderPlaced": h.on_order_placed,
                 "PaymentRetryRequested": h.on_retry_requested,
             },
         ),
         Route(
-            "gateway.confirmations.v1",
+            CONFIRMATIONS_TOPIC,
             raw_handler=h.on_confirmation,
             dedupe_key=confirmation_dedupe_key,
         ),
-        Route("orders.status.v1", handlers={"OrderStatusChanged": h.on_status_changed}),
+        Route(STATUS_TOPIC, handlers={"OrderStatusChanged": h.on_status_changed}),
     ]
     return Service(
         name="payments",

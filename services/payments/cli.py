@@ -21,12 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import AuditRecorded
 from services.payments import domain, store
-from services.payments.handlers import AUDIT_TOPIC, PAYMENTS_TOPIC
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.outbox import write_event
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings
 from services.runtime.terminal import make_console
+from services.runtime.topics import AUDIT_TOPIC, PAYMENTS_TOPIC
 
 app = typer.Typer(no_args_is_help=True, help="Payments that matched no order")
 console = make_console()

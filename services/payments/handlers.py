@@ -33,14 +33,11 @@ from services.runtime import signature
 from services.runtime.errors import schema_violation
 from services.runtime.messages import Context, Record
 from services.runtime.outbox import write_event
+from services.runtime.topics import AUDIT_TOPIC, CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC
+from services.runtime.topics import CHECKOUT_ORDERS_TOPIC as ORDERS_TOPIC
 
 log = logging.getLogger("paysaga.payments")
 security_log = logging.getLogger("paysaga.payments.security")
-
-PAYMENTS_TOPIC = "payments.events.v1"
-ORDERS_TOPIC = "checkout.orders.v1"
-CONFIRMATIONS_TOPIC = "gateway.confirmations.v1"
-AUDIT_TOPIC = "audit.events.v1"
 
 
 @dataclasses.dataclass(frozen=True)

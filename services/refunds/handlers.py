@@ -17,10 +17,7 @@ from services.refunds import domain, store
 from services.runtime.errors import PermanentError
 from services.runtime.intents import Cause, notify
 from services.runtime.messages import Context, Handler
-
-INVENTORY_TOPIC = "inventory.events.v1"
-CAPTURE_TOPIC = "capture.events.v1"
-REFUNDS_TOPIC = "refunds.events.v1"
+from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 

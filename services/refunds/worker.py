@@ -17,9 +17,9 @@ from pydantic import BaseModel
 
 from schemas import events
 from services.refunds import domain, store
-from services.refunds.handlers import REFUNDS_TOPIC
 from services.runtime.gateway_client import GatewayOutcome, GatewayProtocolError
 from services.runtime.intents import Claimed, IntentWorker
+from services.runtime.topics import REFUNDS_TOPIC
 
 
 @dataclasses.dataclass(frozen=True)

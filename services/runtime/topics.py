@@ -19,6 +19,18 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 TOPICS_FILE = Path(__file__).resolve().parents[2] / "topics.yaml"
 
+# The topics the services name in code (topics.yaml has them all, with their specs).
+CHECKOUT_ORDERS_TOPIC = "checkout.orders.v1"
+CONFIRMATIONS_TOPIC = "gateway.confirmations.v1"
+CATALOG_TOPIC = "catalog.stock.v1"
+PAYMENTS_TOPIC = "payments.events.v1"
+INVENTORY_TOPIC = "inventory.events.v1"
+CAPTURE_TOPIC = "capture.events.v1"
+REFUNDS_TOPIC = "refunds.events.v1"
+STATUS_TOPIC = "orders.status.v1"
+NOTIFICATIONS_TOPIC = "customer.notifications.v1"
+AUDIT_TOPIC = "audit.events.v1"
+
 
 @dataclasses.dataclass(frozen=True)
 class TopicSpec:

@@ -8,8 +8,7 @@ that follows a call which may have reached the gateway starts with a look-up, so
 unknown outcome is resolved from the gateway's own record (a recorded void, or refunds
 of exactly the claimed amount and currency, mean success; refunds of another amount
 fail with ``amount_mismatch`` for an operator) before anything is sent again. Retry
-arithmetic is the capture service's (``services.capture.domain``), shared until it
-moves into the runtime.
+arithmetic is the runtime's (``services.runtime.intents.retry_or_fail``).
 """
 
 from __future__ import annotations

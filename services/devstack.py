@@ -52,6 +52,8 @@ class Profile:
     pg_port: int
     #: base port of the services; see SERVICE_PORTS for the offsets
     http_base: int
+    #: added to each service's contract port (0 for dev: the contract's ports)
+    service_shift: int = 0
 
     @property
     def root(self) -> Path:
@@ -66,9 +68,16 @@ class Profile:
         return f"postgresql+psycopg://paysaga@127.0.0.1:{self.pg_port}"
 
 
+def _test_profile() -> Profile:
+    """The test profile; ``PAYSAGA_TEST_PORT_SHIFT`` moves all its ports, so two
+    checkouts on one machine can run their suites side by side."""
+    shift = int(os.environ.get("PAYSAGA_TEST_PORT_SHIFT", "0"))
+    return Profile("test", 19092 + shift, 19093 + shift, 55433 + shift, 18000 + shift, 10000 + shift)
+
+
 PROFILES = {
     "dev": Profile("dev", 9092, 9093, 55432, 8000),
-    "test": Profile("test", 19092, 19093, 55433, 18000),
+    "test": _test_profile(),
 }
 
 
@@ -483,7 +492,7 @@ SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
 
 
 def service_port(p: Profile, sp: ServiceProcess) -> int:
-    return sp.port if p.name == "dev" else sp.port + 10000
+    return sp.port + p.service_shift
 
 
 def stack_env(p: Profile) -> dict[str, str]:

@@ -149,3 +149,48 @@ def test_refunded_unmatched_sale_is_never_confirmed_when_its_order_arrives(
     assert (
         stack.db("payments", "SELECT outcome FROM confirmations WHERE transaction_id=%s", txn) == []
     )
+
+
+def test_voided_unmatched_authorization_whose_answer_is_lost_is_settled_once(
+    stack: Stack,
+) -> None:
+    order_id, intent = new_id("ord"), f"{new_id('pi')}_void_lost"
+    stack.set_stock(f"sku-{order_id}", 5)
+    txn = stack.pay(order_id, intent, 1000, "authorize")["transaction_id"]
+    [(unmatched_id, _)] = wait_for(lambda: unmatched(stack, txn), what="parked authorization")
+    said = resolve_refund_timing_out(stack, unmatched_id, txn)
+    assert "run the same command again" in (said or ""), said
+    assert stack.ledger(txn)["state"] == "voided"
+    assert unmatched(stack, txn) == [(unmatched_id, "refund_pending")]
+    stack.place_order(order_id, intent=intent)
+    not_matched = ("unmatched_matched", "not_matched", "refund_pending", txn)
+    wait_for(
+        lambda: (
+            not_matched in audited(stack, order_id)
+            or "PAYMENT_AUTHORIZED" in statuses(stack, order_id)
+        ),
+        what="the order's arrival handled by payments",
+    )
+    assert statuses(stack, order_id) == ["PENDING_PAYMENT"]
+    again = paysaga(stack, "unmatched", "resolve", str(unmatched_id), "--refund")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert unmatched(stack, txn) == [(unmatched_id, "resolved_refund")]
+    ledger = stack.ledger(txn)
+    assert (ledger["state"], len(ledger["voids"]), ledger["captures"]) == ("voided", 1, [])
+
+
+def test_declined_refund_parks_the_payment_again(stack: Stack) -> None:
+    """The gateway refused: it holds the money, so the payment is matchable again."""
+    order_id, intent = new_id("ord"), f"{new_id('pi')}_refund_declined"
+    stack.set_stock(f"sku-{order_id}", 5)
+    txn = stack.pay(order_id, intent, 1000, "sale")["transaction_id"]
+    [(unmatched_id, _)] = wait_for(lambda: unmatched(stack, txn), what="parked sale")
+    done = paysaga(stack, "unmatched", "resolve", str(unmatched_id), "--refund")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "declined" in done.stdout
+    assert "parked again" in done.stdout
+    assert unmatched(stack, txn) == [(unmatched_id, "parked")]
+    assert stack.ledger(txn)["refunds"] == []
+    stack.place_order(order_id, intent=intent)
+    stack.wait_status(order_id, "PAID_CONFIRMED")
+    assert unmatched(stack, txn) == [(unmatched_id, "matched")]

@@ -129,6 +129,19 @@ class PaymentsHandlers:
             await self._apply(
                 ctx, decision, subject="unmatched_payment", causation=c.gateway_event_id
             )
+        for r in await store.given_back_for(ctx.conn, order):
+            # money an operator gives back (or gave back) is never this order's payment:
+            # the order stays unpaid, and the audit trail says why
+            reason = "refund_pending" if r.state == "refund_pending" else "refunded"
+            log.warning(
+                "order %s not matched to unmatched payment %s: %s by an operator",
+                order.order_id,
+                r.transaction_id,
+                reason,
+            )
+            audit = _audit_entry("unmatched_matched", "not_matched", reason, order.order_id)
+            audit |= {"transaction_id": r.transaction_id, "gateway_event_id": r.gateway_event_id}
+            await self._emit_audit(ctx, "unmatched_payment", audit, order.order_id)
 
     async def on_retry_requested(self, ctx: Context) -> None:
         retry = _validate(PaymentRetryRequested, ctx.payload)

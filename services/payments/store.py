@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    or_,
     select,
     update,
 )
@@ -117,10 +118,15 @@ unmatched = Table(
     Column("failure_code", String(64), nullable=True),
     Column("failure_message", Text, nullable=True),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    #: parked | matched | resolved_order | resolved_refund | rejected
+    #: parked | matched | resolved_order | refund_pending | resolved_refund | rejected;
+    #: only ``parked`` is ever matched (``parked_for``)
     Column("state", String(16), nullable=False, server_default="parked"),
     Column("resolution", Text, nullable=True),
     Column("resolved_at", DateTime(timezone=True), nullable=True),
+    #: an operator's void/refund, recorded (``refund_pending``) before the gateway call:
+    #: its one idempotency key (``void:{txn}`` / ``refund:{txn}``) and when it was asked
+    Column("refund_key", Text, nullable=True),
+    Column("refund_requested_at", DateTime(timezone=True), nullable=True),
     UniqueConstraint("transaction_id", "type", name="uq_unmatched_txn_type"),
     Index("ix_unmatched_intent", "payment_intent_id", postgresql_where="state = 'parked'"),
 )
@@ -295,7 +301,9 @@ def confirmation_from_unmatched(row: Any) -> Confirmation:
 
 
 async def parked_for(conn: AsyncConnection, order: Order) -> list[Any]:
-    """Parked confirmations that may belong to ``order`` (its intent), locked."""
+    """Parked confirmations that may belong to ``order`` (its intent), locked. Only
+    ``parked`` ones: a payment an operator is giving back (``refund_pending``) or gave
+    back (``resolved_refund``) is never matched."""
     rows = await conn.execute(
         select(unmatched)
         .where(
@@ -305,6 +313,62 @@ async def parked_for(conn: AsyncConnection, order: Order) -> list[Any]:
         .with_for_update()
     )
     return list(rows)
+
+
+async def given_back_for(conn: AsyncConnection, order: Order) -> list[Any]:
+    """Payments of ``order``'s intent (naming no order, or this one) that an operator is
+    giving back or gave back: ``refund_pending`` / ``resolved_refund`` (a failed payment
+    so resolved took no money, so gave none back)."""
+    rows = await conn.execute(
+        select(unmatched)
+        .where(
+            unmatched.c.state.in_(("refund_pending", "resolved_refund")),
+            unmatched.c.type != "payment.failed",
+            unmatched.c.payment_intent_id == order.payment_intent_id,
+            or_(unmatched.c.order_id.is_(None), unmatched.c.order_id == order.order_id),
+        )
+        .order_by(unmatched.c.id)
+    )
+    return list(rows)
+
+
+async def lock_unmatched(conn: AsyncConnection, unmatched_id: int) -> Any:
+    """The unmatched row, locked after its intent (the order ``_match_parked`` locks in);
+    None if there is no such row."""
+    intent = await conn.scalar(
+        select(unmatched.c.payment_intent_id).where(unmatched.c.id == unmatched_id)
+    )
+    if intent is None:
+        return None
+    await lock_intent(conn, intent)
+    stmt = select(unmatched).where(unmatched.c.id == unmatched_id).with_for_update()
+    return (await conn.execute(stmt)).first()
+
+
+async def request_refund(
+    conn: AsyncConnection, unmatched_id: int, idempotency_key: str, now: datetime
+) -> None:
+    """Take a parked payment out of matching: its void/refund is about to be sent."""
+    await conn.execute(
+        update(unmatched)
+        .where(unmatched.c.id == unmatched_id, unmatched.c.state == "parked")
+        .values(
+            state="refund_pending",
+            refund_key=idempotency_key,
+            refund_requested_at=now,
+            resolution=f"key {idempotency_key}",
+        )
+    )
+
+
+async def cancel_refund(conn: AsyncConnection, unmatched_id: int, resolution: str) -> None:
+    """The gateway did not give the money back (declined, unknown transaction): the
+    payment is parked again, matchable as before."""
+    await conn.execute(
+        update(unmatched)
+        .where(unmatched.c.id == unmatched_id, unmatched.c.state == "refund_pending")
+        .values(state="parked", refund_key=None, refund_requested_at=None, resolution=resolution)
+    )
 
 
 async def close_unmatched(

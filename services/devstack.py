@@ -72,7 +72,9 @@ def _test_profile() -> Profile:
     """The test profile; ``PAYSAGA_TEST_PORT_SHIFT`` moves all its ports, so two
     checkouts on one machine can run their suites side by side."""
     shift = int(os.environ.get("PAYSAGA_TEST_PORT_SHIFT", "0"))
-    return Profile("test", 19092 + shift, 19093 + shift, 55433 + shift, 18000 + shift, 10000 + shift)
+    return Profile(
+        "test", 19092 + shift, 19093 + shift, 55433 + shift, 18000 + shift, 10000 + shift
+    )
 
 
 PROFILES = {

@@ -10,13 +10,24 @@ A number stands on its own: digits inside an alphanumeric token are part of an i
 a card number. Gateway ids are hex or base62 (``evt_4194986994504da1daa0004f``); about
 one 13-digit run in ten passes Luhn by chance, and treating such runs as card numbers
 refused genuine payments (found by the 50-concurrent-orders e2e test).
+
+Identifier fields are not card data (:func:`is_id_key`): the scalar value of a key named
+``id``, ending in ``_id``, or ``sku`` is not scanned for numbers — an all-digit order id
+(snowflake ids are 18-19 digits) passes Luhn one time in ten and is still an order id.
+Every other value is scanned, keys too, and a card-data key is card data wherever it is,
+under an id field as well. Only structure makes an identifier: in a JSON document the
+redaction keeps exactly the fields the acceptance rule does not scan, so a dead-lettered
+or parked record keeps its ids intact (an operator finds it by them, a replay still names
+its order, a replayed confirmation still verifies); free text (log lines, error texts, a
+body that is not JSON) has no fields, so every card-like number there is masked — an id
+too, which its record, its Kafka key and the status API still show.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import NamedTuple
 
 CARD_NUMBER_PRESENT = "card_number_present"
@@ -93,9 +104,20 @@ def is_card_key(key: str) -> bool:
     return key.lower().replace("_", "").replace("-", "") in CARD_KEYS
 
 
-def find_card_data(obj: object) -> str | None:
+def is_id_key(key: str) -> bool:
+    """An identifier field (CONTRACT §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt."""
+    return key in ("id", "sku") or key.endswith("_id")
+
+
+def _scalar(value: object) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
+
+
+def find_card_data(obj: object, identifiers: Collection[str] = ()) -> str | None:
     """The reason code for card data anywhere in parsed JSON ``obj``, else None:
-    ``card_number_present`` (a PAN in any key, string or number; it takes precedence) or
+    ``card_number_present`` (a PAN in any key, string or number, except the scalar value
+    of an identifier field — or of a key in ``identifiers``, the fields of an internal
+    model that hold an identifier under another name; it takes precedence) or
     ``security_code_present`` (a key naming card data)."""
     key_found = False
     stack: list[object] = [obj]
@@ -105,14 +127,11 @@ def find_card_data(obj: object) -> str | None:
             for key, value in node.items() if isinstance(node, dict) else node:
                 key_found = key_found or is_card_key(str(key))
                 stack.append(str(key))
-                stack.append(value)
+                if not ((is_id_key(str(key)) or key in identifiers) and _scalar(value)):
+                    stack.append(value)
         elif isinstance(node, list | tuple):
             stack.extend(node)
-        elif (
-            isinstance(node, str | int | float)
-            and not isinstance(node, bool)
-            and contains_pan(str(node))
-        ):
+        elif _scalar(node) and contains_pan(str(node)):
             return CARD_NUMBER_PRESENT
     return SECURITY_CODE_PRESENT if key_found else None
 
@@ -142,45 +161,57 @@ def redact(text: str) -> Redacted:
     """``text`` without card data: in a JSON document the value (of any type) of every
     card-data key, at any depth, repeated keys included; in any text a ``key: value`` or
     ``key=value`` of a card-data key, pydantic's rendering of bad inputs, and every PAN
-    (``[REDACTED-PAN]``). Everything else is kept byte for byte. The one redaction of
+    (``[REDACTED-PAN]``) but one that is a JSON document's identifier field (the module's
+    docstring says why). Everything else is kept byte for byte. The one redaction of
     error texts, log lines, dead letters and parked records.
 
     A redacted dead letter or parked record is replayed redacted: fine, a record that
     carried card data is rejected anyway (a card-data key stays, a changed body fails
     its signature)."""
-    keys = _redact_json_keys(text)
+    keys, ids = _redact_json_keys(text)
     # PANs before free-text keys: "card_number: 4111 1111 1111 1111" must not lose only
     # its first group to the key rule
-    pans = _redact_pans(keys)
+    pans = _redact_pans(keys, ids)
     out = _KEY_VALUE.sub(_redact_key_value, pans)
     out = _PYDANTIC_INPUT.sub(f"input_value={REDACTED}, input_type=", out)
     kinds = ("card_number",) * (pans != keys) + ("card_key",) * (keys != text or out != pans)
     return Redacted(out, kinds)
 
 
-def _redact_json_keys(text: str) -> str:
+def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with the value of every card-data key redacted when it is a JSON
+    document, and the spans (in the result) of its identifier fields' scalar values."""
     try:
         _parse(text)
     except (ValueError, RecursionError):
-        return text
+        return text, []
     # Replaced in place rather than re-serialized, so nothing else of the record changes.
     # In a valid document a string followed by a colon is a key, and strings are found in
     # order from the start, so one inside another string is never mistaken for a key.
     decoder, out, pos = json.JSONDecoder(), [], 0
+    size = 0  # of the result so far: where an identifier's value lands in it
+    ids: list[tuple[int, int]] = []
     while (string := _JSON_STRING.search(text, pos)) is not None:
         colon = _JSON_COLON.match(text, string.end())
-        if colon is None or not is_card_key(json.loads(string.group())):
-            out.append(text[pos : string.end()])
-            pos = string.end()
+        key = str(json.loads(string.group())) if colon is not None else ""
+        upto = colon.end() if colon is not None and (is_card_key(key) or is_id_key(key)) else 0
+        out.append(text[pos : upto or string.end()])
+        size += len(out[-1])
+        pos = upto or string.end()
+        if not upto:
             continue
         try:
-            _, end = decoder.raw_decode(text, colon.end())
+            value, end = decoder.raw_decode(text, pos)
         except RecursionError:
-            end = len(text)  # a value nested too deep to measure: the rest goes
-        out += [text[pos : colon.end()], json.dumps(REDACTED)]
-        pos = end
+            value, end = None, len(text)  # a value nested too deep to measure: the rest goes
+        if is_card_key(key):
+            out.append(json.dumps(REDACTED))
+            size += len(out[-1])
+            pos = end
+        elif _scalar(value):  # an identifier; a container under an id key is scanned
+            ids.append((size, size + end - pos))
     out.append(text[pos:])
-    return "".join(out)
+    return "".join(out), ids
 
 
 def _redact_key_value(match: re.Match[str]) -> str:
@@ -188,11 +219,14 @@ def _redact_key_value(match: re.Match[str]) -> str:
     return f"{match['key']}{match['sep']}{quote}{REDACTED}{quote}"
 
 
-def _redact_pans(text: str) -> str:
+def _redact_pans(text: str, ids: list[tuple[int, int]]) -> str:
+    """``text`` with every PAN masked but one within an identifier field's value (``ids``)."""
     out, last = [], 0
     for start, end in sorted(_pan_spans(text)):
         if start < last:
             continue  # overlaps one already redacted
+        if any(a <= start and end <= b for a, b in ids):
+            continue
         out += [text[last:start], "[REDACTED-PAN]"]
         last = end
     out.append(text[last:])

@@ -193,7 +193,9 @@ class AuditRecorded(ContractModel):
 
     Guarantee: never carries card data. A `details` key named cvv/cvc/card_number/pan
     or any Luhn-valid 13-19 digit number in a field is a validation error, so a
-    careless producer fails loudly instead of persisting a PAN.
+    careless producer fails loudly instead of persisting a PAN. Identifier fields are
+    not card data (`schemas.carddata`), and neither is `details.record_key`: the
+    record's Kafka key, an order id or payment intent id.
     """
 
     subject: NonEmpty
@@ -208,7 +210,7 @@ class AuditRecorded(ContractModel):
 
     @model_validator(mode="after")
     def _no_card_data(self) -> Self:
-        if find_card_data(self.model_dump()) is not None:
+        if find_card_data(self.model_dump(), identifiers=("record_key",)) is not None:
             raise ValueError("must not carry card data (a card number or security-code key)")
         return self
 

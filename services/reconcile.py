@@ -18,6 +18,14 @@ each store (read-only) and compares. Rules:
   still ``authorized``, or the capture is not fully refunded. The status projection may
   not show it (a failed void of an attempt the customer has since retried); an operator
   must settle it, after which the gateway's state clears the violation;
+* with ``--gateway``: the gateway holds what each final status says —
+  ``paid_but_not_held``: a PAID_CONFIRMED order whose transaction is not ``captured``
+  at the gateway, or shows a refund or a void (refunded, voided, disputed outside
+  paysaga, never captured, unknown); ``paid_amount_mismatch``: captured, but not for
+  the order's amount and currency; ``refunded_not_at_gateway``: a REFUNDED order whose
+  captured money is not fully refunded (or, never captured, whose authorization is not
+  voided); ``failed_but_captured_at_gateway``: a PAYMENT_FAILED order whose transaction
+  holds captured money not refunded;
 * with ``--gateway``: ``captured_twice`` / ``refunded_twice`` in the gateway's ledger,
   ``capture_unknown_to_gateway`` — a capture we stored that the gateway lacks — and
   ``captured_but_rejected`` — money the gateway captured for a confirmation payments
@@ -61,7 +69,9 @@ def _rows(service: str, sql: str) -> list[Any]:
 def check(gateway_url: str | None = None, order_ids: list[str] | None = None) -> list[Violation]:
     """Every violation; with ``order_ids`` the order rules look at those orders only (the
     stock rules are global invariants and always run)."""
-    orders = _rows("orders", "SELECT order_id, status, attempt, transaction_id FROM orders")
+    orders = _rows(
+        "orders", "SELECT order_id, status, attempt, transaction_id, amount, currency FROM orders"
+    )
     if order_ids:
         orders = [o for o in orders if o.order_id in set(order_ids)]
     captures = {
@@ -110,7 +120,11 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
             and r.transaction_id not in refunds
             and (not order_ids or r.order_id in order_ids)
         }
-        payments = _look_up(gateway_url, {*stored, *(c.transaction_id for c in failed), *rejected})
+        judged = {o.transaction_id for o in orders if o.status in _FINAL and o.transaction_id}
+        payments = _look_up(
+            gateway_url, {*stored, *judged, *(c.transaction_id for c in failed), *rejected}
+        )
+        out += status_rules(orders, payments)
         out += _gateway_rules(stored, payments)
         out += _compensation_rules(failed, payments)
         out += _rejected_rules(list(rejected.values()), payments)
@@ -188,6 +202,69 @@ def _look_up(gateway_url: str, txns: set[str]) -> dict[str, dict[str, Any] | Non
     return out
 
 
+def _total(entries: Any) -> int:
+    return sum(int(e.get("amount") or 0) for e in entries or [] if isinstance(e, dict))
+
+
+def _captured_not_refunded(payment: dict[str, Any]) -> bool:
+    return _total(payment.get("captures")) > _total(payment.get("refunds"))
+
+
+def _shows(payment: dict[str, Any] | None) -> str:
+    if payment is None:
+        return "unknown to the gateway"
+    totals = ", ".join(
+        f"{len(payment.get(k) or [])} {k} ({_total(payment.get(k))})"
+        for k in ("captures", "refunds")
+    )
+    return f"gateway: {payment.get('state')}, {totals}, {len(payment.get('voids') or [])} voids"
+
+
+# the final statuses whose money the gateway's ledger must agree with
+_FINAL = ("PAID_CONFIRMED", "REFUNDED", "PAYMENT_FAILED")
+
+
+def status_rules(orders: list[Any], payments: dict[str, dict[str, Any] | None]) -> list[Violation]:
+    """Each final order's transaction as the gateway shows it (``payments``): PAID_CONFIRMED
+    captured for the order's amount and currency, neither refunded nor voided; REFUNDED
+    given back (its captures refunded in full, or an authorization voided); PAYMENT_FAILED
+    holding no captured money."""
+    out = []
+    for o in orders:
+        txn = o.transaction_id
+        if o.status not in _FINAL or txn is None:
+            continue
+        p = payments.get(txn)
+        detail = f"{txn}: {_shows(p)}"
+        if o.status == "PAID_CONFIRMED":
+            held = (
+                p is not None
+                and p.get("state") == "captured"
+                and bool(p.get("captures"))
+                and not p.get("refunds")
+                and not p.get("voids")
+            )
+            if p is None or not held:
+                out.append(Violation("paid_but_not_held", o.order_id, detail))
+                continue
+            captured = _total(p["captures"])
+            currencies = "/".join(sorted({str(c.get("currency")) for c in p["captures"]}))
+            if (captured, currencies) != (o.amount, o.currency):
+                detail = f"{txn}: captured {captured} {currencies}, order {o.amount} {o.currency}"
+                out.append(Violation("paid_amount_mismatch", o.order_id, detail))
+        elif o.status == "REFUNDED":
+            given_back = p is not None and (
+                not _captured_not_refunded(p) and bool(p.get("refunds"))
+                if p.get("captures")
+                else p.get("state") == "voided" or bool(p.get("voids"))
+            )
+            if not given_back:
+                out.append(Violation("refunded_not_at_gateway", o.order_id, detail))
+        elif p is not None and _captured_not_refunded(p):
+            out.append(Violation("failed_but_captured_at_gateway", o.order_id, detail))
+    return out
+
+
 def _gateway_rules(
     captures: dict[str, str], payments: dict[str, dict[str, Any] | None]
 ) -> list[Violation]:
@@ -223,11 +300,7 @@ def compensation_outstanding(action: str, payment: dict[str, Any]) -> bool:
     captures exceed its refunds."""
     if action == "void":
         return payment.get("state") == "authorized"
-
-    def total(entries: Any) -> int:
-        return sum(int(e.get("amount") or 0) for e in entries or [] if isinstance(e, dict))
-
-    return total(payment.get("captures")) > total(payment.get("refunds"))
+    return _captured_not_refunded(payment)
 
 
 def _compensation_rules(

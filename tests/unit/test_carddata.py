@@ -17,10 +17,14 @@ from pydantic import ValidationError
 from schemas.carddata import (
     CARD_NUMBER_PRESENT,
     SECURITY_CODE_PRESENT,
+    contains_pan,
+    find_card_data,
     find_card_data_in_bytes,
+    luhn_valid,
     redact,
 )
 from schemas.contract import OrderPlaced
+from schemas.events import AuditRecorded
 from services.orders.handlers import SagaEvent
 from services.payments.handlers import Metrics, PaymentsHandlers, _validate
 from services.runtime import dlq, signature
@@ -181,3 +185,110 @@ def test_log_lines_and_tracebacks_are_redacted() -> None:
     line = RedactingFormatter("%(message)s").format(record)
     assert "Traceback" in line
     assert not leaks(line)
+
+
+# --- identifier fields (CONTRACT §2.2) ---------------------------------------------
+
+
+def with_check_digit(body: str) -> str:
+    """``body`` and the digit that makes it Luhn-valid: an all-digit id that looks like a
+    card number to a scan (snowflake-style ids are 18-19 digits)."""
+    return next(body + d for d in "0123456789" if luhn_valid(body + d))
+
+
+ORDER_ID = with_check_digit("731945108226519405")  # 19 digits, Luhn-valid
+
+
+def test_an_all_digit_luhn_valid_id_is_an_identifier_not_a_card_number() -> None:
+    assert contains_pan(ORDER_ID)  # as free text it is indistinguishable from a PAN
+    webhook = {
+        "id": ORDER_ID,
+        "data": {
+            "order_id": ORDER_ID,
+            "payment_intent_id": ORDER_ID,
+            "transaction_id": int(ORDER_ID),
+            "items": [{"sku": ORDER_ID, "quantity": 1}],
+            "payment_method": {"type": "card", "brand": "visa", "last4": "4242"},
+        },
+    }
+    assert find_card_data(webhook) is None
+    assert find_card_data_in_bytes(json.dumps(webhook).encode()) is None
+    AuditRecorded.model_validate(
+        {"subject": "order", "action": "a", "outcome": "o", "reason": None,
+         "order_id": ORDER_ID, "details": {"record_key": ORDER_ID, "customer_id": ORDER_ID}}
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"order_id": ORDER_ID, "payment_method": {"type": "card", "number": PAN}},
+        {
+            "order_id": ORDER_ID,
+            "failure_message": f"card {PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}",
+        },
+        {"order_id": ORDER_ID, "note": ORDER_ID},  # the same number, not in an id field
+        {"order_id": {"number": PAN}},  # an id field holds a scalar: a container is scanned
+        {"order_id": [PAN]},
+        {"paid": "id: " + PAN},
+        {"ids": PAN, "order_ids": PAN, "identifier": PAN, "Order_ID": PAN, "skus": PAN},
+        {PAN: "order_id"},  # keys are scanned
+    ],
+)
+def test_every_other_value_is_still_scanned(data: dict[str, Any]) -> None:
+    assert find_card_data(data) == CARD_NUMBER_PRESENT
+    assert find_card_data_in_bytes(json.dumps({"data": data}).encode()) == CARD_NUMBER_PRESENT
+
+
+def test_the_audit_model_still_refuses_a_card_number_outside_its_identifiers() -> None:
+    audit = {"subject": "s", "action": "a", "outcome": "o", "reason": None}
+    with pytest.raises(ValidationError):
+        AuditRecorded.model_validate({**audit, "details": {"record": ORDER_ID}})
+    with pytest.raises(ValidationError):
+        AuditRecorded.model_validate({**audit, "subject": PAN})
+    assert find_card_data({"record_key": PAN}) == CARD_NUMBER_PRESENT  # only for the model
+
+
+def test_card_data_keys_are_rejected_under_an_id_field_too() -> None:
+    assert find_card_data({"order_id": ORDER_ID, "x_id": {"cvv": "1"}}) == SECURITY_CODE_PRESENT
+    assert find_card_data({"pan_id": "a", "card_id": "b"}) is None  # ids, not card keys
+
+
+def test_a_non_json_body_has_no_fields_and_is_scanned_whole() -> None:
+    assert find_card_data_in_bytes(f"order_id={ORDER_ID}".encode()) == CARD_NUMBER_PRESENT
+
+
+def test_redaction_keeps_identifier_fields_of_a_json_document_intact() -> None:
+    """A dead-lettered or parked record keeps its ids (operators search by them; a replay
+    of an OrderPlaced must still name its order, a replayed confirmation must still
+    verify): exactly the fields the acceptance rule does not scan."""
+    body = (
+        f'{{"event_id": "e", "payload": {{"order_id": "{ORDER_ID}", "customer_id": {ORDER_ID},'
+        f' "items": [{{"sku": "{ORDER_ID}"}}], "note": "card {PAN}", "other": "{ORDER_ID}"}}}}'
+    )
+    out = redact(body)
+    assert out.text == (
+        f'{{"event_id": "e", "payload": {{"order_id": "{ORDER_ID}", "customer_id": {ORDER_ID},'
+        f' "items": [{{"sku": "{ORDER_ID}"}}], "note": "card [REDACTED-PAN]",'
+        ' "other": "[REDACTED-PAN]"}}'
+    )
+    assert out.kinds == ("card_number",)
+    assert redact(f'{{"order_id": "{ORDER_ID}"}}') == (f'{{"order_id": "{ORDER_ID}"}}', ())
+    value, kinds = dlq.redacted_value(f'{{"data": {{"order_id": "{ORDER_ID}"}}}}'.encode())
+    assert (json.loads(value)["data"]["order_id"], kinds) == (ORDER_ID, ())
+
+
+def test_redaction_of_an_id_field_holding_a_card_key_or_container_still_masks() -> None:
+    out = redact(f'{{"order_id": {{"pan": "{PAN}", "n": "{PAN}"}}, "x_id": ["{PAN}"]}}')
+    assert not leaks(out.text), out.text
+
+
+def test_free_text_has_no_fields_every_card_like_number_is_masked() -> None:
+    """Log lines and error texts: a number there cannot be told from a PAN an exception
+    quoted, so a Luhn-valid id in free text is masked too (its record, key and status
+    show it intact)."""
+    for text in (f"order {ORDER_ID}: holding", f"order_id={ORDER_ID}", f"{{'order_id': {PAN}}}"):
+        out = redact(text)
+        assert ORDER_ID not in out.text, out.text
+        assert PAN not in out.text, out.text
+        assert out.kinds == ("card_number",)

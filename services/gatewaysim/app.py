@@ -491,7 +491,10 @@ def create_app(settings: GatewaySimSettings, *, clock: Callable[[], float] = tim
 
     @app.get("/sim/ledger")
     async def ledger() -> dict[str, Any]:
-        return {"transactions": [asdict(t) for t in sim.ledger.values()]}
+        return {
+            "transactions": [asdict(t) for t in sim.ledger.values()],
+            "payment_intents": list(sim.intents.values()),
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -41,6 +41,7 @@ __all__ = [
     "OrderPlaced",
     "OrderStatus",
     "OrderStatusChanged",
+    "PaymentRequested",
     "PaymentRetryRequested",
     "ReasonCode",
     "Sku",
@@ -150,7 +151,8 @@ class OrderPlaced(ContractModel):
     service_fee: MinorUnits = 0
     # Declared after the items and fees so the validator below can see them.
     total_amount: Amount
-    payment_intent_id: Id64
+    #: absent: paysaga requests the payment from the gateway (CONTRACT §3.7)
+    payment_intent_id: Id64 | None = None
     payment_method: Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
     @field_validator("total_amount")
@@ -175,10 +177,11 @@ class OrderPlaced(ContractModel):
 
 
 class PaymentRetryRequested(ContractModel):
-    """A new payment attempt for an order in PAYMENT_FAILED (CONTRACT §2.1)."""
+    """A new payment attempt for an order in PAYMENT_FAILED (CONTRACT §2.1); without a
+    payment_intent_id, paysaga requests the new payment (§3.7)."""
 
     order_id: OrderId
-    payment_intent_id: Id64
+    payment_intent_id: Id64 | None = None
     payment_method: Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
@@ -203,7 +206,8 @@ class OrderStatusChanged(ContractModel):
     status: OrderStatus
     previous_status: OrderStatus | None
     reason: ReasonCode | None
-    payment_intent_id: Id64
+    #: None while paysaga is still requesting the attempt's payment (CONTRACT §3.7)
+    payment_intent_id: Id64 | None
     transaction_id: str | None
     amount: Amount
     currency: Currency
@@ -227,6 +231,23 @@ class CustomerNotificationRequested(ContractModel):
     reason: ReasonCode | None
     amount: Amount
     currency: Currency
+
+
+# --- §3.7 payments.requests.v1 ------------------------------------------------------
+
+
+class PaymentRequested(ContractModel):
+    """The payment paysaga requested from the gateway for an order (or retry) that came
+    without a payment_intent_id (CONTRACT §3.7). ``client_secret`` lets the checkout send
+    the customer to the gateway's payment page; it appears on payments.requests.v1 only."""
+
+    order_id: OrderId
+    payment_intent_id: Id64
+    amount: Amount
+    currency: Currency
+    payment_method: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    client_secret: Annotated[str, StringConstraints(min_length=1)]
+    expires_at: str | None
 
 
 # --- §2.2 gateway webhook body (the gateway's format, no envelope) ------------------

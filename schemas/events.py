@@ -19,6 +19,7 @@ from schemas.contract import (
     OrderPlaced,
     OrderStatus,
     OrderStatusChanged,
+    PaymentRequested,
     PaymentRetryRequested,
     ReasonCode,
     Sku,
@@ -40,6 +41,10 @@ __all__ = [
     "PaymentCaptured",
     "PaymentContext",
     "PaymentDeclined",
+    "PaymentIntentCreated",
+    "PaymentRequestContext",
+    "PaymentRequestFailed",
+    "PaymentRequestRefused",
     "PaymentRetryAccepted",
     "RefundSucceeded",
     "SagaStalled",
@@ -91,7 +96,8 @@ class OrderRegistered(ContractModel):
     customer_id: Id64
     amount: Amount
     currency: Currency
-    payment_intent_id: Id64
+    #: None: payments requests the attempt's payment (PaymentIntentCreated follows)
+    payment_intent_id: Id64 | None
 
 
 class PaymentRetryAccepted(OrderRegistered):
@@ -117,6 +123,45 @@ class PaymentDeclined(ContractModel):
     # The gateway's own codes: not necessarily snake_case, and may be absent.
     failure_code: str | None
     failure_message: str | None
+
+
+class PaymentRequestContext(ContractModel):
+    """What a payment request (CONTRACT §3.7) needs and its events carry: the attempt
+    that came without a payment_intent_id."""
+
+    order_id: OrderId
+    attempt: Attempt
+    amount: Amount
+    currency: Currency
+    payment_method: Annotated[str, Field(min_length=1, max_length=32)]
+
+
+class PaymentIntentCreated(ContractModel):
+    """The gateway created the attempt's payment; the order now waits for its
+    confirmation. Never carries the client secret (that is PaymentRequested's alone)."""
+
+    order_id: OrderId
+    attempt: Attempt
+    payment_intent_id: Id64
+
+
+class PaymentRequestRefused(ContractModel):
+    """The gateway refused the payment request (4xx): the attempt failed."""
+
+    order_id: OrderId
+    attempt: Attempt
+    #: the gateway's error code as given (not necessarily snake_case)
+    failure_code: NonEmpty
+    failure_message: str | None
+
+
+class PaymentRequestFailed(ContractModel):
+    """The payment request could not be settled automatically (gateway unreachable past
+    the retry budget): an operator must act."""
+
+    order_id: OrderId
+    attempt: Attempt
+    reason: ReasonCode
 
 
 class OrderFlaggedForReconciliation(ContractModel):
@@ -244,6 +289,11 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         PaymentAccepted,
         PaymentDeclined,
         OrderFlaggedForReconciliation,
+        PaymentIntentCreated,
+        PaymentRequestRefused,
+        PaymentRequestFailed,
+        # payments.requests.v1 (contract §3.7)
+        PaymentRequested,
         # inventory.events.v1
         StockReserved,
         StockReservationFailed,

@@ -73,10 +73,16 @@ def reconcile(
     order: list[str] = typer.Option(None, "--order", help="only these orders (repeatable)"),
 ) -> None:
     """Check CONTRACT §3.1's rules across every store; exit 1 listing each violation."""
-    from services.reconcile import check
+    from services.reconcile import check, requested_payments
     from services.runtime.settings import GatewayClientSettings
 
-    violations = check(GatewayClientSettings().gateway_url if gateway else None, order)
+    gateway_url = GatewayClientSettings().gateway_url if gateway else None
+    violations = check(gateway_url, order)
+    if gateway_url:
+        captured, abandoned = requested_payments(gateway_url, order)
+        violations += captured
+        for n in abandoned:  # informational: no money held
+            console.print(f"notice: {n.rule} {n.subject} {n.detail}")
     if not violations:
         console.print("reconcile: no violation")
         return

@@ -33,6 +33,8 @@ class Scenario:
     then: Callable[[DevClient, Scenario], None] | None = None
     unmatched_first: bool = False
     duplicates: int = 0
+    #: the order comes without a payment_intent_id: paysaga requests the payment
+    requested: bool = False
 
 
 def _retry(client: DevClient, s: Scenario) -> None:
@@ -59,19 +61,28 @@ SCENARIOS = [
     ),
     Scenario("payment before its order (unmatched)", "PAID_CONFIRMED", unmatched_first=True),
     Scenario("webhook delivered 3 times", "PAID_CONFIRMED", duplicates=2),
+    Scenario("paysaga requests the payment", "PAID_CONFIRMED", requested=True),
+    Scenario(
+        "payment request refused", "PAYMENT_FAILED", requested=True, marker="_request_declined"
+    ),
 ]
 
 
 def run(client: DevClient) -> bool:
     for s in SCENARIOS:
         s.order_id, s.intent = new_id("demo"), new_id("pi") + s.marker
+        if s.requested:  # request markers are read from the order id
+            s.order_id, s.intent = s.order_id + s.marker, ""
         client.set_stock(f"sku-{s.order_id}", s.stock)
     for s in SCENARIOS:
         if s.unmatched_first:
             s.txn = client.pay(s.order_id, s.intent, 1500, s.mode)["transaction_id"]
-        client.place_order(s.order_id, intent=s.intent, items=[(f"sku-{s.order_id}", 1, 1500)])
+        intent = s.intent or None
+        client.place_order(s.order_id, intent=intent, items=[(f"sku-{s.order_id}", 1, 1500)])
     for s in SCENARIOS:
-        if not s.unmatched_first:  # that one is matched (and paid) as soon as it registers
+        if s.requested:
+            _pay_requested(client, s)
+        elif not s.unmatched_first:  # that one is matched (and paid) as soon as it registers
             client.wait_status(s.order_id, "PENDING_PAYMENT", timeout=60)
             sim = client.pay(s.order_id, s.intent, 1500, s.mode)
             s.txn = sim["transaction_id"]
@@ -85,11 +96,27 @@ def run(client: DevClient) -> bool:
     return _summary(client)
 
 
+def _pay_requested(client: DevClient, s: Scenario) -> None:
+    """The checkout gets PaymentRequested and the customer pays on the gateway's page; a
+    refused request fails the attempt without one."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if requests := client.payment_requests(s.order_id):
+            s.intent = requests[0]["payment_intent_id"]
+            s.txn = client.confirm(s.intent, s.mode)["transaction_id"]
+            return
+        order = client.order(s.order_id)
+        if order and order["status"] in FINAL:
+            return
+        time.sleep(0.5)
+
+
 def _wait_final(client: DevClient, s: Scenario) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         order = client.order(s.order_id)
-        if order and order["status"] in FINAL and order["payment_intent_id"] == s.intent:
+        current = order["payment_intent_id"] if order else None
+        if order and order["status"] in FINAL and current == (s.intent or None):
             return
         time.sleep(0.2)
 

@@ -113,7 +113,7 @@ class DevClient:
         self,
         order_id: str,
         *,
-        intent: str,
+        intent: str | None,
         items: list[tuple[str, int, int]] | None = None,
         currency: str = "EUR",
         method: str = "card",
@@ -134,11 +134,15 @@ class DevClient:
             "payment_intent_id": intent,
             "payment_method": method,
         }
+        if intent is None:  # paysaga requests the payment (PaymentRequested)
+            del payload["payment_intent_id"]
         self.produce("checkout.orders.v1", order_id, envelope("OrderPlaced", payload, event_id))
         return total
 
-    def retry(self, order_id: str, intent: str, method: str = "wallet") -> None:
+    def retry(self, order_id: str, intent: str | None, method: str = "wallet") -> None:
         payload = {"order_id": order_id, "payment_intent_id": intent, "payment_method": method}
+        if intent is None:
+            del payload["payment_intent_id"]
         self.produce("checkout.orders.v1", order_id, envelope("PaymentRetryRequested", payload))
 
     def set_stock(self, sku: str, available: int) -> None:
@@ -174,6 +178,22 @@ class DevClient:
         if extra_data:
             body["extra_data"] = extra_data
         r = httpx.post(f"{self.url('gatewaysim')}/sim/payments", json=body, timeout=10)
+        r.raise_for_status()
+        result: dict[str, Any] = r.json()
+        return result
+
+    def payment_requests(self, order_id: str) -> list[dict[str, Any]]:
+        """PaymentRequested payloads for one order (payments.requests.v1), in topic order."""
+        recs = asyncio.run(read_all(self.bootstrap, "payments.requests.v1"))
+        return [json.loads(m.value)["payload"] for m in recs if m.key == order_id.encode()]
+
+    def confirm(self, intent: str, mode: str = "authorize") -> dict[str, Any]:
+        """The customer completes the gateway's payment page of a requested payment."""
+        r = httpx.post(
+            f"{self.url('gatewaysim')}/sim/payment_intents/{intent}/confirm",
+            json={"mode": mode, "deliver": True},
+            timeout=10,
+        )
         r.raise_for_status()
         result: dict[str, Any] = r.json()
         return result

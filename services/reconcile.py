@@ -31,7 +31,10 @@ each store (read-only) and compares. Rules:
   ``captured_but_rejected`` — money the gateway captured for a confirmation payments
   rejected (a sale of the wrong amount, a second payment of a paid order — on arrival,
   or when its order arrived after it was parked), never accepted nor refunded: nothing
-  in the saga gives it back, an operator must.
+  in the saga gives it back, an operator must;
+* with ``--gateway``: ``requested_payment_captured`` — money captured through a payment
+  paysaga requested (CONTRACT §3.7) but no longer waits on (``requested_payments``,
+  which also lists the abandoned ones that hold no money, as notices).
 
 Orders still in flight are not violations; the monitor watches for stalls.
 """
@@ -317,3 +320,49 @@ def _compensation_rules(
             )
             out.append(Violation("compensation_failed", c.order_id, detail))
     return out
+
+
+def requested_payments(
+    gateway_url: str, order_ids: list[str] | None = None
+) -> tuple[list[Violation], list[Violation]]:
+    """(violations, notices) about payments paysaga requested from the gateway (CONTRACT
+    §3.7) that it no longer waits on: an earlier attempt's, or one of an attempt that
+    ended without it (failed, flagged). ``requested_payment_captured`` — the gateway
+    captured money through it that is not refunded: a violation, an operator refunds it.
+    ``requested_payment_abandoned`` — it holds no captured money: a notice only (an
+    authorization hold, if any, is named in the detail and lapses at the gateway)."""
+    rows = _rows(
+        "payments",
+        "SELECT r.order_id, r.attempt, r.payment_intent_id, o.status, o.attempt AS current,"
+        " o.payment_intent_id AS current_intent"
+        " FROM payment_requests r JOIN orders o USING (order_id)"
+        " WHERE r.state = 'requested' ORDER BY r.order_id, r.attempt",
+    )
+    abandoned = [
+        r
+        for r in rows
+        if (not order_ids or r.order_id in order_ids)
+        and (r.payment_intent_id != r.current_intent or r.status in ("failed", "flagged"))
+    ]
+    violations, notices = [], []
+    with httpx.Client(base_url=gateway_url, timeout=10) as client:
+        for r in abandoned:
+            answer = client.get(f"/v1/payment_intents/{r.payment_intent_id}")
+            if answer.status_code == 404:
+                continue  # the gateway holds nothing of a payment it does not know
+            answer.raise_for_status()
+            txns = [t for t in answer.json().get("transactions") or [] if isinstance(t, str)]
+            payments = _look_up(gateway_url, set(txns))
+            held = [p for p in payments.values() if p is not None]
+            subject = f"attempt {r.attempt} ({r.payment_intent_id})"
+            captured = [p["transaction_id"] for p in held if compensation_outstanding("refund", p)]
+            if captured:
+                detail = f"{subject}: {', '.join(captured)} captured, not refunded"
+                violations.append(Violation("requested_payment_captured", r.order_id, detail))
+                continue
+            authorized = [p["transaction_id"] for p in held if p.get("state") == "authorized"]
+            detail = f"{subject}: no captured money" + (
+                f"; authorization held: {', '.join(authorized)}" if authorized else ""
+            )
+            notices.append(Violation("requested_payment_abandoned", r.order_id, detail))
+    return violations, notices

@@ -21,6 +21,16 @@ The ledger lives in memory and is lost on restart. Semantics, modelled on real g
   ``lost_response_delay_s`` (longer than any client timeout; a replay of the key
   answers at once); ``_slow`` → every call on the transaction takes ``slow_delay_s``.
 
+Requested payments (CONTRACT §3.7): ``POST /v1/payment_intents`` creates one (idempotent
+by key like every mutating call; the answer carries the ``client_secret``, which
+``GET /v1/payment_intents/{id}`` never shows again), and ``POST
+/sim/payment_intents/{id}/confirm`` is the customer completing the payment page: then
+as ``POST /sim/payments`` for that intent. Markers in the *order id* choose request
+failures: ``_request_declined`` → 402 ``request_declined``; ``_request_flaky`` → the
+first ``flaky_failures`` calls answer 503; ``_request_down`` → every call answers 503;
+``_request_lost`` → the first call creates the payment, then its answer is held back
+like ``_<op>_lost``.
+
 ``POST /sim/payments`` records a transaction and emits its webhook: the body is
 serialized once and those exact bytes are signed with the gateway's first secret and
 delivered to the bridge in a background task, retried until the bridge answers 2xx
@@ -112,6 +122,18 @@ class RefundRequest(CaptureRequest):
     reason: str
 
 
+class PaymentIntentRequest(BaseModel):
+    order_id: str = Field(min_length=1, max_length=64)
+    amount: int = Field(gt=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    payment_method: str = Field(min_length=1, max_length=32)
+
+
+class ConfirmRequest(BaseModel):
+    mode: Literal["authorize", "sale", "decline"] = "authorize"
+    deliver: bool = True
+
+
 class SimPaymentRequest(BaseModel):
     order_id: str | None = None
     payment_intent_id: str = Field(min_length=1, max_length=64)
@@ -172,6 +194,7 @@ class Simulator:
         self.settings = settings
         self.clock = clock
         self.ledger: dict[str, Transaction] = {}
+        self.intents: dict[str, dict[str, Any]] = {}
         self.replies: dict[str, tuple[tuple[Any, ...], Reply]] = {}
         self.calls: Counter[tuple[str, str]] = Counter()
         self.deliveries: set[asyncio.Task[None]] = set()
@@ -245,6 +268,72 @@ class Simulator:
         txn.captures.append(entry)
         txn.state = "captured"
         return 200, {"capture_id": entry["capture_id"], "status": "captured"}
+
+    async def create_intent(self, key: str | None, request: PaymentIntentRequest) -> Reply:
+        """``POST /v1/payment_intents``: one payment per idempotency key, ever."""
+        if not key:
+            return _error(400, "idempotency_key_required", "Idempotency-Key header is required")
+        fingerprint = ("payment_intent", *request.model_dump().values())
+        if (stored := self.replies.get(key)) is not None:
+            if stored[0] != fingerprint:
+                return _error(400, "idempotency_key_reused", "key used for another request")
+            return stored[1]
+        order = request.order_id
+        self.calls[(order, "request")] += 1
+        if "_request_down" in order or (
+            "_request_flaky" in order
+            and self.calls[(order, "request")] <= self.settings.flaky_failures
+        ):
+            return _error(503, "temporarily_unavailable", "simulated outage")
+        if "_request_declined" in order:
+            reply = _error(402, "request_declined", "simulated refusal of the payment request")
+        else:
+            intent = {
+                "id": _new_id("pi"),
+                **request.model_dump(),
+                "status": "requires_confirmation",
+                "created": int(self.clock()),
+                "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock() + 3600)),
+                "transactions": [],
+            }
+            self.intents[intent["id"]] = intent
+            reply = (
+                200,
+                {
+                    "id": intent["id"],
+                    "client_secret": f"{intent['id']}_secret_{secrets.token_hex(12)}",
+                    "status": "requires_confirmation",
+                    "expires_at": intent["expires_at"],
+                },
+            )
+        self.replies[key] = (fingerprint, reply)
+        log.info("payment intent for %s key=%s -> %d", order, key, reply[0])
+        if reply[0] == 200 and "_request_lost" in order and self.calls[(order, "request")] == 1:
+            await asyncio.sleep(self.settings.lost_response_delay_s)
+        return reply
+
+    def confirm_intent(self, payment_intent_id: str, request: ConfirmRequest) -> Reply:
+        """The customer completed the payment page of a requested payment."""
+        intent = self.intents.get(payment_intent_id)
+        if intent is None:
+            return _error(404, "not_found", f"no payment intent {payment_intent_id}")
+        payment = self.create_payment(
+            SimPaymentRequest(
+                order_id=intent["order_id"],
+                payment_intent_id=payment_intent_id,
+                amount=intent["amount"],
+                currency=intent["currency"],
+                mode=request.mode,
+                deliver=request.deliver,
+            )
+        )
+        intent["transactions"].append(payment["transaction_id"])
+        intent["status"] = {
+            "authorize": "requires_capture",
+            "sale": "succeeded",
+            "decline": "requires_payment_method",
+        }[request.mode]
+        return 200, payment
 
     def create_payment(self, request: SimPaymentRequest) -> dict[str, Any]:
         created = int(self.clock())
@@ -379,13 +468,33 @@ def create_app(settings: GatewaySimSettings, *, clock: Callable[[], float] = tim
             await asyncio.sleep(settings.slow_delay_s)
         return JSONResponse(asdict(txn))
 
+    @app.post("/v1/payment_intents")
+    async def create_payment_intent(
+        body: PaymentIntentRequest, key: IdempotencyKey = None
+    ) -> JSONResponse:
+        return respond(await sim.create_intent(key, body))
+
+    @app.get("/v1/payment_intents/{payment_intent_id}")
+    async def get_payment_intent(payment_intent_id: str) -> JSONResponse:
+        intent = sim.intents.get(payment_intent_id)
+        if intent is None:
+            return respond(_error(404, "not_found", f"no payment intent {payment_intent_id}"))
+        return JSONResponse(intent)
+
+    @app.post("/sim/payment_intents/{payment_intent_id}/confirm")
+    async def confirm_payment_intent(payment_intent_id: str, body: ConfirmRequest) -> JSONResponse:
+        return respond(sim.confirm_intent(payment_intent_id, body))
+
     @app.post("/sim/payments")
     async def sim_payment(body: SimPaymentRequest) -> dict[str, Any]:
         return sim.create_payment(body)
 
     @app.get("/sim/ledger")
     async def ledger() -> dict[str, Any]:
-        return {"transactions": [asdict(t) for t in sim.ledger.values()]}
+        return {
+            "transactions": [asdict(t) for t in sim.ledger.values()],
+            "payment_intents": list(sim.intents.values()),
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -28,7 +28,7 @@ class OrderStatusView(BaseModel):
     reason: str | None
     amount: int
     currency: str
-    payment_intent_id: str
+    payment_intent_id: str | None
     transaction_id: str | None
     updated_at: datetime
     history: list[HistoryEntry]

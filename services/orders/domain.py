@@ -52,7 +52,8 @@ class OrderView:
     attempt: int
     amount: int
     currency: str
-    payment_intent_id: str
+    #: None until the gateway created the attempt's requested payment (CONTRACT §3.7)
+    payment_intent_id: str | None
     transaction_id: str | None
     version: int
     notified: frozenset[tuple[int, str]]
@@ -66,7 +67,7 @@ class StatusChange:
     status: Status
     previous_status: Status | None
     reason: str | None
-    payment_intent_id: str
+    payment_intent_id: str | None
     transaction_id: str | None
     amount: int
     currency: str
@@ -171,6 +172,10 @@ def _target(event_type: str, p: Mapping[str, Any]) -> tuple[Status, str | None] 
             return "NEEDS_RECONCILIATION", f"{p['action']}_failed"
         case "OrderFlaggedForReconciliation":
             return "NEEDS_RECONCILIATION", p["reason"]
+        case "PaymentRequestRefused":
+            return "PAYMENT_FAILED", reason_code(p["failure_code"])
+        case "PaymentRequestFailed":
+            return "NEEDS_RECONCILIATION", "payment_request_failed"
     return _NO_STATUS if event_type in _NOT_STATUS_BEARING else _UNKNOWN_EVENT
 
 
@@ -208,6 +213,8 @@ def decide(view: OrderView | None, event_type: str, payload: Mapping[str, Any]) 
     (a backwards, repeated or terminal-leaving move). A change bumps `version` by one and
     may carry the attempt's single notification of its kind.
     """
+    if event_type == "PaymentIntentCreated":
+        return _intent_created(view, payload)
     target = _target(event_type, payload)
     if target == _NO_STATUS:
         return Outcome(view)
@@ -275,6 +282,16 @@ def decide(view: OrderView | None, event_type: str, payload: Mapping[str, Any]) 
             currency=new.currency,
         )
     return Outcome(new, _change(new, view.status), notification)
+
+
+def _intent_created(view: OrderView | None, payload: Mapping[str, Any]) -> Outcome:
+    """The requested payment of the current attempt got its intent: the view shows it
+    (the status API; the next status change carries it). No status change."""
+    if view is None:
+        return Outcome(None, ignored_reason="unknown_order")
+    if payload["attempt"] != view.attempt:
+        return Outcome(view, ignored_reason="stale_attempt")
+    return Outcome(replace(view, payment_intent_id=payload["payment_intent_id"]))
 
 
 # --- causal gate ------------------------------------------------------------------

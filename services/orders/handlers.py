@@ -38,6 +38,9 @@ SAGA_EVENTS: Mapping[str, tuple[str, ...]] = {
         "PaymentAccepted",
         "PaymentDeclined",
         "OrderFlaggedForReconciliation",
+        "PaymentIntentCreated",
+        "PaymentRequestRefused",
+        "PaymentRequestFailed",
     ),
     "inventory.events.v1": (
         "StockReserved",
@@ -214,6 +217,8 @@ class Projection:
             log.info("order %s: %s %s ignored (%s)",
                      ev.order_id, ev.event_type, ev.event_id, outcome.ignored_reason)  # fmt: skip
         change = outcome.change
+        if change is None and outcome.view is not None and outcome.view != view:
+            await store.save_view(ctx.conn, outcome.view, ctx.now)  # PaymentIntentCreated
         if change is None or outcome.view is None:
             return
         await store.save_view(ctx.conn, outcome.view, ctx.now)

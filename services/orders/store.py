@@ -45,7 +45,7 @@ orders = Table(
     Column("attempt", Integer, nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("currency", String(3), nullable=False),
-    Column("payment_intent_id", String(64), nullable=False),
+    Column("payment_intent_id", String(64), nullable=True),
     Column("transaction_id", String(200), nullable=True),
     Column("version", Integer, nullable=False),
     #: [[attempt, kind], ...]: notifications already requested (OrderView.notified)

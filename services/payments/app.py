@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.payments import store
 from services.payments.handlers import Metrics, PaymentsHandlers
+from services.payments.request_worker import RequestMetrics, RequestWorker
+from services.runtime.gateway_client import GatewayClient
+from services.runtime.intents import RetryPolicy, WorkLoop
 from services.runtime.messages import Record, Route
-from services.runtime.service import Service, make_engine, run_service
-from services.runtime.settings import DatabaseSettings, GatewaySecrets, KafkaSettings
+from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
+from services.runtime.settings import (
+    DatabaseSettings,
+    GatewayClientSettings,
+    GatewaySecrets,
+    KafkaSettings,
+)
 from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, CONFIRMATIONS_TOPIC, STATUS_TOPIC
 
 
@@ -23,6 +33,13 @@ class PaymentsSettings(BaseSettings):
     signature_tolerance_s: int = 300
     #: how long an unmatched payment is matched automatically when its order arrives
     unmatched_window_s: int = 86_400
+    #: payment requests (CONTRACT §3.7): worker rounds before NEEDS_RECONCILIATION,
+    #: their backoff, the lease of a claimed request, concurrent requests
+    payments_request_max_attempts: int = 10
+    payments_request_retry_base_s: float = 1.0
+    payments_request_retry_max_s: float = 60.0
+    payments_request_lease_s: float = 120.0
+    payments_request_concurrency: int = 8
 
 
 def confirmation_dedupe_key(rec: Record) -> str:
@@ -49,6 +66,30 @@ def build() -> Service:
         unmatched_window=timedelta(seconds=settings.unmatched_window_s),
         metrics=Metrics.create(registry),
     )
+    engine = make_engine(url, pool_size=settings.payments_request_concurrency + 5)
+    gateway = GatewayClientSettings()
+    policy = RetryPolicy(
+        settings.payments_request_max_attempts,
+        settings.payments_request_retry_base_s,
+        settings.payments_request_retry_max_s,
+    )
+    request_metrics = RequestMetrics.create(registry)
+
+    async def request_payments(stop: asyncio.Event) -> None:
+        """The payment request worker (CONTRACT §3.7): payments owns payment attempts."""
+        async with GatewayClient(
+            gateway.gateway_url,
+            timeout_s=gateway.gateway_timeout_s,
+            max_attempts=gateway.gateway_max_attempts,
+        ) as client:
+            rounds = RequestWorker(
+                engine, client, policy, request_metrics,
+                lease=timedelta(seconds=settings.payments_request_lease_s),
+                batch=settings.payments_request_concurrency,
+            )  # fmt: skip
+            loop = WorkLoop("payments", libpq_conninfo(url), store.REQUEST_CHANNEL, rounds.tick)
+            await loop.run(stop)
+
     routes = [
         Route(
             CHECKOUT_ORDERS_TOPIC,
@@ -67,13 +108,14 @@ def build() -> Service:
     return Service(
         name="payments",
         group="paysaga.payments",
-        engine=make_engine(url),
+        engine=engine,
         database_url=url,
         bootstrap=KafkaSettings().kafka_bootstrap_servers,
         routes=routes,
         registry=registry,
         http_port=settings.payments_port,
         on_dead_letter=h.flag_dead_letter,
+        workers=[request_payments],
     )
 
 

@@ -58,13 +58,15 @@ class Item:
 class Order:
     """Payments' view of an order: the current attempt and whether it is still awaiting
     a confirmation (`pending`). `content_hash` identifies the OrderPlaced content;
-    `earlier_intents` are the payment intents of the attempts before the current one."""
+    `earlier_intents` are the payment intents of the attempts before the current one.
+    `payment_intent_id` is None while paysaga requests the attempt's payment from the
+    gateway (CONTRACT §3.7): no confirmation can match it until the gateway named it."""
 
     order_id: str
     customer_id: str
     currency: str
     total_amount: int
-    payment_intent_id: str
+    payment_intent_id: str | None
     payment_method: str
     attempt: int
     status: OrderStatus
@@ -159,7 +161,10 @@ def decide_order_placed(existing: Order | None, incoming: Order) -> Decision:
 
 
 def decide_retry(
-    order: Order | None, payment_intent_id: str, payment_method: str, saga_status: str | None
+    order: Order | None,
+    payment_intent_id: str | None,
+    payment_method: str,
+    saga_status: str | None,
 ) -> Decision:
     """Decide a PaymentRetryRequested. `saga_status` is the order's status as orders last
     published it for the current attempt (None before the first).
@@ -175,15 +180,16 @@ def decide_retry(
     settled for good: PAID_CONFIRMED, REFUNDED, NEEDS_RECONCILIATION);
     `payment_intent_reused` (the intent of this or an earlier attempt: confirmations are
     matched by intent, so reusing one would let an old attempt's confirmations settle
-    the new one).
+    the new one). Without `payment_intent_id` the new attempt's payment is requested
+    from the gateway (its intent is new by construction).
     """
     reason: str | None = None
     if order is None:
         reason = "unknown_order"
     elif order.status not in ("accepted", "failed") or saga_status in SETTLED_NOT_FAILED:
         reason = "retry_not_allowed_in_status"
-    elif payment_intent_id == order.payment_intent_id or payment_intent_id in (
-        order.earlier_intents
+    elif payment_intent_id is not None and (
+        payment_intent_id == order.payment_intent_id or payment_intent_id in order.earlier_intents
     ):
         reason = "payment_intent_reused"
     if order is None or reason is not None:
@@ -202,7 +208,7 @@ def decide_retry(
         payment_intent_id=payment_intent_id,
         payment_method=payment_method,
         status="pending",
-        earlier_intents=(*order.earlier_intents, order.payment_intent_id),
+        earlier_intents=(*order.earlier_intents, *_known(order.payment_intent_id)),
     )
     event = (
         "PaymentRetryAccepted",
@@ -218,6 +224,10 @@ def decide_retry(
     )
     audit = _audit("payment_retry", "retry_accepted", None, retried.order_id)
     return Decision("retry_accepted", None, retried, (event,), (audit,))
+
+
+def _known(payment_intent_id: str | None) -> tuple[str, ...]:
+    return () if payment_intent_id is None else (payment_intent_id,)
 
 
 def _mismatch(order: Order, c: Confirmation, attempt_confirmed: bool) -> str | None:

@@ -31,6 +31,7 @@ from services.payments import domain, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
 from services.runtime.errors import schema_violation
+from services.runtime.intents import Cause
 from services.runtime.messages import Context, Record
 from services.runtime.outbox import write_event
 from services.runtime.topics import AUDIT_TOPIC, CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC
@@ -102,11 +103,24 @@ class PaymentsHandlers:
             security_log.warning("order %s rejected: %s", placed.order_id, decision.reason)
         if decision.order is not None:
             await store.insert_order(ctx.conn, decision.order)
-        await self._apply(ctx, decision, subject="order")
+        emitted = await self._apply(ctx, decision, subject="order")
         if decision.outcome == "registered" and decision.order is not None:
-            await self._match_parked(ctx, decision.order)
+            await self._open_attempt(ctx, decision.order, emitted[0])
+
+    async def _open_attempt(self, ctx: Context, order: Order, opened_by: str) -> None:
+        """A registered order or accepted retry: match its parked payments, or — without
+        a payment intent — record the request of its payment (CONTRACT §3.7), caused by
+        the OrderRegistered / PaymentRetryAccepted just emitted (``opened_by``), so the
+        projection applies the request's events after it."""
+        if order.payment_intent_id is not None:
+            await self._match_parked(ctx, order)
+            return
+        correlation = (ctx.envelope or {}).get("correlation_id")
+        cause = Cause(opened_by, 1, str(correlation) if correlation is not None else None)
+        await store.record_request(ctx.conn, order, cause, ctx.now)
 
     async def _match_parked(self, ctx: Context, order: Order) -> None:
+        assert order.payment_intent_id is not None
         await store.lock_intent(ctx.conn, order.payment_intent_id)  # see on_confirmation
         rows = await store.parked_for(ctx.conn, order)
         parked = [store.confirmation_from_unmatched(r) for r in rows]
@@ -146,7 +160,8 @@ class PaymentsHandlers:
     async def on_retry_requested(self, ctx: Context) -> None:
         retry = _validate(PaymentRetryRequested, ctx.payload)
         # the new intent's lock first, as a confirmation of it takes it before the order
-        await store.lock_intent(ctx.conn, retry.payment_intent_id)
+        if retry.payment_intent_id is not None:
+            await store.lock_intent(ctx.conn, retry.payment_intent_id)
         row = await store.load_order(ctx.conn, retry.order_id)
         order = store.order_from_row(row) if row else None
         decision = domain.decide_retry(
@@ -183,9 +198,9 @@ class PaymentsHandlers:
         if decision.order is not None:
             # the new attempt has no published status yet
             await store.save_order(ctx.conn, decision.order, pending_retry=None, saga_status=None)
-        await self._apply(ctx, decision, subject="payment_retry", causation=causation)
+        emitted = await self._apply(ctx, decision, subject="payment_retry", causation=causation)
         if decision.order is not None:
-            await self._match_parked(ctx, decision.order)
+            await self._open_attempt(ctx, decision.order, emitted[0])
 
     # ------------------------------------------------------------ orders.status.v1
 
@@ -339,10 +354,12 @@ class PaymentsHandlers:
 
     async def _apply(
         self, ctx: Context, decision: Decision, *, subject: str, causation: str | None = None
-    ) -> None:
-        """Emit the decision's saga events (roots of the attempt: saga_seq 1) and audit."""
+    ) -> list[str]:
+        """Emit the decision's saga events (roots of the attempt: saga_seq 1) and audit;
+        returns the saga events' ids."""
+        emitted: list[str] = []
         for event_type, payload in decision.events:
-            await ctx.emit(
+            event_id = await ctx.emit(
                 PAYMENTS_TOPIC,
                 event_type,
                 payload,
@@ -350,9 +367,11 @@ class PaymentsHandlers:
                 saga_seq=1,
                 causation_id=causation,
             )
+            emitted.append(event_id)
         for entry in decision.audit:
             key = entry.get("order_id") or entry.get("transaction_id") or "unknown"
             await self._emit_audit(ctx, subject, entry, key)
+        return emitted
 
     async def _emit_audit(
         self, ctx: Context, subject: str, entry: dict[str, Any], key: str

@@ -156,16 +156,49 @@ class GatewayClient:
         payload = {"amount": amount, "currency": currency, "reason": reason}
         return await self._mutate(transaction_id, "refund", payload, idempotency_key)
 
+    async def create_payment_intent(
+        self, order_id: str, amount: int, currency: str, payment_method: str, idempotency_key: str
+    ) -> GatewayOutcome:
+        """Request a payment (``POST /v1/payment_intents``, CONTRACT §3.7). Any 4xx with
+        the gateway's ``{error: {code, message}}`` is a refusal (``declined``); a lost
+        answer is ``unknown``: replay the same key, which returns the first result."""
+        payload = {
+            "order_id": order_id,
+            "amount": amount,
+            "currency": currency,
+            "payment_method": payment_method,
+        }
+        try:
+            return await self._post("/v1/payment_intents", order_id, payload, idempotency_key)
+        except GatewayProtocolError as exc:
+            error = exc.body.get("error") if isinstance(exc.body, dict) else None
+            if not 400 <= exc.status_code < 500 or not isinstance(error, dict):
+                raise
+            code, message = error.get("code"), error.get("message")
+            return GatewayOutcome(
+                "declined",
+                exc.body,
+                code=str(code) if code else f"http_{exc.status_code}",
+                message=str(message) if message is not None else None,
+            )
+
+    async def get_payment_intent(self, payment_intent_id: str) -> dict[str, Any]:
+        """A requested payment (``GET /v1/payment_intents/{id}``); raises as ``get_payment``."""
+        return await self._get(f"/v1/payment_intents/{quote(payment_intent_id, safe='')}")
+
     async def get_payment(self, transaction_id: str) -> dict[str, Any]:
         """The gateway's view of a transaction (``GET /v1/payments/{id}``). Safe to
         repeat, so timeouts are retried too. Raises ``GatewayNotFoundError`` (404),
         ``GatewayProtocolError`` (other non-200) or ``GatewayUnavailableError``."""
+        return await self._get(self._path(transaction_id))
+
+    async def _get(self, url: str) -> dict[str, Any]:
         reason = ""
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
                 await self._sleep(self.backoff(attempt - 1))
             try:
-                response = await self._http.get(self._path(transaction_id))
+                response = await self._http.get(url)
             except httpx.TransportError as exc:  # includes every TimeoutException
                 reason = type(exc).__name__
                 continue
@@ -178,7 +211,7 @@ class GatewayClient:
             if response.status_code != 200 or body is None:
                 raise GatewayProtocolError(response.status_code, body or response.text)
             return body
-        raise GatewayUnavailableError(f"get_payment {transaction_id}: {reason}")
+        raise GatewayUnavailableError(f"GET {url}: {reason}")
 
     @staticmethod
     def _path(transaction_id: str) -> str:
@@ -187,9 +220,19 @@ class GatewayClient:
     async def _mutate(
         self, transaction_id: str, action: str, payload: dict[str, Any] | None, key: str
     ) -> GatewayOutcome:
+        url = f"{self._path(transaction_id)}/{action}"
+        return await self._post(url, transaction_id, payload, key, action)
+
+    async def _post(
+        self,
+        url: str,
+        subject: str,
+        payload: dict[str, Any] | None,
+        key: str,
+        action: str = "request",
+    ) -> GatewayOutcome:
         if not key:
             raise ValueError("an idempotency key is required")
-        url = f"{self._path(transaction_id)}/{action}"
         reason = ""
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
@@ -201,7 +244,7 @@ class GatewayClient:
             except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 reason = type(exc).__name__  # never sent: as safe to retry as a refused connect
             except httpx.TimeoutException:
-                log.warning("gateway %s %s timed out: outcome unknown", action, transaction_id)
+                log.warning("gateway %s %s timed out: outcome unknown", action, subject)
                 return GatewayOutcome("unknown", attempts=attempt, reason="timeout")
             except httpx.TransportError as exc:
                 reason = type(exc).__name__
@@ -209,8 +252,8 @@ class GatewayClient:
                 if response.status_code < 500:
                     return self._classify(response, attempt)
                 reason = f"http_{response.status_code}"
-            log.info("gateway %s %s attempt %d: %s", action, transaction_id, attempt, reason)
-        log.warning("gateway %s %s: budget exhausted (%s)", action, transaction_id, reason)
+            log.info("gateway %s %s attempt %d: %s", action, subject, attempt, reason)
+        log.warning("gateway %s %s: budget exhausted (%s)", action, subject, reason)
         return GatewayOutcome("unknown", attempts=self._max_attempts, reason=reason)
 
     @staticmethod

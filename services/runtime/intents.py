@@ -55,7 +55,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from schemas.events import PaymentContext
+from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime.errors import describe, is_transient, said
 from services.runtime.gateway_client import (
     GatewayClient,
@@ -222,6 +222,12 @@ ResolutionT = TypeVar("ResolutionT")
 PolicyT = TypeVar("PolicyT")
 MetricsT = TypeVar("MetricsT")
 
+#: what an intent row remembers for its events: the accepted payment it acts on
+#: (capture, refunds), or the attempt whose payment it requests (payments)
+IntentContext = PaymentContext | PaymentRequestContext
+#: the transaction B hook of an ``IntentStore`` (see ``resolve``)
+OnResolved = Callable[[AsyncConnection, "Claimed[Any]", Any, datetime], Awaitable[None]]
+
 
 def intent_columns() -> list[Column[Any]]:
     """The columns of every intent table, besides its key and its outcome columns."""
@@ -265,7 +271,7 @@ class Claimed(Generic[ClaimT]):
 
     claim: ClaimT
     idempotency_key: str
-    context: PaymentContext
+    context: IntentContext
     cause: Cause
     token: str
 
@@ -277,7 +283,10 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
     final state (transaction B, which also writes the resulting event to the outbox).
 
     ``claim_of`` makes a row's domain claim (it has an attribute per ``key`` column);
-    ``values_of`` gives the columns a resolution stores (``state`` among them)."""
+    ``values_of`` gives the columns a resolution stores (``state`` among them).
+    ``context_model`` is what the ``context`` column holds; ``on_resolved``, if given,
+    runs inside transaction B after the resolution is stored (state another table keeps
+    in step with the outcome, a second event)."""
 
     def __init__(
         self,
@@ -285,13 +294,17 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         key: tuple[str, ...],
         claim_of: Callable[[Any], ClaimT],
         values_of: Callable[[ResolutionT], dict[str, Any]],
+        *,
+        context_model: type[PaymentContext] | type[PaymentRequestContext] = PaymentContext,
+        on_resolved: OnResolved | None = None,
     ) -> None:
         self.table, self.key, self.claim_of, self.values_of = table, key, claim_of, values_of
+        self.context_model, self.on_resolved = context_model, on_resolved
 
     async def record(
         self,
         conn: AsyncConnection,
-        context: PaymentContext,
+        context: IntentContext,
         cause: Cause,
         now: datetime,
         **values: Any,
@@ -302,7 +315,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         inserted = await conn.execute(
             pg_insert(self.table)
             .values(
-                transaction_id=context.transaction_id,
+                **self._key_values(context),
                 order_id=context.order_id,
                 amount=context.amount,
                 currency=context.currency,
@@ -315,9 +328,15 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                 **values,
             )
             .on_conflict_do_nothing()
-            .returning(self.table.c.transaction_id)
+            .returning(self.table.c[self.key[0]])
         )
         return inserted.first() is not None
+
+    def _key_values(self, context: IntentContext) -> dict[str, Any]:
+        """The key columns the context has (``transaction_id``; ``attempt``), besides
+        ``order_id``, which every row has."""
+        fields = type(context).model_fields
+        return {k: getattr(context, k) for k in self.key if k in fields and k != "order_id"}
 
     async def claim_due(
         self, engine: AsyncEngine, now: datetime, limit: int, lease: timedelta
@@ -360,7 +379,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             Claimed(
                 claim=self.claim_of(row),
                 idempotency_key=row.idempotency_key,
-                context=PaymentContext.model_validate(row.context),
+                context=self.context_model.model_validate(row.context),
                 cause=Cause(row.cause_event_id, row.cause_saga_seq, row.correlation_id),
                 token=token,
             )
@@ -395,7 +414,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                     claim_token=None,
                     updated_at=now,
                 )
-                .returning(c.transaction_id)
+                .returning(c[self.key[0]])
             )
             if updated.first() is None:
                 return False
@@ -403,6 +422,8 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                 await emit_caused(
                     conn, claimed.cause, topic, event, key=claimed.context.order_id, now=now
                 )
+            if self.on_resolved is not None:
+                await self.on_resolved(conn, claimed, resolution, now)
         return True
 
 

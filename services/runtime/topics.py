@@ -30,6 +30,7 @@ REFUNDS_TOPIC = "refunds.events.v1"
 STATUS_TOPIC = "orders.status.v1"
 NOTIFICATIONS_TOPIC = "customer.notifications.v1"
 AUDIT_TOPIC = "audit.events.v1"
+PAYMENT_REQUESTS_TOPIC = "payments.requests.v1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,10 @@ def stack(infra: Infra) -> Iterator[DevClient]:
             "PAYSAGA_LOST_RESPONSE_DELAY_S": "3",
             "PAYSAGA_POLL_TIMEOUT_MS": "200",
             "PAYSAGA_RELAY_POLL_S": "1",
+            # payment requests: a gateway that stays down reaches its budget within a test
+            "PAYSAGA_PAYMENTS_REQUEST_MAX_ATTEMPTS": "3",
+            "PAYSAGA_PAYMENTS_REQUEST_RETRY_BASE_S": "0.5",
+            "PAYSAGA_PAYMENTS_REQUEST_RETRY_MAX_S": "1",
             # two secrets for simgw, as during a rotation (the simulator signs with the first)
             "PAYSAGA_GATEWAY_SECRETS": json.dumps({"simgw": ["whsec_local_dev", "whsec_rotated"]}),
         }

@@ -81,12 +81,16 @@ def test_registry_covers_every_event_type() -> None:
         "StockLevelSet",
         "OrderStatusChanged",
         "CustomerNotificationRequested",
+        "PaymentRequested",
         # docs/saga-events.md
         "OrderRegistered",
         "PaymentRetryAccepted",
         "PaymentAccepted",
         "PaymentDeclined",
         "OrderFlaggedForReconciliation",
+        "PaymentIntentCreated",
+        "PaymentRequestRefused",
+        "PaymentRequestFailed",
         "StockReserved",
         "StockReservationFailed",
         "StockReleased",
@@ -211,7 +215,7 @@ ITEM = {"sku": "TICKET", "quantity": 1, "unit_amount": 100}
             set_field("coupon", "XMAS"), ("coupon",), "Extra inputs are not permitted", id="extra"
         ),
         pytest.param(
-            drop("payment_intent_id"), ("payment_intent_id",), "Field required", id="missing"
+            drop("payment_method"), ("payment_method",), "Field required", id="missing"
         ),
         pytest.param(
             set_field("payment_method", "c" * 33),

@@ -1,0 +1,123 @@
+"""The payment request worker (CONTRACT §3.7): takes the payment requests the OrderPlaced
+and retry handlers recorded to the gateway, and records the outcomes.
+
+Per round (see ``requests``): claim (short transaction, ``FOR UPDATE SKIP LOCKED``,
+state ``in_flight`` with a lease) → ``POST /v1/payment_intents`` with the attempt's one
+idempotency key (no transaction open; a replay after an unknown outcome returns the
+first result) → transaction B (fenced): the outcome, its saga event, the order's
+payment intent and — for a created payment — PaymentRequested with the client secret
+(``store._request_resolved``). Rows whose worker died mid-call are reclaimed after the
+lease and sent again under the same key.
+
+The client secret lives in this process's memory during the round, then in the outbox
+row until the relay has published it; the worker deletes such rows once they are sent
+(``store.forget_sent_requests``). It is never logged (``requests.Requested.__repr__``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel
+
+from schemas import events
+from services.payments import requests, store
+from services.runtime.faults import fault_point
+from services.runtime.gateway_client import GatewayProtocolError
+from services.runtime.intents import Claimed, IntentWorker, RetryPolicy
+from services.runtime.topics import PAYMENTS_TOPIC
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestMetrics:
+    rounds: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> RequestMetrics:
+        return cls(
+            rounds=Counter(
+                "paysaga_payment_request_rounds_total",
+                "Payment request rounds by resolution: requested, refused, failed, retry, "
+                "lease_lost",
+                ["outcome"],
+                registry=registry,
+            )
+        )
+
+
+class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolicy, RequestMetrics]):
+    """Payment request rounds."""
+
+    intents = store.REQUESTS
+    topic = PAYMENTS_TOPIC
+
+    @staticmethod
+    def event_for(
+        claimed: Claimed[requests.Claim], resolution: requests.Resolution
+    ) -> BaseModel | None:
+        """The saga event of a resolution (a retry emits none); PaymentRequested itself
+        is written by the store's transaction B hook."""
+        claim = claimed.claim
+        match resolution:
+            case requests.Requested(payment_intent_id=intent):
+                return events.PaymentIntentCreated(
+                    order_id=claim.order_id, attempt=claim.attempt, payment_intent_id=intent
+                )
+            case requests.Refused(code=code, message=message):
+                return events.PaymentRequestRefused(
+                    order_id=claim.order_id,
+                    attempt=claim.attempt,
+                    failure_code=code,
+                    failure_message=message,
+                )
+            case requests.Failed(reason=reason):
+                return events.PaymentRequestFailed(
+                    order_id=claim.order_id, attempt=claim.attempt, reason=reason
+                )
+            case requests.Retry():
+                return None
+
+    def record(
+        self, claimed: Claimed[requests.Claim], resolution: requests.Resolution, stored: bool
+    ) -> None:
+        claim = claimed.claim
+        outcome = type(resolution).__name__.lower() if stored else "lease_lost"
+        self.metrics.rounds.labels(outcome).inc()
+        self.log.info(
+            "payment request %s attempt %d round %d: %s",
+            claim.order_id,
+            claim.attempt,
+            claim.round,
+            resolution if stored else "lease lost",
+        )
+
+    async def decide(self, claimed: Claimed[requests.Claim]) -> requests.Resolution:
+        claim = claimed.claim
+        try:
+            outcome = await self.gateway.create_payment_intent(
+                claim.order_id,
+                claim.amount,
+                claim.currency,
+                claim.payment_method,
+                claimed.idempotency_key,
+            )
+        except GatewayProtocolError as exc:
+            # outside the contract (a 4xx without an error body): replayed next round
+            return self.retry(claimed, f"http_{exc.status_code}")
+        fault_point("payment_request_after_gateway_call")
+        return requests.after_call(claim, outcome, self.clock(), self.policy, self.rng.random())
+
+    def retry(
+        self, claimed: Claimed[requests.Claim], error: str
+    ) -> requests.Retry | requests.Failed:
+        return requests.retry_or_fail(
+            claimed.claim.round, error, self.clock(), self.policy, self.rng.random()
+        )
+
+    async def tick(self) -> bool:
+        """A round for each due request, then drop the published PaymentRequested rows."""
+        worked = await super().tick()
+        async with self.engine.begin() as conn:
+            await store.forget_sent_requests(conn)
+        return worked

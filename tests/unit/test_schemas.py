@@ -214,9 +214,7 @@ ITEM = {"sku": "TICKET", "quantity": 1, "unit_amount": 100}
         pytest.param(
             set_field("coupon", "XMAS"), ("coupon",), "Extra inputs are not permitted", id="extra"
         ),
-        pytest.param(
-            drop("payment_method"), ("payment_method",), "Field required", id="missing"
-        ),
+        pytest.param(drop("payment_method"), ("payment_method",), "Field required", id="missing"),
         pytest.param(
             set_field("payment_method", "c" * 33),
             ("payment_method",),

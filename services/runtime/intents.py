@@ -12,7 +12,10 @@ its event. This module holds what both services need for that:
 * ``Cause`` / ``emit_caused``: transaction B's event, with the envelope ``Context.emit``
   writes (causation = the stored cause's event id, ``saga_seq`` = the cause's + 1,
   correlation propagated).
-* ``RetryPolicy`` / ``retry_or_fail``: the pure retry arithmetic of a round.
+* ``RetryPolicy`` / ``retry_later``: the pure retry rule of a round whose outcome is
+  unknown. An unknown outcome is never final: once the rounds are spent the alarm is
+  raised once (``Stalled``) and the intent is still looked up, at a capped interval,
+  until the gateway's answer settles it.
 * ``IntentStore``: an intent table's rows — recorded (transaction A), claimed with a
   lease and a fencing token, resolved with their event (transaction B).
 * ``IntentWorker``: the rounds (claim → gateway → resolve); ``intent_service`` wires a
@@ -30,7 +33,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import psycopg
 from prometheus_client import CollectorRegistry
@@ -137,6 +140,8 @@ class RetryPolicy:
     max_attempts: int
     base_s: float
     max_s: float
+    #: backoff cap of the look-ups that go on after the ``max_attempts`` rounds
+    stalled_max_s: float = 900.0
 
     def delay_s(self, attempt: int, jitter: float) -> float:
         """Before round ``attempt + 1``: exponential, capped, with "equal jitter" (half
@@ -160,13 +165,40 @@ class Retry:
     error: str
 
 
-def retry_or_fail(
-    attempt: int, error: str, now: datetime, policy: RetryPolicy, jitter: float
-) -> Retry | Failed:
-    """Another round, or — after ``max_attempts`` rounds — failure to reconciliation."""
-    if attempt >= policy.max_attempts:
-        return Failed("retry_budget_exhausted")
-    return Retry(now + timedelta(seconds=policy.delay_s(attempt, jitter)), error)
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """The rounds are spent and the outcome is still unknown: raise the alarm (the
+    service's failure event, once, at ``alerted_at``: NEEDS_RECONCILIATION) and go on
+    looking the payment up at ``next_attempt_at``."""
+
+    alerted_at: datetime
+    next_attempt_at: datetime
+    error: str
+
+
+class Round(Protocol):
+    """What ``retry_later`` needs of a claim: this round's number (1-based) and
+    whether the alarm was raised for it already."""
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def alerted(self) -> bool: ...
+
+
+def retry_later(
+    claim: Round, error: str, now: datetime, policy: RetryPolicy, jitter: float
+) -> Retry | Stalled:
+    """Another round (it starts with a look-up) for an outcome that is not known: the
+    money may have moved, so this is never a failure. Within ``max_attempts``: the
+    policy's backoff. After them: a backoff capped at ``stalled_max_s``, and the first
+    such round raises the alarm (``Stalled``)."""
+    if claim.attempt < policy.max_attempts:
+        return Retry(now + timedelta(seconds=policy.delay_s(claim.attempt, jitter)), error)
+    slow = RetryPolicy(policy.max_attempts, policy.base_s, policy.stalled_max_s)
+    at = now + timedelta(seconds=slow.delay_s(claim.attempt, jitter))
+    return Retry(at, error) if claim.alerted else Stalled(now, at, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,10 +539,13 @@ class IntentServiceSettings(BaseSettings):
 
     port: int
     host: str = "127.0.0.1"
-    #: worker rounds before automatic handling gives up (→ NEEDS_RECONCILIATION)
+    #: worker rounds before the alarm (→ NEEDS_RECONCILIATION); a final answer of the
+    #: gateway ends them sooner, an unknown outcome is looked up after them
     max_attempts: int = 10
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
+    #: after the rounds: look-ups at most this far apart until the gateway settles it
+    stalled_retry_max_s: float = 900.0
     #: must exceed one round's worst case (look-up + call, each up to the gateway
     #: client's PAYSAGA_GATEWAY_MAX_ATTEMPTS x PAYSAGA_GATEWAY_TIMEOUT_S plus backoff)
     lease_s: float = 120.0
@@ -518,7 +553,9 @@ class IntentServiceSettings(BaseSettings):
     concurrency: int = 8
 
     def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts, self.retry_base_s, self.retry_max_s)
+        return RetryPolicy(
+            self.max_attempts, self.retry_base_s, self.retry_max_s, self.stalled_retry_max_s
+        )
 
 
 class SharedSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):

@@ -17,7 +17,9 @@ its event. This module holds what both services need for that:
   raised once (``Stalled``) and the intent is still looked up, at a capped interval,
   until the gateway's answer settles it.
 * ``IntentStore``: an intent table's rows — recorded (transaction A), claimed with a
-  lease and a fencing token, resolved with their event (transaction B).
+  lease and a fencing token, resolved with their event (transaction B). Due times and
+  leases are judged by the database's clock (``now()``), never a worker's: one clock
+  for every host, so a worker whose clock runs ahead cannot take over a live claim.
 * ``IntentWorker``: the rounds (claim → gateway → resolve); ``intent_service`` wires a
   service of them.
 """
@@ -49,6 +51,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    func,
     or_,
     select,
     text,
@@ -291,6 +294,17 @@ def intent_indexes(table: str) -> list[Index]:
     ]
 
 
+def _on_db_clock(values: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """``values`` with ``next_attempt_at`` (a time on the caller's clock, whose reading
+    is ``now``) moved to the database's clock: ``now()`` plus the same delay. Due times
+    are compared with the database's ``now()``, so they must be written on it too — a
+    host whose clock runs ahead would otherwise schedule every intent late."""
+    at = values.get("next_attempt_at")
+    if isinstance(at, datetime):
+        return {**values, "next_attempt_at": func.now() + (at - now)}
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed(Generic[ClaimT]):
     """An intent row claimed for one round; ``token`` fences its transaction B."""
@@ -307,6 +321,11 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
     outcome columns): ``pending`` (transaction A) → ``in_flight`` (claimed by a worker
     round, with a lease and a fencing token) → ``unknown`` (retry: look up first) … → a
     final state (transaction B, which also writes the resulting event to the outbox).
+
+    Time: ``next_attempt_at`` and ``lease_until`` are written and compared on the
+    database's clock (``now()``); the ``now`` callers pass (their own clock) only says
+    how far ahead a ``next_attempt_at`` they give lies, and stamps ``created_at`` /
+    ``updated_at``.
 
     ``claim_of`` makes a row's domain claim (it has an attribute per ``key`` column);
     ``values_of`` gives the columns a resolution stores (``state`` among them)."""
@@ -331,6 +350,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         """Transaction A (the consumer's): insert the intent; False if the row (or its
         idempotency key) exists already — a redelivered or repeated trigger then causes
         no second gateway call."""
+        values = _on_db_clock(values, now)
         inserted = await conn.execute(
             pg_insert(self.table)
             .values(
@@ -357,14 +377,17 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
         or whose lease ran out (their worker died mid-call), in one short transaction:
         ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by side, and the claim
-        commits before any gateway call, so no transaction stays open across HTTP."""
+        commits before any gateway call, so no transaction stays open across HTTP.
+        Both, and the new lease, are judged by the database's ``now()``: a worker whose
+        clock is off cannot take a live claim over nor miss an expired one."""
         c = self.table.c
+        db_now = func.now()
         due = (
             select(*(c[k] for k in self.key), c.state.label("prior_state"))
             .where(
                 or_(
-                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= now),
-                    and_(c.state == "in_flight", c.lease_until <= now),
+                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= db_now),
+                    and_(c.state == "in_flight", c.lease_until <= db_now),
                 )
             )
             .order_by(c.next_attempt_at)
@@ -381,7 +404,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                     .values(
                         state="in_flight",
                         attempts=c.attempts + 1,
-                        lease_until=now + lease,
+                        lease_until=db_now + lease,
                         claim_token=token,
                         updated_at=now,
                     )
@@ -422,7 +445,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                     c.claim_token == claimed.token,
                 )
                 .values(
-                    **self.values_of(resolution),
+                    **_on_db_clock(self.values_of(resolution), now),
                     lease_until=None,
                     claim_token=None,
                     updated_at=now,

@@ -37,13 +37,10 @@ class CaptureSettings(IntentServiceSettings):
 
     port: int = 8083
     authorization_hold_s: float = Field(518_400.0, validation_alias="PAYSAGA_AUTHORIZATION_HOLD_S")
-    stalled_retry_max_s: float = 900.0
 
     def policy(self) -> domain.CapturePolicy:
         return domain.CapturePolicy(
-            hold=timedelta(seconds=self.authorization_hold_s),
-            retry=self.retry_policy(),
-            stalled_retry_max_s=self.stalled_retry_max_s,
+            hold=timedelta(seconds=self.authorization_hold_s), retry=self.retry_policy()
         )
 
 

@@ -14,10 +14,10 @@ stores the resolution:
   ``Retry`` schedules another round (state ``unknown``). Spending the retry budget
   raises the alarm once (``Stalled``: ``CaptureFailed`` → NEEDS_RECONCILIATION) but does
   not end automatic handling: the row keeps being looked up, with a backoff capped at
-  ``CapturePolicy.stalled_retry_max_s``, until the gateway's answer settles it (a
-  capture → ``Captured``; proof that no money was taken → ``CaptureDeclined``, which
-  releases the stock and voids). ``CaptureFailed`` is emitted at most once per
-  transaction;
+  ``RetryPolicy.stalled_max_s``, until the gateway's answer settles it (a capture →
+  ``Captured``; proof that no money was taken → ``CaptureDeclined``, which releases the
+  stock and voids). ``CaptureFailed`` is emitted at most once per transaction. The rule
+  is the runtime's, shared with refunds (``services.runtime.intents.retry_later``);
 - a capture is ``Captured`` only for the amount and currency of the claim: any other
   capture found by a look-up fails to reconciliation (``amount_mismatch``);
 - authorization expiry is decided here too: the capture service's worker (its
@@ -41,8 +41,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from services.runtime import intents
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy
+from services.runtime.intents import Failed, Retry, RetryPolicy, Stalled
 
 __all__ = [
     "CallCapture",
@@ -86,8 +87,6 @@ def capture_key(transaction_id: str) -> str:
 class CapturePolicy:
     hold: timedelta
     retry: RetryPolicy
-    #: backoff cap of the look-ups that go on after the retry budget is spent
-    stalled_retry_max_s: float = 900.0
 
 
 # --- steps and resolutions ---------------------------------------------------------
@@ -116,16 +115,6 @@ class CaptureDeclined:
 @dataclass(frozen=True, slots=True)
 class Expired:
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class Stalled:
-    """The retry budget is spent: raise the alarm (``CaptureFailed``, once, at
-    ``alerted_at``) and go on looking the payment up at ``next_attempt_at``."""
-
-    alerted_at: datetime
-    next_attempt_at: datetime
-    error: str
 
 
 Resolution = Captured | CaptureDeclined | Expired | Failed | Retry | Stalled
@@ -196,15 +185,9 @@ def first_step(
 def retry_later(
     claim: Claim, error: str, now: datetime, policy: CapturePolicy, jitter: float
 ) -> Retry | Stalled:
-    """Another round (it starts with a look-up). Within the budget: the retry policy's
-    backoff. After it: a backoff capped at ``stalled_retry_max_s``, and the first such
-    round raises the alarm (``Stalled``)."""
-    retry = policy.retry
-    if claim.attempt < retry.max_attempts:
-        return Retry(now + timedelta(seconds=retry.delay_s(claim.attempt, jitter)), error)
-    slow = RetryPolicy(retry.max_attempts, retry.base_s, policy.stalled_retry_max_s)
-    at = now + timedelta(seconds=slow.delay_s(claim.attempt, jitter))
-    return Retry(at, error) if claim.alerted else Stalled(now, at, error)
+    """Another round (it starts with a look-up); past the budget, the alarm once and
+    capped look-ups (``services.runtime.intents.retry_later``)."""
+    return intents.retry_later(claim, error, now, policy.retry, jitter)
 
 
 def not_found() -> CaptureDeclined:

@@ -7,17 +7,18 @@ creates at most one payment per attempt whatever crashes or times out. Every rou
 sends that same request again: the gateway answers a replayed key with its first result,
 which is how an unknown outcome (a lost answer, a worker killed after the call) is
 settled — a look-up by id (``GET /v1/payment_intents/{id}``) would need the id that the
-lost answer carried. Retry arithmetic is the runtime's (``intents.retry_or_fail``).
+lost answer carried. Backoff is the runtime's (``RetryPolicy.delay_s``);
+``retry_or_fail`` below is this service's end rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy, retry_or_fail
+from services.runtime.intents import Failed, Retry, RetryPolicy
 
 __all__ = [
     "Claim",
@@ -73,6 +74,20 @@ class Refused:
 
 
 Resolution = Requested | Refused | Failed | Retry
+
+
+def retry_or_fail(
+    attempt: int, error: str, now: datetime, policy: RetryPolicy, jitter: float
+) -> Retry | Failed:
+    """Another round, or — after ``max_attempts`` rounds — failure to reconciliation.
+
+    Unlike a capture, void or refund (``intents.retry_later``), a request whose outcome
+    is unknown moves no money: a payment the gateway may have created waits for the
+    customer, who never got its client secret. So spent rounds end the attempt
+    (``NEEDS_RECONCILIATION``, docs/contract.md §3.7) instead of looking up forever."""
+    if attempt >= policy.max_attempts:
+        return Failed("retry_budget_exhausted")
+    return Retry(now + timedelta(seconds=policy.delay_s(attempt, jitter)), error)
 
 
 def after_call(

@@ -9,7 +9,10 @@ cannot fulfil.
 - ``PAYSAGA_GATEWAY_URL`` (http://127.0.0.1:8090), ``PAYSAGA_GATEWAY_TIMEOUT_S`` (5),
   ``PAYSAGA_GATEWAY_MAX_ATTEMPTS`` (4 tries per call);
 - worker: ``PAYSAGA_REFUNDS_MAX_ATTEMPTS`` (10 rounds), ``…_RETRY_BASE_S`` (1),
-  ``…_RETRY_MAX_S`` (60), ``…_LEASE_S`` (120), ``…_POLL_S`` (0.5), ``…_CONCURRENCY`` (8).
+  ``…_RETRY_MAX_S`` (60), ``…_LEASE_S`` (120), ``…_POLL_S`` (0.5), ``…_CONCURRENCY`` (8);
+  ``…_STALLED_RETRY_MAX_S`` (900): a void or refund whose outcome is still unknown after
+  the rounds (``CompensationFailed``, once) is still looked up until the gateway settles
+  it, this far apart at most.
 """
 
 from __future__ import annotations

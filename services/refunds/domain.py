@@ -7,8 +7,15 @@ per action (void, refund), each under one idempotency key for its whole life
 that follows a call which may have reached the gateway starts with a look-up, so an
 unknown outcome is resolved from the gateway's own record (a recorded void, or refunds
 of exactly the claimed amount and currency, mean success; refunds of another amount
-fail with ``amount_mismatch`` for an operator) before anything is sent again. Retry
-arithmetic is the runtime's (``services.runtime.intents.retry_or_fail``).
+fail with ``amount_mismatch`` for an operator) before anything is sent again.
+
+An unknown outcome is never final: the money may be back already. Spending the rounds
+with the outcome unknown raises the alarm once (``Stalled``: ``CompensationFailed`` →
+NEEDS_RECONCILIATION) and the compensation goes on being looked up, at most
+``RetryPolicy.stalled_max_s`` apart, until the gateway's record settles it (a refund
+found → ``RefundSucceeded`` → REFUNDED). Only the gateway's own answer — a decline, an
+unknown transaction, a payment in a state no compensation fits — fails a compensation.
+The rule is the runtime's, shared with capture (``services.runtime.intents.retry_later``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy, retry_or_fail
+from services.runtime.intents import Failed, Retry, RetryPolicy, Stalled, retry_later
 
 __all__ = [
     "Action",
@@ -32,6 +39,7 @@ __all__ = [
     "Resolution",
     "Retry",
     "RetryPolicy",
+    "Stalled",
     "Succeeded",
     "Trigger",
     "after_call",
@@ -40,7 +48,7 @@ __all__ = [
     "decide_compensation",
     "first_step",
     "refunds_the_claim",
-    "retry_or_fail",
+    "retry_later",
 ]
 
 Action = Literal["void", "refund"]
@@ -76,7 +84,8 @@ def decide_compensation(
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A compensation claimed for one round (``attempt`` is 1-based)."""
+    """A compensation claimed for one round (``attempt`` is 1-based); ``alerted`` tells
+    whether the alarm (``CompensationFailed``) was raised for it already."""
 
     transaction_id: str
     action: Action
@@ -85,6 +94,7 @@ class Claim:
     reason: Trigger
     prior_state: CompensationState
     attempt: int
+    alerted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +114,7 @@ class Succeeded:
     refund_id: str | None = None
 
 
-Resolution = Succeeded | Failed | Retry
+Resolution = Succeeded | Failed | Retry | Stalled
 
 
 def first_step(claim: Claim) -> Lookup | Call:
@@ -149,9 +159,9 @@ def after_call(
         if isinstance(refund_id, str) and refund_id:
             return Succeeded(refund_id)
         # refunded, but unnamed: the look-up next round finds the refund's id
-        return retry_or_fail(claim.attempt, "refund_id_missing", now, policy, jitter)
+        return retry_later(claim, "refund_id_missing", now, policy, jitter)
     if outcome.kind == "declined":
         return Failed("declined")
     if outcome.kind == "not_found":
         return Failed("not_found")
-    return retry_or_fail(claim.attempt, outcome.reason or "unknown", now, policy, jitter)
+    return retry_later(claim, outcome.reason or "unknown", now, policy, jitter)

@@ -3,7 +3,9 @@ is what makes "never two refunds (or voids) of one transaction" a database rule 
 with its one idempotency key (``refund:{txn}`` / ``void:{txn}``).
 
 Rows live as ``IntentStore`` describes; the final states are ``succeeded`` and
-``failed``.
+``failed``. ``alerted_at`` is when ``CompensationFailed`` was emitted for a row that is
+still looked up (its rounds spent with the outcome unknown; see ``domain.Stalled``): it
+is emitted once per compensation.
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CheckConstraint, Column, MetaData, PrimaryKeyConstraint, String, Table, Text
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import PaymentContext
@@ -32,6 +43,8 @@ compensations = Table(
     *intent_columns(),
     Column("refund_id", Text, nullable=True),
     Column("failure_reason", String(64), nullable=True),
+    #: when the alarm (CompensationFailed) was raised for a row still being looked up
+    Column("alerted_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("transaction_id", "action", name="pk_compensations"),
     CheckConstraint("action IN ('void', 'refund')", name="ck_compensations_action"),
     CheckConstraint(
@@ -51,6 +64,7 @@ def _claim(row: Any) -> domain.Claim:
         reason=cast(domain.Trigger, row.reason),
         prior_state=cast(domain.CompensationState, row.prior_state),
         attempt=row.attempts,
+        alerted=row.alerted_at is not None,
     )
 
 
@@ -62,6 +76,13 @@ def _values(resolution: domain.Resolution) -> dict[str, Any]:
             return {"state": "failed", "failure_reason": reason}
         case domain.Retry(next_attempt_at=at, error=error):
             return {"state": "unknown", "next_attempt_at": at, "last_error": error[:500]}
+        case domain.Stalled(alerted_at=alerted_at, next_attempt_at=at, error=error):
+            return {
+                "state": "unknown",
+                "next_attempt_at": at,
+                "last_error": error[:500],
+                "alerted_at": alerted_at,
+            }
 
 
 INTENTS: IntentStore[domain.Claim, domain.Resolution] = IntentStore(

@@ -5,7 +5,8 @@ Per round (see ``domain``): claim (short transaction, ``FOR UPDATE SKIP LOCKED``
 ``in_flight`` with a lease) → look up and/or ``POST …/void`` / ``…/refund`` with the
 compensation's one idempotency key (no transaction open) → transaction B: the fenced
 outcome and its event in the outbox. Rows whose worker died mid-call are reclaimed
-after the lease and looked up first.
+after the lease and looked up first. A compensation whose outcome is still unknown when
+its rounds are spent raises the alarm once and goes on being looked up (``domain``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ class RefundsMetrics:
             rounds=Counter(
                 "paysaga_compensation_rounds_total",
                 "Compensation worker rounds by action and resolution: succeeded, failed, "
-                "retry, lease_lost",
+                "retry, stalled (rounds spent, outcome unknown, still looked up), lease_lost",
                 ["action", "outcome"],
                 registry=registry,
             ),
             failures=Counter(
                 "paysaga_compensation_failures_total",
-                "Compensations that ended in CompensationFailed (NEEDS_RECONCILIATION)",
+                "Compensations that raised CompensationFailed (NEEDS_RECONCILIATION), once "
+                "each: failed for good, or reason retry_budget_exhausted (still looked up)",
                 ["action", "reason"],
                 registry=registry,
             ),
@@ -58,7 +60,8 @@ class RefundsWorker(
     def event_for(
         claimed: Claimed[domain.Claim], resolution: domain.Resolution
     ) -> BaseModel | None:
-        """The event a resolution emits (a retry emits none)."""
+        """The event a resolution emits (a retry emits none). ``CompensationFailed`` is
+        emitted once per compensation: not again for a row whose alarm was raised."""
         ctx = claimed.context.model_dump()
         claim = claimed.claim
         match resolution:
@@ -68,7 +71,13 @@ class RefundsWorker(
             case domain.Succeeded():
                 return events.AuthorizationVoided(**ctx, reason=claim.reason)
             case domain.Failed(reason=reason):
+                if claim.alerted:
+                    return None
                 return events.CompensationFailed(**ctx, action=claim.action, reason=reason)
+            case domain.Stalled():
+                return events.CompensationFailed(
+                    **ctx, action=claim.action, reason="retry_budget_exhausted"
+                )
             case domain.Retry():
                 return None
 
@@ -78,8 +87,9 @@ class RefundsWorker(
         claim = claimed.claim
         outcome = type(resolution).__name__.lower() if stored else "lease_lost"
         self.metrics.rounds.labels(claim.action, outcome).inc()
-        if stored and isinstance(resolution, domain.Failed):
-            self.metrics.failures.labels(claim.action, resolution.reason).inc()
+        alarm = self.event_for(claimed, resolution)
+        if stored and isinstance(alarm, events.CompensationFailed):
+            self.metrics.failures.labels(claim.action, alarm.reason).inc()
         self.log.info(
             "%s %s round %d: %s",
             claim.action,
@@ -115,7 +125,7 @@ class RefundsWorker(
             claim.transaction_id, claim.amount, claim.currency, claim.reason, key
         )
 
-    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Failed:
-        return domain.retry_or_fail(
-            claimed.claim.attempt, error, self.clock(), self.policy, self.rng.random()
+    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Stalled:
+        return domain.retry_later(
+            claimed.claim, error, self.clock(), self.policy, self.rng.random()
         )

@@ -12,9 +12,14 @@ its event. This module holds what both services need for that:
 * ``Cause`` / ``emit_caused``: transaction B's event, with the envelope ``Context.emit``
   writes (causation = the stored cause's event id, ``saga_seq`` = the cause's + 1,
   correlation propagated).
-* ``RetryPolicy`` / ``retry_or_fail``: the pure retry arithmetic of a round.
+* ``RetryPolicy`` / ``retry_later``: the pure retry rule of a round whose outcome is
+  unknown. An unknown outcome is never final: once the rounds are spent the alarm is
+  raised once (``Stalled``) and the intent is still looked up, at a capped interval,
+  until the gateway's answer settles it.
 * ``IntentStore``: an intent table's rows — recorded (transaction A), claimed with a
-  lease and a fencing token, resolved with their event (transaction B).
+  lease and a fencing token, resolved with their event (transaction B). Due times and
+  leases are judged by the database's clock (``now()``), never a worker's: one clock
+  for every host, so a worker whose clock runs ahead cannot take over a live claim.
 * ``IntentWorker``: the rounds (claim → gateway → resolve); ``intent_service`` wires a
   service of them.
 """
@@ -30,7 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import psycopg
 from prometheus_client import CollectorRegistry
@@ -46,6 +51,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    func,
     or_,
     select,
     text,
@@ -137,6 +143,8 @@ class RetryPolicy:
     max_attempts: int
     base_s: float
     max_s: float
+    #: backoff cap of the look-ups that go on after the ``max_attempts`` rounds
+    stalled_max_s: float = 900.0
 
     def delay_s(self, attempt: int, jitter: float) -> float:
         """Before round ``attempt + 1``: exponential, capped, with "equal jitter" (half
@@ -160,13 +168,40 @@ class Retry:
     error: str
 
 
-def retry_or_fail(
-    attempt: int, error: str, now: datetime, policy: RetryPolicy, jitter: float
-) -> Retry | Failed:
-    """Another round, or — after ``max_attempts`` rounds — failure to reconciliation."""
-    if attempt >= policy.max_attempts:
-        return Failed("retry_budget_exhausted")
-    return Retry(now + timedelta(seconds=policy.delay_s(attempt, jitter)), error)
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """The rounds are spent and the outcome is still unknown: raise the alarm (the
+    service's failure event, once, at ``alerted_at``: NEEDS_RECONCILIATION) and go on
+    looking the payment up at ``next_attempt_at``."""
+
+    alerted_at: datetime
+    next_attempt_at: datetime
+    error: str
+
+
+class Round(Protocol):
+    """What ``retry_later`` needs of a claim: this round's number (1-based) and
+    whether the alarm was raised for it already."""
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def alerted(self) -> bool: ...
+
+
+def retry_later(
+    claim: Round, error: str, now: datetime, policy: RetryPolicy, jitter: float
+) -> Retry | Stalled:
+    """Another round (it starts with a look-up) for an outcome that is not known: the
+    money may have moved, so this is never a failure. Within ``max_attempts``: the
+    policy's backoff. After them: a backoff capped at ``stalled_max_s``, and the first
+    such round raises the alarm (``Stalled``)."""
+    if claim.attempt < policy.max_attempts:
+        return Retry(now + timedelta(seconds=policy.delay_s(claim.attempt, jitter)), error)
+    slow = RetryPolicy(policy.max_attempts, policy.base_s, policy.stalled_max_s)
+    at = now + timedelta(seconds=slow.delay_s(claim.attempt, jitter))
+    return Retry(at, error) if claim.alerted else Stalled(now, at, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +300,17 @@ def intent_indexes(table: str) -> list[Index]:
     ]
 
 
+def _on_db_clock(values: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """``values`` with ``next_attempt_at`` (a time on the caller's clock, whose reading
+    is ``now``) moved to the database's clock: ``now()`` plus the same delay. Due times
+    are compared with the database's ``now()``, so they must be written on it too — a
+    host whose clock runs ahead would otherwise schedule every intent late."""
+    at = values.get("next_attempt_at")
+    if isinstance(at, datetime):
+        return {**values, "next_attempt_at": func.now() + (at - now)}
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed(Generic[ClaimT]):
     """An intent row claimed for one round; ``token`` fences its transaction B."""
@@ -281,6 +327,11 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
     outcome columns): ``pending`` (transaction A) → ``in_flight`` (claimed by a worker
     round, with a lease and a fencing token) → ``unknown`` (retry: look up first) … → a
     final state (transaction B, which also writes the resulting event to the outbox).
+
+    Time: ``next_attempt_at`` and ``lease_until`` are written and compared on the
+    database's clock (``now()``); the ``now`` callers pass (their own clock) only says
+    how far ahead a ``next_attempt_at`` they give lies, and stamps ``created_at`` /
+    ``updated_at``.
 
     ``claim_of`` makes a row's domain claim (it has an attribute per ``key`` column);
     ``values_of`` gives the columns a resolution stores (``state`` among them).
@@ -312,6 +363,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         """Transaction A (the consumer's): insert the intent; False if the row (or its
         idempotency key) exists already — a redelivered or repeated trigger then causes
         no second gateway call."""
+        values = _on_db_clock(values, now)
         inserted = await conn.execute(
             pg_insert(self.table)
             .values(
@@ -344,14 +396,17 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
         or whose lease ran out (their worker died mid-call), in one short transaction:
         ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by side, and the claim
-        commits before any gateway call, so no transaction stays open across HTTP."""
+        commits before any gateway call, so no transaction stays open across HTTP.
+        Both, and the new lease, are judged by the database's ``now()``: a worker whose
+        clock is off cannot take a live claim over nor miss an expired one."""
         c = self.table.c
+        db_now = func.now()
         due = (
             select(*(c[k] for k in self.key), c.state.label("prior_state"))
             .where(
                 or_(
-                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= now),
-                    and_(c.state == "in_flight", c.lease_until <= now),
+                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= db_now),
+                    and_(c.state == "in_flight", c.lease_until <= db_now),
                 )
             )
             .order_by(c.next_attempt_at)
@@ -368,7 +423,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                     .values(
                         state="in_flight",
                         attempts=c.attempts + 1,
-                        lease_until=now + lease,
+                        lease_until=db_now + lease,
                         claim_token=token,
                         updated_at=now,
                     )
@@ -409,7 +464,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                     c.claim_token == claimed.token,
                 )
                 .values(
-                    **self.values_of(resolution),
+                    **_on_db_clock(self.values_of(resolution), now),
                     lease_until=None,
                     claim_token=None,
                     updated_at=now,
@@ -528,10 +583,13 @@ class IntentServiceSettings(BaseSettings):
 
     port: int
     host: str = "127.0.0.1"
-    #: worker rounds before automatic handling gives up (→ NEEDS_RECONCILIATION)
+    #: worker rounds before the alarm (→ NEEDS_RECONCILIATION); a final answer of the
+    #: gateway ends them sooner, an unknown outcome is looked up after them
     max_attempts: int = 10
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
+    #: after the rounds: look-ups at most this far apart until the gateway settles it
+    stalled_retry_max_s: float = 900.0
     #: must exceed one round's worst case (look-up + call, each up to the gateway
     #: client's PAYSAGA_GATEWAY_MAX_ATTEMPTS x PAYSAGA_GATEWAY_TIMEOUT_S plus backoff)
     lease_s: float = 120.0
@@ -539,7 +597,9 @@ class IntentServiceSettings(BaseSettings):
     concurrency: int = 8
 
     def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts, self.retry_base_s, self.retry_max_s)
+        return RetryPolicy(
+            self.max_attempts, self.retry_base_s, self.retry_max_s, self.stalled_retry_max_s
+        )
 
 
 class SharedSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):

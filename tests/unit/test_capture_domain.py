@@ -148,19 +148,19 @@ def test_a_spent_budget_raises_the_alarm_but_keeps_the_row_alive() -> None:
     last = domain.after_capture(claim("unknown", attempt=3), unknown, NOW, POLICY, 0.0)
     assert isinstance(last, domain.Stalled)
     assert (last.alerted_at, last.error) == (NOW, "timeout")
-    assert NOW < last.next_attempt_at <= NOW + timedelta(seconds=POLICY.stalled_retry_max_s)
+    assert NOW < last.next_attempt_at <= NOW + timedelta(seconds=POLICY.retry.stalled_max_s)
 
 
 def test_after_the_alarm_look_ups_go_on_without_a_second_alarm() -> None:
     alerted = dataclasses.replace(claim("unknown", attempt=7), alerted=True)
     later = domain.retry_later(alerted, "lookup: 503", NOW, POLICY, 0.99)
     assert isinstance(later, domain.Retry)
-    assert later.next_attempt_at <= NOW + timedelta(seconds=POLICY.stalled_retry_max_s)
+    assert later.next_attempt_at <= NOW + timedelta(seconds=POLICY.retry.stalled_max_s)
 
 
 @given(st.integers(1, 200), st.floats(0, 1, exclude_max=True), st.booleans())
 def test_the_stalled_backoff_is_capped(attempt: int, jitter: float, alerted: bool) -> None:
-    policy = dataclasses.replace(POLICY, stalled_retry_max_s=900.0)
+    policy = dataclasses.replace(POLICY, retry=dataclasses.replace(POLICY.retry, stalled_max_s=900))
     c = dataclasses.replace(claim("unknown", attempt=attempt), alerted=alerted)
     later = domain.retry_later(c, "x", NOW, policy, jitter)
     assert not isinstance(later, domain.Failed)

@@ -34,3 +34,16 @@ def test_each_service_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> N
     assert (refunds.max_attempts, refunds.lease_s, refunds.port) == (10, 120.0, 9999)
     assert refunds.retry_policy().max_s == 5.0
     assert SharedSettings().gateway_max_attempts == 2
+
+
+def test_each_service_caps_its_stalled_look_ups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the rounds are spent with the outcome unknown, capture and refunds go on
+    looking up, at most PAYSAGA_<SERVICE>_STALLED_RETRY_MAX_S apart (default 900)."""
+    for name in ("PAYSAGA_CAPTURE_STALLED_RETRY_MAX_S", "PAYSAGA_REFUNDS_STALLED_RETRY_MAX_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert CaptureSettings().policy().retry.stalled_max_s == 900.0
+    assert RefundsSettings().retry_policy().stalled_max_s == 900.0
+    monkeypatch.setenv("PAYSAGA_CAPTURE_STALLED_RETRY_MAX_S", "7")
+    monkeypatch.setenv("PAYSAGA_REFUNDS_STALLED_RETRY_MAX_S", "5")
+    assert CaptureSettings().policy().retry.stalled_max_s == 7.0
+    assert RefundsSettings().retry_policy().stalled_max_s == 5.0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas import events
 from schemas.events import PaymentContext
@@ -79,13 +82,10 @@ def test_after_call_maps_every_outcome() -> None:
     assert domain.after_call(claim(), gone, NOW, POLICY, 0) == domain.Failed("not_found")
 
 
-def test_an_unknown_outcome_is_retried_then_fails() -> None:
+def test_an_unknown_outcome_is_retried_within_the_budget() -> None:
     unknown = GatewayOutcome("unknown", reason="timeout")
     assert domain.after_call(claim(attempt=1), unknown, NOW, POLICY, 0) == domain.Retry(
         NOW + timedelta(seconds=0.5), "timeout"
-    )
-    assert domain.after_call(claim(attempt=3), unknown, NOW, POLICY, 0) == domain.Failed(
-        "retry_budget_exhausted"
     )
 
 
@@ -108,3 +108,69 @@ def test_each_resolution_emits_its_event() -> None:
     assert isinstance(failed, events.CompensationFailed)
     assert (failed.action, failed.reason) == ("refund", "declined")
     assert RefundsWorker.event_for(_claimed("void"), domain.Retry(NOW, "timeout")) is None
+
+
+# --- an unknown outcome is never final: a spent budget raises the alarm, look-ups go on
+
+
+@pytest.mark.parametrize(
+    ("action", "outcome", "error"),
+    [
+        ("void", GatewayOutcome("unknown", reason="timeout"), "timeout"),
+        ("refund", GatewayOutcome("unknown", reason="timeout"), "timeout"),
+        ("refund", GatewayOutcome("succeeded", {"status": "succeeded"}), "refund_id_missing"),
+    ],
+)
+def test_an_unknown_outcome_of_the_last_round_stalls_instead_of_failing(
+    action: Any, outcome: GatewayOutcome, error: str
+) -> None:
+    last = domain.after_call(claim(action, attempt=3), outcome, NOW, POLICY, 0.0)
+    assert isinstance(last, domain.Stalled)
+    assert (last.alerted_at, last.error) == (NOW, error)
+    assert NOW < last.next_attempt_at <= NOW + timedelta(seconds=POLICY.stalled_max_s)
+
+
+def test_after_the_alarm_look_ups_go_on_without_a_second_alarm() -> None:
+    alerted = dataclasses.replace(claim(prior="unknown", attempt=7), alerted=True)
+    later = domain.retry_later(alerted, "lookup: 503", NOW, POLICY, 0.99)
+    assert isinstance(later, domain.Retry)
+    assert later.next_attempt_at <= NOW + timedelta(seconds=POLICY.stalled_max_s)
+
+
+@given(st.integers(1, 200), st.floats(0, 1, exclude_max=True), st.booleans())
+def test_the_stalled_backoff_is_capped_and_never_fails(
+    attempt: int, jitter: float, alerted: bool
+) -> None:
+    policy = domain.RetryPolicy(3, base_s=1, max_s=60, stalled_max_s=900.0)
+    c = dataclasses.replace(claim(prior="unknown", attempt=attempt), alerted=alerted)
+    later = domain.retry_later(c, "x", NOW, policy, jitter)
+    assert isinstance(later, domain.Retry | domain.Stalled)
+    assert isinstance(later, domain.Stalled) == (attempt >= 3 and not alerted)
+    assert NOW < later.next_attempt_at <= NOW + timedelta(seconds=900)
+
+
+@pytest.mark.parametrize("alerted", [False, True])
+def test_a_lookup_after_the_alarm_settles_the_compensation(alerted: bool) -> None:
+    refund = dataclasses.replace(claim("refund", "unknown", attempt=12), alerted=alerted)
+    refunded = {
+        "state": "refunded",
+        "refunds": [{"refund_id": "re_1", "amount": 1250, "currency": "EUR"}],
+    }
+    assert domain.after_lookup(refund, refunded) == domain.Succeeded("re_1")
+    void = dataclasses.replace(claim("void", "unknown", attempt=12), alerted=alerted)
+    assert domain.after_lookup(void, {"state": "voided", "voids": [{}]}) == domain.Succeeded()
+
+
+def test_compensation_failed_is_emitted_once_per_compensation() -> None:
+    stalled = domain.Stalled(NOW, NOW + timedelta(minutes=15), "timeout")
+    for action in ("void", "refund"):
+        alarm = RefundsWorker.event_for(_claimed(action), stalled)
+        assert isinstance(alarm, events.CompensationFailed)
+        assert (alarm.action, alarm.reason) == (action, "retry_budget_exhausted")
+    base = _claimed("refund")
+    alerted = dataclasses.replace(base, claim=dataclasses.replace(base.claim, alerted=True))
+    assert RefundsWorker.event_for(alerted, domain.Failed("amount_mismatch")) is None
+    assert RefundsWorker.event_for(alerted, domain.Retry(NOW, "timeout")) is None
+    assert isinstance(
+        RefundsWorker.event_for(alerted, domain.Succeeded("re_1")), events.RefundSucceeded
+    )

@@ -1,0 +1,147 @@
+"""Intent leases and schedules are judged by the database's clock, not the worker's: a
+worker whose clock runs ahead (or behind) of the others' cannot take over a live claim,
+miss an expired one, or see a due intent as not due yet.
+
+Real PostgreSQL (a database of the refunds schema per test); the gateway is never
+called — the workers' claims and resolutions are driven directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schemas.events import PaymentContext
+from services.refunds import domain, store
+from services.refunds.worker import RefundsMetrics, RefundsWorker
+from services.runtime import migrate
+from services.runtime.gateway_client import GatewayClient
+from services.runtime.intents import Cause
+from services.runtime.service import make_engine
+from tests.conftest import Infra
+from tests.support.harness import query, uid
+
+pytestmark = pytest.mark.integration
+
+SKEW = timedelta(days=1)
+LEASE = timedelta(seconds=120)
+
+
+@pytest.fixture
+async def db(infra: Infra) -> AsyncIterator[tuple[AsyncEngine, str]]:
+    dbname = f"paysaga_lease_{uid()}"
+    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    migrate.upgrade("refunds", infra.db_url(dbname))
+    engine = make_engine(infra.db_url(dbname))
+    yield engine, infra.conninfo(dbname)
+    await engine.dispose()
+    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[GatewayClient]:
+    async with GatewayClient("http://127.0.0.1:9") as client:  # never called
+        yield client
+
+
+def worker(
+    engine: AsyncEngine,
+    gateway: GatewayClient,
+    skew: timedelta = timedelta(0),
+    lease: timedelta = LEASE,
+) -> RefundsWorker:
+    """A refunds worker whose clock is ``skew`` off the true time."""
+    return RefundsWorker(
+        engine,
+        gateway,
+        domain.RetryPolicy(10, 1.0, 60.0),
+        RefundsMetrics.create(CollectorRegistry()),
+        lease=lease,
+        clock=lambda: datetime.now(UTC) + skew,
+    )
+
+
+async def record(engine: AsyncEngine, skew: timedelta = timedelta(0)) -> str:
+    """Transaction A of a refund, on a host whose clock is ``skew`` off."""
+    txn = uid("txn")
+    context = PaymentContext(
+        order_id=uid("ord"), attempt=1, payment_intent_id=uid("pi"), transaction_id=txn,
+        flow="sale", amount=1250, currency="EUR", gateway="simgw",
+    )  # fmt: skip
+    intent = domain.decide_compensation("sale", "out_of_stock", txn)
+    assert intent is not None
+    async with engine.begin() as conn:
+        now = datetime.now(UTC) + skew
+        assert await store.record_intent(conn, context, intent, Cause(uid("evt"), 2, None), now)
+    return txn
+
+
+async def claims_within(w: RefundsWorker, timeout: float, what: str) -> list[str]:
+    """Poll ``w``'s claim until it claims something; its transaction ids."""
+    deadline = time.monotonic() + timeout
+    while not (claimed := await w.claim_due()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.1)
+    return [c.claim.transaction_id for c in claimed]
+
+
+def state(conninfo: str, txn: str) -> tuple[str, int]:
+    rows = query(conninfo, "SELECT state, attempts FROM compensations WHERE transaction_id=%s", txn)
+    return rows[0][0], rows[0][1]
+
+
+async def test_a_worker_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
+    db: tuple[AsyncEngine, str], gateway: GatewayClient
+) -> None:
+    engine, conninfo = db
+    txn = await record(engine)
+    [held] = await worker(engine, gateway).claim_due()
+    assert held.claim.transaction_id == txn
+
+    # a day ahead, the lease looks long expired to this worker's own clock
+    assert await worker(engine, gateway, skew=SKEW).claim_due() == []
+    assert state(conninfo, txn) == ("in_flight", 1)
+    # the holder still owns its claim: its transaction B is not fenced out
+    assert await worker(engine, gateway).resolve(held, domain.Succeeded("re_1"))
+    assert state(conninfo, txn) == ("succeeded", 1)
+
+
+async def test_a_lease_that_ran_out_is_reclaimed_by_a_worker_whose_clock_runs_behind(
+    db: tuple[AsyncEngine, str], gateway: GatewayClient
+) -> None:
+    engine, conninfo = db
+    txn = await record(engine)
+    dead = worker(engine, gateway, lease=timedelta(seconds=1))
+    [lost] = await dead.claim_due()  # and its worker dies mid-call
+
+    behind = worker(engine, gateway, skew=-SKEW)
+    assert await claims_within(behind, 15, "the expired lease reclaimed") == [txn]
+    assert state(conninfo, txn) == ("in_flight", 2)
+    assert not await dead.resolve(lost, domain.Succeeded("re_1"))  # fenced out
+
+
+async def test_an_intent_is_due_on_the_database_clock_whoever_scheduled_it(
+    db: tuple[AsyncEngine, str], gateway: GatewayClient
+) -> None:
+    """Recorded by a host a day ahead, an intent is due at once; a retry scheduled by a
+    worker a day ahead is due after its delay, not a day later."""
+    engine, conninfo = db
+    txn = await record(engine, skew=SKEW)
+    [claimed] = await worker(engine, gateway).claim_due()
+    assert claimed.claim.transaction_id == txn
+
+    ahead = worker(engine, gateway, skew=SKEW)
+    retry = domain.Retry(ahead.clock() + timedelta(seconds=1), "timeout")
+    assert await ahead.resolve(claimed, retry)
+    assert state(conninfo, txn) == ("unknown", 1)
+    assert await claims_within(worker(engine, gateway), 15, "the retry due") == [txn]
+    assert state(conninfo, txn) == ("in_flight", 2)

@@ -7,7 +7,9 @@ mounted here, so this file is only wiring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import typer
 from rich.table import Table
@@ -88,29 +90,51 @@ def reconcile(
     raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _stack_errors() -> Iterator[None]:
+    """A stack that cannot be provisioned says why in one sentence, not a traceback."""
+    try:
+        yield
+    except devstack.StackError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
 @dev.command("up")
 def dev_up(profile: str = "dev") -> None:
-    devstack.up(profile)
+    with _stack_errors():
+        devstack.up(profile)
 
 
 @dev.command("down")
 def dev_down(profile: str = "dev") -> None:
-    devstack.down(profile)
+    with _stack_errors():
+        devstack.down(profile)
 
 
 @dev.command("status")
 def dev_status(profile: str = "dev") -> None:
     table = Table("component", "state")
-    states = devstack.status(profile)
+    with _stack_errors():
+        states = devstack.status(profile)
     for name, state in states.items():
         table.add_row(name, state)
     console.print(table)
 
 
+@dev.command("clean")
+def dev_clean() -> None:
+    """Stop every profile; remove its PostgreSQL folder kept outside the checkout."""
+    with _stack_errors():
+        devstack.clean()
+
+
 @dev.command("test", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def dev_test(ctx: typer.Context) -> None:
     """Bring up the test profile, run pytest with the extra arguments, tear down."""
-    sys.exit(devstack.run_tests(list(ctx.args)))
+    with _stack_errors():
+        code = devstack.run_tests(list(ctx.args))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from services.payments.cli import app as unmatched_app
 from services.runtime import migrate as migrations
 from services.runtime import topics as topic_specs
 from services.runtime.cli_dlq import app as dlq_app
+from services.runtime.cli_outbox import app as outbox_app
 from services.runtime.settings import SERVICES, DatabaseSettings, KafkaSettings
 from services.runtime.terminal import make_console
 
@@ -29,6 +30,7 @@ topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics from topics.ya
 app.add_typer(dev, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(outbox_app, name="outbox")
 app.add_typer(unmatched_app, name="unmatched")
 app.add_typer(stock_app, name="stock")
 console = make_console()

@@ -33,17 +33,22 @@ def _accepts(port: int) -> bool:
 
 
 def _clone(into: Path) -> Path:
-    """A fresh clone of this checkout's HEAD, with its uncommitted changes to tracked
-    files applied, so the test runs the code under test."""
+    """A fresh clone of this checkout's HEAD, with its uncommitted changes (and new
+    files) on top, so the test runs the code under test."""
     clone = into / "paysaga"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    diff = subprocess.run(
-        ["git", "-C", str(REPO), "diff", "HEAD", "--binary"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    if diff:
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, check=True
+        ).stdout
+
+    if diff := git("diff", "HEAD", "--binary"):
         subprocess.run(["git", "-C", str(clone), "apply", "-"], input=diff, check=True)
+    for name in git("ls-files", "--others", "--exclude-standard", "-z").decode().split("\0"):
+        if name:
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
     return clone
 
 

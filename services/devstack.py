@@ -373,7 +373,8 @@ def _db_owner() -> pwd.struct_passwd:
 
 
 def _as_db_owner(argv: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: drop to the unprivileged ``postgres`` user."""
+    """PostgreSQL refuses to run as root: drop to the unprivileged ``postgres`` user.
+    Run it from ``/`` (``cwd="/"``): that user may not be able to enter the checkout."""
     if os.geteuid() != 0:
         return argv
     _db_owner()
@@ -395,6 +396,7 @@ def _db_owner_can_enter(path: Path) -> bool:
     return (
         subprocess.run(
             _as_db_owner(["test", "-x", str(path)]),
+            cwd="/",
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -482,6 +484,7 @@ def pg_up(p: Profile) -> None:
                     "--no-locale",
                 ]
             ),
+            cwd="/",
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -493,6 +496,7 @@ def pg_up(p: Profile) -> None:
     running = (
         subprocess.run(
             _as_db_owner([str(bindir / "pg_ctl"), "-D", str(data), "status"]),
+            cwd="/",
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -524,6 +528,7 @@ def pg_up(p: Profile) -> None:
                     "start",
                 ]
             ),
+            cwd="/",
             check=False,
             stdout=subprocess.DEVNULL,
         )
@@ -569,6 +574,7 @@ def pg_down(p: Profile) -> bool:
         return False
     subprocess.run(
         _as_db_owner([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+        cwd="/",
         check=False,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -48,5 +48,6 @@ topics: venv
 bench: venv         ## runtime throughput benchmark (prints and saves numbers)
 	$(BIN)/python -m benchmarks.runtime_throughput
 
-clean: down
+clean: down         ## stop every profile; remove .local and PostgreSQL data kept outside it
+	$(PAYSAGA) dev clean
 	rm -rf .local

@@ -7,7 +7,9 @@ mounted here, so this file is only wiring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import typer
 from rich.table import Table
@@ -18,6 +20,7 @@ from services.payments.cli import app as unmatched_app
 from services.runtime import migrate as migrations
 from services.runtime import topics as topic_specs
 from services.runtime.cli_dlq import app as dlq_app
+from services.runtime.cli_outbox import app as outbox_app
 from services.runtime.settings import SERVICES, DatabaseSettings, KafkaSettings
 from services.runtime.terminal import make_console
 
@@ -27,6 +30,7 @@ topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics from topics.ya
 app.add_typer(dev, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(outbox_app, name="outbox")
 app.add_typer(unmatched_app, name="unmatched")
 app.add_typer(stock_app, name="stock")
 console = make_console()
@@ -94,29 +98,51 @@ def reconcile(
     raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _stack_errors() -> Iterator[None]:
+    """A stack that cannot be provisioned says why in one sentence, not a traceback."""
+    try:
+        yield
+    except devstack.StackError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
 @dev.command("up")
 def dev_up(profile: str = "dev") -> None:
-    devstack.up(profile)
+    with _stack_errors():
+        devstack.up(profile)
 
 
 @dev.command("down")
 def dev_down(profile: str = "dev") -> None:
-    devstack.down(profile)
+    with _stack_errors():
+        devstack.down(profile)
 
 
 @dev.command("status")
 def dev_status(profile: str = "dev") -> None:
     table = Table("component", "state")
-    states = devstack.status(profile)
+    with _stack_errors():
+        states = devstack.status(profile)
     for name, state in states.items():
         table.add_row(name, state)
     console.print(table)
 
 
+@dev.command("clean")
+def dev_clean() -> None:
+    """Stop every profile; remove its PostgreSQL folder kept outside the checkout."""
+    with _stack_errors():
+        devstack.clean()
+
+
 @dev.command("test", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def dev_test(ctx: typer.Context) -> None:
     """Bring up the test profile, run pytest with the extra arguments, tear down."""
-    sys.exit(devstack.run_tests(list(ctx.args)))
+    with _stack_errors():
+        code = devstack.run_tests(list(ctx.args))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,9 @@ def main() -> None:
         env = devstack.stack_env(profile)
         client = DevClient(env["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"], env["PAYSAGA_DATABASE_URL"], env)
         ok = run(client)
+    except devstack.StackError as exc:  # one sentence saying why, not a traceback
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
     finally:
         if not was_running:
             devstack.down("dev")

@@ -4,8 +4,9 @@ Kafka's jars come from Maven Central through ``deploy/local/kafka/pom.xml`` and 
 cached in ``.local/kafka/lib-<version>``; the broker runs in KRaft mode as a single
 combined broker+controller. PostgreSQL runs from the machine's binaries in a data
 folder under ``.local/<profile>/pg`` (as the unprivileged ``postgres`` user when we
-are root). Two profiles keep ``make up`` (dev) and ``make test`` (test) apart: their
-own ports and folders, so a test run never disturbs a running stack.
+are root; see :func:`pg_home` for a checkout that user cannot enter). Two profiles
+keep ``make up`` (dev) and ``make test`` (test) apart: their own ports and folders, so a
+test run never disturbs a running stack.
 
 Every process started here has a pid file; ``down`` stops only processes whose pid file
 and command line both say they are ours.
@@ -19,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import hashlib
 import logging
 import os
 import pwd
@@ -26,6 +28,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -350,30 +353,124 @@ def pg_bindir() -> Path:
     raise StackError("PostgreSQL server binaries (initdb, pg_ctl) not found; see README")
 
 
+#: PostgreSQL refuses to run as root; as root we run it as this user
+DB_OWNER = "postgres"
+#: where a checkout the DB owner cannot enter keeps its PostgreSQL folders: a system temp
+#: folder that survives reboots (unlike /tmp), so the data does too
+#: (shared by every user, hence the checks of :func:`_make_pg_home`)
+EXTERNAL_PG_BASE = Path("/var/tmp")  # noqa: S108
+
+
+def _db_owner() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(DB_OWNER)
+    except KeyError:
+        raise StackError(
+            f"PostgreSQL refuses to run as root and there is no '{DB_OWNER}' user to run it"
+            f" as: create one (useradd --system {DB_OWNER}), run as an ordinary user, or set"
+            " PAYSAGA_DATABASE_URL to an existing server"
+        ) from None
+
+
 def _as_db_owner(argv: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: drop to the unprivileged ``postgres`` user."""
+    """PostgreSQL refuses to run as root: drop to the unprivileged ``postgres`` user.
+    Run it from ``/`` (``cwd="/"``): that user may not be able to enter the checkout."""
     if os.geteuid() != 0:
         return argv
-    return ["runuser", "-u", "postgres", "--", *argv]
+    _db_owner()
+    return ["runuser", "-u", DB_OWNER, "--", *argv]
 
 
 def _chown_for_db(path: Path) -> None:
     if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
+        pw = _db_owner()
         for p in [path, *path.rglob("*")]:
-            os.chown(p, pw.pw_uid, pw.pw_gid)
+            # never through a link: these folders are the DB owner's to write in
+            os.chown(p, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+@functools.cache
+def _db_owner_can_enter(path: Path) -> bool:
+    """Whether the DB owner can reach ``path`` (search permission on it and on every
+    folder above it), asked of the system as that user: modes, ACLs and all."""
+    return (
+        subprocess.run(
+            _as_db_owner(["test", "-x", str(path)]),
+            cwd="/",
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
+
+
+def external_pg_home(p: Profile) -> Path:
+    """The folder outside the checkout for ``p``'s PostgreSQL: named by a hash of the
+    checkout's path and the profile, so every command of this checkout (up, down,
+    status, clean) finds the same one, and no two checkouts or profiles share one."""
+    digest = hashlib.sha256(f"{REPO}\0{p.name}".encode()).hexdigest()[:16]
+    return EXTERNAL_PG_BASE / f"paysaga-pg-{p.name}-{digest}"
+
+
+def pg_home(p: Profile) -> Path:
+    """Where ``p``'s PostgreSQL keeps ``data/``, ``run/`` (its socket) and
+    ``postgres.log``: ``.local/<profile>/pg`` in the checkout — unless we are root and
+    the ``postgres`` user cannot enter the checkout (a clone inside a home folder of mode
+    700, a ``mktemp -d`` folder); then :func:`external_pg_home`, mode 700, owned by that
+    user. Decided from the checkout's path alone, so it is the same on every call."""
+    if os.geteuid() != 0 or _db_owner_can_enter(REPO):
+        return p.root / "pg"
+    return external_pg_home(p)
+
+
+def _make_pg_home(p: Profile, home: Path) -> None:
+    """Create ``home`` for the DB owner. Outside the checkout it sits in a folder every
+    user can write to, so a folder already there must be a real one (not a link), the DB
+    owner's, mode 700 — otherwise someone else made it and we stop."""
+    if home == p.root / "pg":
+        home.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            # a root umask of 077 would make .local/<profile> a folder the DB owner
+            # cannot pass through: let it search (not list) them
+            for folder in (LOCAL, p.root):
+                folder.chmod(folder.stat().st_mode | stat.S_IXOTH)
+        return
+    owner = _db_owner()
+    if not EXTERNAL_PG_BASE.is_dir():
+        raise StackError(
+            f"the postgres user cannot enter this checkout ({REPO}) and {EXTERNAL_PG_BASE}"
+            " does not exist to keep PostgreSQL's data in: clone it where that user can"
+            " enter, or set PAYSAGA_DATABASE_URL to an existing server"
+        )
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(home, 0o700)
+        os.chown(home, owner.pw_uid, owner.pw_gid)
+    st = home.lstat()
+    if not (
+        stat.S_ISDIR(st.st_mode) and st.st_uid == owner.pw_uid and stat.S_IMODE(st.st_mode) == 0o700
+    ):
+        raise StackError(
+            f"{home} is not this checkout's PostgreSQL folder (it must be a folder owned by"
+            f" {DB_OWNER}, mode 700): remove it, then run again"
+        )
 
 
 def pg_up(p: Profile) -> None:
-    home = p.root / "pg"
+    home = pg_home(p)
     data, run, log = home / "data", home / "run", home / "postgres.log"
     bindir = pg_bindir()
+    if home != p.root / "pg":
+        _log(
+            f"PostgreSQL data of profile '{p.name}' in {home}: the {DB_OWNER} user cannot"
+            f" enter this checkout ({REPO})"
+        )
     if not (data / "PG_VERSION").exists():
-        _log(f"initdb {data.relative_to(REPO)}")
-        home.mkdir(parents=True, exist_ok=True)
+        _log(f"initdb {_shown(data)}")
+        _make_pg_home(p, home)
         run.mkdir(exist_ok=True)
         _chown_for_db(home)
-        subprocess.run(
+        initdb = subprocess.run(
             _as_db_owner(
                 [
                     str(bindir / "initdb"),
@@ -387,12 +484,19 @@ def pg_up(p: Profile) -> None:
                     "--no-locale",
                 ]
             ),
-            check=True,
+            cwd="/",
+            check=False,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        if initdb.returncode != 0:
+            last = initdb.stderr.strip().splitlines()[-1:] or [f"exit {initdb.returncode}"]
+            raise StackError(f"initdb of {data} failed: {last[0]}")
     running = (
         subprocess.run(
             _as_db_owner([str(bindir / "pg_ctl"), "-D", str(data), "status"]),
+            cwd="/",
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -408,7 +512,7 @@ def pg_up(p: Profile) -> None:
         )
         log.touch()
         _chown_for_db(log)
-        subprocess.run(
+        started = subprocess.run(
             _as_db_owner(
                 [
                     str(bindir / "pg_ctl"),
@@ -424,10 +528,18 @@ def pg_up(p: Profile) -> None:
                     "start",
                 ]
             ),
-            check=True,
+            cwd="/",
+            check=False,
             stdout=subprocess.DEVNULL,
         )
+        if started.returncode != 0:
+            raise StackError(f"PostgreSQL on {p.pg_port} did not start: see {_shown(log)}")
     wait_until(f"PostgreSQL on {p.pg_port}", lambda: _pg_accepts(p), lambda: True, timeout=60)
+
+
+def _shown(path: Path) -> Path:
+    """``path`` as log lines name it: relative inside the checkout, absolute outside."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def ensure_databases(server_url: str, names: tuple[str, ...]) -> None:
@@ -457,16 +569,33 @@ def _pg_accepts(p: Profile) -> bool:
 
 
 def pg_down(p: Profile) -> bool:
-    data = p.root / "pg" / "data"
+    data = pg_home(p) / "data"
     if not (data / "postmaster.pid").exists():
         return False
     subprocess.run(
         _as_db_owner([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+        cwd="/",
         check=False,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     return True
+
+
+def pg_clean(p: Profile) -> None:
+    """Stop ``p``'s PostgreSQL and remove its folder outside the checkout, if it has one
+    (the one inside goes with ``.local``). A folder there that is not the DB owner's is
+    not ours: it is left alone."""
+    pg_down(p)
+    home = external_pg_home(p)
+    if not home.exists():
+        return
+    st = home.lstat()
+    if os.geteuid() == 0 and stat.S_ISDIR(st.st_mode) and st.st_uid == _db_owner().pw_uid:
+        shutil.rmtree(home)
+        _log(f"removed {home}")
+    else:
+        _log(f"left {home} alone: not this checkout's PostgreSQL folder")
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -593,13 +722,23 @@ def down(profile: str = "dev") -> None:
         _log("stopped PostgreSQL")
 
 
+def clean() -> None:
+    """``make clean``: stop every profile and remove what lives outside the checkout
+    (the PostgreSQL folders of :func:`external_pg_home`); ``.local`` is removed after."""
+    for name, p in PROFILES.items():
+        down(name)
+        pg_clean(p)
+
+
 def status(profile: str = "dev") -> dict[str, str]:
     p = PROFILES[profile]
+    home = pg_home(p)
     out = {
         "kafka": "running"
         if running_pid(p.root / "kafka" / "kafka.pid", str(p.root / "kafka" / "server.properties"))
         else "stopped",
-        "postgresql": "running" if _pg_accepts(p) else "stopped",
+        "postgresql": ("running" if _pg_accepts(p) else "stopped")
+        + ("" if home == p.root / "pg" else f" (data in {home})"),
     }
     for sp in SERVICE_PROCESSES:
         pid = running_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}")

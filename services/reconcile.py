@@ -13,6 +13,9 @@ each store (read-only) and compares. Rules:
 * ``refunded_without_refund`` — REFUNDED without a succeeded refund;
 * ``stock_oversold`` — reserved + sold above a SKU's stock, or reserved not matching
   the reservations held;
+* ``outbox_row_dead`` — an outbox row Kafka refused for good (too large, say), set
+  aside by the relay: it and the later events of its order wait for an operator
+  (``paysaga outbox list|retry``);
 * with ``--gateway``: ``compensation_failed`` — a void or refund that failed for good
   (CompensationFailed) while the gateway still holds the money: the authorization is
   still ``authorized``, or the capture is not fully refunded. The status projection may
@@ -99,6 +102,7 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
     }
     out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
     out += _stock_rules()
+    out += _outbox_rules(order_ids)
     if gateway_url:
         order_txns = {o.transaction_id for o in orders}
         stored = {t: state for t, state in captures.items() if t in order_txns}
@@ -188,6 +192,24 @@ def _stock_rules() -> list[Violation]:
                 )
             )
     return out
+
+
+def _outbox_rules(order_ids: list[str] | None) -> list[Violation]:
+    from services.runtime.cli_outbox import dead_rows
+    from services.runtime.settings import SERVICES
+
+    return [
+        Violation(
+            "outbox_row_dead",
+            r.key or "-",
+            f"{r.service} outbox row {r.id} ({r.event_type} to {r.topic}, {r.size} bytes)"
+            f" refused by Kafka: {r.error}; {r.blocked} later row(s) of its key wait"
+            f" — `paysaga outbox retry {r.service} {r.id}` once fixed",
+        )
+        for service in SERVICES
+        for r in dead_rows(service)
+        if not order_ids or r.key in order_ids
+    ]
 
 
 def _look_up(gateway_url: str, txns: set[str]) -> dict[str, dict[str, Any] | None]:

@@ -14,6 +14,7 @@ import asyncio
 import httpx
 import psycopg
 import sqlalchemy.exc
+from aiokafka import errors as kafka_errors
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
@@ -74,3 +75,24 @@ def is_transient(exc: BaseException) -> bool:
         return True
     # broker errors met while handling (a DLQ produce, say) and gateway transport errors
     return isinstance(exc, KafkaError | httpx.TransportError)
+
+
+#: What Kafka answers about a record itself (its size, its topic, the right to write
+#: there): sending the same record again is refused again until an operator changes the
+#: topic (``max.message.bytes``, ACLs) — unlike a broker or leader that is away. A topic
+#: that does not exist (yet) is not among them: ``paysaga topics apply`` creates it and
+#: the relay goes on by itself.
+_REFUSED_BY_KAFKA = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.RecordTooLargeError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.CorruptRecordException,
+)
+
+
+def refused_by_kafka(exc: BaseException) -> bool:
+    """Whether a produce failed for good: the record must be set aside for an operator
+    (the outbox relay's ``dead`` rows), since retrying it in place would block forever."""
+    return isinstance(exc, _REFUSED_BY_KAFKA)

@@ -16,6 +16,7 @@ class RuntimeMetrics:
     outbox_backlog: Gauge
     outbox_oldest_age: Gauge
     outbox_published: Counter
+    outbox_stuck: Gauge
     consumer_lag: Gauge
     last_progress: Gauge
 
@@ -64,6 +65,13 @@ class RuntimeMetrics:
                 "paysaga_outbox_published_total",
                 "Outbox rows published to Kafka",
                 ["service"],
+                registry=registry,
+            ),
+            outbox_stuck=Gauge(
+                "paysaga_outbox_stuck_records",
+                "Outbox rows not published for want of an operator: dead (refused by Kafka"
+                " for good; `paysaga outbox list`) or blocked (behind a dead row of its key)",
+                ["service", "state"],
                 registry=registry,
             ),
             consumer_lag=Gauge(

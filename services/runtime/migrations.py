@@ -120,3 +120,17 @@ def runtime_0002(op: Any) -> None:
     """``dead_letters.dedupe_key``: the dead-lettered record's inbox key, written to the
     inbox when the dead letter is resolved, so no other copy of it is applied later."""
     op.add_column("dead_letters", sa.Column("dedupe_key", sa.String(length=200), nullable=True))
+
+
+def runtime_0003(op: Any) -> None:
+    """``outbox.dead_at``/``dead_error``: a row Kafka refused for good, set aside by the
+    relay (not deleted) until an operator retries it; its key's later rows wait."""
+    op.add_column("outbox", sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("outbox", sa.Column("dead_error", sa.Text(), nullable=True))
+    op.create_index(
+        "ix_outbox_dead",
+        "outbox",
+        ["key", "id"],
+        unique=False,
+        postgresql_where=sa.text("dead_at IS NOT NULL"),
+    )

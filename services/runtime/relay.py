@@ -9,6 +9,16 @@ Guarantees:
   its stored key (the order id), so one order's events keep their order on a partition.
   Rows are marked sent only after Kafka acknowledged them. A crash between the two
   re-publishes those rows; consumers' inboxes absorb the duplicates.
+* A row of a key is sent only once every earlier row of that key is acknowledged (a
+  pass goes out in waves: the first unsent row of each key, then the second, ...), so a
+  refused row can never be overtaken by a later row of its order, on any topic.
+* A row Kafka refuses for good (``errors.refused_by_kafka``: too large for the topic's
+  ``max.message.bytes``, say) is set aside, not deleted: marked ``dead`` with the error,
+  logged once, counted in ``paysaga_outbox_stuck_records``. Later rows of its key wait
+  behind it (one order's events must not overtake each other); every other key goes on.
+  ``paysaga outbox retry`` puts it back once the cause is fixed. A batch fails as a
+  whole, so a failed wave is re-sent row by row on a fresh producer to find the row at
+  fault; any other failure stands the relay down to retry the pass later.
 * Woken by LISTEN/NOTIFY when a handler commits outbox rows; a slow poll is the
   fallback when a notification is missed.
 * Sent rows and inbox rows past their retention are pruned.
@@ -18,19 +28,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import re
 import time
 import zlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import InvalidTopicError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Exists, Row, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.runtime.errors import said
+from services.runtime.errors import refused_by_kafka, said
 from services.runtime.faults import fault_point
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
@@ -66,6 +81,8 @@ class OutboxRelay:
         self.bootstrap, self.metrics, self.settings = bootstrap, metrics, settings
         self.lock_key = zlib.crc32(f"paysaga-relay:{service}".encode())
         self.active = False
+        #: started when the relay takes the lead (see _lead)
+        self._producer: AIOKafkaProducer
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -89,19 +106,18 @@ class OutboxRelay:
             self.active = True
             log.info("%s relay is active", self.service)
             await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                client_id=f"paysaga-{self.service}-relay",
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=2,
-                request_timeout_ms=15000,
-            )
-            await producer.start()
+            self._producer = await self._start_producer()
             try:
+                if dead := await self._update_backlog():
+                    log.error(
+                        "%s outbox: %d row(s) refused by Kafka for good wait for an operator"
+                        " (`paysaga outbox list`)",
+                        self.service,
+                        dead,
+                    )
                 last_prune = -math.inf  # prune at once on taking the lead, then every prune_every_s
                 while not stop.is_set():
-                    while await self._publish_batch(producer):
+                    while await self._publish_batch():
                         pass
                     if time.monotonic() - last_prune > self.settings.prune_every_s:
                         await self._prune()
@@ -109,57 +125,132 @@ class OutboxRelay:
                     await self._wait_for_notify(conn, stop)
             finally:
                 self.active = False
-                await producer.stop()
+                await self._producer.stop()
 
-    async def _publish_batch(self, producer: AIOKafkaProducer) -> bool:
-        """Publish up to ``batch`` unsent rows; True if there may be more."""
+    async def _start_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=f"paysaga-{self.service}-relay",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            request_timeout_ms=15000,
+        )
+        await producer.start()
+        return producer
+
+    async def _publish_batch(self) -> bool:
+        """Publish up to ``batch`` unsent rows, in waves; True if there may be more."""
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
                     select(
                         outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.value, outbox.c.headers
                     )
-                    .where(outbox.c.sent_at.is_(None))
+                    .where(outbox.c.sent_at.is_(None), outbox.c.dead_at.is_(None), ~_behind_dead())
                     .order_by(outbox.c.id)
                     .limit(self.settings.batch)
                 )
             ).all()
-        if not rows:
-            self.metrics.outbox_backlog.labels(self.service).set(0)
-            self.metrics.outbox_oldest_age.labels(self.service).set(0)
-            return False
-        # send in id order without waiting for each ack: the idempotent producer keeps
-        # the order per partition; we wait for all acks before marking them sent.
-        futures = [
-            await producer.send(
-                r.topic, value=r.value, key=r.key, headers=[(k, v.encode()) for k, v in r.headers]
-            )
-            for r in rows
-        ]
-        await asyncio.gather(*futures)
-        fault_point("relay_after_send_before_mark")
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(outbox)
-                .where(outbox.c.id.in_([r.id for r in rows]))
-                .values(sent_at=datetime.now(UTC))
-            )
-        self.metrics.outbox_published.labels(self.service).inc(len(rows))
+        blocked: set[bytes] = set()  # keys of rows set aside during this pass
+        for wave in _waves(rows):
+            await self._publish_wave([r for r in wave if r.key not in blocked], blocked)
         await self._update_backlog()
         return len(rows) == self.settings.batch
 
-    async def _update_backlog(self) -> None:
+    async def _publish_wave(self, wave: list[Row[Any]], blocked: set[bytes]) -> None:
+        """Send rows of distinct keys without waiting for each ack (the idempotent
+        producer keeps the order per partition), then mark the acknowledged ones sent."""
+        results = await self._send(wave)
+        fault_point("relay_after_send_before_mark")
+        await self._mark_sent([r.id for r, exc in zip(wave, results, strict=True) if exc is None])
+        failed = [r for r, exc in zip(wave, results, strict=True) if exc is not None]
+        if not failed:
+            return
+        # Kafka fails a batch as a whole (innocent rows beside a too-large one) and the
+        # producer's sequence numbers are now off: start afresh, send each row alone
+        await self._producer.stop()
+        self._producer = await self._start_producer()
+        for r in failed:
+            [exc] = await self._send([r])
+            if exc is None:
+                await self._mark_sent([r.id])
+            elif refused_by_kafka(exc):
+                await self._mark_dead(r, exc)
+                if r.key is not None:
+                    blocked.add(r.key)
+            else:
+                raise exc
+
+    async def _send(self, rows: Sequence[Row[Any]]) -> list[BaseException | None]:
+        """Each row's outcome: None once acknowledged, else the error."""
+        futures: list[asyncio.Future[Any]] = []
+        for r in rows:
+            try:
+                if not _TOPIC_NAME.fullmatch(r.topic):  # Kafka would only time out on it
+                    raise InvalidTopicError(f"illegal topic name {r.topic!r}")
+                headers = [(k, v.encode()) for k, v in r.headers]
+                futures.append(
+                    await self._producer.send(r.topic, value=r.value, key=r.key, headers=headers)
+                )
+            except Exception as exc:  # refused before it was queued: its outcome
+                failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                futures.append(failed)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        return [o if isinstance(o, BaseException) else None for o in outcomes]
+
+    async def _mark_sent(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=datetime.now(UTC))
+            )
+        self.metrics.outbox_published.labels(self.service).inc(len(ids))
+
+    async def _mark_dead(self, r: Row[Any], exc: BaseException) -> None:
+        """Set the row aside with its error; said once, here, not on every pass."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.id == r.id, outbox.c.sent_at.is_(None))
+                .values(dead_at=func.now(), dead_error=said(exc))
+            )
+        log.error(
+            "%s outbox row %s refused by Kafka for good, set aside (dead): topic %s, event %s,"
+            " key %s, %d bytes: %s. Later rows of its key wait; fix the cause, then"
+            " `paysaga outbox retry %s %s`",
+            self.service,
+            r.id,
+            r.topic,
+            event_type_of(r.value),
+            (r.key or b"").decode(errors="replace"),
+            len(r.value),
+            said(exc),
+            self.service,
+            r.id,
+        )
+
+    async def _update_backlog(self) -> int:
+        """Set the backlog gauges; returns the number of dead rows."""
         async with self.engine.connect() as conn:
-            count, oldest = (
+            count, oldest, dead, blocked = (
                 await conn.execute(
-                    select(func.count(), func.min(outbox.c.created_at)).where(
-                        outbox.c.sent_at.is_(None)
-                    )
+                    select(
+                        func.count(),
+                        func.min(outbox.c.created_at),
+                        func.count().filter(outbox.c.dead_at.is_not(None)),
+                        func.count().filter(outbox.c.dead_at.is_(None), _behind_dead()),
+                    ).where(outbox.c.sent_at.is_(None))
                 )
             ).one()
         self.metrics.outbox_backlog.labels(self.service).set(count)
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0
         self.metrics.outbox_oldest_age.labels(self.service).set(age)
+        self.metrics.outbox_stuck.labels(self.service, "dead").set(dead)
+        self.metrics.outbox_stuck.labels(self.service, "blocked").set(blocked)
+        return int(dead)
 
     async def _wait_for_notify(
         self, conn: psycopg.AsyncConnection[object], stop: asyncio.Event
@@ -185,6 +276,47 @@ class OutboxRelay:
                     inbox.c.received_at < now - timedelta(days=self.settings.inbox_retention_days)
                 )
             )
+
+
+#: a dead row, as seen from the rows behind it
+_dead = outbox.alias("dead")
+
+
+def _behind_dead() -> Exists:
+    """An outbox row waits behind a dead row of its key (keyless rows never do)."""
+    return exists().where(
+        _dead.c.dead_at.is_not(None),
+        _dead.c.sent_at.is_(None),
+        _dead.c.key == outbox.c.key,
+        _dead.c.id < outbox.c.id,
+    )
+
+
+#: Kafka's legal topic names
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def _waves(rows: Sequence[Any]) -> list[list[Any]]:
+    """``rows`` (in id order) as waves: the n-th wave holds the n-th row of each key, so
+    no row is in flight beside an earlier row of its key. Keyless rows have no order to
+    keep: all in the first wave."""
+    waves: list[list[Any]] = []
+    seen: dict[bytes, int] = {}
+    for r in rows:
+        n = 0 if r.key is None else seen.get(r.key, 0)
+        if r.key is not None:
+            seen[r.key] = n + 1
+        if n == len(waves):
+            waves.append([])
+        waves[n].append(r)
+    return waves
+
+
+def event_type_of(value: bytes) -> str:
+    """The envelope's ``event_type`` of an outbox value, or ``?`` (a raw row)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(value).get("event_type") or "?")
+    return "?"
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -51,8 +51,15 @@ outbox = Table(
     Column("headers", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("sent_at", DateTime(timezone=True), nullable=True),
+    #: set when Kafka refused the row for good (too large, say; the relay's ``dead``
+    #: state): it is not sent again, and later rows of its key wait, until an operator
+    #: runs ``paysaga outbox retry`` (which clears it); ``dead_error`` says why (the
+    #: last refusal, kept after a retry)
+    Column("dead_at", DateTime(timezone=True), nullable=True),
+    Column("dead_error", Text, nullable=True),
     Index("ix_outbox_unsent", "id", postgresql_where=text("sent_at IS NULL")),
     Index("ix_outbox_sent_at", "sent_at"),
+    Index("ix_outbox_dead", "key", "id", postgresql_where=text("dead_at IS NOT NULL")),
 )
 
 dead_letters = Table(

@@ -1,0 +1,17 @@
+"""inventory: the runtime's outbox.dead_at/dead_error — rows Kafka refused for good.
+
+Revision ID: 0003
+"""
+
+from alembic import op
+
+from services.runtime.migrations import runtime_0003
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    runtime_0003(op)

@@ -1,14 +1,14 @@
 """payments: the runtime's outbox.dead_at/dead_error — rows Kafka refused for good.
 
-Revision ID: 0004
+Revision ID: 0006
 """
 
 from alembic import op
 
 from services.runtime.migrations import runtime_0003
 
-revision = "0004"
-down_revision = "0003"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -1,14 +1,14 @@
 """orders: the runtime's outbox.dead_at/dead_error — rows Kafka refused for good.
 
-Revision ID: 0003
+Revision ID: 0004
 """
 
 from alembic import op
 
 from services.runtime.migrations import runtime_0003
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -15,6 +15,11 @@ Guarantees:
   Permanent errors go to the group's dead-letter topic at once; transient errors are
   retried with exponential backoff and jitter (partitions paused, polls continuing so
   the group membership stays healthy) until ``retry_budget_s``, then dead-lettered.
+  Only by the partition's owner: once the partition is revoked (a rebalance during the
+  retries), the member stops and leaves the record to the new owner; and a record whose
+  inbox key is entered (the new owner applied it meanwhile) counts as applied. Both are
+  checked before each retry, before the dead letter is published and in the transaction
+  that records it.
 * Once a record of an order key is dead-lettered, later records of that key for this
   group are parked (stored, not processed) until a replay of the dead letter succeeds
   or an operator purges it (``paysaga dlq``): replay never applies events out of order.
@@ -34,7 +39,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -53,6 +58,10 @@ from services.runtime.tables import consumer_positions, dead_letters, inbox, par
 from services.runtime.topics import load_specs
 
 log = logging.getLogger("paysaga.consumer")
+T = TypeVar("T")
+
+#: the outcome of a record whose partition was revoked while it was retried
+REVOKED = "revoked"
 
 #: Called in the dead-letter transaction, so a service can flag what the record was
 #: about (payments flags the order for reconciliation).
@@ -85,9 +94,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # A batch still in flight for a revoked partition may commit after the new owner
-        # started: the inbox dedupes and positions only move forward (GREATEST).
+        # started: the inbox dedupes and positions only move forward (GREATEST). Its
+        # retries and dead letter stop at the next check (``_owns``).
         for tp in revoked:
             self.runtime.expected.pop(tp, None)
+            self.runtime.revocations[tp] = self.runtime.revocations.get(tp, 0) + 1
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -125,6 +136,9 @@ class ConsumerRuntime:
         self.control_topic = dlq.dlq_topic(group)
         #: next offset to process per partition, from the database; absent = not loaded
         self.expected: dict[TopicPartition, int | None] = {}
+        #: revocations seen per partition: records fetched under an earlier count are
+        #: no longer this member's to retry or dead-letter
+        self.revocations: dict[TopicPartition, int] = {}
         self.last_progress = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
@@ -155,10 +169,11 @@ class ConsumerRuntime:
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
+                fetched = {tp: self.revocations.get(tp, 0) for tp in batch}
                 for tp, messages in batch.items():
                     records = await self._in_position(tp, [_record(m) for m in messages])
                     if records:
-                        await self._process_partition(tp, records)
+                        await self._process_partition(tp, records, fetched[tp])
                 await self._update_lag()
         finally:
             await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
@@ -262,7 +277,26 @@ class ConsumerRuntime:
 
     # ------------------------------------------------------------------ processing
 
-    async def _process_partition(self, tp: TopicPartition, records: list[Record]) -> None:
+    def _owns(self, tp: TopicPartition, fetched: int) -> bool:
+        """Whether ``tp`` is still this member's as when its records were fetched (with
+        ``fetched`` revocations seen): not revoked since, not even to be handed back."""
+        consumer = self._consumer
+        assigned = consumer is None or tp in consumer.assignment()
+        return assigned and self.revocations.get(tp, 0) == fetched
+
+    def _left_to_new_owner(self, tp: TopicPartition, rec: Record) -> str:
+        log.info(
+            "%s %s/%d was revoked while %d was retried: the record is left to its new owner",
+            self.group,
+            tp.topic,
+            tp.partition,
+            rec.offset,
+        )
+        return REVOKED
+
+    async def _process_partition(
+        self, tp: TopicPartition, records: list[Record], fetched: int
+    ) -> None:
         started = time.perf_counter()
         self.metrics.batch_size.labels(self.service).observe(len(records))
         outcomes: list[tuple[str, str]] = []
@@ -282,19 +316,27 @@ class ConsumerRuntime:
                     len(records),
                     said(exc),
                 )
-            outcomes = [(rec.topic, await self._process_one(tp, rec)) for rec in records]
+            outcomes = []
+            for rec in records:
+                outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
+                if outcomes[-1][1] == REVOKED:
+                    break  # this record and the rest of the batch are the new owner's
+        for topic, outcome in outcomes:
+            self.metrics.records.labels(self.service, topic, outcome).inc()
+        if outcomes[-1][1] == REVOKED:
+            return
         self.expected[tp] = records[-1].offset + 1
         self._progress()
         fault_point("after_db_commit_before_kafka_commit")
-        for topic, outcome in outcomes:
-            self.metrics.records.labels(self.service, topic, outcome).inc()
         self.metrics.processing_seconds.labels(self.service).observe(time.perf_counter() - started)
         await self._commit_kafka(tp, records[-1].offset + 1)
 
-    async def _process_one(self, tp: TopicPartition, rec: Record) -> str:
+    async def _process_one(self, tp: TopicPartition, rec: Record, fetched: int) -> str:
         attempt, first_failure, started = 0, datetime.now(UTC), time.monotonic()
         while True:
             attempt += 1
+            if attempt > 1 and not self._owns(tp, fetched):
+                return self._left_to_new_owner(tp, rec)
             # once the budget is spent, a release dead-letters a parked record that still
             # fails transiently instead of failing as a whole
             final = time.monotonic() - started >= self.settings.retry_budget_s
@@ -309,21 +351,17 @@ class ConsumerRuntime:
                 spent = time.monotonic() - started
                 if rec.topic == self.control_topic:  # retried, never dead-lettered
                     if not is_transient(exc) or final:
+                        if not self._owns(tp, fetched):  # the new owner completes it
+                            return self._left_to_new_owner(tp, rec)
                         return await self._abandon_control(tp, rec, exc)
                     self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                     await self._backoff(attempt)
                     continue
                 if not is_transient(exc) or spent >= self.settings.retry_budget_s:
-                    log.warning(
-                        "%s dead-lettering %s/%d@%d: %s",
-                        self.group,
-                        rec.topic,
-                        rec.partition,
-                        rec.offset,
-                        said(exc),
-                    )
-                    await self._dead_letter(tp, rec, exc, attempt, first_failure)
-                    return "dead_lettered"
+                    outcome = await self._dead_letter(tp, rec, exc, attempt, first_failure, fetched)
+                    if outcome == REVOKED:
+                        return self._left_to_new_owner(tp, rec)
+                    return outcome
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                 await self._backoff(attempt)
 
@@ -615,20 +653,83 @@ class ConsumerRuntime:
         self.metrics.records.labels(self.service, rec.topic, "dead_lettered").inc()
 
     async def _dead_letter(
-        self, tp: TopicPartition, rec: Record, exc: BaseException, attempts: int, first: datetime
-    ) -> None:
+        self,
+        tp: TopicPartition,
+        rec: Record,
+        exc: BaseException,
+        attempts: int,
+        first: datetime,
+        fetched: int,
+    ) -> str:
         """Publish to the group's DLQ (acks=all), then — in one transaction — record the
         dead letter (blocking the key), run the service hook and move the position.
-        Both steps are retried until they succeed: a dead letter is never dropped."""
+        Both steps are retried until they succeed: a dead letter is never dropped.
+
+        Unless the record is no longer this member's to dead-letter — checked before
+        publishing (as far as the database answers: it is often why the budget ran out)
+        and again in the recording transaction: ``"revoked"`` once the partition was
+        revoked (its new owner retries or applies the record), ``"duplicate"`` when the
+        record's inbox key is entered (applied meanwhile, by the new owner say)."""
         headers = dlq.headers_for(rec, self.group, exc, attempts, first)
-        await self._until_done(lambda: self.producer.send_dead_letter(self.group, rec, headers))
 
-        async def record() -> None:
+        async def settled(record: bool) -> str | None:
+            """Why the record is not to be dead-lettered; else None, and — with
+            ``record`` — the dead letter recorded."""
+            if not self._owns(tp, fetched):
+                return REVOKED
             async with self._transaction() as conn:
-                await self._record_dead_letter(conn, rec, exc, attempts, first)
-                await self._save_position(conn, tp, rec.offset + 1)
+                if await self._in_inbox(conn, rec):
+                    await self._save_position(conn, tp, rec.offset + 1)
+                    return "duplicate"
+                if record:
+                    await self._record_dead_letter(conn, rec, exc, attempts, first)
+                    await self._save_position(conn, tp, rec.offset + 1)
+            return None
 
-        await self._until_done(record)
+        async def publish() -> str | None:
+            if not self._owns(tp, fetched):
+                return REVOKED
+            await self.producer.send_dead_letter(self.group, rec, headers)
+            return None
+
+        try:
+            why = await settled(record=False)
+        except Exception as check_failed:
+            if not is_transient(check_failed):
+                raise
+            why = None  # the database is unavailable: asked again when recording
+        if why is None:
+            log.warning(
+                "%s dead-lettering %s/%d@%d: %s",
+                self.group,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                said(exc),
+            )
+            why = await self._until_done(publish) or await self._until_done(
+                lambda: settled(record=True)
+            )
+        if why == "duplicate":
+            log.info(
+                "%s %s/%d@%d was applied meanwhile (its inbox key is entered): not dead-lettered",
+                self.group,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+            )
+        return why or "dead_lettered"
+
+    async def _in_inbox(self, conn: AsyncConnection, rec: Record) -> bool:
+        key = self._dedupe_key(rec)
+        if key is None:
+            return False
+        found = await conn.execute(
+            select(inbox.c.dedupe_key).where(
+                inbox.c.consumer_group == self.group, inbox.c.dedupe_key == key
+            )
+        )
+        return found.first() is not None
 
     async def _record_dead_letter(
         self, conn: AsyncConnection, rec: Record, exc: BaseException, attempts: int, first: datetime
@@ -651,13 +752,12 @@ class ConsumerRuntime:
         if self.on_dead_letter is not None:
             await self.on_dead_letter(conn, rec, exc)
 
-    async def _until_done(self, step: Callable[[], Awaitable[None]]) -> None:
+    async def _until_done(self, step: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
         while True:
             attempt += 1
             try:
-                await step()
-                return
+                return await step()
             except Exception as exc:
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                 log.warning("%s retrying dead-letter step: %s", self.group, said(exc))

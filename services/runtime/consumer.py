@@ -392,18 +392,23 @@ class ConsumerRuntime:
         blocked: set[str] | None = None,
         final: bool = False,
     ) -> str:
-        """Handle one record inside ``conn``'s transaction; returns the outcome label."""
-        if rec.topic == self.control_topic:
-            control = dlq.control_view(rec)
-            if control is None:
+        """Handle one record inside ``conn``'s transaction; returns the outcome label.
+
+        Control headers (replay, release, target group) count only on a record read from
+        the group's own dead-letter topic, which only paysaga writes: on every other
+        topic — inputs that others produce to above all — a ``paysaga-`` header carries
+        no authority, and the record is processed like any other (CONTRACT §1)."""
+        control = rec.topic == self.control_topic
+        if control:
+            view = dlq.control_view(rec)
+            if view is None:
                 return "skipped"  # a dead letter itself: for the operator, not for us
-            rec = control
-        target = rec.header(dlq.H_TARGET_GROUP)
-        if target is not None and target.decode() != self.group:
-            return "skipped"  # a replay or release meant for another consumer group
+            if rec.header(dlq.H_TARGET_GROUP) != self.group.encode():
+                return "skipped"  # a replay or release meant for another consumer group
+            rec = view
         order_key = _order_key(rec)
-        release = rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE
-        replay = rec.header(dlq.H_REPLAY_OF) is not None
+        release = control and rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE
+        replay = control and rec.header(dlq.H_REPLAY_OF) is not None
         if release or replay:
             named = await self._named_dead_letter(conn, rec)
             if named is None:

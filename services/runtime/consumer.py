@@ -26,6 +26,11 @@ Guarantees:
   Released parked records are applied in order; one that fails permanently then
   becomes the key's dead letter and blocks the rest. A replay or purge acts only while
   the dead letter it names is open, so repeating one is harmless.
+* A position that does not fit the log is never taken silently. A stored position
+  beyond the log end (a recreated topic) is reset to the log start — the records below
+  it are new to the group, and the inbox absorbs any it applied — with an error line, a
+  metric and ``/readyz`` red until the partition caught up; a partition without a
+  stored position logs where it starts (``_no_stored_position``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -99,6 +105,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in revoked:
             self.runtime.expected.pop(tp, None)
             self.runtime.revocations[tp] = self.runtime.revocations.get(tp, 0) + 1
+            self.runtime.position_alarms.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -139,6 +146,9 @@ class ConsumerRuntime:
         #: revocations seen per partition: records fetched under an earlier count are
         #: no longer this member's to retry or dead-letter
         self.revocations: dict[TopicPartition, int] = {}
+        #: partitions re-reading what a stored position beyond the log end hid: the log
+        #: end they had then, and what ``/readyz`` says about them until they reach it
+        self.position_alarms: dict[TopicPartition, tuple[int, str]] = {}
         self.last_progress = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
@@ -191,28 +201,126 @@ class ConsumerRuntime:
         a broker restart (aiokafka#1154)."""
         return time.time() - self.last_progress < self.settings.stall_after_s
 
+    def position_problems(self) -> list[str]:
+        """What makes positions not ready (``/readyz``): partitions whose stored position
+        was beyond the log end, until they caught up with it (``_beyond_log_end``)."""
+        return sorted(reason for _, reason in self.position_alarms.values())
+
     async def _in_position(self, tp: TopicPartition, records: list[Record]) -> list[Record]:
         """The records of a batch that continue from the stored position. Records below
         it were processed already. Right after (re)loading the position, a batch starting
         above it (the consumer was placed elsewhere, e.g. by its Kafka-committed offset)
         is dropped and the partition sought to the stored position — once: offsets
         missing from a log are normal (compacted away, a transaction marker, retention),
-        so whatever Kafka returns from there on is taken as the continuation."""
+        so whatever Kafka returns from there on is taken as the continuation. A batch all
+        below the position may mean the position is beyond the log end: checked."""
         consumer = self._consumer
         assert consumer is not None
         if tp not in self.expected:
             stored = self.expected[tp] = await self._stored_position(tp)
-            if stored is not None and records and records[0].offset > stored:
+            if stored is None:
+                await self._no_stored_position(tp, records)
+            elif records and records[0].offset > stored:
                 log.info("%s re-positioning %s to stored offset %d", self.group, tp, stored)
                 consumer.seek(tp, stored)
                 return []
         expected = self.expected[tp]
         if expected is None:
-            return records  # never processed by this group: take the partition from its start
-        records = [r for r in records if r.offset >= expected]
-        if records and records[0].offset > expected:
-            await self._gap(tp, expected, records[0].offset)
-        return records
+            return records  # never processed by this group: from where aiokafka placed it
+        kept = [r for r in records if r.offset >= expected]
+        if records and not kept and await self._beyond_log_end(tp, expected):
+            return []
+        if kept and kept[0].offset > expected:
+            await self._gap(tp, expected, kept[0].offset)
+        return kept
+
+    async def _no_stored_position(self, tp: TopicPartition, records: list[Record]) -> None:
+        """Say where a partition without a stored position starts. aiokafka placed it at
+        the group's committed offset in Kafka, else at the log start (a partition new to
+        the group). A committed offset without a stored position means this database
+        lost positions that Kafka remembers (recreated, or restored without them): the
+        records below that offset are not read — a warning, counted."""
+        consumer = self._consumer
+        assert consumer is not None
+        at = records[0].offset if records else "?"
+        where = f"{self.group} {tp.topic}/{tp.partition}: no stored position"
+        try:
+            committed = await consumer.committed(tp)
+        except KafkaError as exc:
+            log.warning("%s, consuming from offset %s (committed offset: %s)", where, at, said(exc))
+            return
+        if committed is None:
+            log.info(
+                "%s and no committed offset: a partition new to this group, consumed from"
+                " the log start (offset %s)",
+                where,
+                at,
+            )
+            return
+        self.metrics.position_anomalies.labels(self.service, tp.topic, "no_stored_position").inc()
+        log.warning(
+            "%s, but the group's committed offset in Kafka is %d: consuming from there"
+            " (offset %s); records below it are not read. Was the database recreated or"
+            " restored without its consumer_positions? (README: Design, positions)",
+            where,
+            committed,
+            at,
+        )
+
+    async def _beyond_log_end(self, tp: TopicPartition, expected: int) -> bool:
+        """Whether the stored position is beyond the log end — then reset to the log start.
+
+        A recreated topic (or a broker that lost records) starts its offsets anew below
+        the position: every record of it would be dropped as "processed", one by one,
+        silently and forever — lost payments. Reading them is safe: the inbox absorbs
+        any this group applied (it keys by event id, and by business key for gateway
+        confirmations). Halting the partition for an operator would not be: once the log
+        end passes the old position, a restarted consumer can no longer tell, and skips
+        the records below it. So the position is reset at once, durably, and said loudly:
+        an error line, ``paysaga_consumer_position_anomalies_total{kind="beyond_log_end"}``,
+        ``/readyz`` red until the partition has caught up with the log end it had."""
+        consumer = self._consumer
+        assert consumer is not None
+        end = (await consumer.end_offsets([tp]))[tp]
+        if expected <= end:
+            return False  # records already processed, read again (after a rebalance, say)
+        start = (await consumer.beginning_offsets([tp]))[tp]
+        log.error(
+            "%s %s/%d: stored position %d is beyond the log end %d: the topic was recreated"
+            " or the broker lost records, and the records below %d are new to this group."
+            " Resetting the position: consuming from the log start %d (the inbox skips"
+            " any record this group applied already)",
+            self.group,
+            tp.topic,
+            tp.partition,
+            expected,
+            end,
+            expected,
+            start,
+        )
+        await self._until_done(lambda: self._reset_position(tp, start), "position reset")
+        self.metrics.position_anomalies.labels(self.service, tp.topic, "beyond_log_end").inc()
+        self.position_alarms[tp] = (
+            end,
+            f"{tp.topic}/{tp.partition}: stored position {expected} was beyond the log end"
+            f" {end} (a recreated topic?); re-reading it from the log start {start}",
+        )
+        consumer.seek(tp, start)
+        self.expected[tp] = start
+        return True
+
+    async def _reset_position(self, tp: TopicPartition, nxt: int) -> None:
+        """Set the stored position back (``_save_position`` only moves it forward)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                update(consumer_positions)
+                .where(
+                    consumer_positions.c.consumer_group == self.group,
+                    consumer_positions.c.topic == tp.topic,
+                    consumer_positions.c.partition == tp.partition,
+                )
+                .values(next_offset=nxt, updated_at=datetime.now(UTC))
+            )
 
     async def _gap(self, tp: TopicPartition, expected: int, got: int) -> None:
         """Offsets ``expected..got-1`` do not exist. Compaction and transaction markers
@@ -757,7 +865,9 @@ class ConsumerRuntime:
         if self.on_dead_letter is not None:
             await self.on_dead_letter(conn, rec, exc)
 
-    async def _until_done(self, step: Callable[[], Awaitable[T]]) -> T:
+    async def _until_done(
+        self, step: Callable[[], Awaitable[T]], what: str = "dead-letter step"
+    ) -> T:
         attempt = 0
         while True:
             attempt += 1
@@ -765,7 +875,7 @@ class ConsumerRuntime:
                 return await step()
             except Exception as exc:
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
-                log.warning("%s retrying dead-letter step: %s", self.group, said(exc))
+                log.warning("%s retrying %s: %s", self.group, what, said(exc))
                 await self._backoff(attempt)
 
     async def _backoff(self, attempt: int) -> None:
@@ -828,6 +938,17 @@ class ConsumerRuntime:
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
         for topic, value in lag.items():
             self.metrics.consumer_lag.labels(self.service, topic).set(value)
+        for tp, (end, _) in list(self.position_alarms.items()):
+            # polled and processed up to the log end the reset position had: caught up
+            if tp in consumer.assignment() and await consumer.position(tp) >= end:
+                del self.position_alarms[tp]
+                log.info(
+                    "%s %s/%d: re-read up to %d after the position reset",
+                    self.group,
+                    tp.topic,
+                    tp.partition,
+                    end,
+                )
         if not any(lag.values()):
             self._progress()
 

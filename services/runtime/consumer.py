@@ -15,12 +15,22 @@ Guarantees:
   Permanent errors go to the group's dead-letter topic at once; transient errors are
   retried with exponential backoff and jitter (partitions paused, polls continuing so
   the group membership stays healthy) until ``retry_budget_s``, then dead-lettered.
+  Only by the partition's owner: once the partition is revoked (a rebalance during the
+  retries), the member stops and leaves the record to the new owner; and a record whose
+  inbox key is entered (the new owner applied it meanwhile) counts as applied. Both are
+  checked before each retry, before the dead letter is published and in the transaction
+  that records it.
 * Once a record of an order key is dead-lettered, later records of that key for this
   group are parked (stored, not processed) until a replay of the dead letter succeeds
   or an operator purges it (``paysaga dlq``): replay never applies events out of order.
   Released parked records are applied in order; one that fails permanently then
   becomes the key's dead letter and blocks the rest. A replay or purge acts only while
   the dead letter it names is open, so repeating one is harmless.
+* A position that does not fit the log is never taken silently. A stored position
+  beyond the log end (a recreated topic) is reset to the log start — the records below
+  it are new to the group, and the inbox absorbs any it applied — with an error line, a
+  metric and ``/readyz`` red until the partition caught up; a partition without a
+  stored position logs where it starts (``_no_stored_position``).
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -53,6 +64,10 @@ from services.runtime.tables import consumer_positions, dead_letters, inbox, par
 from services.runtime.topics import load_specs
 
 log = logging.getLogger("paysaga.consumer")
+T = TypeVar("T")
+
+#: the outcome of a record whose partition was revoked while it was retried
+REVOKED = "revoked"
 
 #: Called in the dead-letter transaction, so a service can flag what the record was
 #: about (payments flags the order for reconciliation).
@@ -85,9 +100,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # A batch still in flight for a revoked partition may commit after the new owner
-        # started: the inbox dedupes and positions only move forward (GREATEST).
+        # started: the inbox dedupes and positions only move forward (GREATEST). Its
+        # retries and dead letter stop at the next check (``_owns``).
         for tp in revoked:
             self.runtime.expected.pop(tp, None)
+            self.runtime.revocations[tp] = self.runtime.revocations.get(tp, 0) + 1
+            self.runtime.position_alarms.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -125,6 +143,12 @@ class ConsumerRuntime:
         self.control_topic = dlq.dlq_topic(group)
         #: next offset to process per partition, from the database; absent = not loaded
         self.expected: dict[TopicPartition, int | None] = {}
+        #: revocations seen per partition: records fetched under an earlier count are
+        #: no longer this member's to retry or dead-letter
+        self.revocations: dict[TopicPartition, int] = {}
+        #: partitions re-reading what a stored position beyond the log end hid: the log
+        #: end they had then, and what ``/readyz`` says about them until they reach it
+        self.position_alarms: dict[TopicPartition, tuple[int, str]] = {}
         self.last_progress = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
@@ -155,10 +179,11 @@ class ConsumerRuntime:
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
+                fetched = {tp: self.revocations.get(tp, 0) for tp in batch}
                 for tp, messages in batch.items():
                     records = await self._in_position(tp, [_record(m) for m in messages])
                     if records:
-                        await self._process_partition(tp, records)
+                        await self._process_partition(tp, records, fetched[tp])
                 await self._update_lag()
         finally:
             await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
@@ -176,28 +201,126 @@ class ConsumerRuntime:
         a broker restart (aiokafka#1154)."""
         return time.time() - self.last_progress < self.settings.stall_after_s
 
+    def position_problems(self) -> list[str]:
+        """What makes positions not ready (``/readyz``): partitions whose stored position
+        was beyond the log end, until they caught up with it (``_beyond_log_end``)."""
+        return sorted(reason for _, reason in self.position_alarms.values())
+
     async def _in_position(self, tp: TopicPartition, records: list[Record]) -> list[Record]:
         """The records of a batch that continue from the stored position. Records below
         it were processed already. Right after (re)loading the position, a batch starting
         above it (the consumer was placed elsewhere, e.g. by its Kafka-committed offset)
         is dropped and the partition sought to the stored position — once: offsets
         missing from a log are normal (compacted away, a transaction marker, retention),
-        so whatever Kafka returns from there on is taken as the continuation."""
+        so whatever Kafka returns from there on is taken as the continuation. A batch all
+        below the position may mean the position is beyond the log end: checked."""
         consumer = self._consumer
         assert consumer is not None
         if tp not in self.expected:
             stored = self.expected[tp] = await self._stored_position(tp)
-            if stored is not None and records and records[0].offset > stored:
+            if stored is None:
+                await self._no_stored_position(tp, records)
+            elif records and records[0].offset > stored:
                 log.info("%s re-positioning %s to stored offset %d", self.group, tp, stored)
                 consumer.seek(tp, stored)
                 return []
         expected = self.expected[tp]
         if expected is None:
-            return records  # never processed by this group: take the partition from its start
-        records = [r for r in records if r.offset >= expected]
-        if records and records[0].offset > expected:
-            await self._gap(tp, expected, records[0].offset)
-        return records
+            return records  # never processed by this group: from where aiokafka placed it
+        kept = [r for r in records if r.offset >= expected]
+        if records and not kept and await self._beyond_log_end(tp, expected):
+            return []
+        if kept and kept[0].offset > expected:
+            await self._gap(tp, expected, kept[0].offset)
+        return kept
+
+    async def _no_stored_position(self, tp: TopicPartition, records: list[Record]) -> None:
+        """Say where a partition without a stored position starts. aiokafka placed it at
+        the group's committed offset in Kafka, else at the log start (a partition new to
+        the group). A committed offset without a stored position means this database
+        lost positions that Kafka remembers (recreated, or restored without them): the
+        records below that offset are not read — a warning, counted."""
+        consumer = self._consumer
+        assert consumer is not None
+        at = records[0].offset if records else "?"
+        where = f"{self.group} {tp.topic}/{tp.partition}: no stored position"
+        try:
+            committed = await consumer.committed(tp)
+        except KafkaError as exc:
+            log.warning("%s, consuming from offset %s (committed offset: %s)", where, at, said(exc))
+            return
+        if committed is None:
+            log.info(
+                "%s and no committed offset: a partition new to this group, consumed from"
+                " the log start (offset %s)",
+                where,
+                at,
+            )
+            return
+        self.metrics.position_anomalies.labels(self.service, tp.topic, "no_stored_position").inc()
+        log.warning(
+            "%s, but the group's committed offset in Kafka is %d: consuming from there"
+            " (offset %s); records below it are not read. Was the database recreated or"
+            " restored without its consumer_positions? (README: Design, positions)",
+            where,
+            committed,
+            at,
+        )
+
+    async def _beyond_log_end(self, tp: TopicPartition, expected: int) -> bool:
+        """Whether the stored position is beyond the log end — then reset to the log start.
+
+        A recreated topic (or a broker that lost records) starts its offsets anew below
+        the position: every record of it would be dropped as "processed", one by one,
+        silently and forever — lost payments. Reading them is safe: the inbox absorbs
+        any this group applied (it keys by event id, and by business key for gateway
+        confirmations). Halting the partition for an operator would not be: once the log
+        end passes the old position, a restarted consumer can no longer tell, and skips
+        the records below it. So the position is reset at once, durably, and said loudly:
+        an error line, ``paysaga_consumer_position_anomalies_total{kind="beyond_log_end"}``,
+        ``/readyz`` red until the partition has caught up with the log end it had."""
+        consumer = self._consumer
+        assert consumer is not None
+        end = (await consumer.end_offsets([tp]))[tp]
+        if expected <= end:
+            return False  # records already processed, read again (after a rebalance, say)
+        start = (await consumer.beginning_offsets([tp]))[tp]
+        log.error(
+            "%s %s/%d: stored position %d is beyond the log end %d: the topic was recreated"
+            " or the broker lost records, and the records below %d are new to this group."
+            " Resetting the position: consuming from the log start %d (the inbox skips"
+            " any record this group applied already)",
+            self.group,
+            tp.topic,
+            tp.partition,
+            expected,
+            end,
+            expected,
+            start,
+        )
+        await self._until_done(lambda: self._reset_position(tp, start), "position reset")
+        self.metrics.position_anomalies.labels(self.service, tp.topic, "beyond_log_end").inc()
+        self.position_alarms[tp] = (
+            end,
+            f"{tp.topic}/{tp.partition}: stored position {expected} was beyond the log end"
+            f" {end} (a recreated topic?); re-reading it from the log start {start}",
+        )
+        consumer.seek(tp, start)
+        self.expected[tp] = start
+        return True
+
+    async def _reset_position(self, tp: TopicPartition, nxt: int) -> None:
+        """Set the stored position back (``_save_position`` only moves it forward)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                update(consumer_positions)
+                .where(
+                    consumer_positions.c.consumer_group == self.group,
+                    consumer_positions.c.topic == tp.topic,
+                    consumer_positions.c.partition == tp.partition,
+                )
+                .values(next_offset=nxt, updated_at=datetime.now(UTC))
+            )
 
     async def _gap(self, tp: TopicPartition, expected: int, got: int) -> None:
         """Offsets ``expected..got-1`` do not exist. Compaction and transaction markers
@@ -262,7 +385,26 @@ class ConsumerRuntime:
 
     # ------------------------------------------------------------------ processing
 
-    async def _process_partition(self, tp: TopicPartition, records: list[Record]) -> None:
+    def _owns(self, tp: TopicPartition, fetched: int) -> bool:
+        """Whether ``tp`` is still this member's as when its records were fetched (with
+        ``fetched`` revocations seen): not revoked since, not even to be handed back."""
+        consumer = self._consumer
+        assigned = consumer is None or tp in consumer.assignment()
+        return assigned and self.revocations.get(tp, 0) == fetched
+
+    def _left_to_new_owner(self, tp: TopicPartition, rec: Record) -> str:
+        log.info(
+            "%s %s/%d was revoked while %d was retried: the record is left to its new owner",
+            self.group,
+            tp.topic,
+            tp.partition,
+            rec.offset,
+        )
+        return REVOKED
+
+    async def _process_partition(
+        self, tp: TopicPartition, records: list[Record], fetched: int
+    ) -> None:
         started = time.perf_counter()
         self.metrics.batch_size.labels(self.service).observe(len(records))
         outcomes: list[tuple[str, str]] = []
@@ -282,19 +424,27 @@ class ConsumerRuntime:
                     len(records),
                     said(exc),
                 )
-            outcomes = [(rec.topic, await self._process_one(tp, rec)) for rec in records]
+            outcomes = []
+            for rec in records:
+                outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
+                if outcomes[-1][1] == REVOKED:
+                    break  # this record and the rest of the batch are the new owner's
+        for topic, outcome in outcomes:
+            self.metrics.records.labels(self.service, topic, outcome).inc()
+        if outcomes[-1][1] == REVOKED:
+            return
         self.expected[tp] = records[-1].offset + 1
         self._progress()
         fault_point("after_db_commit_before_kafka_commit")
-        for topic, outcome in outcomes:
-            self.metrics.records.labels(self.service, topic, outcome).inc()
         self.metrics.processing_seconds.labels(self.service).observe(time.perf_counter() - started)
         await self._commit_kafka(tp, records[-1].offset + 1)
 
-    async def _process_one(self, tp: TopicPartition, rec: Record) -> str:
+    async def _process_one(self, tp: TopicPartition, rec: Record, fetched: int) -> str:
         attempt, first_failure, started = 0, datetime.now(UTC), time.monotonic()
         while True:
             attempt += 1
+            if attempt > 1 and not self._owns(tp, fetched):
+                return self._left_to_new_owner(tp, rec)
             # once the budget is spent, a release dead-letters a parked record that still
             # fails transiently instead of failing as a whole
             final = time.monotonic() - started >= self.settings.retry_budget_s
@@ -309,21 +459,17 @@ class ConsumerRuntime:
                 spent = time.monotonic() - started
                 if rec.topic == self.control_topic:  # retried, never dead-lettered
                     if not is_transient(exc) or final:
+                        if not self._owns(tp, fetched):  # the new owner completes it
+                            return self._left_to_new_owner(tp, rec)
                         return await self._abandon_control(tp, rec, exc)
                     self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                     await self._backoff(attempt)
                     continue
                 if not is_transient(exc) or spent >= self.settings.retry_budget_s:
-                    log.warning(
-                        "%s dead-lettering %s/%d@%d: %s",
-                        self.group,
-                        rec.topic,
-                        rec.partition,
-                        rec.offset,
-                        said(exc),
-                    )
-                    await self._dead_letter(tp, rec, exc, attempt, first_failure)
-                    return "dead_lettered"
+                    outcome = await self._dead_letter(tp, rec, exc, attempt, first_failure, fetched)
+                    if outcome == REVOKED:
+                        return self._left_to_new_owner(tp, rec)
+                    return outcome
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
                 await self._backoff(attempt)
 
@@ -354,18 +500,23 @@ class ConsumerRuntime:
         blocked: set[str] | None = None,
         final: bool = False,
     ) -> str:
-        """Handle one record inside ``conn``'s transaction; returns the outcome label."""
-        if rec.topic == self.control_topic:
-            control = dlq.control_view(rec)
-            if control is None:
+        """Handle one record inside ``conn``'s transaction; returns the outcome label.
+
+        Control headers (replay, release, target group) count only on a record read from
+        the group's own dead-letter topic, which only paysaga writes: on every other
+        topic — inputs that others produce to above all — a ``paysaga-`` header carries
+        no authority, and the record is processed like any other (CONTRACT §1)."""
+        control = rec.topic == self.control_topic
+        if control:
+            view = dlq.control_view(rec)
+            if view is None:
                 return "skipped"  # a dead letter itself: for the operator, not for us
-            rec = control
-        target = rec.header(dlq.H_TARGET_GROUP)
-        if target is not None and target.decode() != self.group:
-            return "skipped"  # a replay or release meant for another consumer group
+            if rec.header(dlq.H_TARGET_GROUP) != self.group.encode():
+                return "skipped"  # a replay or release meant for another consumer group
+            rec = view
         order_key = _order_key(rec)
-        release = rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE
-        replay = rec.header(dlq.H_REPLAY_OF) is not None
+        release = control and rec.header(dlq.H_CONTROL) == dlq.CONTROL_RELEASE
+        replay = control and rec.header(dlq.H_REPLAY_OF) is not None
         if release or replay:
             named = await self._named_dead_letter(conn, rec)
             if named is None:
@@ -615,20 +766,83 @@ class ConsumerRuntime:
         self.metrics.records.labels(self.service, rec.topic, "dead_lettered").inc()
 
     async def _dead_letter(
-        self, tp: TopicPartition, rec: Record, exc: BaseException, attempts: int, first: datetime
-    ) -> None:
+        self,
+        tp: TopicPartition,
+        rec: Record,
+        exc: BaseException,
+        attempts: int,
+        first: datetime,
+        fetched: int,
+    ) -> str:
         """Publish to the group's DLQ (acks=all), then — in one transaction — record the
         dead letter (blocking the key), run the service hook and move the position.
-        Both steps are retried until they succeed: a dead letter is never dropped."""
+        Both steps are retried until they succeed: a dead letter is never dropped.
+
+        Unless the record is no longer this member's to dead-letter — checked before
+        publishing (as far as the database answers: it is often why the budget ran out)
+        and again in the recording transaction: ``"revoked"`` once the partition was
+        revoked (its new owner retries or applies the record), ``"duplicate"`` when the
+        record's inbox key is entered (applied meanwhile, by the new owner say)."""
         headers = dlq.headers_for(rec, self.group, exc, attempts, first)
-        await self._until_done(lambda: self.producer.send_dead_letter(self.group, rec, headers))
 
-        async def record() -> None:
+        async def settled(record: bool) -> str | None:
+            """Why the record is not to be dead-lettered; else None, and — with
+            ``record`` — the dead letter recorded."""
+            if not self._owns(tp, fetched):
+                return REVOKED
             async with self._transaction() as conn:
-                await self._record_dead_letter(conn, rec, exc, attempts, first)
-                await self._save_position(conn, tp, rec.offset + 1)
+                if await self._in_inbox(conn, rec):
+                    await self._save_position(conn, tp, rec.offset + 1)
+                    return "duplicate"
+                if record:
+                    await self._record_dead_letter(conn, rec, exc, attempts, first)
+                    await self._save_position(conn, tp, rec.offset + 1)
+            return None
 
-        await self._until_done(record)
+        async def publish() -> str | None:
+            if not self._owns(tp, fetched):
+                return REVOKED
+            await self.producer.send_dead_letter(self.group, rec, headers)
+            return None
+
+        try:
+            why = await settled(record=False)
+        except Exception as check_failed:
+            if not is_transient(check_failed):
+                raise
+            why = None  # the database is unavailable: asked again when recording
+        if why is None:
+            log.warning(
+                "%s dead-lettering %s/%d@%d: %s",
+                self.group,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                said(exc),
+            )
+            why = await self._until_done(publish) or await self._until_done(
+                lambda: settled(record=True)
+            )
+        if why == "duplicate":
+            log.info(
+                "%s %s/%d@%d was applied meanwhile (its inbox key is entered): not dead-lettered",
+                self.group,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+            )
+        return why or "dead_lettered"
+
+    async def _in_inbox(self, conn: AsyncConnection, rec: Record) -> bool:
+        key = self._dedupe_key(rec)
+        if key is None:
+            return False
+        found = await conn.execute(
+            select(inbox.c.dedupe_key).where(
+                inbox.c.consumer_group == self.group, inbox.c.dedupe_key == key
+            )
+        )
+        return found.first() is not None
 
     async def _record_dead_letter(
         self, conn: AsyncConnection, rec: Record, exc: BaseException, attempts: int, first: datetime
@@ -651,16 +865,17 @@ class ConsumerRuntime:
         if self.on_dead_letter is not None:
             await self.on_dead_letter(conn, rec, exc)
 
-    async def _until_done(self, step: Callable[[], Awaitable[None]]) -> None:
+    async def _until_done(
+        self, step: Callable[[], Awaitable[T]], what: str = "dead-letter step"
+    ) -> T:
         attempt = 0
         while True:
             attempt += 1
             try:
-                await step()
-                return
+                return await step()
             except Exception as exc:
                 self.metrics.retries.labels(self.service, type(exc).__name__).inc()
-                log.warning("%s retrying dead-letter step: %s", self.group, said(exc))
+                log.warning("%s retrying %s: %s", self.group, what, said(exc))
                 await self._backoff(attempt)
 
     async def _backoff(self, attempt: int) -> None:
@@ -723,6 +938,17 @@ class ConsumerRuntime:
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
         for topic, value in lag.items():
             self.metrics.consumer_lag.labels(self.service, topic).set(value)
+        for tp, (end, _) in list(self.position_alarms.items()):
+            # polled and processed up to the log end the reset position had: caught up
+            if tp in consumer.assignment() and await consumer.position(tp) >= end:
+                del self.position_alarms[tp]
+                log.info(
+                    "%s %s/%d: re-read up to %d after the position reset",
+                    self.group,
+                    tp.topic,
+                    tp.partition,
+                    end,
+                )
         if not any(lag.values()):
             self._progress()
 

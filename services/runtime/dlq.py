@@ -14,7 +14,8 @@ original topic (named by ``paysaga-dead-letter``). The consumer's inbox makes a 
 safe to repeat. Purge publishes a release control record instead, which unblocks the
 key's parked records without applying the dead letter. Both name the dead letter they
 resolve and do nothing once it is resolved (so a purged record cannot be replayed
-later, out of order).
+later, out of order). These control headers count only on a record read from the
+group's own dead-letter topic: on any other topic they are data like any header.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def _failed_record(h: dict[str, str]) -> bytes:
 
 
 def is_control(rec: Record) -> bool:
-    """A replay or release record (found on a dead-letter topic next to dead letters)."""
+    """A replay or release record (found on a dead-letter topic next to dead letters).
+    Only meaningful for a record read from a dead-letter topic."""
     return rec.header(H_TARGET_GROUP) is not None
 
 

@@ -19,6 +19,7 @@ class RuntimeMetrics:
     outbox_stuck: Gauge
     consumer_lag: Gauge
     last_progress: Gauge
+    position_anomalies: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> RuntimeMetrics:
@@ -26,7 +27,7 @@ class RuntimeMetrics:
             records=Counter(
                 "paysaga_records_total",
                 "Consumed records by outcome: processed, duplicate, skipped, parked, "
-                "dead_lettered, released, control_failed, lost_to_retention",
+                "dead_lettered, released, control_failed, revoked, lost_to_retention",
                 ["service", "topic", "outcome"],
                 registry=registry,
             ),
@@ -84,6 +85,13 @@ class RuntimeMetrics:
                 "paysaga_consumer_last_progress_timestamp_seconds",
                 "Unix time of the last successful poll or commit",
                 ["service"],
+                registry=registry,
+            ),
+            position_anomalies=Counter(
+                "paysaga_consumer_position_anomalies_total",
+                "Partitions whose stored position did not fit the log: beyond_log_end (reset "
+                "to the log start), no_stored_position (started at Kafka's committed offset)",
+                ["service", "topic", "kind"],
                 registry=registry,
             ),
         )

@@ -97,7 +97,10 @@ class Service:
         async def readyz(response: Response) -> dict[str, Any]:
             checks = await self.readiness()
             response.status_code = 200 if all(checks.values()) else 503
-            return {"ready": all(checks.values()), "checks": checks}
+            body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks}
+            if self.consumer is not None and (reasons := self.consumer.position_problems()):
+                body["reasons"] = reasons
+            return body
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics() -> Response:
@@ -106,16 +109,23 @@ class Service:
         return app
 
     async def readiness(self) -> dict[str, bool]:
-        """Database reachable, and the consumer progressing: records waiting while no
+        """Database reachable, the consumer progressing — records waiting while no
         stored position advanced for ``stall_after_s`` (a stuck partition, an endless
-        retry, aiokafka#1154 after a broker restart) turn this red."""
+        retry, aiokafka#1154 after a broker restart) turn this red — and its positions
+        fitting the log: red while a partition whose stored position was beyond the log
+        end re-reads it (the reasons are in ``/readyz``'s ``reasons``)."""
         db = True
         try:
             async with self.engine.connect() as conn:
                 await asyncio.wait_for(conn.execute(text("SELECT 1")), 3)
         except Exception:
             db = False
-        return {"database": db, "kafka": self.consumer is not None and self.consumer.ready()}
+        consumer = self.consumer
+        return {
+            "database": db,
+            "kafka": consumer is not None and consumer.ready(),
+            "positions": consumer is not None and not consumer.position_problems(),
+        }
 
     async def run(self, stop: asyncio.Event) -> None:
         assert self.metrics is not None

@@ -60,6 +60,7 @@ class Ledger:
         group: str | None = None,
         in_topic: str | None = None,
         out_topic: str | None = "default",
+        db_url: str | None = None,
         **env: str,
     ) -> Proc:
         argv = [
@@ -70,7 +71,7 @@ class Ledger:
             "--group",
             group or self.group,
             "--db-url",
-            self.db_url,
+            db_url or self.db_url,
             "--bootstrap",
             self.infra.bootstrap,
             "--port",

@@ -4,6 +4,7 @@
 application (one row per application: applying twice shows as two rows); with
 ``--out-topic`` it emits ``Credited`` through the outbox. ``Credited`` consumed by a
 downstream instance is recorded the same way. A missing field is a permanent error.
+A dead-lettered record flags its account (``ledger_flags``), as payments flags an order.
 ``fail_until_file`` names a file: while it exists the record fails permanently (a
 condition an operator fixes, then replays the dead letter); ``transient_until_file``
 likewise fails transiently (a dependency that is down).
@@ -17,9 +18,10 @@ import os
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime.errors import PermanentError
-from services.runtime.messages import Context, Route
+from services.runtime.messages import Context, Record, Route
 from services.runtime.service import Service, make_engine, run_service
 
 metadata = MetaData()
@@ -34,6 +36,15 @@ applied = Table(
     Column("event_id", String(64), nullable=False),
     # which process applied it: tests check that work really moved between members
     Column("pid", Integer, nullable=True),
+)
+
+flags = Table(
+    "ledger_flags",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("consumer_group", String(128), nullable=False),
+    Column("account", String(64), nullable=True),
+    Column("error_class", String(200), nullable=False),
 )
 
 
@@ -83,6 +94,13 @@ def build(args: argparse.Namespace) -> Service:
             )
         )
 
+    async def flag(conn: AsyncConnection, rec: Record, exc: BaseException) -> None:
+        await conn.execute(
+            insert(flags).values(
+                consumer_group=group, account=rec.key_str, error_class=type(exc).__name__
+            )
+        )
+
     return Service(
         name="ledger",
         group=group,
@@ -92,6 +110,7 @@ def build(args: argparse.Namespace) -> Service:
         routes=[Route(args.in_topic, handlers={"Credit": on_credit, "Credited": on_credited})],
         registry=CollectorRegistry(),
         http_port=args.port,
+        on_dead_letter=flag,
     )
 
 

@@ -1,0 +1,141 @@
+"""Positions that do not fit the log are said loudly (log line, metric, ``/readyz``) and
+never make records vanish: a stored position beyond the log end (a recreated topic) is
+reset to the log start, and a partition without a stored position logs where it starts.
+Ledger service processes against the real Kafka and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from tests.integration.conftest import Ledger
+from tests.integration.test_runtime_guarantees import seqs_of, stored_position
+from tests.support.harness import Proc, credit, produce, query, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def http(proc: Proc, path: str) -> httpx.Response | None:
+    port = proc.argv[proc.argv.index("--port") + 1]
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+    except httpx.HTTPError:
+        return None  # not listening yet
+
+
+def r_status(proc: Proc) -> int | None:
+    r = http(proc, "/readyz")
+    return r.status_code if r is not None else None
+
+
+def anomalies(proc: Proc, topic: str, kind: str) -> float | None:
+    """``paysaga_consumer_position_anomalies_total`` of ``topic`` and ``kind``."""
+    response = http(proc, "/metrics")
+    if response is None:
+        return None
+    labels = f'kind="{kind}",service="ledger",topic="{topic}"'
+    for line in response.text.splitlines():
+        if line.startswith(f"paysaga_consumer_position_anomalies_total{{{labels}}}"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def recreate_topic(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and create it anew (empty, 3 partitions), as an operator might."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await admin.create_topics([NewTopic(topic, 3, 1)])
+                return
+            except TopicAlreadyExistsError:  # the deletion is still under way
+                assert time.monotonic() < deadline, f"{topic} was not deleted"
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+async def committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> int | None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(group, partitions=[tp])
+        return found[tp].offset if tp in found and found[tp].offset >= 0 else None
+    finally:
+        await admin.close()
+
+
+def test_a_stored_position_beyond_the_log_end_is_reset_to_the_log_start_loudly(
+    ledger: Ledger,
+) -> None:
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", i) for i in range(5)], partition=0))
+    first = ledger.process("first").start()
+    wait_for(lambda: stored_position(ledger, 0) == 5, what="five records processed")
+    first.stop()
+
+    asyncio.run(recreate_topic(b, ledger.in_topic))
+    # new records at offsets 0 and 1: below the stored position 5, never seen by the group
+    fresh = [credit("k1", 10, sleep_s=3), credit("k1", 11)]
+    asyncio.run(produce(b, ledger.in_topic, fresh, partition=0))
+    svc = ledger.process("after").start()
+
+    def positions_not_ready() -> tuple[int, dict[str, Any]] | None:
+        r = http(svc, "/readyz")
+        found = (r.status_code, r.json()) if r is not None else None
+        return found if found and found[1]["checks"].get("positions") is False else None
+
+    status, body = wait_for(positions_not_ready, what="/readyz failing while re-reading")
+    assert (status, body["ready"]) == (503, False)
+    [reason] = body["reasons"]
+    assert f"{ledger.in_topic}/0" in reason
+    assert "stored position 5 was beyond the log end 2" in reason
+    wait_for(lambda: seqs_of(ledger, "k1") == [0, 1, 2, 3, 4, 10, 11], what="new records applied")
+    wait_for(lambda: r_status(svc) == 200, what="/readyz green once they are processed")
+    assert stored_position(ledger, 0) == 2
+    assert anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0
+    line = next(x for x in svc.log_text().splitlines() if "beyond the log end" in x)
+    assert " ERROR " in line
+    assert f"{ledger.group} {ledger.in_topic}/0: stored position 5 is beyond the log end 2" in line
+    assert "consuming from the log start 0" in line
+
+
+def test_without_a_stored_position_the_start_point_is_logged(ledger: Ledger) -> None:
+    b = ledger.infra.bootstrap
+    tp = TopicPartition(ledger.in_topic, 0)
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", i) for i in range(3)], partition=0))
+    first = ledger.process("first").start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [0, 1, 2], what="applied")
+    assert (
+        f"{ledger.group} {ledger.in_topic}/0: no stored position and no committed offset:"
+        " a partition new to this group, consumed from the log start (offset 0)"
+    ) in first.log_text()
+    wait_for(lambda: asyncio.run(committed_offset(b, ledger.group, tp)) == 3, what="Kafka commit")
+    first.stop()
+
+    # the database loses its positions and its inbox (restored without them, say)
+    query(ledger.conninfo, "DELETE FROM consumer_positions RETURNING 1")
+    query(ledger.conninfo, "DELETE FROM inbox RETURNING 1")
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", 3)], partition=0))
+    svc = ledger.process("again").start()
+    wait_for(lambda: seqs_of(ledger, "k1") == [0, 1, 2, 3], what="the new record applied")
+    line = next(x for x in svc.log_text().splitlines() if "no stored position" in x)
+    assert " WARNING " in line
+    assert (
+        f"{ledger.group} {ledger.in_topic}/0: no stored position, but the group's committed"
+        " offset in Kafka is 3: consuming from there (offset 3)"
+    ) in line
+    wait_for(lambda: anomalies(svc, ledger.in_topic, "no_stored_position") == 1.0, what="counted")
+    # it started at the committed offset, as logged: 0..2 were not read (and applied) again
+    wait_for(lambda: stored_position(ledger, 0) == 4, what="position stored")
+    assert seqs_of(ledger, "k1") == [0, 1, 2, 3]

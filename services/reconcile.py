@@ -13,6 +13,10 @@ each store (read-only) and compares. Rules:
 * ``refunded_without_refund`` — REFUNDED without a succeeded refund;
 * ``stock_oversold`` — reserved + sold above a SKU's stock, or reserved not matching
   the reservations held;
+* ``unmatched_refund_pending`` — an operator's void or refund of an unmatched payment
+  (``paysaga unmatched resolve ID --refund``) is recorded but not settled: its answer
+  was lost, so whether the gateway gave the money back is unknown until the same
+  command is run again (it looks the payment up first, so nothing is sent twice);
 * with ``--gateway``: ``compensation_failed`` — a void or refund that failed for good
   (CompensationFailed) while the gateway still holds the money: the authorization is
   still ``authorized``, or the capture is not fully refunded. The status projection may
@@ -96,6 +100,7 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
     }
     out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
     out += _stock_rules()
+    out += _unmatched_rules(order_ids)
     if gateway_url:
         order_txns = {o.transaction_id for o in orders}
         stored = {t: state for t, state in captures.items() if t in order_txns}
@@ -185,6 +190,26 @@ def _stock_rules() -> list[Violation]:
                 )
             )
     return out
+
+
+def _unmatched_rules(order_ids: list[str] | None) -> list[Violation]:
+    pending = _rows(
+        "payments",
+        "SELECT id, type, transaction_id, order_id, amount, currency, refund_key,"
+        " refund_requested_at FROM unmatched_payments WHERE state = 'refund_pending' ORDER BY id",
+    )
+    return [
+        Violation(
+            "unmatched_refund_pending",
+            r.order_id or r.transaction_id,
+            f"{'void' if r.type == 'payment.authorized' else 'refund'} of {r.transaction_id}"
+            f" ({r.amount} {r.currency}, key {r.refund_key}) unsettled since"
+            f" {r.refund_requested_at:%Y-%m-%d %H:%M:%S}; `paysaga unmatched resolve {r.id}"
+            " --refund` settles it",
+        )
+        for r in pending
+        if not order_ids or r.order_id in order_ids
+    ]
 
 
 def _look_up(gateway_url: str, txns: set[str]) -> dict[str, dict[str, Any] | None]:

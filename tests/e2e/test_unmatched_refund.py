@@ -194,3 +194,25 @@ def test_declined_refund_parks_the_payment_again(stack: Stack) -> None:
     stack.place_order(order_id, intent=intent)
     stack.wait_status(order_id, "PAID_CONFIRMED")
     assert unmatched(stack, txn) == [(unmatched_id, "matched")]
+
+
+def test_reconcile_names_an_operator_refund_left_pending(stack: Stack) -> None:
+    """A refund whose answer was lost leaves money in doubt until an operator settles it:
+    reconcile names it (exit 1) until `unmatched resolve ID --refund` has settled it."""
+    order_id, intent = new_id("ord"), f"{new_id('pi')}_refund_lost"
+    txn = stack.pay(order_id, intent, 1000, "sale")["transaction_id"]
+    [(unmatched_id, _)] = wait_for(lambda: unmatched(stack, txn), what="parked sale")
+    assert paysaga(stack, "reconcile", "--order", order_id).returncode == 0
+    resolve_refund_timing_out(stack, unmatched_id, txn)
+    assert unmatched(stack, txn) == [(unmatched_id, "refund_pending")]
+
+    found = paysaga(stack, "reconcile", "--order", order_id)
+    assert found.returncode == 1, found.stdout + found.stderr
+    [line] = [ln for ln in found.stdout.splitlines() if "unmatched_refund_pending" in ln]
+    assert txn in line, found.stdout
+    assert f"resolve {unmatched_id} --refund" in found.stdout, found.stdout
+
+    again = paysaga(stack, "unmatched", "resolve", str(unmatched_id), "--refund")
+    assert again.returncode == 0, again.stdout + again.stderr
+    settled = paysaga(stack, "reconcile", "--order", order_id)
+    assert settled.returncode == 0, settled.stdout + settled.stderr

@@ -39,6 +39,11 @@ CARD_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "secur
 _DIGIT_GROUPS = re.compile(r"(?<![A-Za-z0-9])\d+(?:[ -]\d+)*(?![A-Za-z0-9])")
 _GROUP = re.compile(r"\d+")
 REDACTED = "[redacted]"
+# words of a key that say it holds a card (``is_id_key``)
+_CARD_WORDS = frozenset({"card", "pan"}) | CARD_KEYS
+_WORD_SEPARATORS = re.compile(r"[_-]+")
+_TOKEN = re.compile(r"\S+")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _JSON_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
 # A card-data key and its value in free text (error messages, dict reprs, JSON quoted
@@ -70,9 +75,10 @@ def _parse(text: str) -> object:
 
 
 def luhn_valid(digits: str) -> bool:
+    """``digits``: decimal digits of any script (what ``\\d`` matches; ``int`` reads them)."""
     total = 0
     for i, char in enumerate(reversed(digits)):
-        d = ord(char) - 48
+        d = int(char)
         if i % 2:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
@@ -105,8 +111,24 @@ def is_card_key(key: str) -> bool:
 
 
 def is_id_key(key: str) -> bool:
-    """An identifier field (CONTRACT §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt."""
-    return key in ("id", "sku") or key.endswith("_id")
+    """An identifier field (CONTRACT §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt —
+    but not one whose name says it holds a card (``card_id``, ``pan_id``,
+    ``card_number_id``): what such a field identifies is a card, so it is scanned."""
+    if not (key in ("id", "sku") or key.endswith("_id")):
+        return False
+    words = set(_WORD_SEPARATORS.split(key.lower()))
+    return not (words & _CARD_WORDS or is_card_key(key[:-3]))
+
+
+def _pan_in_identifier(value: str) -> bool:
+    """Whether an identifier field's value holds a card number all the same: an
+    identifier is one token of ASCII characters, so a card-like number counts unless it is
+    a plain run of ASCII digits in a value without whitespace (an all-digit id) — digits
+    grouped the way card numbers are typed, other scripts' digits, or a number among
+    words are a card number in any field."""
+    spans = list(_pan_spans(value))
+    token = _TOKEN.fullmatch(value) is not None
+    return any(not (token and _ASCII_DIGITS.fullmatch(value[a:b])) for a, b in spans)
 
 
 def _scalar(value: object) -> bool:
@@ -129,6 +151,8 @@ def find_card_data(obj: object, identifiers: Collection[str] = ()) -> str | None
                 stack.append(str(key))
                 if not ((is_id_key(str(key)) or key in identifiers) and _scalar(value)):
                     stack.append(value)
+                elif _pan_in_identifier(str(value)):
+                    return CARD_NUMBER_PRESENT
         elif isinstance(node, list | tuple):
             stack.extend(node)
         elif _scalar(node) and contains_pan(str(node)):
@@ -208,7 +232,8 @@ def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]]]:
             out.append(json.dumps(REDACTED))
             size += len(out[-1])
             pos = end
-        elif _scalar(value):  # an identifier; a container under an id key is scanned
+        elif _scalar(value) and not _pan_in_identifier(str(value)):
+            # an identifier; a container under an id key is scanned
             ids.append((size, size + end - pos))
     out.append(text[pos:])
     return "".join(out), ids

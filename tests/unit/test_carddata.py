@@ -292,3 +292,43 @@ def test_free_text_has_no_fields_every_card_like_number_is_masked() -> None:
         assert ORDER_ID not in out.text, out.text
         assert PAN not in out.text, out.text
         assert out.kinds == ("card_number",)
+
+
+GROUPED = f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}"
+ARABIC_PAN = PAN.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # a key naming a card is no identifier of ours, whatever its suffix
+        {"payment_method": {"type": "card", "card_id": PAN}},
+        {"payment_method": {"pan_id": int(PAN)}},
+        {"card_number_id": PAN},
+        {"data": {"Card-Token_id": PAN}},
+        # an identifier is one token: digits grouped as a card number is typed are a PAN
+        {"order_id": GROUPED},
+        {"x_id": PAN.replace("1111", "1111-", 2).rstrip("-")},
+        {"id": f"{PAN[:4]}-{PAN[4:8]}-{PAN[8:12]}-{PAN[12:]}"},
+        {"data": {"x_id": f"ref {PAN}"}},
+        # digits of another script are digits (int() reads them)
+        {"note": ARABIC_PAN},
+        {"order_id": " ".join(ARABIC_PAN[i : i + 4] for i in range(0, 16, 4))},
+    ],
+)
+def test_an_identifier_field_does_not_hide_a_card_number(data: dict[str, Any]) -> None:
+    assert find_card_data(data) == CARD_NUMBER_PRESENT
+    assert find_card_data_in_bytes(json.dumps({"data": data}).encode()) == CARD_NUMBER_PRESENT
+    assert find_card_data_in_bytes(json.dumps(data, ensure_ascii=False).encode()) == (
+        CARD_NUMBER_PRESENT
+    )
+    out = redact(json.dumps(data, ensure_ascii=False))
+    assert "card_number" in out.kinds, out.text
+    assert not contains_pan(out.text), out.text
+
+
+def test_an_all_digit_id_in_any_identifier_field_stays_an_identifier() -> None:
+    data = {"order_id": ORDER_ID, "x_id": ORDER_ID, "id": int(ORDER_ID), "sku": ORDER_ID}
+    assert find_card_data({"data": data}) is None
+    assert redact(json.dumps(data)) == (json.dumps(data), ())
+    assert find_card_data({"card_id": "card_1MzQ4111111111111111", "pan_id": "tok_x"}) is None

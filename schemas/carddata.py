@@ -192,32 +192,47 @@ def redact(text: str) -> Redacted:
     A redacted dead letter or parked record is replayed redacted: fine, a record that
     carried card data is rejected anyway (a card-data key stays, a changed body fails
     its signature)."""
-    keys, ids = _redact_json_keys(text)
+    keys, ids, replaced = _redact_json_keys(text)
     # PANs before free-text keys: "card_number: 4111 1111 1111 1111" must not lose only
     # its first group to the key rule
     pans = _redact_pans(keys, ids)
     out = _KEY_VALUE.sub(_redact_key_value, pans)
     out = _PYDANTIC_INPUT.sub(f"input_value={REDACTED}, input_type=", out)
-    kinds = ("card_number",) * (pans != keys) + ("card_key",) * (keys != text or out != pans)
+    kinds = ("card_number",) * (pans != keys or "card_number" in replaced) + ("card_key",) * (
+        "card_key" in replaced or out != pans
+    )
     return Redacted(out, kinds)
 
 
-def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]]]:
+def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]], set[str]]:
     """``text`` with the value of every card-data key redacted when it is a JSON
-    document, and the spans (in the result) of its identifier fields' scalar values."""
+    document, the spans (in the result) of its identifier fields' scalar values, and
+    what was replaced: ``card_key`` (a card-data key's value), ``card_number`` (a PAN
+    spelt with escapes)."""
     try:
         _parse(text)
     except (ValueError, RecursionError):
-        return text, []
+        return text, [], set()
     # Replaced in place rather than re-serialized, so nothing else of the record changes.
     # In a valid document a string followed by a colon is a key, and strings are found in
     # order from the start, so one inside another string is never mistaken for a key.
     decoder, out, pos = json.JSONDecoder(), [], 0
     size = 0  # of the result so far: where an identifier's value lands in it
     ids: list[tuple[int, int]] = []
+    replaced: set[str] = set()
     while (string := _JSON_STRING.search(text, pos)) is not None:
         colon = _JSON_COLON.match(text, string.end())
         key = str(json.loads(string.group())) if colon is not None else ""
+        if colon is None and "\\" in string.group():
+            # a string value with escapes: "\u0034111…" is a PAN the scan of the parsed
+            # document finds but the text does not show
+            decoded = str(json.loads(string.group()))
+            if contains_pan(decoded):
+                out += [text[pos : string.start()], json.dumps(_redact_pans(decoded, []))]
+                size += len(out[-2]) + len(out[-1])
+                pos = string.end()
+                replaced.add("card_number")
+                continue
         upto = colon.end() if colon is not None and (is_card_key(key) or is_id_key(key)) else 0
         out.append(text[pos : upto or string.end()])
         size += len(out[-1])
@@ -232,11 +247,12 @@ def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]]]:
             out.append(json.dumps(REDACTED))
             size += len(out[-1])
             pos = end
+            replaced.add("card_key")
         elif _scalar(value) and not _pan_in_identifier(str(value)):
             # an identifier; a container under an id key is scanned
             ids.append((size, size + end - pos))
     out.append(text[pos:])
-    return "".join(out), ids
+    return "".join(out), ids, replaced
 
 
 def _redact_key_value(match: re.Match[str]) -> str:

@@ -332,3 +332,15 @@ def test_an_all_digit_id_in_any_identifier_field_stays_an_identifier() -> None:
     assert find_card_data({"data": data}) is None
     assert redact(json.dumps(data)) == (json.dumps(data), ())
     assert find_card_data({"card_id": "card_1MzQ4111111111111111", "pan_id": "tok_x"}) is None
+
+
+def test_redaction_masks_a_card_number_spelt_with_json_escapes() -> None:
+    """The acceptance rule reads the parsed document, so ``"\\u0034111…"`` is a PAN to
+    it; a dead letter or parked record must not keep it either."""
+    escaped = "\\u0034" + PAN[1:]
+    body = f'{{"order_id": "{ORDER_ID}", "note": "{escaped}", "lines": ["x {escaped}"]}}'
+    assert find_card_data_in_bytes(body.encode()) == CARD_NUMBER_PRESENT
+    out = redact(body)
+    assert find_card_data(json.loads(out.text)) is None, out.text
+    assert json.loads(out.text)["order_id"] == ORDER_ID
+    assert out.kinds == ("card_number",)

@@ -39,6 +39,11 @@ CARD_KEYS = frozenset({"cvv", "cvc", "cvv2", "cvc2", "cardnumber", "pan", "secur
 _DIGIT_GROUPS = re.compile(r"(?<![A-Za-z0-9])\d+(?:[ -]\d+)*(?![A-Za-z0-9])")
 _GROUP = re.compile(r"\d+")
 REDACTED = "[redacted]"
+# words of a key that say it holds a card (``is_id_key``)
+_CARD_WORDS = frozenset({"card", "pan"}) | CARD_KEYS
+_WORD_SEPARATORS = re.compile(r"[_-]+")
+_TOKEN = re.compile(r"\S+")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _JSON_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
 # A card-data key and its value in free text (error messages, dict reprs, JSON quoted
@@ -70,9 +75,10 @@ def _parse(text: str) -> object:
 
 
 def luhn_valid(digits: str) -> bool:
+    """``digits``: decimal digits of any script (what ``\\d`` matches; ``int`` reads them)."""
     total = 0
     for i, char in enumerate(reversed(digits)):
-        d = ord(char) - 48
+        d = int(char)
         if i % 2:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
@@ -105,8 +111,24 @@ def is_card_key(key: str) -> bool:
 
 
 def is_id_key(key: str) -> bool:
-    """An identifier field (CONTRACT §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt."""
-    return key in ("id", "sku") or key.endswith("_id")
+    """An identifier field (CONTRACT §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt —
+    but not one whose name says it holds a card (``card_id``, ``pan_id``,
+    ``card_number_id``): what such a field identifies is a card, so it is scanned."""
+    if not (key in ("id", "sku") or key.endswith("_id")):
+        return False
+    words = set(_WORD_SEPARATORS.split(key.lower()))
+    return not (words & _CARD_WORDS or is_card_key(key[:-3]))
+
+
+def _pan_in_identifier(value: str) -> bool:
+    """Whether an identifier field's value holds a card number all the same: an
+    identifier is one token of ASCII characters, so a card-like number counts unless it is
+    a plain run of ASCII digits in a value without whitespace (an all-digit id) — digits
+    grouped the way card numbers are typed, other scripts' digits, or a number among
+    words are a card number in any field."""
+    spans = list(_pan_spans(value))
+    token = _TOKEN.fullmatch(value) is not None
+    return any(not (token and _ASCII_DIGITS.fullmatch(value[a:b])) for a, b in spans)
 
 
 def _scalar(value: object) -> bool:
@@ -129,6 +151,8 @@ def find_card_data(obj: object, identifiers: Collection[str] = ()) -> str | None
                 stack.append(str(key))
                 if not ((is_id_key(str(key)) or key in identifiers) and _scalar(value)):
                     stack.append(value)
+                elif _pan_in_identifier(str(value)):
+                    return CARD_NUMBER_PRESENT
         elif isinstance(node, list | tuple):
             stack.extend(node)
         elif _scalar(node) and contains_pan(str(node)):
@@ -168,32 +192,47 @@ def redact(text: str) -> Redacted:
     A redacted dead letter or parked record is replayed redacted: fine, a record that
     carried card data is rejected anyway (a card-data key stays, a changed body fails
     its signature)."""
-    keys, ids = _redact_json_keys(text)
+    keys, ids, replaced = _redact_json_keys(text)
     # PANs before free-text keys: "card_number: 4111 1111 1111 1111" must not lose only
     # its first group to the key rule
     pans = _redact_pans(keys, ids)
     out = _KEY_VALUE.sub(_redact_key_value, pans)
     out = _PYDANTIC_INPUT.sub(f"input_value={REDACTED}, input_type=", out)
-    kinds = ("card_number",) * (pans != keys) + ("card_key",) * (keys != text or out != pans)
+    kinds = ("card_number",) * (pans != keys or "card_number" in replaced) + ("card_key",) * (
+        "card_key" in replaced or out != pans
+    )
     return Redacted(out, kinds)
 
 
-def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]]]:
+def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]], set[str]]:
     """``text`` with the value of every card-data key redacted when it is a JSON
-    document, and the spans (in the result) of its identifier fields' scalar values."""
+    document, the spans (in the result) of its identifier fields' scalar values, and
+    what was replaced: ``card_key`` (a card-data key's value), ``card_number`` (a PAN
+    spelt with escapes)."""
     try:
         _parse(text)
     except (ValueError, RecursionError):
-        return text, []
+        return text, [], set()
     # Replaced in place rather than re-serialized, so nothing else of the record changes.
     # In a valid document a string followed by a colon is a key, and strings are found in
     # order from the start, so one inside another string is never mistaken for a key.
     decoder, out, pos = json.JSONDecoder(), [], 0
     size = 0  # of the result so far: where an identifier's value lands in it
     ids: list[tuple[int, int]] = []
+    replaced: set[str] = set()
     while (string := _JSON_STRING.search(text, pos)) is not None:
         colon = _JSON_COLON.match(text, string.end())
         key = str(json.loads(string.group())) if colon is not None else ""
+        if colon is None and "\\" in string.group():
+            # a string value with escapes: "\u0034111…" is a PAN the scan of the parsed
+            # document finds but the text does not show
+            decoded = str(json.loads(string.group()))
+            if contains_pan(decoded):
+                out += [text[pos : string.start()], json.dumps(_redact_pans(decoded, []))]
+                size += len(out[-2]) + len(out[-1])
+                pos = string.end()
+                replaced.add("card_number")
+                continue
         upto = colon.end() if colon is not None and (is_card_key(key) or is_id_key(key)) else 0
         out.append(text[pos : upto or string.end()])
         size += len(out[-1])
@@ -208,10 +247,12 @@ def _redact_json_keys(text: str) -> tuple[str, list[tuple[int, int]]]:
             out.append(json.dumps(REDACTED))
             size += len(out[-1])
             pos = end
-        elif _scalar(value):  # an identifier; a container under an id key is scanned
+            replaced.add("card_key")
+        elif _scalar(value) and not _pan_in_identifier(str(value)):
+            # an identifier; a container under an id key is scanned
             ids.append((size, size + end - pos))
     out.append(text[pos:])
-    return "".join(out), ids
+    return "".join(out), ids, replaced
 
 
 def _redact_key_value(match: re.Match[str]) -> str:

@@ -16,6 +16,10 @@ each store (read-only) and compares. Rules:
 * ``outbox_row_dead`` — an outbox row Kafka refused for good (too large, say), set
   aside by the relay: it and the later events of its order wait for an operator
   (``paysaga outbox list|retry``);
+* ``unmatched_refund_pending`` — an operator's void or refund of an unmatched payment
+  (``paysaga unmatched resolve ID --refund``) is recorded but not settled: its answer
+  was lost, so whether the gateway gave the money back is unknown until the same
+  command is run again (it looks the payment up first, so nothing is sent twice);
 * with ``--gateway``: ``compensation_failed`` — a void or refund that failed for good
   (CompensationFailed) while the gateway still holds the money: the authorization is
   still ``authorized``, or the capture is not fully refunded. The status projection may
@@ -103,6 +107,7 @@ def check(gateway_url: str | None = None, order_ids: list[str] | None = None) ->
     out = list(_order_rules(orders, captures, reservations, confirmed, refunds))
     out += _stock_rules()
     out += _outbox_rules(order_ids)
+    out += _unmatched_rules(order_ids)
     if gateway_url:
         order_txns = {o.transaction_id for o in orders}
         stored = {t: state for t, state in captures.items() if t in order_txns}
@@ -209,6 +214,26 @@ def _outbox_rules(order_ids: list[str] | None) -> list[Violation]:
         for service in SERVICES
         for r in dead_rows(service)
         if not order_ids or r.key in order_ids
+    ]
+
+
+def _unmatched_rules(order_ids: list[str] | None) -> list[Violation]:
+    pending = _rows(
+        "payments",
+        "SELECT id, type, transaction_id, order_id, amount, currency, refund_key,"
+        " refund_requested_at FROM unmatched_payments WHERE state = 'refund_pending' ORDER BY id",
+    )
+    return [
+        Violation(
+            "unmatched_refund_pending",
+            r.order_id or r.transaction_id,
+            f"{'void' if r.type == 'payment.authorized' else 'refund'} of {r.transaction_id}"
+            f" ({r.amount} {r.currency}, key {r.refund_key}) unsettled since"
+            f" {r.refund_requested_at:%Y-%m-%d %H:%M:%S}; `paysaga unmatched resolve {r.id}"
+            " --refund` settles it",
+        )
+        for r in pending
+        if not order_ids or r.order_id in order_ids
     ]
 
 

@@ -180,9 +180,17 @@ async def _give_back(engine: AsyncEngine, unmatched_id: int) -> str:
             return f"payment {c.transaction_id}: {row.state} ({row.resolution})"
         if isinstance(outcome, Refused):
             await store.cancel_refund(conn, unmatched_id, outcome.note)
+            waiting = await store.awaiting_order_of(conn, c)
         else:
             return await _settle(conn, c, outcome)
-    raise ResolutionError(f"{outcome.note}: the payment is parked again")
+    # an order that arrived meanwhile was not matched, and will not arrive again
+    arrived = (
+        f"; order {waiting} arrived while it was pending and awaits payment:"
+        f" `paysaga unmatched resolve {unmatched_id} --order {waiting}` attaches it"
+        if waiting
+        else ""
+    )
+    raise ResolutionError(f"{outcome.note}: the payment is parked again{arrived}")
 
 
 @dataclasses.dataclass(frozen=True)

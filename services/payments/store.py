@@ -389,6 +389,17 @@ async def cancel_refund(conn: AsyncConnection, unmatched_id: int, resolution: st
     )
 
 
+async def awaiting_order_of(conn: AsyncConnection, c: Confirmation) -> str | None:
+    """The registered order still awaiting a payment of ``c``'s intent (and of its order,
+    when it names one), if any: one that arrived while the payment was out of matching."""
+    stmt = select(orders.c.order_id).where(
+        orders.c.payment_intent_id == c.payment_intent_id, orders.c.status == "pending"
+    )
+    if c.order_id is not None:
+        stmt = stmt.where(orders.c.order_id == c.order_id)
+    return await conn.scalar(stmt.limit(1))
+
+
 async def close_unmatched(
     conn: AsyncConnection,
     transaction_id: str,

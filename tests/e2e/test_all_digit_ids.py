@@ -49,6 +49,9 @@ def test_a_luhn_valid_all_digit_order_id_is_paid_end_to_end(stack: Stack) -> Non
     [
         {"payment_method": {"type": "card", "brand": "visa", "number": PAN}},
         {"failure_message": f"card {PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]} was declined"},
+        # an identifier-like key does not hide a card number
+        {"payment_method": {"type": "card", "brand": "visa", "card_id": PAN}},
+        {"customer_ref_id": f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}"},
     ],
 )
 def test_a_card_number_elsewhere_is_still_refused(

@@ -194,3 +194,61 @@ def test_declined_refund_parks_the_payment_again(stack: Stack) -> None:
     stack.place_order(order_id, intent=intent)
     stack.wait_status(order_id, "PAID_CONFIRMED")
     assert unmatched(stack, txn) == [(unmatched_id, "matched")]
+
+
+def test_reconcile_names_an_operator_refund_left_pending(stack: Stack) -> None:
+    """A refund whose answer was lost leaves money in doubt until an operator settles it:
+    reconcile names it (exit 1) until `unmatched resolve ID --refund` has settled it."""
+    order_id, intent = new_id("ord"), f"{new_id('pi')}_refund_lost"
+    txn = stack.pay(order_id, intent, 1000, "sale")["transaction_id"]
+    [(unmatched_id, _)] = wait_for(lambda: unmatched(stack, txn), what="parked sale")
+    assert paysaga(stack, "reconcile", "--order", order_id).returncode == 0
+    resolve_refund_timing_out(stack, unmatched_id, txn)
+    assert unmatched(stack, txn) == [(unmatched_id, "refund_pending")]
+
+    found = paysaga(stack, "reconcile", "--order", order_id)
+    assert found.returncode == 1, found.stdout + found.stderr
+    [line] = [ln for ln in found.stdout.splitlines() if "unmatched_refund_pending" in ln]
+    assert txn in line, found.stdout
+    assert f"resolve {unmatched_id} --refund" in found.stdout, found.stdout
+
+    again = paysaga(stack, "unmatched", "resolve", str(unmatched_id), "--refund")
+    assert again.returncode == 0, again.stdout + again.stderr
+    settled = paysaga(stack, "reconcile", "--order", order_id)
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+
+
+def test_declined_refund_names_the_order_that_arrived_while_it_was_pending(
+    stack: Stack,
+) -> None:
+    """The order arrives while the refund is pending (not matched: its money may be gone),
+    then the gateway declines the refund: the money is held and the payment parked again,
+    but its order will not arrive a second time — the operator is told which order it is,
+    and attaching it pays the order."""
+    order_id, intent = new_id("ord"), f"{new_id('pi')}_refund_declined_slow"
+    stack.set_stock(f"sku-{order_id}", 5)
+    txn = stack.pay(order_id, intent, 1000, "sale")["transaction_id"]
+    [(unmatched_id, _)] = wait_for(lambda: unmatched(stack, txn), what="parked sale")
+    resolve_refund_timing_out(stack, unmatched_id, txn)  # each call takes 2 s: in doubt
+    stack.place_order(order_id, intent=intent)
+    not_matched = ("unmatched_matched", "not_matched", "refund_pending", txn)
+    wait_for(lambda: not_matched in audited(stack, order_id), what="arrival not matched")
+
+    declined = subprocess.run(
+        resolve_refund(unmatched_id),
+        env={**stack.env, "PAYSAGA_GATEWAY_TIMEOUT_S": "10", "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert declined.returncode == 1, declined.stdout + declined.stderr
+    assert "parked again" in declined.stdout, declined.stdout
+    assert unmatched(stack, txn) == [(unmatched_id, "parked")]
+    assert stack.ledger(txn)["refunds"] == []
+    hint = f"resolve {unmatched_id} --order {order_id}"
+    assert hint in " ".join(declined.stdout.split()), declined.stdout
+
+    attach = paysaga(stack, "unmatched", "resolve", str(unmatched_id), "--order", order_id)
+    assert attach.returncode == 0, attach.stdout + attach.stderr
+    stack.wait_status(order_id, "PAID_CONFIRMED")

@@ -292,3 +292,55 @@ def test_free_text_has_no_fields_every_card_like_number_is_masked() -> None:
         assert ORDER_ID not in out.text, out.text
         assert PAN not in out.text, out.text
         assert out.kinds == ("card_number",)
+
+
+GROUPED = f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}"
+ARABIC_PAN = PAN.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # a key naming a card is no identifier of ours, whatever its suffix
+        {"payment_method": {"type": "card", "card_id": PAN}},
+        {"payment_method": {"pan_id": int(PAN)}},
+        {"card_number_id": PAN},
+        {"data": {"Card-Token_id": PAN}},
+        # an identifier is one token: digits grouped as a card number is typed are a PAN
+        {"order_id": GROUPED},
+        {"x_id": PAN.replace("1111", "1111-", 2).rstrip("-")},
+        {"id": f"{PAN[:4]}-{PAN[4:8]}-{PAN[8:12]}-{PAN[12:]}"},
+        {"data": {"x_id": f"ref {PAN}"}},
+        # digits of another script are digits (int() reads them)
+        {"note": ARABIC_PAN},
+        {"order_id": " ".join(ARABIC_PAN[i : i + 4] for i in range(0, 16, 4))},
+    ],
+)
+def test_an_identifier_field_does_not_hide_a_card_number(data: dict[str, Any]) -> None:
+    assert find_card_data(data) == CARD_NUMBER_PRESENT
+    assert find_card_data_in_bytes(json.dumps({"data": data}).encode()) == CARD_NUMBER_PRESENT
+    assert find_card_data_in_bytes(json.dumps(data, ensure_ascii=False).encode()) == (
+        CARD_NUMBER_PRESENT
+    )
+    out = redact(json.dumps(data, ensure_ascii=False))
+    assert "card_number" in out.kinds, out.text
+    assert not contains_pan(out.text), out.text
+
+
+def test_an_all_digit_id_in_any_identifier_field_stays_an_identifier() -> None:
+    data = {"order_id": ORDER_ID, "x_id": ORDER_ID, "id": int(ORDER_ID), "sku": ORDER_ID}
+    assert find_card_data({"data": data}) is None
+    assert redact(json.dumps(data)) == (json.dumps(data), ())
+    assert find_card_data({"card_id": "card_1MzQ4111111111111111", "pan_id": "tok_x"}) is None
+
+
+def test_redaction_masks_a_card_number_spelt_with_json_escapes() -> None:
+    """The acceptance rule reads the parsed document, so ``"\\u0034111…"`` is a PAN to
+    it; a dead letter or parked record must not keep it either."""
+    escaped = "\\u0034" + PAN[1:]
+    body = f'{{"order_id": "{ORDER_ID}", "note": "{escaped}", "lines": ["x {escaped}"]}}'
+    assert find_card_data_in_bytes(body.encode()) == CARD_NUMBER_PRESENT
+    out = redact(body)
+    assert find_card_data(json.loads(out.text)) is None, out.text
+    assert json.loads(out.text)["order_id"] == ORDER_ID
+    assert out.kinds == ("card_number",)

@@ -22,7 +22,12 @@ from services.runtime.settings import (
     GatewaySecrets,
     KafkaSettings,
 )
-from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, CONFIRMATIONS_TOPIC, STATUS_TOPIC
+from services.runtime.topics import (
+    CHECKOUT_ORDERS_TOPIC,
+    CONFIRMATIONS_TOPIC,
+    PAYMENTS_TOPIC,
+    STATUS_TOPIC,
+)
 
 
 class PaymentsSettings(BaseSettings):
@@ -104,6 +109,8 @@ def build() -> Service:
             dedupe_key=confirmation_dedupe_key,
         ),
         Route(STATUS_TOPIC, handlers={"OrderStatusChanged": h.on_status_changed}),
+        # its own: a requested payment's intent, to match a confirmation that came first
+        Route(PAYMENTS_TOPIC, handlers={"PaymentIntentCreated": h.on_intent_created}),
     ]
     return Service(
         name="payments",

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.carddata import find_card_data_in_bytes
 from schemas.contract import GatewayWebhook, OrderPlaced, OrderStatusChanged, PaymentRetryRequested
-from schemas.events import AuditRecorded
+from schemas.events import AuditRecorded, PaymentIntentCreated
 from services.payments import domain, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
@@ -156,6 +156,22 @@ class PaymentsHandlers:
             audit = _audit_entry("unmatched_matched", "not_matched", reason, order.order_id)
             audit |= {"transaction_id": r.transaction_id, "gateway_event_id": r.gateway_event_id}
             await self._emit_audit(ctx, "unmatched_payment", audit, order.order_id)
+
+    async def on_intent_created(self, ctx: Context) -> None:
+        """payments.events.v1 ``PaymentIntentCreated`` (our own, CONTRACT §3.7): the
+        attempt's requested payment is recorded. A confirmation of it that came first —
+        the gateway created the payment, but its answer was lost or payments died before
+        storing it, and the customer paid meanwhile — matched no order and was parked:
+        match it now, as when an order arrives after its payment."""
+        created = _validate(PaymentIntentCreated, ctx.payload)
+        await store.lock_intent(ctx.conn, created.payment_intent_id)  # see on_confirmation
+        row = await store.load_order(ctx.conn, created.order_id)
+        if row is None or (row.attempt, row.payment_intent_id) != (
+            created.attempt,
+            created.payment_intent_id,
+        ):
+            return  # an attempt that is over: its parked payments are an operator's
+        await self._match_parked(ctx, store.order_from_row(row))
 
     async def on_retry_requested(self, ctx: Context) -> None:
         retry = _validate(PaymentRetryRequested, ctx.payload)

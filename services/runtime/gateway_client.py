@@ -40,6 +40,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: 4xx answers to a payment request that are not a refusal of it: retried, same key
+TRANSIENT_4XX = frozenset({408, 409, 423, 425, 429})
+
 OutcomeKind = Literal["succeeded", "declined", "not_found", "unknown"]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -160,8 +163,10 @@ class GatewayClient:
         self, order_id: str, amount: int, currency: str, payment_method: str, idempotency_key: str
     ) -> GatewayOutcome:
         """Request a payment (``POST /v1/payment_intents``, CONTRACT §3.7). Any 4xx with
-        the gateway's ``{error: {code, message}}`` is a refusal (``declined``); a lost
-        answer is ``unknown``: replay the same key, which returns the first result."""
+        the gateway's ``{error: {code, message}}`` is a refusal (``declined``) — but for
+        ``TRANSIENT_4XX`` (a conflict: the same key still being processed; a rate limit;
+        a request timeout), which say nothing about the request and, like a lost answer,
+        are ``unknown``: replay the same key, which returns the first result."""
         payload = {
             "order_id": order_id,
             "amount": amount,
@@ -171,6 +176,8 @@ class GatewayClient:
         try:
             return await self._post("/v1/payment_intents", order_id, payload, idempotency_key)
         except GatewayProtocolError as exc:
+            if exc.status_code in TRANSIENT_4XX:
+                return GatewayOutcome("unknown", reason=f"http_{exc.status_code}")
             error = exc.body.get("error") if isinstance(exc.body, dict) else None
             if not 400 <= exc.status_code < 500 or not isinstance(error, dict):
                 raise

@@ -147,6 +147,40 @@ def test_the_requesting_process_killed_after_the_call_creates_one_payment(
     assert len(stack.payment_requests(order_id)) == 1
 
 
+def test_a_confirmation_ahead_of_the_recorded_intent_is_matched_when_it_is_recorded(
+    stack: Stack,
+) -> None:
+    """The gateway created the payment, payments died before storing it, and the customer
+    pays that payment before payments records its intent: the confirmation is parked (no
+    order has that intent yet) and matched once the replayed request records it."""
+    pidfile = PROFILE.root / "pids" / f"{PAYMENTS.name}.pid"
+    assert devstack.stop_pid(pidfile, f"-m {PAYMENTS.module}")
+    env = {
+        **stack.env,
+        "PAYSAGA_FAULT_POINT": "payment_request_after_gateway_call",
+        "PAYSAGA_PAYMENTS_REQUEST_LEASE_S": "20",  # reclaimed well after the restart
+    }
+    log = PROFILE.root / "logs" / f"{PAYMENTS.name}.log"
+    pid = devstack.spawn([sys.executable, "-m", PAYMENTS.module], log, pidfile, env)
+    try:
+        order_id, _ = order_without_intent(stack)
+        wait_for(lambda: not devstack.pid_running(pid), what="payments killed at the fault point")
+        [created] = gateway_intents(stack, order_id)
+        txn = stack.confirm(created["id"], "sale")["transaction_id"]
+    finally:
+        devstack.services_up(PROFILE, stack.env)
+    parked = "SELECT state FROM unmatched_payments WHERE transaction_id=%s"
+    wait_for(lambda: stack.db("payments", parked, txn) == [("parked",)], what="parked")
+    assert stack.db(
+        "payments", "SELECT state FROM payment_requests WHERE order_id=%s", order_id
+    ) == [("in_flight",)], "the request was settled before the confirmation was parked"
+    done = stack.wait_status(order_id, "PAID_CONFIRMED")
+    assert (done["payment_intent_id"], done["transaction_id"]) == (created["id"], txn)
+    assert stack.db("payments", parked, txn) == [("matched",)]
+    assert [r["payment_intent_id"] for r in requested(stack, order_id)] == [created["id"]]
+    assert len(gateway_intents(stack, order_id)) == 1
+
+
 def test_a_refused_request_fails_the_attempt_with_the_gateways_code(stack: Stack) -> None:
     order_id, _ = order_without_intent(stack, "_request_declined")
     failed = stack.wait_status(order_id, "PAYMENT_FAILED")

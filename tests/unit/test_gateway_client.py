@@ -158,3 +158,27 @@ def test_backoff_is_capped_with_equal_jitter() -> None:
     )
     for retry, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:
         assert ceiling / 2 <= client.backoff(retry) <= ceiling
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(409, "idempotency_key_in_use"), (429, "rate_limited"), (408, "request_timeout")],
+)
+async def test_a_payment_request_answered_with_a_transient_4xx_is_not_a_refusal(
+    status: int, code: str
+) -> None:
+    """A conflict (the same key still being processed — another worker's call after a
+    lease ran out), a rate limit or a request timeout says nothing about the payment:
+    the request is sent again under the same key, it never fails the attempt."""
+    gw = Recorder(_error(status, code))
+    async with gw.client() as client:
+        outcome = await client.create_payment_intent("ord_1", 2500, "EUR", "card", "intent:ord_1:1")
+    assert (outcome.kind, outcome.reason) == ("unknown", f"http_{status}")
+
+
+@pytest.mark.parametrize("status", [400, 402, 422])
+async def test_a_payment_request_refused_with_4xx_is_declined(status: int) -> None:
+    gw = Recorder(_error(status, "request_declined"))
+    async with gw.client() as client:
+        outcome = await client.create_payment_intent("ord_1", 2500, "EUR", "card", "intent:ord_1:1")
+    assert (outcome.kind, outcome.code) == ("declined", "request_declined")

@@ -101,6 +101,6 @@ def after_call(
         # created, but not usable: the replay next round returns the same answer; an
         # operator sees it as retry_budget_exhausted with this last error
         return retry_or_fail(claim.round, "malformed_answer", now, policy, jitter)
-    if outcome.kind in ("declined", "not_found"):
+    if outcome.kind == "declined":
         return Refused(outcome.code or outcome.kind, outcome.message)
     return retry_or_fail(claim.round, outcome.reason or "unknown", now, policy, jitter)

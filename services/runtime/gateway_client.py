@@ -165,8 +165,9 @@ class GatewayClient:
         """Request a payment (``POST /v1/payment_intents``, CONTRACT §3.7). Any 4xx with
         the gateway's ``{error: {code, message}}`` is a refusal (``declined``) — but for
         ``TRANSIENT_4XX`` (a conflict: the same key still being processed; a rate limit;
-        a request timeout), which say nothing about the request and, like a lost answer,
-        are ``unknown``: replay the same key, which returns the first result."""
+        a request timeout) and a 404 (the contract gives this call none: a misrouted
+        request), which say nothing about the request and, like a lost answer, are
+        ``unknown``: replay the same key, which returns the first result."""
         payload = {
             "order_id": order_id,
             "amount": amount,
@@ -174,7 +175,7 @@ class GatewayClient:
             "payment_method": payment_method,
         }
         try:
-            return await self._post("/v1/payment_intents", order_id, payload, idempotency_key)
+            outcome = await self._post("/v1/payment_intents", order_id, payload, idempotency_key)
         except GatewayProtocolError as exc:
             if exc.status_code in TRANSIENT_4XX:
                 return GatewayOutcome("unknown", reason=f"http_{exc.status_code}")
@@ -188,6 +189,13 @@ class GatewayClient:
                 code=str(code) if code else f"http_{exc.status_code}",
                 message=str(message) if message is not None else None,
             )
+        if outcome.kind == "not_found":
+            # the contract gives this call no 404: a wrong gateway URL or a proxy's answer,
+            # not a refusal of this request — failing every order on it would be worse
+            return GatewayOutcome(
+                "unknown", outcome.body, attempts=outcome.attempts, reason="http_404"
+            )
+        return outcome
 
     async def get_payment_intent(self, payment_intent_id: str) -> dict[str, Any]:
         """A requested payment (``GET /v1/payment_intents/{id}``); raises as ``get_payment``."""

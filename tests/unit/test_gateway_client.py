@@ -162,7 +162,12 @@ def test_backoff_is_capped_with_equal_jitter() -> None:
 
 @pytest.mark.parametrize(
     ("status", "code"),
-    [(409, "idempotency_key_in_use"), (429, "rate_limited"), (408, "request_timeout")],
+    [
+        (409, "idempotency_key_in_use"),
+        (429, "rate_limited"),
+        (408, "request_timeout"),
+        (404, "not_found"),  # misrouted: the contract gives this call no 404
+    ],
 )
 async def test_a_payment_request_answered_with_a_transient_4xx_is_not_a_refusal(
     status: int, code: str

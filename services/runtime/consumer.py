@@ -28,7 +28,8 @@ Guarantees:
   the dead letter it names is open, so repeating one is harmless.
 * A position that does not fit the log is never taken silently. A stored position
   beyond the log end (a recreated topic) is reset to the log start — the records below
-  it are new to the group, and the inbox absorbs any it applied — with an error line, a
+  it are new to the group, and the inbox absorbs any it applied; records older than the
+  inbox retention, which it could not absorb, are not re-read — with an error line, a
   metric and ``/readyz`` red until the partition caught up; a partition without a
   stored position logs where it starts (``_no_stored_position``).
 """
@@ -43,7 +44,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -65,6 +66,9 @@ from services.runtime.topics import load_specs
 
 log = logging.getLogger("paysaga.consumer")
 T = TypeVar("T")
+
+#: clock skew between record timestamps and the inbox's ``received_at``, and prune timing
+_INBOX_MARGIN = timedelta(hours=1)
 
 #: the outcome of a record whose partition was revoked while it was retried
 REVOKED = "revoked"
@@ -131,12 +135,15 @@ class ConsumerRuntime:
         settings: RuntimeSettings,
         on_dead_letter: DeadLetterHook | None = None,
         client_id: str | None = None,
+        inbox_retention: timedelta = timedelta(days=7),
     ) -> None:
         self.service, self.group = service, group
         self.routes = {r.topic: r for r in routes}
         self.engine, self.bootstrap = engine, bootstrap
         self.producer, self.metrics, self.settings = producer, metrics, settings
         self.on_dead_letter = on_dead_letter
+        #: how long the inbox remembers an applied record (the relay prunes it after)
+        self.inbox_retention = inbox_retention
         self.client_id = client_id or f"paysaga-{service}"
         #: the group's dead-letter topic is also its control channel: replays and
         #: releases (purges) arrive there, never on a topic that others read
@@ -274,7 +281,10 @@ class ConsumerRuntime:
         the position: every record of it would be dropped as "processed", one by one,
         silently and forever — lost payments. Reading them is safe: the inbox absorbs
         any this group applied (it keys by event id, and by business key for gateway
-        confirmations). Halting the partition for an operator would not be: once the log
+        confirmations) — but only for ``inbox_retention``: records older than that are
+        not re-read (a log that lost only its newest records holds old records applied
+        long ago, their inbox rows pruned: read again, they would be applied twice).
+        Halting the partition for an operator would not be: once the log
         end passes the old position, a restarted consumer can no longer tell, and skips
         the records below it. So the position is reset at once, durably, and said loudly:
         an error line, ``paysaga_consumer_position_anomalies_total{kind="beyond_log_end"}``,
@@ -285,28 +295,43 @@ class ConsumerRuntime:
         if expected <= end:
             return False  # records already processed, read again (after a rebalance, say)
         start = (await consumer.beginning_offsets([tp]))[tp]
+        # The inbox tells applied records apart only for ``inbox_retention``: an older
+        # record (its inbox row pruned) may have been applied — a log that lost only its
+        # newest records (an unclean leader election) — and would be applied again.
+        horizon = time.time() - (self.inbox_retention - _INBOX_MARGIN).total_seconds()
+        found = (await consumer.offsets_for_times({tp: int(horizon * 1000)}))[tp]
+        nxt = max(start, found.offset) if found is not None else end
+        if nxt == start:
+            where = f"consuming from the log start {start}"
+        else:
+            where = (
+                f"consuming from offset {nxt}: offsets {start}..{nxt - 1} are older than the"
+                f" inbox retention ({self.inbox_retention}) and are not re-read, since the"
+                " inbox can no longer tell whether this group applied them (a second apply"
+                " may move money twice); check them by hand if the topic was recreated"
+            )
         log.error(
             "%s %s/%d: stored position %d is beyond the log end %d: the topic was recreated"
-            " or the broker lost records, and the records below %d are new to this group."
-            " Resetting the position: consuming from the log start %d (the inbox skips"
-            " any record this group applied already)",
+            " or the broker lost records, and the records below %d may be new to this"
+            " group. Resetting the position: %s (the inbox skips any record this group"
+            " applied already)",
             self.group,
             tp.topic,
             tp.partition,
             expected,
             end,
             expected,
-            start,
+            where,
         )
-        await self._until_done(lambda: self._reset_position(tp, start), "position reset")
+        await self._until_done(lambda: self._reset_position(tp, nxt), "position reset")
         self.metrics.position_anomalies.labels(self.service, tp.topic, "beyond_log_end").inc()
         self.position_alarms[tp] = (
             end,
             f"{tp.topic}/{tp.partition}: stored position {expected} was beyond the log end"
-            f" {end} (a recreated topic?); re-reading it from the log start {start}",
+            f" {end} (a recreated topic?); re-reading it from offset {nxt} (log start {start})",
         )
-        consumer.seek(tp, start)
-        self.expected[tp] = start
+        consumer.seek(tp, nxt)
+        self.expected[tp] = nxt
         return True
 
     async def _reset_position(self, tp: TopicPartition, nxt: int) -> None:

@@ -271,9 +271,12 @@ class OutboxRelay:
                     outbox.c.sent_at < now - timedelta(hours=self.settings.outbox_retention_h)
                 )
             )
+            # on the clock that stamped received_at (the database's): a relay host whose
+            # clock runs ahead must not forget applied records early
             await conn.execute(
                 delete(inbox).where(
-                    inbox.c.received_at < now - timedelta(days=self.settings.inbox_retention_days)
+                    inbox.c.received_at
+                    < func.now() - timedelta(days=self.settings.inbox_retention_days)
                 )
             )
 

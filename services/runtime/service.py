@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
 from typing import Any
 
 import uvicorn
@@ -141,6 +142,7 @@ class Service:
             metrics=self.metrics,
             settings=self.runtime_settings,
             on_dead_letter=self.on_dead_letter,
+            inbox_retention=timedelta(days=self.relay_settings.inbox_retention_days),
         )
         self.relay = OutboxRelay(
             service=self.name,

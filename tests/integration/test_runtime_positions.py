@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -73,6 +73,17 @@ async def committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> in
         return found[tp].offset if tp in found and found[tp].offset >= 0 else None
     finally:
         await admin.close()
+
+
+async def commit_offset(bootstrap: str, group: str, tp: TopicPartition, offset: int) -> None:
+    """Commit ``offset`` for ``group`` in Kafka (no member of it running)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()
 
 
 def test_a_stored_position_beyond_the_log_end_is_reset_to_the_log_start_loudly(
@@ -139,3 +150,36 @@ def test_without_a_stored_position_the_start_point_is_logged(ledger: Ledger) -> 
     # it started at the committed offset, as logged: 0..2 were not read (and applied) again
     wait_for(lambda: stored_position(ledger, 0) == 4, what="position stored")
     assert seqs_of(ledger, "k1") == [0, 1, 2, 3]
+
+
+def test_a_reset_position_does_not_re_apply_records_the_inbox_has_forgotten(
+    ledger: Ledger,
+) -> None:
+    """The broker lost its newest records (an unclean leader election): the stored
+    position is beyond the log end, but the records still in the log were applied. The
+    inbox remembers only ``inbox_retention_days``: re-reading older records would apply
+    them a second time (a second capture or refund). The position is reset to the first
+    record the inbox can still tell, not to the log start."""
+    b = ledger.infra.bootstrap
+    eight_days_ago = int((time.time() - 8 * 86400) * 1000)
+    old = [credit("k1", i) for i in range(3)]
+    asyncio.run(produce(b, ledger.in_topic, old, timestamp_ms=eight_days_ago, partition=0))
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", 3)], partition=0))
+    first = ledger.process("first").start()
+    wait_for(lambda: stored_position(ledger, 0) == 4, what="four records processed")
+    first.stop()
+    # the inbox rows of the old records were pruned; the broker lost offsets 4..6
+    old_ids = [e for a, s, e in ledger.applied() if a == "k1" and s < 3]
+    query(ledger.conninfo, "DELETE FROM inbox WHERE dedupe_key = ANY(%s) RETURNING 1", old_ids)
+    query(ledger.conninfo, "UPDATE consumer_positions SET next_offset = 7"
+          " WHERE topic = %s AND partition = 0 RETURNING 1", ledger.in_topic)  # fmt: skip
+    asyncio.run(commit_offset(b, ledger.group, TopicPartition(ledger.in_topic, 0), 7))
+
+    svc = ledger.process("after").start()
+    wait_for(lambda: anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0, what="counted")
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", 4)], partition=0))
+    wait_for(lambda: stored_position(ledger, 0) == 5, what="the new record processed")
+    assert seqs_of(ledger, "k1") == [0, 1, 2, 3, 4]  # none applied twice
+    line = next(x for x in svc.log_text().splitlines() if "beyond the log end" in x)
+    assert "consuming from offset 3" in line
+    assert "offsets 0..2 are older than the inbox retention" in line

@@ -387,7 +387,10 @@ def compose(path: Path = TOPICS_FILE) -> str:
         "PAYSAGA_BRIDGE_URL": "http://bridge:8070",
         "PAYSAGA_GATEWAY_SECRETS": LOCAL_DEV_GATEWAY_SECRETS,
     }
-    image = {"image": PAYSAGA_IMAGE}
+    image = {
+        "image": PAYSAGA_IMAGE,
+        "build": {"context": "../..", "dockerfile": "deploy/Dockerfile"},
+    }
     services: dict[str, Any] = {
         **brokers,
         "topics": {
@@ -411,7 +414,6 @@ def compose(path: Path = TOPICS_FILE) -> str:
         },
         "migrate": {
             **image,
-            "build": {"context": "../..", "dockerfile": "deploy/Dockerfile"},
             "command": ["paysaga", "migrate"],
             "environment": dict(base_env),
             "depends_on": {"postgres": {"condition": "service_healthy"}},

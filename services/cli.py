@@ -61,6 +61,29 @@ def topics_apply(
     raise typer.Exit(1 if report.drift else 0)
 
 
+@topics_app.command("render")
+def topics_render(
+    fmt: str = typer.Option(
+        None, "--format", help="strimzi (Kafka, node pool, topics, users) | compose | acl"
+    ),
+    write: bool = typer.Option(False, "--write", help="regenerate every file under deploy/"),
+) -> None:
+    """Deployment manifests from topics.yaml: print one format, or --write them all."""
+    from services.runtime import render
+
+    if write:
+        changed = render.write(render.deploy_files())
+        for path in changed:
+            console.print(f"wrote {path.relative_to(render.REPO)}")
+        if not changed:
+            console.print("deploy/ matches topics.yaml")
+        return
+    if fmt not in render.FORMATS:
+        console.print(f"--format is one of {', '.join(render.FORMATS)} (or use --write)")
+        raise typer.Exit(2)
+    sys.stdout.write(render.FORMATS[fmt]())
+
+
 @app.command()
 def migrate() -> None:
     """Upgrade every service database to the latest migration."""

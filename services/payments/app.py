@@ -33,6 +33,7 @@ from services.runtime.topics import (
 class PaymentsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
 
+    payments_host: str = "127.0.0.1"
     payments_port: int = 8081
     #: |signature t - record time| allowed, both directions (CONTRACT §2.2)
     signature_tolerance_s: int = 300
@@ -121,6 +122,7 @@ def build() -> Service:
         routes=routes,
         registry=registry,
         http_port=settings.payments_port,
+        http_host=settings.payments_host,
         on_dead_letter=h.flag_dead_letter,
         workers=[request_payments],
     )

@@ -60,7 +60,12 @@ DLQ = {s: f"paysaga.{s}.dlq" for s in SERVICES}
 EXPECTED: dict[str, dict[str, Any]] = {
     "paysaga-payments": {
         "group": "paysaga.payments",
-        "reads": {"checkout.orders.v1", "gateway.confirmations.v1", "orders.status.v1"},
+        "reads": {
+            "checkout.orders.v1",
+            "gateway.confirmations.v1",
+            "orders.status.v1",
+            "payments.events.v1",  # its own PaymentIntentCreated: matches a parked payment
+        },
         "writes": {"payments.events.v1", "audit.events.v1", "payments.requests.v1"},
     },
     "paysaga-inventory": {

@@ -36,7 +36,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-schemas: venv       ## regenerate schemas/json from the pydantic models
+schemas: venv       ## regenerate schemas/json and schemas/asyncapi.yaml from the models and topics.yaml
 	$(BIN)/python -m schemas.generate
 
 migrate: venv

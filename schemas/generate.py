@@ -1,4 +1,5 @@
-"""Write the JSON Schema of every model to `schemas/json/<Name>.json`.
+"""Write the JSON Schema of every model to `schemas/json/<Name>.json`, and the AsyncAPI
+document of every topic to `schemas/asyncapi.yaml` (see `schemas.asyncapi`).
 
 `python -m schemas.generate` rewrites the files; `python -m schemas.generate --check`
 writes nothing and exits 1 listing every drifted file (changed, missing or stale), so
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from schemas import asyncapi
 from schemas.contract import GatewayWebhook
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES
@@ -72,15 +74,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="report drift, write nothing")
     args = parser.parse_args(argv)
     if args.check:
-        drifted = check()
-        for name in drifted:
-            print(f"drifted: {JSON_DIR / name}", file=sys.stderr)
+        drifted = [JSON_DIR / name for name in check()]
+        if asyncapi.render() != _read(asyncapi.ASYNCAPI_FILE):
+            drifted.append(asyncapi.ASYNCAPI_FILE)
+        for path in drifted:
+            print(f"drifted: {path}", file=sys.stderr)
         if drifted:
             print("run: python -m schemas.generate", file=sys.stderr)
         return 1 if drifted else 0
     for path in write():
         print(path)
+    asyncapi.ASYNCAPI_FILE.write_text(asyncapi.render(), encoding="utf-8")
+    print(asyncapi.ASYNCAPI_FILE)
     return 0
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 if __name__ == "__main__":

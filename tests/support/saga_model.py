@@ -997,7 +997,7 @@ class Saga:
             if msg.topic != CATALOG_TOPIC:
                 found.append(f"{group} dead-lettered {msg.event_type} of {msg.key}: {reason}")
         for order_id, emitted in self.orders.emitted.items():
-            found += _history_violations(order_id, emitted)
+            found += history_violations(order_id, emitted)
         return found
 
     def final_violations(self) -> list[str]:
@@ -1101,7 +1101,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 NOTIFIES = {"PAID_CONFIRMED": "payment_confirmed", "REFUNDED": "refunded"}
 
 
-def _history_violations(order_id: str, emitted: list[Emitted]) -> list[str]:
+def history_violations(order_id: str, emitted: list[Emitted]) -> list[str]:
     found = []
     previous: Emitted | None = None
     for e in emitted:

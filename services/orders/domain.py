@@ -131,6 +131,20 @@ def _allowed(view: OrderView, status: Status) -> bool:
     )
 
 
+def _failed_then_flagged(view: OrderView) -> bool:
+    """The attempt reached PAYMENT_FAILED (its failure was notified), then was flagged —
+    e.g. the void of its authorization failed (CompensationFailed, ``void_failed``).
+    Payments accepts a retry only after the attempt's published PAYMENT_FAILED, and the
+    flag comes on another topic, so payments may have accepted one before the flag
+    reached it: the retry opens the next attempt exactly as it does when it arrives
+    first (the older attempt's flag is then stale). Refusing it would leave the new
+    attempt's money where no status shows it. The failed void stays an operator's item
+    either way: reconcile names it (``compensation_failed``) whatever the status shows."""
+    return view.status == "NEEDS_RECONCILIATION" and any(
+        (view.attempt, kind) in view.notified for kind in ("payment_failed", "out_of_stock")
+    )
+
+
 # Events of the saga topics that drive no status (they are still applied for the gate).
 _NOT_STATUS_BEARING = frozenset(
     {"StockReleased", "StockCommitted", "AuthorizationExpired", "AuditRecorded"}
@@ -247,7 +261,7 @@ def decide(view: OrderView | None, event_type: str, payload: Mapping[str, Any]) 
     if retry:
         if attempt <= view.attempt:
             ignored = "stale_attempt"
-        elif view.status != "PAYMENT_FAILED":
+        elif view.status != "PAYMENT_FAILED" and not _failed_then_flagged(view):
             ignored = "transition_not_allowed"
     elif attempt < view.attempt:
         ignored = "stale_attempt"

@@ -479,6 +479,33 @@ def test_each_attempt_gets_its_own_failure_notification() -> None:
     assert [n.kind for n in result.notifications] == ["payment_failed", "payment_failed"]
 
 
+def test_a_retry_opens_the_next_attempt_of_a_failed_attempt_flagged_later() -> None:
+    """Payments accepts a retry on the published PAYMENT_FAILED; the void's
+    CompensationFailed (another topic) may reach the projection first. The retry must
+    still open attempt 2, as it does in the other order, or its money is never shown."""
+    result = run(
+        ev("OrderRegistered", flow="authorization"),
+        ev("PaymentAccepted", flow="authorization"),
+        ev("StockReserved", flow="authorization"),
+        ev("CaptureDeclined", flow="authorization"),
+        ev("CompensationFailed", flow="authorization", action="void", reason="declined"),
+    )
+    assert result.statuses[-2:] == ["PAYMENT_FAILED", "NEEDS_RECONCILIATION"]
+    outcome = result.apply(*ev("PaymentRetryAccepted", attempt=2))
+    assert outcome.view is not None
+    assert (outcome.view.status, outcome.view.attempt) == ("PENDING_PAYMENT", 2)
+
+
+def test_a_retry_is_refused_when_the_flagged_attempt_never_failed() -> None:
+    result = run(
+        ev("OrderRegistered"),
+        ev("OrderFlaggedForReconciliation", reason="record_dead_lettered"),
+    )
+    before = result.view
+    outcome = result.apply(*ev("PaymentRetryAccepted", attempt=2))
+    assert outcome == Outcome(before, ignored_reason="transition_not_allowed")
+
+
 def test_events_of_an_older_attempt_are_ignored() -> None:
     result = run(
         ev("OrderRegistered"),

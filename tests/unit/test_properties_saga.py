@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -25,7 +24,6 @@ from services.runtime.topics import (
     REFUNDS_TOPIC,
 )
 from tests.support.saga_model import (
-    KNOWN_FINDINGS,
     AttemptSpec,
     OrderSpec,
     Saga,
@@ -72,7 +70,7 @@ def scenarios(draw: st.DrawFn, contended: bool) -> Scenario:
 
 def start(scenario: Scenario) -> Saga:
     """Stock levels first (the catalog is set before the orders come), then the orders."""
-    saga = Saga(scenario, tolerate=KNOWN_FINDINGS)
+    saga = Saga(scenario)
     for sku, available in scenario.stock:
         saga.set_stock(sku, available)
     saga.drain()
@@ -222,11 +220,6 @@ def _deliver_all(saga: Saga, group: str, topic: str) -> None:
         saga.deliver(*pending[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: payments accepts a retry that orders then ignores (NEEDS_RECONCILIATION "
-    "came first): the retry's money is captured, the order never shows it",
-)
 def test_a_retry_accepted_by_payments_is_not_lost() -> None:
     """The minimal schedule the saga properties found. Attempt 1 is authorized, its
     capture declined (PAYMENT_FAILED, capture_declined) and its void declined; the

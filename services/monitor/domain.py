@@ -38,9 +38,11 @@ __all__ = [
     "Saga",
     "StatusChange",
     "is_final",
+    "is_stalled",
     "needs_alert",
     "note_status",
     "prunable",
+    "stalled_counts",
     "stalled_event_id",
     "stalled_for",
 ]

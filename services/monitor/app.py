@@ -327,6 +327,8 @@ class Monitor:
         self.send_failed = False
         reported = saga.with_alerted()
         self.sagas[order_id.encode()] = reported.to_dict()
+        # the changelog record acknowledged too: a restart from here on does not re-send
+        await self.app.producer.flush()
         self.metrics.reported.labels(saga.status.value).inc()
         log.warning(
             "saga stalled: order %s in %s for %ss (deadline %ss)",
@@ -368,6 +370,7 @@ class Monitor:
 
     def run(self) -> None:
         worker = faust.Worker(self.app, loglevel="INFO", override_logging=False, quiet=True)
+        worker.spinner = None  # it writes terminal escapes into the log
         worker.execute_from_commandline()
 
 

@@ -172,7 +172,9 @@ class Monitor:
             store="memory://",
             # topics.yaml is the source of truth: `paysaga topics apply` creates the
             # changelog with the status topic's partition count; the leader topic is
-            # not needed (every member checks the partitions it owns)
+            # not needed (no timer runs on the leader only). One member is assumed: the
+            # memory store keeps rows of a partition revoked from it
+            # after a rebalance, so two members could both report such an order.
             topic_allow_declare=False,
             topic_disable_leader=True,
             table_standby_replicas=0,

@@ -51,6 +51,13 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-orders --operation Read --group paysaga.orders
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-orders --operation IdempotentWrite --cluster
 
+# paysaga-monitor
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-monitor --operation Describe --operation Read --topic orders.status.v1
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-monitor --operation Describe --operation Read --operation Write --topic paysaga.monitor-sagas-changelog
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-monitor --operation Describe --operation Write --topic saga.stalled.v1
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-monitor --operation Read --group paysaga.monitor
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-monitor --operation IdempotentWrite --cluster
+
 # paysaga-bridge
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-bridge --operation Describe --operation Write --topic gateway.confirmations.v1
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:paysaga-bridge --operation IdempotentWrite --cluster

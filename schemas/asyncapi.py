@@ -31,7 +31,11 @@ ASYNCAPI_FILE = Path(__file__).resolve().parent / "asyncapi.yaml"
 KAFKA_BINDING = "0.5.0"
 
 #: topics.yaml `events` entries (before any "(...)") that are not enveloped event types
-_RAW_MESSAGES = {"gateway webhook body": "GatewayWebhook", "any": "DeadLetter"}
+_RAW_MESSAGES = {
+    "gateway webhook body": "GatewayWebhook",
+    "any": "DeadLetter",
+    "the monitor's saga table rows": "MonitorTableRow",
+}
 
 _GATEWAY_HEADERS: dict[str, Any] = {
     "type": "object",
@@ -99,6 +103,14 @@ def _message(name: str, key: str) -> dict[str, Any]:
             "summary": "The webhook body exactly as the gateway sent it (the signed bytes)",
             "headers": _GATEWAY_HEADERS,
             "payload": {"$ref": "#/components/schemas/GatewayWebhook"},
+        }
+    if name == "MonitorTableRow":
+        return {
+            **base,
+            "title": "Monitor table row",
+            "summary": "The monitor's own saga table (faust changelog): status, since, reported;"
+            " internal to the monitor, read by nothing else",
+            "payload": {"type": "object"},
         }
     if name == "DeadLetter":
         return {

@@ -619,6 +619,7 @@ SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
     ServiceProcess("capture", "services.capture.app", 8083),
     ServiceProcess("refunds", "services.refunds.app", 8084),
     ServiceProcess("orders", "services.orders.app", 8080),
+    ServiceProcess("monitor", "services.monitor.app", 8085),
 )
 
 

@@ -14,10 +14,13 @@ Who may do what comes from each topic's ``producer`` and ``consumers`` in topics
 - the operator (``paysaga-operator``, the ``paysaga`` command) reads and writes what
   topics.yaml gives to ``paysaga <command>`` (dead letters, ``stock set``), with no
   consumer group (it assigns partitions itself);
+- the ``monitor`` (consumer group ``paysaga.monitor``) reads and writes what topics.yaml
+  gives it (the status topic, its table's changelog, ``saga.stalled.v1``); it has no
+  dead-letter topic;
 - every paysaga producer is idempotent: IdempotentWrite on the cluster.
 
-Other parties named there (``checkout (upstream)``, ``SRE alerting``, the planned
-monitor …) get no user here: their own deployments grant them access.
+Other parties named there (``checkout (upstream)``, ``SRE alerting`` …) get no user
+here: their own deployments grant them access.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ MIN_INSYNC_REPLICAS = 2
 
 BRIDGE = "bridge"
 OPERATOR = "operator"
+MONITOR = "monitor"
 #: settings of the secure Kafka client (SASL_SSL + SCRAM-SHA-512)
 SECURITY_SETTINGS = (
     "PAYSAGA_KAFKA_SECURITY_PROTOCOL",
@@ -87,7 +91,8 @@ def _names(value: Any) -> list[str]:
 
 
 def _principal(name: str) -> str | None:
-    if name in SERVICES or name == BRIDGE:
+    name = name.split(" (")[0]  # `monitor (table recovery)`: the party, not the note
+    if name in SERVICES or name in (BRIDGE, MONITOR):
         return name
     if name.startswith("paysaga "):  # `paysaga stock set`, `paysaga dlq`: the command
         return OPERATOR
@@ -147,6 +152,8 @@ def accesses(path: Path = TOPICS_FILE) -> list[Access]:
         out.append(
             Access(service, group_of(service), frozenset(reads | {dlq}), frozenset(writes | {dlq}))
         )
+    reads, writes = of(MONITOR)
+    out.append(Access(MONITOR, group_of(MONITOR), frozenset(reads), frozenset(writes)))
     for principal in (BRIDGE, OPERATOR):
         reads, writes = of(principal)
         out.append(Access(principal, None, frozenset(reads), frozenset(writes)))

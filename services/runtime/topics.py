@@ -31,6 +31,9 @@ STATUS_TOPIC = "orders.status.v1"
 NOTIFICATIONS_TOPIC = "customer.notifications.v1"
 AUDIT_TOPIC = "audit.events.v1"
 PAYMENT_REQUESTS_TOPIC = "payments.requests.v1"
+STALLED_TOPIC = "saga.stalled.v1"
+#: the monitor's faust table changelog (faust names it ``<app id>-<table>-changelog``)
+MONITOR_CHANGELOG_TOPIC = "paysaga.monitor-sagas-changelog"
 
 
 @dataclasses.dataclass(frozen=True)

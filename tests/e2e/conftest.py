@@ -19,7 +19,14 @@ from tests.support.harness import REPO
 pytestmark = pytest.mark.e2e
 
 Stack = DevClient
-__all__ = ["Stack", "new_id", "paysaga"]
+__all__ = ["MONITOR_ENV", "Stack", "new_id", "paysaga"]
+
+#: the monitor judges within a test: a reserved order waiting for capture is stalled
+#: after 4 s (tests/e2e/test_monitor.py stops capture), checked twice a second
+MONITOR_ENV = {
+    "PAYSAGA_MONITOR_STALL_AFTER_INVENTORY_RESERVED_S": "4",
+    "PAYSAGA_MONITOR_CHECK_INTERVAL_S": "0.5",
+}
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +46,7 @@ def stack(infra: Infra) -> Iterator[DevClient]:
             "PAYSAGA_PAYMENTS_REQUEST_RETRY_MAX_S": "1",
             # two secrets for simgw, as during a rotation (the simulator signs with the first)
             "PAYSAGA_GATEWAY_SECRETS": json.dumps({"simgw": ["whsec_local_dev", "whsec_rotated"]}),
+            **MONITOR_ENV,
         }
     )
     devstack.services_up(profile, env)

@@ -28,6 +28,7 @@ from services.cli import app as cli
 from services.gatewaysim.app import GatewaySimSettings
 from services.inventory.app import InventorySettings
 from services.inventory.app import build as build_inventory
+from services.monitor.app import MonitorSettings
 from services.orders.app import OrdersSettings
 from services.orders.app import build as build_orders
 from services.payments.app import PaymentsSettings
@@ -92,6 +93,12 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "writes": {"orders.status.v1", "customer.notifications.v1"},
     },
     "paysaga-bridge": {"group": None, "reads": set(), "writes": {"gateway.confirmations.v1"}},
+    # the monitor: its table is recovered from its own changelog; no dead-letter topic
+    "paysaga-monitor": {
+        "group": "paysaga.monitor",
+        "reads": {"orders.status.v1", "paysaga.monitor-sagas-changelog"},
+        "writes": {"saga.stalled.v1", "paysaga.monitor-sagas-changelog"},
+    },
     # the `paysaga` command: dlq list/show read every dead-letter topic (no group),
     # dlq replay/purge write to the failing group's one, stock set writes the catalog
     "paysaga-operator": {
@@ -345,7 +352,7 @@ def known_settings() -> set[str]:
         KafkaSettings, DatabaseSettings, GatewaySecrets, GatewayClientSettings,
         PaymentsSettings, InventorySettings, OrdersSettings, BridgeSettings,
         CaptureSettings, RefundsSettings, SharedSettings, RuntimeSettings, RelaySettings,
-        GatewaySimSettings,
+        GatewaySimSettings, MonitorSettings,
     ]  # fmt: skip
     out = set()
     for cls in classes:

@@ -1,0 +1,385 @@
+"""The monitor (CONTRACT §3.5): a faust-streaming application, consumer group
+``paysaga.monitor``, that watches ``orders.status.v1`` and reports stalled sagas on
+``saga.stalled.v1``.
+
+- Agent ``statuses`` keeps the table ``sagas`` (order id → ``domain.Saga``), whose
+  changelog is ``paysaga.monitor-sagas-changelog`` (topics.yaml): a restarted monitor
+  recovers it before it judges anything, then reads the status topic on from its
+  committed offsets. A new consumer group reads the compacted status topic from its start.
+- A timer (``PAYSAGA_MONITOR_CHECK_INTERVAL_S``) walks the table: each order that needs
+  an alert gets one ``SagaStalled``, sent and acknowledged *before* the table records
+  the report (so a crash in between re-sends it once, with the same event id — never
+  loses it); it also sets ``paysaga_sagas_stalled{status}`` from the table, so the gauge
+  falls at the next check after an order moves on. No check runs while the table is
+  being recovered or the group rebalances.
+- HTTP is faust's own web server (one per process): ``/healthz``, ``/readyz``,
+  ``/metrics`` on ``PAYSAGA_MONITOR_PORT``.
+
+The monitor only observes: it writes no database and no saga topic, and losing it
+delays an alert and never changes money.
+
+``python -m services.monitor.app`` runs it until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import faust
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from schemas.contract import OrderStatusChanged
+from schemas.envelope import Envelope, dump, new_envelope
+from schemas.events import SagaStalled
+from services.monitor import domain
+from services.monitor.domain import Deadlines, Saga, StatusChange
+from services.runtime.service import configure_logging
+from services.runtime.settings import KafkaSettings
+from services.runtime.topics import MONITOR_CHANGELOG_TOPIC, STALLED_TOPIC, STATUS_TOPIC
+
+GROUP = "paysaga.monitor"
+#: faust names the changelog ``<app id>-<table>-changelog``: MONITOR_CHANGELOG_TOPIC
+SAGAS_TABLE = "sagas"
+
+log = logging.getLogger("paysaga.monitor")
+
+
+class MonitorSettings(KafkaSettings):
+    """``PAYSAGA_MONITOR_*``: deadlines in whole seconds (SagaStalled carries integers)."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    monitor_host: str = "127.0.0.1"
+    monitor_port: int = 8085
+    monitor_check_interval_s: float = Field(1.0, gt=0)
+    monitor_stall_after_s: int = Field(900, ge=1)
+    monitor_stall_after_pending_payment_s: int | None = Field(None, ge=1)
+    monitor_stall_after_payment_authorized_s: int | None = Field(None, ge=1)
+    monitor_stall_after_inventory_reserved_s: int | None = Field(None, ge=1)
+    monitor_stall_after_refund_pending_s: int | None = Field(None, ge=1)
+    monitor_stall_after_needs_reconciliation_s: int | None = Field(None, ge=1)
+
+    def deadlines(self) -> Deadlines:
+        overrides = {
+            s: v
+            for s in domain.OPEN
+            if (v := getattr(self, f"monitor_stall_after_{s.value.lower()}_s")) is not None
+        }
+        return Deadlines(self.monitor_stall_after_s, overrides)
+
+
+class MonitorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.stalled = Gauge(
+            "paysaga_sagas_stalled",
+            "Orders in a status past its deadline (reported on saga.stalled.v1)",
+            ["status"],
+            registry=registry,
+        )
+        self.outcomes = Counter(
+            "paysaga_saga_outcomes",
+            "Saga attempts that reached a final status",
+            ["status"],
+            registry=registry,
+        )
+        self.last_minute = Gauge(
+            "paysaga_saga_outcomes_last_minute",
+            "Final outcomes whose status changed in the last complete minute (tumbling)",
+            ["status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "paysaga_saga_duration_seconds",
+            "From PENDING_PAYMENT to a final status",
+            buckets=(1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 21600, 86400),
+            registry=registry,
+        )
+        self.reported = Counter(
+            "paysaga_saga_stalled_reports",
+            "SagaStalled events emitted",
+            ["status"],
+            registry=registry,
+        )
+        self.records = Counter(
+            "paysaga_monitor_records",
+            "orders.status.v1 records read: applied, ignored (stale or duplicate), invalid",
+            ["outcome"],
+            registry=registry,
+        )
+        for s in domain.OPEN:
+            self.stalled.labels(s.value)
+            self.reported.labels(s.value)
+        for s in domain.FINAL:
+            self.outcomes.labels(s.value)
+            self.last_minute.labels(s.value)
+
+
+def _brokers(bootstrap: str) -> list[str]:
+    return [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
+
+
+def status_change(key: bytes | None, value: bytes | None) -> StatusChange:
+    """The monitor's view of one status record; raises ValueError on a malformed one."""
+    if value is None:
+        raise ValueError("tombstone")
+    env = Envelope.model_validate_json(value)
+    if env.event_type != "OrderStatusChanged":
+        raise ValueError(f"unexpected event type {env.event_type}")
+    change = OrderStatusChanged.model_validate(env.payload)
+    if key is not None and key.decode() != change.order_id:
+        raise ValueError("record key is not the payload's order_id")
+    return StatusChange(
+        order_id=change.order_id,
+        status=change.status,
+        version=change.version,
+        at=env.occurred_at.timestamp(),
+        event_id=env.event_id,
+        correlation_id=env.correlation_id,
+        saga_seq=env.saga_seq,
+    )
+
+
+class Monitor:
+    """The faust app with its agent, timer and pages; ``run()`` runs it."""
+
+    def __init__(self, settings: MonitorSettings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.deadlines = settings.deadlines()
+        self.registry = registry
+        self.metrics = MonitorMetrics(registry)
+        self.minutes = domain.MinuteOutcomes()
+        self.last_check: float | None = None
+        self.send_failed = False
+        self.partitions_known = False
+        app = faust.App(
+            GROUP,
+            broker=_brokers(settings.kafka_bootstrap_servers),
+            store="memory://",
+            # topics.yaml is the source of truth: `paysaga topics apply` creates the
+            # changelog with the status topic's partition count; the leader topic is
+            # not needed (no timer runs on the leader only). One member is assumed: the
+            # memory store keeps rows of a partition revoked from it
+            # after a rebalance, so two members could both report such an order.
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            table_standby_replicas=0,
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            web_bind=settings.monitor_host,
+            web_host=settings.monitor_host,
+            web_port=settings.monitor_port,
+            web_in_thread=False,
+            # the memory store keeps nothing on disk, but faust insists on the folder
+            datadir=Path(tempfile.gettempdir()) / f"paysaga-monitor-{settings.monitor_port}",
+            worker_redirect_stdouts=False,
+        )
+        self.app = app
+        self.status_topic = app.topic(
+            STATUS_TOPIC, key_serializer="raw", value_serializer="raw", internal=False
+        )
+        self.stalled_topic = app.topic(
+            STALLED_TOPIC, key_serializer="raw", value_serializer="raw", internal=False
+        )
+        # use_partitioner: the timer records reports outside stream iteration; the
+        # producer's partitioner (murmur2, as every paysaga producer's) puts an order's
+        # changelog record in its status partition
+        self.sagas = app.Table(
+            SAGAS_TABLE,
+            default=None,
+            # bytes keys: serialised raw, the status record's key byte for byte
+            key_type=bytes,
+            use_partitioner=True,
+        )
+        changelog = self.sagas.changelog_topic.get_topic_name()
+        if changelog != MONITOR_CHANGELOG_TOPIC:  # topics.yaml declares that one
+            raise RuntimeError(f"changelog {changelog} is not declared in topics.yaml")
+        app.agent(self.status_topic, name="statuses")(self.on_statuses)
+        app.timer(settings.monitor_check_interval_s, name="check")(self.check)
+        self._pages()
+
+    # ---------------------------------------------------------------- status records
+
+    async def on_statuses(self, stream: Any) -> AsyncIterator[None]:
+        await self.partitioner_ready()
+        async for event in stream.events():
+            self.on_status(event.key, event.value, event.message)
+            yield None
+
+    def on_status(self, key: bytes | None, value: bytes | None, message: Any) -> None:
+        try:
+            change = status_change(key, value)
+        except ValueError as exc:
+            self.metrics.records.labels("invalid").inc()
+            log.error(
+                "status record %s:%s@%s not understood, skipped: %s",
+                message.topic,
+                message.partition,
+                message.offset,
+                str(exc).splitlines()[0],
+            )
+            return
+        key = change.order_id.encode()
+        raw = self.sagas.get(key)
+        saga, outcome = domain.note_status(None if raw is None else Saga.from_dict(raw), change)
+        if saga is None:
+            self.metrics.records.labels("ignored").inc()
+            return
+        self.sagas[key] = saga.to_dict()
+        self.metrics.records.labels("applied").inc()
+        if outcome is not None:
+            self.metrics.outcomes.labels(outcome.status.value).inc()
+            self.minutes.add(outcome.status, outcome.at)
+            if outcome.duration_s is not None:
+                self.metrics.duration.observe(outcome.duration_s)
+
+    async def partitioner_ready(self) -> None:
+        """The producer knows the changelog's partitions. faust's ``use_partitioner``
+        hashes a key with the producer's metadata synchronously, and aiokafka fetches a
+        topic's metadata only when it first sends to it: without this the first table
+        write fails (``TypeError: 'NoneType' object is not iterable``). faust does not
+        verify co-partitioning for such a table either, so it is checked here."""
+        if self.partitions_known:
+            return
+        # the aiokafka producer: faust's own has no partitions_for
+        producer = cast(Any, self.app.producer)._ensure_producer()
+        changelog = await producer.partitions_for(MONITOR_CHANGELOG_TOPIC)
+        statuses = await producer.partitions_for(STATUS_TOPIC)
+        if len(changelog) != len(statuses):
+            raise RuntimeError(
+                f"{MONITOR_CHANGELOG_TOPIC} has {len(changelog)} partitions, {STATUS_TOPIC}"
+                f" {len(statuses)}: run `paysaga topics apply`"
+            )
+        self.partitions_known = True
+
+    # ---------------------------------------------------------------- the check
+
+    def judging(self) -> bool:
+        """The table is whole: recovered, and no rebalance under way."""
+        recovered = bool(cast(Any, self.app.tables).recovery.completed.is_set())
+        return self.partitions_known and recovered and not self.app.rebalancing
+
+    async def check(self) -> None:
+        """One pass over the table; a failing pass is logged, and /readyz turns red
+        while no pass completes."""
+        try:
+            await self.partitioner_ready()
+            if self.judging():
+                await self.check_table()
+        except Exception:
+            log.exception("stall check failed")
+
+    async def check_table(self) -> None:
+        now = time.time()
+        sagas: list[Saga] = []
+        for key, raw in list(self.sagas.items()):
+            saga = Saga.from_dict(raw)
+            if domain.prunable(saga, now):
+                del self.sagas[key]
+                continue
+            if domain.needs_alert(saga, now, self.deadlines):
+                saga = await self.report(key.decode(), saga, now)
+            sagas.append(saga)
+        for status, n in domain.stalled_counts(sagas, now, self.deadlines).items():
+            self.metrics.stalled.labels(status).set(n)
+        for status, n in self.minutes.last_complete(now).items():
+            self.metrics.last_minute.labels(status).set(n)
+        self.last_check = time.monotonic()
+
+    async def report(self, order_id: str, saga: Saga, now: float) -> Saga:
+        """One SagaStalled, acknowledged, then recorded; a failed send is tried again at
+        the next check."""
+        waited = domain.stalled_for(saga, now) or 0.0
+        event = SagaStalled(
+            order_id=order_id,
+            status=saga.status,
+            stalled_for_seconds=int(waited),
+            deadline_seconds=self.deadlines.for_status(saga.status),
+        )
+        envelope = new_envelope(
+            "SagaStalled",
+            event,
+            now=datetime.fromtimestamp(now, UTC),
+            event_id=domain.stalled_event_id(order_id, saga),
+            correlation_id=saga.correlation_id,
+            causation_id=saga.event_id or None,
+            saga_seq=(saga.saga_seq or 0) + 1,
+        )
+        try:
+            sent = await self.stalled_topic.send(key=order_id.encode(), value=dump(envelope))
+            await sent
+        except Exception as exc:  # noqa: BLE001 -- retried at the next check
+            self.send_failed = True
+            log.warning("SagaStalled for order %s not sent, retrying: %r", order_id, exc)
+            return saga
+        self.send_failed = False
+        reported = saga.with_alerted()
+        self.sagas[order_id.encode()] = reported.to_dict()
+        # the changelog record acknowledged too: a restart from here on does not re-send
+        await self.app.producer.flush()
+        self.metrics.reported.labels(saga.status.value).inc()
+        log.warning(
+            "saga stalled: order %s in %s for %ss (deadline %ss)",
+            order_id,
+            saga.status.value,
+            event.stalled_for_seconds,
+            event.deadline_seconds,
+        )
+        return reported
+
+    # ---------------------------------------------------------------- HTTP
+
+    def readiness(self) -> dict[str, bool]:
+        """The table whole, the check running, the last SagaStalled send not failed."""
+        stale_after = max(10.0, 5 * self.settings.monitor_check_interval_s)
+        return {
+            "table": self.judging(),
+            "checking": self.last_check is not None
+            and time.monotonic() - self.last_check < stale_after,
+            "kafka": not self.send_failed,
+        }
+
+    def _pages(self) -> None:
+        # faust calls a page as ``get(view, request)``
+        @self.app.page("/healthz")
+        async def healthz(view: Any, request: Any) -> Any:
+            return view.json({"status": "alive", "service": "monitor"})
+
+        @self.app.page("/readyz")
+        async def readyz(view: Any, request: Any) -> Any:
+            checks = self.readiness()
+            ready = all(checks.values())
+            return view.json({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+        @self.app.page("/metrics")
+        async def metrics(view: Any, request: Any) -> Any:
+            body = generate_latest(self.registry)
+            return view.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def run(self) -> None:
+        worker = faust.Worker(self.app, loglevel="INFO", override_logging=False, quiet=True)
+        worker.spinner = None  # it writes terminal escapes into the log
+        worker.execute_from_commandline()
+
+
+def main() -> None:
+    configure_logging()
+    Monitor(MonitorSettings(), CollectorRegistry()).run()
+
+
+if __name__ == "__main__":
+    main()

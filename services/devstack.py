@@ -312,7 +312,9 @@ async def _kafka_ready(bootstrap: str) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    from services.runtime.kafka import client_options
+
+    admin = AIOKafkaAdminClient(**client_options(bootstrap), request_timeout_ms=3000)
     # "connection refused" until the broker listens is the expected answer, not news
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
@@ -663,6 +665,7 @@ def infra_up(p: Profile) -> dict[str, str]:
             topics.load_specs(
                 partitions=kafka.kafka_partitions,
                 replication_factor=kafka.kafka_replication_factor,
+                min_insync_replicas=kafka.kafka_min_insync_replicas,
             ),
         )
     )

@@ -33,6 +33,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import create_engine
 
+from services.runtime.kafka import client_options
 from services.runtime.service import libpq_conninfo
 from services.runtime.tables import metadata as runtime_metadata
 from tests.support import ledger_service
@@ -56,7 +57,7 @@ def infra() -> tuple[str, str]:
 
 async def preproduce(bootstrap: str, topic: str, n: int) -> None:
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5
+        **client_options(bootstrap), enable_idempotence=True, acks="all", linger_ms=5
     )
     await producer.start()
     try:
@@ -76,7 +77,7 @@ async def measure(proc: Proc, bootstrap: str, conninfo: str, out_topic: str, n: 
     and N records are in the out topic. Returns monotonic timestamps."""
     marks: dict[str, float] = {"started": time.monotonic()}
     deadline = marks["started"] + timeout_s
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_options(bootstrap), enable_auto_commit=False)
     await consumer.start()
     tps = [TopicPartition(out_topic, p) for p in range(PARTITIONS)]
     try:

@@ -45,6 +45,7 @@ def topics_apply(
     specs = topic_specs.load_specs(
         partitions=partitions or kafka.kafka_partitions,
         replication_factor=kafka.kafka_replication_factor,
+        min_insync_replicas=kafka.kafka_min_insync_replicas,
     )
     report = asyncio.run(topic_specs.apply(kafka.kafka_bootstrap_servers, specs))
     for label, names in (

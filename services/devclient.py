@@ -18,6 +18,7 @@ import httpx
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from services.runtime.kafka import client_options
 from services.runtime.service import libpq_conninfo
 from services.runtime.topics import partitions_of
 
@@ -64,7 +65,7 @@ async def produce(
     timestamp_ms: int | None = None,
     partition: int | None = None,
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(**client_options(bootstrap), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for key, value in records:
@@ -82,7 +83,7 @@ async def produce(
 
 async def read_all(bootstrap: str, topic: str) -> list[Any]:
     """Every record in ``topic`` up to its end offsets at call time."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_options(bootstrap), enable_auto_commit=False)
     await consumer.start()
     try:
         tps = await partitions_of(bootstrap, names=[topic])

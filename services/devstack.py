@@ -2,7 +2,10 @@
 
 Kafka's jars come from Maven Central through ``deploy/local/kafka/pom.xml`` and are
 cached in ``.local/kafka/lib-<version>``; the broker runs in KRaft mode as a single
-combined broker+controller. PostgreSQL runs from the machine's binaries in a data
+combined broker+controller, or (``PAYSAGA_KAFKA_BROKERS=3``) as a cluster of three
+combined nodes (see :func:`kafka_nodes`). Every node also has a SASL_SSL listener
+(SCRAM-SHA-512, a throwaway CA made at first start; see :func:`secure_client_env`).
+PostgreSQL runs from the machine's binaries in a data
 folder under ``.local/<profile>/pg`` (as the unprivileged ``postgres`` user when we
 are root; see :func:`pg_home` for a checkout that user cannot enter). Two profiles
 keep ``make up`` (dev) and ``make test`` (test) apart: their own ports and folders, so a
@@ -57,6 +60,8 @@ class Profile:
     http_base: int
     #: added to each service's contract port (0 for dev: the contract's ports)
     service_shift: int = 0
+    #: Kafka nodes: 1 (``make up``, ``make test``) or 3 (``PAYSAGA_KAFKA_BROKERS=3``)
+    brokers: int = 1
 
     @property
     def root(self) -> Path:
@@ -64,7 +69,11 @@ class Profile:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        return ",".join(f"127.0.0.1:{n.port}" for n in kafka_nodes(self))
+
+    @property
+    def secure_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{n.secure_port}" for n in kafka_nodes(self))
 
     @property
     def database_url(self) -> str:
@@ -76,12 +85,22 @@ def _test_profile() -> Profile:
     checkouts on one machine can run their suites side by side."""
     shift = int(os.environ.get("PAYSAGA_TEST_PORT_SHIFT", "0"))
     return Profile(
-        "test", 19092 + shift, 19093 + shift, 55433 + shift, 18000 + shift, 10000 + shift
+        "test",
+        19092 + shift,
+        19093 + shift,
+        55433 + shift,
+        18000 + shift,
+        10000 + shift,
+        _brokers(),
     )
 
 
+def _brokers() -> int:
+    return int(os.environ.get("PAYSAGA_KAFKA_BROKERS", "1"))
+
+
 PROFILES = {
-    "dev": Profile("dev", 9092, 9093, 55432, 8000),
+    "dev": Profile("dev", 9092, 9093, 55432, 8000, brokers=_brokers()),
     "test": _test_profile(),
 }
 
@@ -222,25 +241,139 @@ def kafka_lib() -> Path:
     return lib
 
 
-def _kafka_properties(p: Profile, data: Path) -> str:
+@dataclasses.dataclass(frozen=True)
+class KafkaNode:
+    """One local Kafka process (broker and controller in one)."""
+
+    node_id: int
+    #: PLAINTEXT listener: the stack's own clients and replication between the nodes
+    port: int
+    controller_port: int
+    #: SASL_SSL listener (SCRAM-SHA-512) for clients that test the secured path
+    secure_port: int
+    home: Path
+
+    @property
+    def properties(self) -> Path:
+        """Its server.properties: also the marker of its command line."""
+        return self.home / "server.properties"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.home / "kafka.pid"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def kafka_nodes(p: Profile, brokers: int | None = None) -> list[KafkaNode]:
+    """The profile's Kafka nodes. One node keeps the layout it always had (broker on
+    ``kafka_port``, controller on ``controller_port``, folder ``kafka/``). Three nodes
+    take the broker ports ``kafka_port``..+2 (9092-9094 for dev), controller ports
+    ``kafka_port``+50..+52 — a range of their own, since the single node's controller
+    port is the second broker's — and folders ``kafka/node-<id>/``. Every node's
+    SASL_SSL listener is on ``kafka_port`` + 10 + (id - 1)."""
+    n = p.brokers if brokers is None else brokers
+    base = p.root / "kafka"
+    if n == 1:
+        return [KafkaNode(1, p.kafka_port, p.controller_port, p.kafka_port + 10, base)]
+    return [
+        KafkaNode(i, p.kafka_port + i - 1, p.kafka_port + 49 + i, p.kafka_port + 9 + i,
+                  base / f"node-{i}")
+        for i in range(1, n + 1)
+    ]  # fmt: skip
+
+
+#: the local SASL_SSL listener's SCRAM user: a documented development credential, like
+#: the local gateway secret — nothing outside the local stack uses it
+LOCAL_KAFKA_USER = "paysaga"
+LOCAL_KAFKA_PASSWORD = "paysaga-local-dev"  # noqa: S105
+
+
+def secure_client_env(p: Profile) -> dict[str, str]:
+    """The settings a client needs to connect through the nodes' SASL_SSL listener."""
+    return {
+        "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS": p.secure_bootstrap,
+        "PAYSAGA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "PAYSAGA_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "PAYSAGA_KAFKA_SASL_USERNAME": LOCAL_KAFKA_USER,
+        "PAYSAGA_KAFKA_SASL_PASSWORD": LOCAL_KAFKA_PASSWORD,
+        "PAYSAGA_KAFKA_SSL_CAFILE": str(_tls_dir(p) / "ca.pem"),
+    }
+
+
+def _tls_dir(p: Profile) -> Path:
+    return p.root / "kafka" / "tls"
+
+
+def _make_tls(p: Profile) -> Path:
+    """A throwaway CA and one broker certificate (127.0.0.1 and localhost) for the
+    profile's nodes, made once per profile with ``openssl``; returns the PEM keystore
+    (key + certificate chain) the brokers read (``ssl.keystore.type=PEM``)."""
+    tls = _tls_dir(p)
+    keystore = tls / "broker-keystore.pem"
+    if keystore.exists():
+        return keystore
+    if shutil.which("openssl") is None:
+        raise StackError("openssl is needed to make the local broker's TLS certificate")
+    tls.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert, ext = (tls / n for n in ("ca.key", "ca.pem", "broker.key",
+                                        "broker.csr", "broker.pem", "broker.ext"))  # fmt: skip
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    steps = [
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "3650",
+         "-subj", f"/CN=paysaga local CA ({p.name})"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "3650", "-extfile", ext],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(
+            ["openssl", *map(str, step)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise StackError(f"openssl {step[0]} failed: {done.stderr.strip()[-300:]}")
+    keystore.write_text(key.read_text() + cert.read_text() + ca.read_text())
+    keystore.chmod(0o600)
+    return keystore
+
+
+def _kafka_properties(p: Profile, node: KafkaNode, keystore: Path) -> str:
+    nodes = kafka_nodes(p)
+    voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes)
+    replicas, min_isr = len(nodes), min(2, len(nodes))
     return "\n".join(
         [
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{p.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{p.kafka_port},CONTROLLER://127.0.0.1:{p.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka_port}",
+            f"node.id={node.node_id}",
+            f"controller.quorum.voters={voters}",
+            f"listeners=PLAINTEXT://127.0.0.1:{node.port},"
+            f"CONTROLLER://127.0.0.1:{node.controller_port},"
+            f"SASL_SSL://127.0.0.1:{node.secure_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port},"
+            f"SASL_SSL://127.0.0.1:{node.secure_port}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-            f"log.dirs={data}",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
+            "SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={keystore}",
+            f"log.dirs={node.home / 'data'}",
             "num.partitions=1",
-            "offsets.topic.replication.factor=1",
+            # internal topics replicated like the saga's: a node lost loses no offsets
+            # or transaction state (paysaga's topics get theirs from `topics apply`);
+            # the broker-wide min.insync.replicas stays 1 for topics made with RF 1
+            f"offsets.topic.replication.factor={replicas}",
             "offsets.topic.num.partitions=6",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={min_isr}",
+            f"share.coordinator.state.topic.replication.factor={replicas}",
+            f"share.coordinator.state.topic.min.isr={min_isr}",
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=false",
             "",
@@ -248,83 +381,119 @@ def _kafka_properties(p: Profile, data: Path) -> str:
     )
 
 
+def _cluster_id(p: Profile) -> str:
+    """One id for all of the profile's nodes (each is formatted on its own), kept so a
+    node whose folder is new joins the others."""
+    path = p.root / "kafka" / f"cluster-id-{p.brokers}"
+    if path.exists():
+        return path.read_text().strip()
+    # URL-safe base64 of 16 random bytes, as StorageTool random-uuid makes; a leading
+    # '-' would be read as an option, so draw again.
+    cluster_id = "-"
+    while cluster_id.startswith("-"):
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()[:22]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cluster_id)
+    return cluster_id
+
+
+def node_pid(node: KafkaNode) -> int | None:
+    return running_pid(node.pidfile, str(node.properties))
+
+
+def node_start(p: Profile, node: KafkaNode) -> int:
+    """Start one node unless it runs (formatting its folder the first time); its pid.
+    Does not wait: a node of a cluster is ready only with a majority of the others."""
+    pid = node_pid(node)
+    if pid is not None:
+        return pid
+    for port, what in ((node.port, "Kafka"), (node.controller_port, "Kafka controller"),
+                       (node.secure_port, "Kafka SASL_SSL listener")):  # fmt: skip
+        claim_port(port, what)
+    lib = kafka_lib()
+    classpath = f"{lib}/*"
+    node.home.mkdir(parents=True, exist_ok=True)
+    node.properties.write_text(_kafka_properties(p, node, _make_tls(p)))
+    if not (node.home / "data" / "meta.properties").exists():
+        subprocess.run(
+            ["java", "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+             "kafka.tools.StorageTool", "format", "-t", _cluster_id(p), "-c", str(node.properties)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    _log(f"starting Kafka {kafka_version()} node {node.node_id} on {node.bootstrap}")
+    return spawn(
+        ["java", "-Xms512m", "-Xmx512m", "-XX:+UseG1GC",
+         f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={node.home}",
+         "-cp", classpath, "kafka.Kafka", str(node.properties)],
+        node.home / "kafka.log",
+        node.pidfile,
+    )  # fmt: skip
+
+
 def kafka_up(p: Profile) -> None:
-    home = p.root / "kafka"
-    pidfile, marker = home / "kafka.pid", str(home / "server.properties")
-    pid = running_pid(pidfile, marker)
-    if pid is None:
-        claim_port(p.kafka_port, "Kafka")
-        claim_port(p.controller_port, "Kafka controller")
-        lib = kafka_lib()
-        data = home / "data"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "server.properties").write_text(_kafka_properties(p, data))
-        classpath = f"{lib}/*"
-        if not (data / "meta.properties").exists():
-            # URL-safe base64 of 16 random bytes, as StorageTool random-uuid makes; a leading
-            # '-' would be read as an option, so draw again.
-            cluster_id = "-"
-            while cluster_id.startswith("-"):
-                cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()[:22]
-            subprocess.run(
-                [
-                    "java",
-                    "-cp",
-                    classpath,
-                    f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    cluster_id,
-                    "-c",
-                    marker,
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        _log(f"starting Kafka {kafka_version()} on {p.bootstrap}")
-        pid = spawn(
-            [
-                "java",
-                "-Xms512m",
-                "-Xmx512m",
-                "-XX:+UseG1GC",
-                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-                f"-Dkafka.logs.dir={home}",
-                "-cp",
-                classpath,
-                "kafka.Kafka",
-                marker,
-            ],
-            home / "kafka.log",
-            pidfile,
+    if p.brokers not in (1, 3):
+        raise StackError(f"PAYSAGA_KAFKA_BROKERS={p.brokers}: the local stack runs 1 or 3")
+    other = [n for n in kafka_nodes(p, 4 - p.brokers) if node_pid(n) is not None]
+    if other:
+        raise StackError(
+            f"profile '{p.name}' runs {len(kafka_nodes(p, 4 - p.brokers))} Kafka node(s), not"
+            f" {p.brokers}: run `make down` first (or set PAYSAGA_KAFKA_BROKERS to match)"
         )
+    pids = [node_start(p, node) for node in kafka_nodes(p)]
     wait_until(
         f"Kafka on {p.bootstrap}",
-        lambda: asyncio.run(_kafka_ready(p.bootstrap)),
-        lambda: pid_running(pid),
-        timeout=120,
+        lambda: asyncio.run(_kafka_ready(p.bootstrap, p.brokers)),
+        lambda: all(pid_running(pid) for pid in pids),
+        timeout=180,
     )
+    _ensure_scram_user(p)
 
 
-async def _kafka_ready(bootstrap: str) -> bool:
-    """Real readiness: the admin client sees the broker, and a probe topic has a leader."""
+def _ensure_scram_user(p: Profile) -> None:
+    """The SASL_SSL listener's SCRAM user, created once per cluster with Kafka's own
+    tool (``kafka-configs --alter --add-config SCRAM-SHA-512=...``)."""
+    node = kafka_nodes(p)[0]
+    marker = node.home / "data" / ".paysaga-scram-user"
+    if marker.exists():
+        return
+    done = subprocess.run(
+        ["java", "-cp", f"{kafka_lib()}/*", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+         "kafka.admin.ConfigCommand", "--bootstrap-server", p.bootstrap, "--alter",
+         "--add-config", f"SCRAM-SHA-512=[iterations=8192,password={LOCAL_KAFKA_PASSWORD}]",
+         "--entity-type", "users", "--entity-name", LOCAL_KAFKA_USER],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise StackError(f"could not create the local SCRAM user: {done.stderr.strip()[-300:]}")
+    marker.touch()
+
+
+async def _kafka_ready(bootstrap: str, brokers: int = 1) -> bool:
+    """Real readiness: the admin client sees every broker and a controller, and a probe
+    topic replicated to all of them has a leader and a full ISR on every partition."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    from services.runtime.kafka import client_options
+
+    admin = AIOKafkaAdminClient(**client_options(bootstrap), request_timeout_ms=3000)
     # "connection refused" until the broker listens is the expected answer, not news
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         await asyncio.wait_for(admin.start(), 5)
         cluster = await admin.describe_cluster()
-        if not cluster.get("brokers") or cluster.get("controller_id", -1) < 0:
+        if len(cluster.get("brokers") or []) < brokers or cluster.get("controller_id", -1) < 0:
             return False
         with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics([NewTopic("paysaga.probe", 1, 1)])
+            await admin.create_topics([NewTopic("paysaga.probe", 1, brokers)])
         described = await admin.describe_topics(["paysaga.probe"])
         parts = described[0].get("partitions", []) if described else []
-        return bool(parts) and all(part.get("leader", -1) >= 0 for part in parts)
+        return bool(parts) and all(
+            part.get("leader", -1) >= 0 and len(part.get("isr", [])) >= brokers for part in parts
+        )
     except (KafkaError, OSError, TimeoutError):
         return False
     finally:
@@ -334,8 +503,12 @@ async def _kafka_ready(bootstrap: str) -> bool:
 
 
 def kafka_down(p: Profile) -> bool:
-    home = p.root / "kafka"
-    return stop_pid(home / "kafka.pid", str(home / "server.properties"), timeout=60)
+    """Stop every Kafka node of the profile, one node or three, whatever
+    ``PAYSAGA_KAFKA_BROKERS`` says now."""
+    stopped = False
+    for node in [*kafka_nodes(p, 1), *kafka_nodes(p, 3)]:
+        stopped |= stop_pid(node.pidfile, str(node.properties), timeout=60)
+    return stopped
 
 
 # ---------------------------------------------------------------------------- postgres
@@ -634,6 +807,9 @@ def stack_env(p: Profile) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PAYSAGA_KAFKA_BOOTSTRAP_SERVERS", p.bootstrap)
     env.setdefault("PAYSAGA_DATABASE_URL", p.database_url)
+    if p.brokers > 1:  # topics apply: replicated to all, acknowledged by two
+        env.setdefault("PAYSAGA_KAFKA_REPLICATION_FACTOR", str(p.brokers))
+        env.setdefault("PAYSAGA_KAFKA_MIN_INSYNC_REPLICAS", "2")
     env.setdefault("PAYSAGA_GATEWAY_SECRETS", LOCAL_DEV_GATEWAY_SECRETS)
     ports = {sp.name: service_port(p, sp) for sp in SERVICE_PROCESSES}
     for name, port in ports.items():
@@ -664,6 +840,7 @@ def infra_up(p: Profile) -> dict[str, str]:
             topics.load_specs(
                 partitions=kafka.kafka_partitions,
                 replication_factor=kafka.kafka_replication_factor,
+                min_insync_replicas=kafka.kafka_min_insync_replicas,
             ),
         )
     )
@@ -734,16 +911,32 @@ def clean() -> None:
 def status(profile: str = "dev") -> dict[str, str]:
     p = PROFILES[profile]
     home = pg_home(p)
-    out = {
-        "kafka": "running"
-        if running_pid(p.root / "kafka" / "kafka.pid", str(p.root / "kafka" / "server.properties"))
-        else "stopped",
+    out = _kafka_status(p)
+    out |= {
         "postgresql": ("running" if _pg_accepts(p) else "stopped")
         + ("" if home == p.root / "pg" else f" (data in {home})"),
     }
     for sp in SERVICE_PROCESSES:
         pid = running_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}")
         out[sp.name] = f"running (pid {pid}, port {service_port(p, sp)})" if pid else "stopped"
+    return out
+
+
+def _kafka_status(p: Profile) -> dict[str, str]:
+    """One line per Kafka node, of the layout that runs (else of the configured one)."""
+    nodes = next(
+        (ns for ns in (kafka_nodes(p, 1), kafka_nodes(p, 3)) if any(map(node_pid, ns))),
+        kafka_nodes(p),
+    )
+    out = {}
+    for node in nodes:
+        name = "kafka" if len(nodes) == 1 else f"kafka-{node.node_id}"
+        pid = node_pid(node)
+        out[name] = (
+            f"running (pid {pid}, port {node.port}, SASL_SSL {node.secure_port})"
+            if pid
+            else "stopped"
+        )
     return out
 
 

@@ -42,6 +42,7 @@ from pydantic_settings import SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from schemas.carddata import find_card_data_in_bytes
+from services.runtime.kafka import client_options
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
 from services.runtime.topics import CONFIRMATIONS_TOPIC as TOPIC
@@ -77,7 +78,7 @@ class KafkaLink:
         delay = 0.5
         while True:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
+                **client_options(self.bootstrap),
                 client_id="paysaga-bridge",
                 enable_idempotence=True,
                 acks="all",

@@ -18,6 +18,7 @@ from rich.table import Table
 from schemas.contract import StockLevelSet
 from schemas.envelope import dump, new_envelope
 from services.inventory import domain, store
+from services.runtime.kafka import client_options
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, KafkaSettings
 from services.runtime.terminal import make_console
@@ -38,7 +39,7 @@ async def publish_stock_level(bootstrap: str, sku: str, available: int) -> str:
             event_id=event_id,
         )
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(**client_options(bootstrap), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         await producer.send_and_wait(CATALOG_TOPIC, value=value, key=sku.encode())

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from services.runtime import dlq
 from services.runtime.consumer import _record
+from services.runtime.kafka import client_options
 from services.runtime.messages import Record
 from services.runtime.settings import KafkaSettings
 from services.runtime.terminal import make_console
@@ -56,7 +57,7 @@ def ref_of(rec: Record) -> str:
 
 
 async def read_dead_letters(bootstrap: str, filters: Filters) -> list[Record]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_options(bootstrap), enable_auto_commit=False)
     await consumer.start()
     try:
         tps = await partitions_of(bootstrap, suffix=".dlq")
@@ -88,7 +89,7 @@ async def publish(
     bootstrap: str,
     records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]],
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(**client_options(bootstrap), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for topic, key, value, headers, ts in records:

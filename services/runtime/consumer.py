@@ -58,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.runtime import dlq
 from services.runtime.errors import PermanentError, describe, is_transient, said
 from services.runtime.faults import fault_point
+from services.runtime.kafka import client_options
 from services.runtime.locks import xact_lock
 from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import RuntimeMetrics
@@ -166,7 +167,7 @@ class ConsumerRuntime:
         """Consume until ``stop`` is set; then finish the in-flight batch and leave the group."""
         s = self.settings
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **client_options(self.bootstrap),
             group_id=self.group,
             client_id=self.client_id,
             enable_auto_commit=False,

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.carddata import redact
 from services.runtime.errors import describe
+from services.runtime.kafka import client_options
 from services.runtime.messages import Record
 
 H_PREFIX = "paysaga-dlq-"
@@ -100,7 +101,7 @@ class DeadLetterProducer:
 
     def __init__(self, bootstrap: str, client_id: str) -> None:
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
+            **client_options(bootstrap),
             client_id=f"{client_id}-dlq",
             enable_idempotence=True,
             acks="all",

@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.errors import refused_by_kafka, said
 from services.runtime.faults import fault_point
+from services.runtime.kafka import client_options
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
 from services.runtime.tables import inbox, outbox
@@ -129,7 +130,7 @@ class OutboxRelay:
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+            **client_options(self.bootstrap),
             client_id=f"paysaga-{self.service}-relay",
             enable_idempotence=True,
             acks="all",

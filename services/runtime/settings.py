@@ -7,8 +7,9 @@ README). Settings objects are built in ``main()``; nothing here runs at import.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The documented local development secret: used by the local stack when
@@ -26,6 +27,28 @@ class KafkaSettings(BaseSettings):
     #: overrides topics.yaml's partition count for every topic (co-partitioned by order id)
     kafka_partitions: int | None = None
     kafka_replication_factor: int = 1
+    #: ``min.insync.replicas`` of every topic, for ``topics apply`` (default: topics.yaml's,
+    #: never above the replication factor)
+    kafka_min_insync_replicas: int | None = None
+    #: how every client (services, bridge, CLI, monitor) connects; see
+    #: ``services.runtime.kafka.client_options``
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    #: PEM file of the CA that signed the brokers' certificates (default: the system's CAs)
+    kafka_ssl_cafile: str | None = None
+
+    @model_validator(mode="after")
+    def _credentials_with_sasl(self) -> KafkaSettings:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"PAYSAGA_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs"
+                " PAYSAGA_KAFKA_SASL_USERNAME and PAYSAGA_KAFKA_SASL_PASSWORD"
+            )
+        return self
 
 
 class DatabaseSettings(BaseSettings):

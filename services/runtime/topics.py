@@ -17,6 +17,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from services.runtime.kafka import client_options
+
 TOPICS_FILE = Path(__file__).resolve().parents[2] / "topics.yaml"
 
 # The topics the services name in code (topics.yaml has them all, with their specs).
@@ -67,18 +69,21 @@ def load_specs(
     path: Path = TOPICS_FILE,
     partitions: int | None = None,
     replication_factor: int | None = None,
+    min_insync_replicas: int | None = None,
 ) -> list[TopicSpec]:
-    """Read the topic specs; ``partitions``/``replication_factor`` override the defaults."""
+    """Read the topic specs; ``partitions``/``replication_factor``/``min_insync_replicas``
+    override the defaults (``min.insync.replicas`` never above the replication factor)."""
     doc: dict[str, Any] = yaml.safe_load(path.read_text())
     d = doc["defaults"]
     rf = replication_factor or int(d["replication_factor"])
+    min_isr = min_insync_replicas or int(d["min_insync_replicas"])
     specs = []
     for name, t in doc["topics"].items():
         t = t or {}
         configs = {
             "cleanup.policy": str(t.get("cleanup_policy", "delete")),
             "retention.ms": str(t.get("retention_ms", d["retention_ms"])),
-            "min.insync.replicas": str(min(int(d["min_insync_replicas"]), rf)),
+            "min.insync.replicas": str(min(min_isr, rf)),
         }
         configs.update({k: str(v) for k, v in (t.get("config") or {}).items()})
         n = int(t.get("partitions", partitions or d["partitions"]))
@@ -88,7 +93,7 @@ def load_specs(
 
 async def apply(bootstrap: str, specs: list[TopicSpec]) -> ApplyReport:
     report = ApplyReport()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = AIOKafkaAdminClient(**client_options(bootstrap), request_timeout_ms=15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -153,7 +158,7 @@ async def partitions_of(
     bootstrap: str, prefix: str = "", suffix: str = "", names: list[str] | None = None
 ) -> list[TopicPartition]:
     """Every partition of the named topics (or of all topics matching prefix/suffix)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_options(bootstrap))
     await admin.start()
     try:
         if names is None:

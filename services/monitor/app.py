@@ -48,6 +48,7 @@ from schemas.envelope import Envelope, dump, new_envelope
 from schemas.events import SagaStalled
 from services.monitor import domain
 from services.monitor.domain import Deadlines, Saga, StatusChange
+from services.runtime.kafka import client_options
 from services.runtime.service import configure_logging
 from services.runtime.settings import KafkaSettings
 from services.runtime.topics import MONITOR_CHANGELOG_TOPIC, STALLED_TOPIC, STATUS_TOPIC
@@ -133,6 +134,21 @@ def _brokers(bootstrap: str) -> list[str]:
     return [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
 
 
+def broker_credentials(settings: KafkaSettings) -> Any:
+    """faust's form of ``client_options``: the same TLS context, mechanism, user and
+    password as every other paysaga client (None: plaintext)."""
+    options = client_options(settings.kafka_bootstrap_servers, settings)
+    ssl_context = options.get("ssl_context")
+    if "sasl_mechanism" in options:
+        return faust.SASLCredentials(
+            username=options["sasl_plain_username"],
+            password=options["sasl_plain_password"],
+            ssl_context=ssl_context,
+            mechanism=options["sasl_mechanism"],
+        )
+    return faust.SSLCredentials(ssl_context) if ssl_context is not None else None
+
+
 def status_change(key: bytes | None, value: bytes | None) -> StatusChange:
     """The monitor's view of one status record; raises ValueError on a malformed one."""
     if value is None:
@@ -169,6 +185,7 @@ class Monitor:
         app = faust.App(
             GROUP,
             broker=_brokers(settings.kafka_bootstrap_servers),
+            broker_credentials=broker_credentials(settings),
             store="memory://",
             # topics.yaml is the source of truth: `paysaga topics apply` creates the
             # changelog with the status topic's partition count; the leader topic is

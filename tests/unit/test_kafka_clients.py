@@ -72,3 +72,28 @@ def test_sasl_without_credentials_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PAYSAGA_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     with pytest.raises(ValidationError, match="PAYSAGA_KAFKA_SASL_USERNAME"):
         KafkaSettings()
+
+
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SASL_SSL"])
+def test_the_monitor_connects_as_every_other_client(
+    monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    """faust takes credentials, not aiokafka options: what it hands aiokafka must be
+    what ``client_options`` gives every other client."""
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    from services.monitor.app import MonitorSettings, broker_credentials
+
+    monkeypatch.setenv("PAYSAGA_KAFKA_SECURITY_PROTOCOL", protocol)
+    monkeypatch.setenv("PAYSAGA_KAFKA_SASL_USERNAME", "monitor")
+    monkeypatch.setenv("PAYSAGA_KAFKA_SASL_PASSWORD", "s3cret")
+    settings = MonitorSettings()
+    faust_opts = dict(credentials_to_aiokafka_auth(broker_credentials(settings)))
+    ours = client_options(settings.kafka_bootstrap_servers, settings)
+    ours.pop("bootstrap_servers")
+    assert faust_opts.keys() == ours.keys()
+    for key in ours.keys() - {"ssl_context"}:
+        assert faust_opts[key] == ours[key], key
+    if protocol == "SASL_SSL":
+        assert isinstance(faust_opts["ssl_context"], ssl.SSLContext)
+        assert faust_opts["ssl_context"].verify_mode == ssl.CERT_REQUIRED

@@ -115,7 +115,7 @@ def mode(**quick_full: Any) -> Any:
     return quick_full["quick" if ARGS.quick else "full"]
 
 
-ARGS = argparse.Namespace(quick=False)
+ARGS = argparse.Namespace(quick=False, start_rate=2.0)
 
 
 # ------------------------------------------------------------------------------- CPU
@@ -761,7 +761,7 @@ async def saga_ladder(
         warm = await saga.step(2, mode(quick=4, full=8), drain)
         if not warm["completed"]:
             raise RuntimeError(f"the warm-up orders did not complete: {warm['outcomes']}")
-        rates = stats.rate_ladder(2, mode(quick=2, full=1.5), mode(quick=2, full=12))
+        rates = stats.rate_ladder(ARGS.start_rate, mode(quick=2, full=1.5), mode(quick=2, full=12))
         budget = time.monotonic() + mode(quick=50, full=360)
         steps: list[dict[str, Any]] = []
         for rate in rates:
@@ -930,7 +930,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         limit = doc["limits"][name]["orders_per_s"]
         if limit and limit < 20 * top:
             a.axhline(limit, ls=style, color="grey", label=f"{name} limit")
-    a.set(xlabel="offered orders/s", ylabel="completed orders/s", title="throughput")
+    chain, pg = (doc["limits"][k]["orders_per_s"] for k in ("kafka_chain", "psycopg_step"))
+    a.set(
+        xlabel="offered orders/s",
+        ylabel="completed orders/s",
+        title=f"throughput (limits: kafka chain {chain}/s, psycopg {pg}/s)",
+    )
     a.legend(fontsize=8)
     for q in ("p50", "p95", "p99"):
         b.plot(offered, [s["end_to_end_ms"][q] for s in steps], "o-", label=q)
@@ -960,6 +965,7 @@ def main() -> None:
         default=stats.P99_LIMIT_MS,
         help="stop the ladder after a step whose p99 passes this",
     )
+    parser.add_argument("--start-rate", type=float, default=2.0, help="the first step's orders/s")
     parser.add_argument("--keep-up", action="store_true", help="leave the bench stack running")
     global ARGS
     ARGS = parser.parse_args()

@@ -45,8 +45,12 @@ migrate: venv
 topics: venv
 	$(PAYSAGA) topics apply
 
-bench: venv         ## runtime throughput benchmark (prints and saves numbers)
-	$(BIN)/python -m benchmarks.runtime_throughput
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## the saga benchmark (~10 min; BENCH_ARGS=--quick: ~1 min)
+	$(BIN)/python -m benchmarks.saga $(BENCH_ARGS)
 
 clean: down         ## stop every profile; remove .local and PostgreSQL data kept outside it
 	$(PAYSAGA) dev clean

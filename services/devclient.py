@@ -57,6 +57,34 @@ def envelope(
     return json.dumps(doc).encode()
 
 
+def order_placed(
+    order_id: str,
+    intent: str | None,
+    items: list[tuple[str, int, int]],
+    currency: str = "EUR",
+    method: str = "card",
+    event_id: str | None = None,
+) -> bytes:
+    """The checkout's OrderPlaced envelope; ``items`` are (sku, quantity, unit amount); no
+    ``intent``: paysaga requests the payment (PaymentRequested)."""
+    payload = {
+        "order_id": order_id,
+        "customer_id": f"cust-{order_id}",
+        "conference_id": None,
+        "currency": currency,
+        "items": [{"sku": s, "quantity": q, "unit_amount": a} for s, q, a in items],
+        "discount_amount": 0,
+        "delivery_fee": 0,
+        "service_fee": 0,
+        "total_amount": sum(q * a for _, q, a in items),
+        "payment_intent_id": intent,
+        "payment_method": method,
+    }
+    if intent is None:
+        del payload["payment_intent_id"]
+    return envelope("OrderPlaced", payload, event_id)
+
+
 async def produce(
     bootstrap: str,
     topic: str,
@@ -121,24 +149,9 @@ class DevClient:
         event_id: str | None = None,
     ) -> int:
         items = items if items is not None else [(f"sku-{order_id}", 1, 1000)]
-        total = sum(q * a for _, q, a in items)
-        payload = {
-            "order_id": order_id,
-            "customer_id": f"cust-{order_id}",
-            "conference_id": None,
-            "currency": currency,
-            "items": [{"sku": s, "quantity": q, "unit_amount": a} for s, q, a in items],
-            "discount_amount": 0,
-            "delivery_fee": 0,
-            "service_fee": 0,
-            "total_amount": total,
-            "payment_intent_id": intent,
-            "payment_method": method,
-        }
-        if intent is None:  # paysaga requests the payment (PaymentRequested)
-            del payload["payment_intent_id"]
-        self.produce("checkout.orders.v1", order_id, envelope("OrderPlaced", payload, event_id))
-        return total
+        value = order_placed(order_id, intent, items, currency, method, event_id)
+        self.produce("checkout.orders.v1", order_id, value)
+        return sum(q * a for _, q, a in items)
 
     def retry(self, order_id: str, intent: str | None, method: str = "wallet") -> None:
         payload = {"order_id": order_id, "payment_intent_id": intent, "payment_method": method}

@@ -9,7 +9,7 @@ PostgreSQL runs from the machine's binaries in a data
 folder under ``.local/<profile>/pg`` (as the unprivileged ``postgres`` user when we
 are root; see :func:`pg_home` for a checkout that user cannot enter). Two profiles
 keep ``make up`` (dev) and ``make test`` (test) apart: their own ports and folders, so a
-test run never disturbs a running stack.
+test run never disturbs a running stack (``make bench`` has a third, bench).
 
 Every process started here has a pid file; ``down`` stops only processes whose pid file
 and command line both say they are ours.
@@ -99,9 +99,25 @@ def _brokers() -> int:
     return int(os.environ.get("PAYSAGA_KAFKA_BROKERS", "1"))
 
 
+def _bench_profile() -> Profile:
+    """``make bench``'s own stack, apart from dev and test; ``PAYSAGA_BENCH_PORT_SHIFT``
+    moves its ports as the test profile's shift does."""
+    shift = int(os.environ.get("PAYSAGA_BENCH_PORT_SHIFT", "0"))
+    return Profile(
+        "bench",
+        29092 + shift,
+        29093 + shift,
+        56433 + shift,
+        28000 + shift,
+        20000 + shift,
+        _brokers(),
+    )
+
+
 PROFILES = {
     "dev": Profile("dev", 9092, 9093, 55432, 8000, brokers=_brokers()),
     "test": _test_profile(),
+    "bench": _bench_profile(),
 }
 
 

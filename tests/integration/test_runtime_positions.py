@@ -176,7 +176,11 @@ def test_a_reset_position_does_not_re_apply_records_the_inbox_has_forgotten(
     asyncio.run(commit_offset(b, ledger.group, TopicPartition(ledger.in_topic, 0), 7))
 
     svc = ledger.process("after").start()
-    wait_for(lambda: anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0, what="counted")
+    wait_for(
+        lambda: anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0,
+        timeout=120,
+        what="counted",
+    )
     asyncio.run(produce(b, ledger.in_topic, [credit("k1", 4)], partition=0))
     wait_for(lambda: stored_position(ledger, 0) == 5, what="the new record processed")
     assert seqs_of(ledger, "k1") == [0, 1, 2, 3, 4]  # none applied twice

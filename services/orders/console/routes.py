@@ -82,12 +82,15 @@ def install(
     async def orders(
         request: Request,
         status: str = "",
-        age: int | None = None,
+        age: str = "",  # minutes; a form sends an empty field as ""
         customer: str = "",
         q: str = "",
         page_no: int = Query(1, alias="page", ge=1),
     ) -> Response:
-        f = OrderFilter(status or None, age, customer.strip() or None, q.strip() or None, page_no)
+        minutes = int(age) if age.strip().isdigit() else None
+        f = OrderFilter(
+            status or None, minutes, customer.strip() or None, q.strip() or None, page_no
+        )
         rows, more = await reads.orders(f, utcnow())
         return page(
             request,

@@ -59,7 +59,7 @@ def browser() -> Iterator[Any]:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1400,1000",
+        "--window-size=1500,1000",
         f"--user-data-dir={profile}",
     ):
         options.add_argument(arg)
@@ -77,10 +77,12 @@ def browser() -> Iterator[Any]:
 
 def _shot(driver: Any, name: str) -> None:
     """A full-page screenshot (the window grown to the page's height)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(800, min(int(height) + 40, 6000)))
+    height = driver.execute_script(
+        "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)"
+    )
+    driver.set_window_size(1500, max(800, min(int(height) + 160, 6000)))
     driver.save_screenshot(str(ARTIFACTS / f"console-{name}.png"))
-    driver.set_window_size(1400, 1000)
+    driver.set_window_size(1500, 1000)
 
 
 def test_find_an_order_and_see_each_step_of_its_saga(stack: Stack, browser: Any) -> None:
@@ -139,6 +141,13 @@ def test_replay_a_dead_letter_from_the_console(stack: Stack, browser: Any) -> No
         devstack.pg_up(profile)
     stack.wait_status(order_id, "NEEDS_RECONCILIATION", timeout=120)
     ref = f"{dead.topic}:{dead.partition}:{dead.offset}"
+
+    for page in ("reconciliation", "stalled"):  # listed there at once, with its reason
+        browser.get(f"{stack.url('orders')}/console/{page}")
+        listed = browser.find_element(By.ID, page).text
+        assert order_id in listed
+        assert "record_dead_lettered" in listed
+    _shot(browser, "stalled")
 
     browser.get(f"{stack.url('orders')}/console/dead-letters")
     letter = browser.find_element(By.ID, f"dl-{ref}")

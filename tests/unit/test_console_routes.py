@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from services.orders.console import routes
 from services.orders.console.actions import OperatorToken
 from services.orders.console.reads import DeadLetter, OrderFilter, compare_ledger, scrub
+from services.reconcile import Violation
 from services.runtime.cli_dlq import Filters
 
 HOSTILE = "<script>alert('pwned')</script>"
@@ -99,8 +100,10 @@ class FakeReads:
     async def stalled(self, now: datetime) -> list[dict[str, Any]]:
         return [_order("ord_stuck", "PAYMENT_AUTHORIZED")]
 
-    async def needs_reconciliation(self) -> tuple[list[Any], list[Any]]:
-        return [], []
+    async def needs_reconciliation(self) -> tuple[list[Any], list[Any], str]:
+        flagged = {**_order("ord_flag", "NEEDS_RECONCILIATION"), "reason": "refund_failed"}
+        found = Violation("compensation_failed", "ord_flag", "refund txn_c1 failed: captured")
+        return [flagged], [found], "paysaga reconcile --gateway --order ..."
 
     async def unmatched(self) -> list[dict[str, Any]]:
         return []
@@ -186,6 +189,7 @@ def test_compare_ledger_marks_only_disagreements() -> None:
     t = {
         "captures": [{"transaction_id": "t", "amount": 5, "state": "captured"}],
         "compensations": [],
+        "confirmations": [],
     }
     rows = compare_ledger(t, {"t": {"state": "captured", "captures": [{"amount": 5}]}})
     assert [(r["field"], r["differs"]) for r in rows] == [
@@ -194,6 +198,24 @@ def test_compare_ledger_marks_only_disagreements() -> None:
         ("voided", False),
     ]
     assert all(r["differs"] for r in compare_ledger(t, {"t": None}))
+    sale = {
+        "captures": [],
+        "compensations": [],
+        "confirmations": [
+            {"transaction_id": "t", "amount": 5, "type": "payment.captured", "outcome": "accepted"}
+        ],
+    }
+    captured = {"state": "captured", "captures": [{"amount": 5}]}
+    assert not any(r["differs"] for r in compare_ledger(sale, {"t": captured}))
+
+
+def test_stalled_and_reconciliation_pages() -> None:
+    client, _, _ = _client(None)
+    assert 'href="/console/orders/ord_stuck"' in client.get("/console/stalled").text
+    r = client.get("/console/reconciliation")
+    assert r.status_code == 200
+    assert "compensation_failed: refund txn_c1 failed: captured" in r.text
+    assert "paysaga reconcile --gateway --order ..." in r.text
 
 
 def test_hostile_dead_letter_is_shown_as_text() -> None:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -302,18 +303,25 @@ class ConsoleReads:
             before=now - timedelta(seconds=self.stall_after_s),
         )
 
-    async def needs_reconciliation(self) -> tuple[list[Row], list[reconcile.Violation]]:
-        """NEEDS_RECONCILIATION orders and what ``paysaga reconcile --order`` says of
-        them (its code, in a thread: it reads with blocking connections)."""
+    async def needs_reconciliation(self) -> tuple[list[Row], list[reconcile.Violation], str]:
+        """NEEDS_RECONCILIATION orders, what ``paysaga reconcile --gateway --order ...``
+        says of them (its code, in a thread: it reads with blocking connections), and
+        which check that was (without the gateway when the gateway does not answer)."""
         rows = await self._all(
             "orders",
             "SELECT order_id, customer_id, reason, amount, currency, transaction_id, updated_at"
             " FROM orders WHERE status = 'NEEDS_RECONCILIATION' ORDER BY updated_at LIMIT 100",
         )
-        if not rows:
-            return rows, []
         ids = [r["order_id"] for r in rows]
-        return rows, await asyncio.to_thread(reconcile.check, None, ids)
+        command = "paysaga reconcile --gateway --order ..."
+        if not rows:
+            return rows, [], command
+        try:
+            found = await asyncio.to_thread(reconcile.check, self._gateway.gateway_url, ids)
+        except httpx.HTTPError as exc:
+            found = await asyncio.to_thread(reconcile.check, None, ids)
+            command = f"paysaga reconcile --order ... (the gateway did not answer: {exc!r})"
+        return rows, found, command
 
     async def unmatched(self) -> list[Row]:
         """Open unmatched payments, each with the pending orders of its amount and
@@ -400,10 +408,17 @@ def compare_ledger(
     (``differs`` marks a disagreement)."""
     out = []
     for txn, p in ledger.items():
+        # a sale is captured by the gateway itself: its accepted confirmation is our record
         ours_captured = sum(
             c["amount"]
             for c in t["captures"]
             if c["transaction_id"] == txn and c["state"] in ("captured", "sale_confirmed")
+        ) or sum(
+            c["amount"]
+            for c in t["confirmations"]
+            if c["transaction_id"] == txn
+            and c["type"] == "payment.captured"
+            and c["outcome"] == "accepted"
         )
         ours_refunded = sum(
             c["amount"]

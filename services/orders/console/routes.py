@@ -128,8 +128,10 @@ def install(
 
     @router.get("/reconciliation", response_class=HTMLResponse, include_in_schema=False)
     async def reconciliation(request: Request) -> Response:
-        rows, violations = await reads.needs_reconciliation()
-        return page(request, "reconciliation.html", rows=rows, violations=violations)
+        rows, violations, command = await reads.needs_reconciliation()
+        return page(
+            request, "reconciliation.html", rows=rows, violations=violations, command=command
+        )
 
     @router.get("/unmatched", response_class=HTMLResponse, include_in_schema=False)
     async def unmatched(request: Request) -> Response:

@@ -23,8 +23,8 @@ down: venv          ## stop everything `make up` started
 status: venv
 	$(PAYSAGA) dev status
 
-demo: venv          ## set up, run a mixed batch of orders through every path, summarize, stop
-	$(BIN)/python -m services.demo
+demo: venv          ## set up, run a mixed batch of orders through every path, summarize, stop (KEEP=1: keep it up)
+	KEEP=$(KEEP) $(BIN)/python -m services.demo
 
 test: venv          ## the whole suite on its own Kafka/PostgreSQL (ports 19092/55433)
 	$(PAYSAGA) dev test -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""The status API (CONTRACT §3.2): ``GET /orders/{order_id}``.
+"""The status API (CONTRACT §3.2): ``GET /orders/{order_id}``, and the operator console
+under ``/console/`` (``services/orders/console/``).
 
 Reads through its own connection, never the consumer's transaction: it sees committed
 projections only. The runtime adds ``/healthz``, ``/readyz`` and ``/metrics``.
@@ -6,6 +7,7 @@ projections only. The runtime adds ``/healthz``, ``/readyz`` and ``/metrics``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from fastapi import FastAPI, HTTPException
@@ -38,7 +40,8 @@ class NotFound(BaseModel):
     detail: str
 
 
-def create_api(engine: AsyncEngine) -> FastAPI:
+def create_api(engine: AsyncEngine, console: Callable[[FastAPI], None] | None = None) -> FastAPI:
+    """The status API; ``console`` adds the operator console's pages to it."""
     app = FastAPI(
         title="paysaga status API",
         version="1",
@@ -57,4 +60,6 @@ def create_api(engine: AsyncEngine) -> FastAPI:
             raise HTTPException(status_code=404, detail="order not found")
         return OrderStatusView.model_validate(found)
 
+    if console is not None:
+        console(app)
     return app

@@ -11,21 +11,25 @@ import contextlib
 import logging
 
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.orders import store
 from services.orders.api import create_api
+from services.orders.console import routes as console
+from services.orders.console.actions import Actions, OperatorToken
+from services.orders.console.reads import ConsoleReads
 from services.orders.handlers import OrdersMetrics, Projection
 from services.runtime.service import Service, Worker, make_engine, run_service
-from services.runtime.settings import DatabaseSettings, KafkaSettings
+from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
 
 GROUP = "paysaga.orders"
 
 log = logging.getLogger("paysaga.orders")
 
 
-class OrdersSettings(KafkaSettings, DatabaseSettings):
+class OrdersSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):
     """``PAYSAGA_*`` settings; the database is ``PAYSAGA_ORDERS_DATABASE_URL``, else
     ``PAYSAGA_DATABASE_URL`` + ``/paysaga_orders``."""
 
@@ -34,6 +38,10 @@ class OrdersSettings(KafkaSettings, DatabaseSettings):
     orders_host: str = "127.0.0.1"
     orders_port: int = 8080
     orders_held_gauge_interval_s: float = 10.0
+    #: ``name:secret`` of the operator allowed to act in the console; unset: read-only
+    console_token: SecretStr | None = None
+    #: the monitor's deadline: a saga unchanged this long is stalled (console, monitor)
+    monitor_stall_after_s: float = 900.0
 
 
 def held_gauge(engine: AsyncEngine, metrics: OrdersMetrics, interval_s: float) -> Worker:
@@ -59,6 +67,16 @@ def build(settings: OrdersSettings) -> Service:
     engine = make_engine(url)
     registry = CollectorRegistry()
     metrics = OrdersMetrics.create(registry)
+    token = settings.console_token
+    reads = ConsoleReads(
+        engine,
+        settings,
+        settings.kafka_bootstrap_servers,
+        settings,
+        settings.monitor_stall_after_s,
+    )
+    actions = Actions(engine, settings.kafka_bootstrap_servers)
+    operator = OperatorToken.parse(token.get_secret_value() if token else None)
     return Service(
         name="orders",
         group=GROUP,
@@ -69,7 +87,7 @@ def build(settings: OrdersSettings) -> Service:
         registry=registry,
         http_port=settings.orders_port,
         http_host=settings.orders_host,
-        app=create_api(engine),
+        app=create_api(engine, lambda app: console.install(app, reads, actions, operator)),
         workers=[held_gauge(engine, metrics, settings.orders_held_gauge_interval_s)],
     )
 

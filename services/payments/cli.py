@@ -95,7 +95,7 @@ def resolve(
         console.print("give exactly one of --order ORDER_ID or --refund")
         raise typer.Exit(2)
     try:
-        message = asyncio.run(_resolve(unmatched_id, order))
+        message = asyncio.run(resolve_unmatched(unmatched_id, order))
     except ResolutionError as exc:
         console.print(f"[red]not resolved[/red]: {exc}")
         raise typer.Exit(1) from exc
@@ -106,7 +106,10 @@ class ResolutionError(Exception):
     pass
 
 
-async def _resolve(unmatched_id: int, order_id: str | None) -> str:
+async def resolve_unmatched(unmatched_id: int, order_id: str | None) -> str:
+    """Attach unmatched payment ``unmatched_id`` to ``order_id``, or (None) give its money
+    back; the message of what was done. Raises ResolutionError. The one code path of
+    ``paysaga unmatched resolve`` and of the operator console."""
     engine = _engine()
     try:
         if order_id is None:

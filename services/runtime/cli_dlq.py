@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 from datetime import UTC, datetime
+from typing import Literal
 
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -28,6 +29,7 @@ from services.runtime.topics import partitions_of
 
 app = typer.Typer(no_args_is_help=True, help="Inspect, replay and purge dead letters")
 console = make_console()
+Action = Literal["replay", "purge"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,16 +169,24 @@ def show(ref: str = typer.Argument(..., help="<dlq topic>:<partition>:<offset>")
     console.print(r.value.decode("utf-8", "replace"))
 
 
-def _act(action: str, recs: list[Record]) -> None:
-    bootstrap = KafkaSettings().kafka_bootstrap_servers
+async def act(bootstrap: str, action: Action, filters: Filters) -> int:
+    """Replay or purge every dead letter ``filters`` selects; how many. The one code path
+    of ``paysaga dlq replay|purge`` and of the operator console."""
+    if action == "purge" and filters == Filters():
+        raise ValueError("refusing to purge everything: name a dead letter or a filter")
     out: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]] = []
-    for r in recs:
+    for r in await read_dead_letters(bootstrap, filters):
         if action == "replay":
             out.append(dlq.replay_record(r))
         else:
             out.append((*dlq.release_record(r), None))
-    asyncio.run(publish(bootstrap, out))
-    console.print(f"{action}: {len(out)} dead letter(s)")
+    await publish(bootstrap, out)
+    return len(out)
+
+
+def _act(action: Action, f: Filters) -> None:
+    n = asyncio.run(act(KafkaSettings().kafka_bootstrap_servers, action, f))
+    console.print(f"{action}: {n} dead letter(s)")
 
 
 @app.command("replay")
@@ -190,7 +200,7 @@ def replay(
 ) -> None:
     """Re-deliver dead letters to the group that failed them (safe to repeat)."""
     f = _filters(ref, topic, group, error_class, since, until)
-    _act("replay", asyncio.run(read_dead_letters(KafkaSettings().kafka_bootstrap_servers, f)))
+    _act("replay", f)
 
 
 @app.command("purge")
@@ -207,4 +217,4 @@ def purge(
     if f == Filters():
         console.print("refusing to purge everything: name a dead letter or a filter")
         raise typer.Exit(2)
-    _act("purge", asyncio.run(read_dead_letters(KafkaSettings().kafka_bootstrap_servers, f)))
+    _act("purge", f)

@@ -19,6 +19,7 @@ from tests.support.harness import REPO
 pytestmark = pytest.mark.e2e
 
 Stack = DevClient
+CONSOLE_OPERATOR, CONSOLE_SECRET = "e2e-operator", "console-e2e-secret"
 __all__ = ["MONITOR_ENV", "Stack", "new_id", "paysaga"]
 
 #: the monitor judges within a test: a reserved order waiting for capture is stalled
@@ -47,6 +48,8 @@ def stack(infra: Infra) -> Iterator[DevClient]:
             # two secrets for simgw, as during a rotation (the simulator signs with the first)
             "PAYSAGA_GATEWAY_SECRETS": json.dumps({"simgw": ["whsec_local_dev", "whsec_rotated"]}),
             **MONITOR_ENV,
+            # the operator console may act (tests/e2e/test_console*.py)
+            "PAYSAGA_CONSOLE_TOKEN": f"{CONSOLE_OPERATOR}:{CONSOLE_SECRET}",
         }
     )
     devstack.services_up(profile, env)

@@ -98,6 +98,9 @@ class OrderRegistered(ContractModel):
     currency: Currency
     #: None: payments requests the attempt's payment (PaymentIntentCreated follows)
     payment_intent_id: Id64 | None
+    #: the checkout's conference_id (OrderPlaced), for the operator console's filter;
+    #: None on a retry (the order keeps the one it was registered with)
+    conference_id: str | None = None  # as OrderPlaced has it (no length rule there)
 
 
 class PaymentRetryAccepted(OrderRegistered):

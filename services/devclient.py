@@ -64,13 +64,14 @@ def order_placed(
     currency: str = "EUR",
     method: str = "card",
     event_id: str | None = None,
+    conference: str | None = None,
 ) -> bytes:
     """The checkout's OrderPlaced envelope; ``items`` are (sku, quantity, unit amount); no
     ``intent``: paysaga requests the payment (PaymentRequested)."""
     payload = {
         "order_id": order_id,
         "customer_id": f"cust-{order_id}",
-        "conference_id": None,
+        "conference_id": conference,
         "currency": currency,
         "items": [{"sku": s, "quantity": q, "unit_amount": a} for s, q, a in items],
         "discount_amount": 0,
@@ -147,9 +148,10 @@ class DevClient:
         currency: str = "EUR",
         method: str = "card",
         event_id: str | None = None,
+        conference: str | None = None,
     ) -> int:
         items = items if items is not None else [(f"sku-{order_id}", 1, 1000)]
-        value = order_placed(order_id, intent, items, currency, method, event_id)
+        value = order_placed(order_id, intent, items, currency, method, event_id, conference)
         self.produce("checkout.orders.v1", order_id, value)
         return sum(q * a for _, q, a in items)
 

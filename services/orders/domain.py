@@ -57,6 +57,8 @@ class OrderView:
     transaction_id: str | None
     version: int
     notified: frozenset[tuple[int, str]]
+    #: the checkout's conference (OrderRegistered), for the console's filter
+    conference_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +252,7 @@ def decide(view: OrderView | None, event_type: str, payload: Mapping[str, Any]) 
             transaction_id=None,
             version=1,
             notified=frozenset(),
+            conference_id=payload.get("conference_id"),
         )
         return Outcome(created, _change(created, None))
     if view is None:

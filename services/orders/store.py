@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     and_,
     delete,
     func,
@@ -47,6 +48,7 @@ orders = Table(
     Column("currency", String(3), nullable=False),
     Column("payment_intent_id", String(64), nullable=True),
     Column("transaction_id", String(200), nullable=True),
+    Column("conference_id", Text, nullable=True),
     Column("version", Integer, nullable=False),
     #: [[attempt, kind], ...]: notifications already requested (OrderView.notified)
     Column("notified", JSONB, nullable=False),
@@ -153,6 +155,7 @@ async def load_view(conn: AsyncConnection, order_id: str) -> OrderView | None:
         transaction_id=row.transaction_id,
         version=row.version,
         notified=frozenset((int(a), str(k)) for a, k in row.notified),
+        conference_id=row.conference_id,
     )
 
 
@@ -166,6 +169,7 @@ async def save_view(conn: AsyncConnection, view: OrderView, now: datetime) -> No
         "currency": view.currency,
         "payment_intent_id": view.payment_intent_id,
         "transaction_id": view.transaction_id,
+        "conference_id": view.conference_id,
         "version": view.version,
         "notified": sorted([a, k] for a, k in view.notified),
         "updated_at": now,

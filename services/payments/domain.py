@@ -74,6 +74,8 @@ class Order:
     correlation_id: str | None
     content_hash: str
     earlier_intents: tuple[str, ...] = ()
+    #: OrderPlaced's, passed on in OrderRegistered (not stored: nothing here needs it)
+    conference_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,7 @@ def decide_order_placed(existing: Order | None, incoming: Order) -> Decision:
             "amount": order.total_amount,
             "currency": order.currency,
             "payment_intent_id": order.payment_intent_id,
+            **({"conference_id": order.conference_id} if order.conference_id else {}),
         },
     )
     audit = _audit("order_placed", "registered", None, order.order_id)

@@ -95,6 +95,7 @@ class PaymentsHandlers:
             items=tuple(Item(i.sku, i.quantity) for i in placed.items),
             correlation_id=(ctx.envelope or {}).get("correlation_id"),
             content_hash=store.content_hash(ctx.payload),
+            conference_id=placed.conference_id,
         )
         row = await store.load_order(ctx.conn, placed.order_id)
         decision = domain.decide_order_placed(store.order_from_row(row) if row else None, incoming)

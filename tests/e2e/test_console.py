@@ -53,6 +53,25 @@ def test_console_finds_an_order_by_each_of_its_ids(stack: Stack) -> None:
     assert _get(stack, "/console/dead-letters").status_code == 200
 
 
+def test_console_filters_orders_by_conference(stack: Stack) -> None:
+    """The checkout's conference_id reaches the projection (OrderRegistered): the
+    operator finds a conference's orders, and only them."""
+    order_id, conference = new_id("ord_conf"), new_id("conf")
+    stack.set_stock(f"sku-{order_id}", 1)
+    stack.place_order(order_id, intent=new_id("pi"), conference=conference)
+    stack.wait_status(order_id, "PENDING_PAYMENT")
+    link = f'href="/console/orders/{order_id}"'
+    found = _get(stack, "/console/orders", conference=conference).text
+    assert link in found
+    assert found.count('class="order-link"') == 1  # that conference has this order only
+    assert link not in _get(stack, "/console/orders", conference=new_id("conf")).text
+    other, _, _ = stocked_order(stack, prefix="ord_noconf")
+    assert (
+        f'href="/console/orders/{other}"'
+        not in _get(stack, "/console/orders", conference=conference).text
+    )
+
+
 def _csrf(html: str) -> str:
     m = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
     assert m, "no CSRF field on the confirmation page"

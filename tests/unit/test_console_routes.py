@@ -157,16 +157,28 @@ def test_orders_page_filters_counts_and_paging() -> None:
     client, reads, _ = _client(None)
     r = client.get(
         "/console/orders",
-        params={"status": "PAID_CONFIRMED", "age": "15", "customer": "cus_1", "q": " pi_c1 "},
+        params={
+            "status": "PAID_CONFIRMED",
+            "age": "15",
+            "customer": "cus_1",
+            "conference": " pycon26 ",
+            "q": " pi_c1 ",
+        },
     )
     assert r.status_code == 200
-    assert reads.filters == [OrderFilter("PAID_CONFIRMED", 15, "cus_1", "pi_c1", 1)]
+    assert reads.filters == [
+        OrderFilter("PAID_CONFIRMED", 15, "cus_1", "pi_c1", 1, conference="pycon26")
+    ]
+    assert 'name="conference" id="conference" value="pycon26"' in r.text
     assert 'href="/console/orders/ord_c1"' in r.text
     assert "<b>4</b>" in r.text  # all statuses counted
     assert 'id="next"' in r.text  # a further page
     assert client.get("/console/orders", params={"page": "0"}).status_code == 422
     # a submitted form sends its empty fields
-    r = client.get("/console/orders", params={"status": "", "age": "", "customer": "", "q": "x"})
+    r = client.get(
+        "/console/orders",
+        params={"status": "", "age": "", "customer": "", "conference": "", "q": "x"},
+    )
     assert r.status_code == 200
     assert reads.filters[-1] == OrderFilter(q="x")
     assert client.get("/console/static/console.css").status_code == 200

@@ -70,6 +70,8 @@ class OrderFilter:
     #: an order id, payment intent id or transaction id (exact)
     q: str | None = None
     page: int = 1
+    #: the checkout's conference_id (exact)
+    conference: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,9 @@ class ConsoleReads:
         if f.customer:
             where.append("customer_id = :customer")
             params["customer"] = f.customer
+        if f.conference:
+            where.append("conference_id = :conference")
+            params["conference"] = f.conference
         if f.q:
             # a transaction id may be of any attempt: payments' confirmations know them all
             txn_orders = await self._all(
@@ -161,8 +166,8 @@ class ConsoleReads:
         params["offset"] = (max(f.page, 1) - 1) * PAGE_SIZE
         # fixed fragments only: every value is bound
         sql = (
-            "SELECT order_id, customer_id, status, reason, attempt, amount, currency,"  # noqa: S608
-            " payment_intent_id, transaction_id, created_at, updated_at FROM orders"
+            "SELECT order_id, customer_id, conference_id, status, reason, attempt, amount,"  # noqa: S608
+            " currency, payment_intent_id, transaction_id, created_at, updated_at FROM orders"
             f" WHERE {' AND '.join(where)}"
             " ORDER BY updated_at DESC, order_id LIMIT :limit OFFSET :offset"
         )

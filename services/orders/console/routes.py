@@ -84,12 +84,18 @@ def install(
         status: str = "",
         age: str = "",  # minutes; a form sends an empty field as ""
         customer: str = "",
+        conference: str = "",
         q: str = "",
         page_no: int = Query(1, alias="page", ge=1),
     ) -> Response:
         minutes = int(age) if age.strip().isdigit() else None
         f = OrderFilter(
-            status or None, minutes, customer.strip() or None, q.strip() or None, page_no
+            status or None,
+            minutes,
+            customer.strip() or None,
+            q.strip() or None,
+            page_no,
+            conference=conference.strip() or None,
         )
         rows, more = await reads.orders(f, utcnow())
         return page(

@@ -42,6 +42,7 @@ from pydantic_settings import SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from schemas.carddata import find_card_data_in_bytes
+from services.runtime.retry import backoff_s
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
 from services.runtime.topics import CONFIRMATIONS_TOPIC as TOPIC
@@ -74,8 +75,9 @@ class KafkaLink:
         self.producer: AIOKafkaProducer | None = None
 
     async def connect(self) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
+            attempt += 1
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 client_id="paysaga-bridge",
@@ -88,9 +90,9 @@ class KafkaLink:
                 await producer.start()
             except (KafkaError, OSError) as exc:
                 await producer.stop()
+                delay = backoff_s(attempt, 0.5, 10.0, jitter=0.0, fixed=1.0)
                 log.warning("kafka unreachable (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
                 continue
             self.producer = producer
             log.info("connected to kafka at %s", self.bootstrap)

@@ -13,8 +13,9 @@ from services.payments import store
 from services.payments.handlers import Metrics, PaymentsHandlers
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.intents import RetryPolicy, WorkLoop
+from services.runtime.intents import WorkLoop
 from services.runtime.messages import Record, Route
+from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
 from services.runtime.settings import (
     DatabaseSettings,

@@ -61,6 +61,7 @@ from services.runtime.faults import fault_point
 from services.runtime.locks import xact_lock
 from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.retry import backoff_s
 from services.runtime.tables import consumer_positions, dead_letters, inbox, parked
 from services.runtime.topics import load_specs
 
@@ -907,7 +908,7 @@ class ConsumerRuntime:
         """Exponential backoff with full jitter. Partitions are paused and the consumer
         keeps polling meanwhile, so the group sees a live member."""
         s = self.settings
-        delay = self._rng.uniform(0, min(s.retry_max_s, s.retry_base_s * 2 ** (attempt - 1)))
+        delay = backoff_s(attempt, s.retry_base_s, s.retry_max_s, self._rng.random(), fixed=0)
         consumer = self._consumer
         if consumer is None:
             await asyncio.sleep(delay)

@@ -12,10 +12,8 @@ its event. This module holds what both services need for that:
 * ``Cause`` / ``emit_caused``: transaction B's event, with the envelope ``Context.emit``
   writes (causation = the stored cause's event id, ``saga_seq`` = the cause's + 1,
   correlation propagated).
-* ``RetryPolicy`` / ``retry_later``: the pure retry rule of a round whose outcome is
-  unknown. An unknown outcome is never final: once the rounds are spent the alarm is
-  raised once (``Stalled``) and the intent is still looked up, at a capped interval,
-  until the gateway's answer settles it.
+* The retry rules of a round (``RetryPolicy``, ``retry_later``) are pure:
+  ``services.runtime.retry``.
 * ``IntentStore``: an intent table's rows — recorded (transaction A), claimed with a
   lease and a fencing token, resolved with their event (transaction B). Due times and
   leases are judged by the database's clock (``now()``), never a worker's: one clock
@@ -35,7 +33,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import psycopg
 from prometheus_client import CollectorRegistry
@@ -71,6 +69,7 @@ from services.runtime.gateway_client import (
 )
 from services.runtime.messages import Context, Handler, Route
 from services.runtime.outbox import write_event
+from services.runtime.retry import Failed, RetryPolicy, backoff_s
 from services.runtime.service import Service, libpq_conninfo, make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
 
@@ -123,10 +122,10 @@ class WorkLoop:
                 if not is_transient(exc):
                     raise
                 failures += 1
-                delay = min(self.backoff_max_s, 0.5 * 2 ** min(failures, 10))
+                delay = backoff_s(failures + 1, 0.5, self.backoff_max_s, self._rng.random())
                 log.warning("%s worker: %s; retrying in %.1fs", self.name, said(exc), delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay * self._rng.uniform(0.5, 1))
+                    await asyncio.wait_for(stop.wait(), delay)
 
     async def _wait(self, listener: psycopg.AsyncConnection[object]) -> None:
         with contextlib.suppress(TimeoutError):
@@ -136,72 +135,6 @@ class WorkLoop:
         with contextlib.suppress(TimeoutError):
             async for _ in listener.notifies(timeout=0.001):
                 pass
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    max_attempts: int
-    base_s: float
-    max_s: float
-    #: backoff cap of the look-ups that go on after the ``max_attempts`` rounds
-    stalled_max_s: float = 900.0
-
-    def delay_s(self, attempt: int, jitter: float) -> float:
-        """Before round ``attempt + 1``: exponential, capped, with "equal jitter" (half
-        fixed, half ``jitter`` in [0, 1)) so that retries spread but never bunch at 0."""
-        ceiling = min(self.max_s, self.base_s * 2.0 ** max(0, attempt - 1))
-        return ceiling / 2 + jitter * ceiling / 2
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """Automatic handling is over; ``reason`` is a snake_case code."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Another round at ``next_attempt_at``, starting with a look-up."""
-
-    next_attempt_at: datetime
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stalled:
-    """The rounds are spent and the outcome is still unknown: raise the alarm (the
-    service's failure event, once, at ``alerted_at``: NEEDS_RECONCILIATION) and go on
-    looking the payment up at ``next_attempt_at``."""
-
-    alerted_at: datetime
-    next_attempt_at: datetime
-    error: str
-
-
-class Round(Protocol):
-    """What ``retry_later`` needs of a claim: this round's number (1-based) and
-    whether the alarm was raised for it already."""
-
-    @property
-    def attempt(self) -> int: ...
-
-    @property
-    def alerted(self) -> bool: ...
-
-
-def retry_later(
-    claim: Round, error: str, now: datetime, policy: RetryPolicy, jitter: float
-) -> Retry | Stalled:
-    """Another round (it starts with a look-up) for an outcome that is not known: the
-    money may have moved, so this is never a failure. Within ``max_attempts``: the
-    policy's backoff. After them: a backoff capped at ``stalled_max_s``, and the first
-    such round raises the alarm (``Stalled``)."""
-    if claim.attempt < policy.max_attempts:
-        return Retry(now + timedelta(seconds=policy.delay_s(claim.attempt, jitter)), error)
-    slow = RetryPolicy(policy.max_attempts, policy.base_s, policy.stalled_max_s)
-    at = now + timedelta(seconds=slow.delay_s(claim.attempt, jitter))
-    return Retry(at, error) if claim.alerted else Stalled(now, at, error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,19 @@ class Record:
     def key_str(self) -> str | None:
         return self.key.decode("utf-8", "replace") if self.key is not None else None
 
+    @classmethod
+    def from_kafka(cls, m: Any) -> Record:
+        """The record of an aiokafka ``ConsumerRecord``."""
+        return cls(
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            key=m.key,
+            value=m.value if m.value is not None else b"",
+            headers=tuple((k, bytes(v or b"")) for k, v in (m.headers or ())),
+            timestamp_ms=int(m.timestamp),
+        )
+
 
 @dataclasses.dataclass
 class Context:

@@ -25,7 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from schemas.carddata import redact
-from services.runtime.consumer import ConsumerRuntime, DeadLetterHook, RuntimeSettings
+from services.runtime.blocking import DeadLetterHook
+from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
 from services.runtime.dlq import DeadLetterProducer
 from services.runtime.messages import Route
 from services.runtime.metrics import RuntimeMetrics

@@ -13,9 +13,10 @@ from datetime import datetime
 
 from schemas.events import PaymentContext, SaleConfirmed, StockReserved
 from services.capture import domain, store
-from services.runtime.intents import Cause, notify
+from services.runtime.intents.store import Cause
 from services.runtime.messages import Context, Handler
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
+from services.runtime.wakeup import notify
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 

@@ -13,7 +13,6 @@ from services.payments import store
 from services.payments.handlers import Metrics, PaymentsHandlers
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.intents import WorkLoop
 from services.runtime.messages import Record, Route
 from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
@@ -29,6 +28,7 @@ from services.runtime.topics import (
     PAYMENTS_TOPIC,
     STATUS_TOPIC,
 )
+from services.runtime.wakeup import WorkLoop
 
 
 class PaymentsSettings(BaseSettings):

@@ -31,7 +31,7 @@ from services.payments import domain, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
 from services.runtime.errors import schema_violation
-from services.runtime.intents import Cause
+from services.runtime.intents.store import Cause
 from services.runtime.messages import Context, Record
 from services.runtime.outbox import write_event
 from services.runtime.topics import AUDIT_TOPIC, CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC

@@ -25,7 +25,8 @@ from schemas import events
 from services.payments import requests, store
 from services.runtime.faults import fault_point
 from services.runtime.gateway_client import GatewayProtocolError
-from services.runtime.intents import Claimed, IntentWorker
+from services.runtime.intents.store import Claimed
+from services.runtime.intents.worker import IntentWorker
 from services.runtime.retry import RetryPolicy
 from services.runtime.topics import PAYMENTS_TOPIC
 

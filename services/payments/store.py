@@ -38,18 +38,18 @@ from schemas.contract import PaymentRequested
 from schemas.events import PaymentRequestContext
 from services.payments import requests
 from services.payments.domain import Confirmation, Item, Order
-from services.runtime.intents import (
+from services.runtime.intents.store import (
     Cause,
     Claimed,
     IntentStore,
     emit_caused,
     intent_columns,
     intent_indexes,
-    notify,
 )
 from services.runtime.locks import xact_lock
 from services.runtime.tables import outbox
 from services.runtime.topics import PAYMENT_REQUESTS_TOPIC
+from services.runtime.wakeup import notify
 
 metadata = MetaData()
 

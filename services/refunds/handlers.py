@@ -15,9 +15,10 @@ from schemas.events import (
 )
 from services.refunds import domain, store
 from services.runtime.errors import PermanentError
-from services.runtime.intents import Cause, notify
+from services.runtime.intents.store import Cause
 from services.runtime.messages import Context, Handler
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
+from services.runtime.wakeup import notify
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 

@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime.tables import outbox
+from services.runtime.wakeup import notify
 
 #: NOTIFY channel the outbox relay of a database listens on
 OUTBOX_CHANNEL = "paysaga_outbox"
@@ -60,7 +61,7 @@ async def write_raw(
     # delivered at commit, and only if the transaction commits; once per transaction
     transaction = conn.get_transaction()
     if conn.info.get("outbox_notified") is not transaction:
-        await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+        await notify(conn, OUTBOX_CHANNEL)
         conn.info["outbox_notified"] = transaction
 
 

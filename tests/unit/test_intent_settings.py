@@ -8,7 +8,7 @@ import pytest
 
 from services.capture.app import CaptureSettings
 from services.refunds.app import RefundsSettings
-from services.runtime.intents import SharedSettings
+from services.runtime.intents.service import SharedSettings
 from services.runtime.retry import RetryPolicy
 
 

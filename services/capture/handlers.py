@@ -13,7 +13,6 @@ from datetime import datetime
 
 from schemas.events import PaymentContext, SaleConfirmed, StockReserved
 from services.capture import domain, store
-from services.runtime.intents.store import Cause
 from services.runtime.messages import Context, Handler
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
 from services.runtime.wakeup import notify
@@ -38,11 +37,11 @@ async def on_stock_reserved(ctx: Context) -> None:
     intent = domain.decide_stock_reserved(
         context.flow, context.transaction_id, _occurred_at(ctx.envelope), ctx.now
     )
-    if not await store.record_intent(ctx.conn, context, intent, Cause.of(ctx), ctx.now):
+    if not await store.record_intent(ctx.conn, context, intent, ctx.cause, ctx.now):
         return  # this transaction's capture (or sale) was recorded before
     if intent.state == "sale_confirmed":
         confirmed = SaleConfirmed(**context.model_dump())
-        await ctx.emit(CAPTURE_TOPIC, "SaleConfirmed", confirmed, key=context.order_id)
+        await ctx.emit(CAPTURE_TOPIC, confirmed, key=context.order_id)
     else:
         await notify(ctx.conn, store.CHANNEL)
 

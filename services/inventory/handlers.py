@@ -82,7 +82,7 @@ async def on_payment_accepted(ctx: Context) -> None:
         if short
         else StockReserved(**_context(event), items=_items(lines))
     )
-    await ctx.emit(INVENTORY_TOPIC, type(outcome).__name__, outcome, key=event.order_id)
+    await ctx.emit(INVENTORY_TOPIC, outcome, key=event.order_id)
 
 
 def _settlement_handler(
@@ -108,7 +108,7 @@ def _settlement_handler(
             if reason is None
             else StockReleased(**_context(event), items=_items(lines), reason=reason)
         )
-        await ctx.emit(INVENTORY_TOPIC, type(outcome).__name__, outcome, key=event.order_id)
+        await ctx.emit(INVENTORY_TOPIC, outcome, key=event.order_id)
 
     handle.__name__ = f"on_{model.__name__}"
     return handle

@@ -24,6 +24,7 @@ from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
 from services.runtime.errors import PermanentError, schema_violation
 from services.runtime.messages import Context, Handler, Route
+from services.runtime.outbox import Cause
 from services.runtime.topics import AUDIT_TOPIC, NOTIFICATIONS_TOPIC, STATUS_TOPIC
 
 log = logging.getLogger("paysaga.orders")
@@ -105,6 +106,12 @@ class SagaEvent:
     def order_id(self) -> str:
         return str(self.payload["order_id"])
 
+    @property
+    def cause(self) -> Cause:
+        """This event as the cause of what applying it emits — named explicitly: a
+        released early event is not the consumed record ``Context.emit`` defaults to."""
+        return Cause(self.event_id, self.saga_seq, self.correlation_id)
+
     @classmethod
     def parse(cls, envelope: dict[str, Any]) -> SagaEvent:
         """Raises PermanentError for a malformed envelope or payload."""
@@ -137,20 +144,6 @@ def _validated_payload(event_type: str, payload: dict[str, Any]) -> BaseModel:
         return parse_payload(event_type, payload)
     except ValidationError as exc:
         raise schema_violation(exc) from exc
-
-
-async def _emit(ctx: Context, cause: SagaEvent, topic: str, payload: BaseModel) -> None:
-    """To the outbox, caused by ``cause``: for a released event that is not the
-    consumed record, which ``Context.emit`` would name by default."""
-    await ctx.emit(
-        topic,
-        type(payload).__name__,
-        payload,
-        key=cause.order_id,
-        saga_seq=(cause.saga_seq or 0) + 1,
-        causation_id=cause.event_id,
-        correlation_id=cause.correlation_id,
-    )
 
 
 class Projection:
@@ -224,11 +217,11 @@ class Projection:
         await store.save_view(ctx.conn, outcome.view, ctx.now)
         await store.append_history(ctx.conn, change, ctx.now)
         status = _validated(OrderStatusChanged, dataclasses.asdict(change))
-        await _emit(ctx, ev, STATUS_TOPIC, status)
+        await ctx.emit(STATUS_TOPIC, status, key=ev.order_id, cause=ev.cause)
         self.metrics.status_changes.labels(change.status).inc()
         if (notification := outcome.notification) is not None:
             note = _validated(CustomerNotificationRequested, dataclasses.asdict(notification))
-            await _emit(ctx, ev, NOTIFICATIONS_TOPIC, note)
+            await ctx.emit(NOTIFICATIONS_TOPIC, note, key=ev.order_id, cause=ev.cause)
 
     async def on_audit_recorded(self, ctx: Context) -> None:
         """Append to ``audit_log``; the runtime inbox and the unique event id make a

@@ -21,19 +21,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.carddata import find_card_data_in_bytes
 from schemas.contract import GatewayWebhook, OrderPlaced, OrderStatusChanged, PaymentRetryRequested
-from schemas.events import AuditRecorded, PaymentIntentCreated
+from schemas.events import (
+    AuditRecorded,
+    OrderFlaggedForReconciliation,
+    PaymentIntentCreated,
+    parse_payload,
+)
 from services.payments import domain, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
 from services.runtime.errors import schema_violation
-from services.runtime.intents.store import Cause
 from services.runtime.messages import Context, Record
-from services.runtime.outbox import write_event
+from services.runtime.outbox import Cause, write_event
 from services.runtime.topics import AUDIT_TOPIC, CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC
 from services.runtime.topics import CHECKOUT_ORDERS_TOPIC as ORDERS_TOPIC
 
@@ -373,17 +377,14 @@ class PaymentsHandlers:
     ) -> list[str]:
         """Emit the decision's saga events (roots of the attempt: saga_seq 1) and audit;
         returns the saga events' ids."""
+        root = ctx.cause.as_root()
+        cause = dataclasses.replace(root, event_id=causation) if causation else root
         emitted: list[str] = []
         for event_type, payload in decision.events:
-            event_id = await ctx.emit(
-                PAYMENTS_TOPIC,
-                event_type,
-                payload,
-                key=payload["order_id"],
-                saga_seq=1,
-                causation_id=causation,
+            event = _saga_event(event_type, payload)
+            emitted.append(
+                await ctx.emit(PAYMENTS_TOPIC, event, key=payload["order_id"], cause=cause)
             )
-            emitted.append(event_id)
         for entry in decision.audit:
             key = entry.get("order_id") or entry.get("transaction_id") or "unknown"
             await self._emit_audit(ctx, subject, entry, key)
@@ -393,7 +394,7 @@ class PaymentsHandlers:
         self, ctx: Context, subject: str, entry: dict[str, Any], key: str
     ) -> None:
         audit = AuditRecorded.model_validate({"subject": subject, **entry})
-        await ctx.emit(AUDIT_TOPIC, "AuditRecorded", audit, key=key, saga_seq=1)
+        await ctx.emit(AUDIT_TOPIC, audit, key=key, cause=ctx.cause.as_root())
 
     async def flag_dead_letter(
         self, conn: AsyncConnection, rec: Record, exc: BaseException
@@ -414,21 +415,12 @@ class PaymentsHandlers:
             return
         order = dataclasses.replace(store.order_from_row(row), status="flagged")
         await store.save_order(conn, order)
-        payload = {
-            "order_id": order.order_id,
-            "attempt": order.attempt,
-            "reason": "record_dead_lettered",
-        }
+        flagged = OrderFlaggedForReconciliation(
+            order_id=order.order_id, attempt=order.attempt, reason="record_dead_lettered"
+        )
+        cause = Cause(f"{rec.topic}/{rec.partition}/{rec.offset}", None, order.correlation_id)
         await write_event(
-            conn,
-            PAYMENTS_TOPIC,
-            "OrderFlaggedForReconciliation",
-            payload,
-            key=order.order_id,
-            now=datetime.now(UTC),
-            saga_seq=1,
-            causation_id=f"{rec.topic}/{rec.partition}/{rec.offset}",
-            correlation_id=order.correlation_id,
+            conn, PAYMENTS_TOPIC, flagged, key=order.order_id, now=datetime.now(UTC), cause=cause
         )
         log.error(
             "order %s flagged for reconciliation: %s dead-lettered (%s)",
@@ -466,5 +458,13 @@ def _audit_entry(
 def _validate(model: Any, payload: dict[str, Any]) -> Any:
     try:
         return model.model_validate(payload)
+    except ValidationError as exc:
+        raise schema_violation(exc) from exc
+
+
+def _saga_event(event_type: str, payload: dict[str, Any]) -> BaseModel:
+    """A decision's event as its model: validated before it is written."""
+    try:
+        return parse_payload(event_type, payload)
     except ValidationError as exc:
         raise schema_violation(exc) from exc

@@ -38,15 +38,9 @@ from schemas.contract import PaymentRequested
 from schemas.events import PaymentRequestContext
 from services.payments import requests
 from services.payments.domain import Confirmation, Item, Order
-from services.runtime.intents.store import (
-    Cause,
-    Claimed,
-    IntentStore,
-    emit_caused,
-    intent_columns,
-    intent_indexes,
-)
+from services.runtime.intents.store import Claimed, IntentStore, intent_columns, intent_indexes
 from services.runtime.locks import xact_lock
+from services.runtime.outbox import Cause, write_event
 from services.runtime.tables import outbox
 from services.runtime.topics import PAYMENT_REQUESTS_TOPIC
 from services.runtime.wakeup import notify
@@ -497,8 +491,13 @@ async def _request_resolved(
                 client_secret=resolution.client_secret,
                 expires_at=resolution.expires_at,
             )
-            await emit_caused(
-                conn, claimed.cause, PAYMENT_REQUESTS_TOPIC, requested, key=claim.order_id, now=now
+            await write_event(
+                conn,
+                PAYMENT_REQUESTS_TOPIC,
+                requested,
+                key=claim.order_id,
+                now=now,
+                cause=claimed.cause,
             )
         case requests.Refused() | requests.Failed():
             status = "failed" if isinstance(resolution, requests.Refused) else "flagged"

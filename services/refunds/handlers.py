@@ -15,7 +15,6 @@ from schemas.events import (
 )
 from services.refunds import domain, store
 from services.runtime.errors import PermanentError
-from services.runtime.intents.store import Cause
 from services.runtime.messages import Context, Handler
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
 from services.runtime.wakeup import notify
@@ -30,7 +29,7 @@ def _handler(model: type[PaymentContext], trigger: domain.Trigger) -> Handler:
         intent = domain.decide_compensation(context.flow, trigger, context.transaction_id)
         if intent is None:
             raise PermanentError("no_compensation", f"{model.__name__} of a {context.flow} payment")
-        if await store.record_intent(ctx.conn, context, intent, Cause.of(ctx), ctx.now):
+        if await store.record_intent(ctx.conn, context, intent, ctx.cause, ctx.now):
             await notify(ctx.conn, store.CHANNEL)
 
     handle.__name__ = f"on_{model.__name__}"

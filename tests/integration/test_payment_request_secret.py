@@ -22,7 +22,7 @@ from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime import migrate
 from services.runtime.errors import said
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.intents.store import Cause
+from services.runtime.outbox import Cause
 from services.runtime.retry import RetryPolicy
 from services.runtime.service import make_engine
 from tests.conftest import Infra

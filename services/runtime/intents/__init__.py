@@ -7,9 +7,9 @@ its event.
   claimed with a lease and a fencing token, resolved with their event (transaction B).
   Due times and leases are judged by the database's clock (``now()``), never a
   worker's: one clock for every host, so a worker whose clock runs ahead cannot take
-  over a live claim. ``Cause`` / ``emit_caused``: transaction B's event, with the
-  envelope ``Context.emit`` writes (causation = the stored cause's event id,
-  ``saga_seq`` = the cause's + 1, correlation propagated).
+  over a live claim. Transaction B's event is written by ``outbox.write_event`` with
+  the ``Cause`` the row stored (causation = its event id, ``saga_seq`` = its + 1,
+  correlation propagated).
 * ``worker.py`` — ``IntentWorker``: the rounds (claim → gateway → resolve).
 * ``service.py`` — ``intent_service``: wires a service of them (its consumer, whose
   handlers record intents and NOTIFY, and a ``WorkLoop`` of worker rounds).

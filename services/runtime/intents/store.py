@@ -30,57 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
-from services.runtime.messages import Context
-from services.runtime.outbox import write_event
-
-
-@dataclass(frozen=True, slots=True)
-class Cause:
-    """What an intent row remembers of the event that created it."""
-
-    event_id: str
-    saga_seq: int | None
-    correlation_id: str | None
-
-    @classmethod
-    def of(cls, ctx: Context) -> Cause:
-        envelope: dict[str, Any] = ctx.envelope or {}
-        seq = envelope.get("saga_seq")
-        correlation = envelope.get("correlation_id")
-        return cls(
-            event_id=str(envelope["event_id"]),
-            saga_seq=int(seq) if seq else None,
-            correlation_id=str(correlation) if correlation is not None else None,
-        )
-
-    @property
-    def next_seq(self) -> int:
-        return self.saga_seq + 1 if self.saga_seq else 1
-
-
-async def emit_caused(
-    conn: AsyncConnection,
-    cause: Cause,
-    topic: str,
-    payload: BaseModel,
-    *,
-    key: str,
-    now: datetime,
-) -> str:
-    """Write ``payload`` (event type = its model's name) to the outbox in ``conn``'s
-    transaction, as an effect of ``cause``. Returns the new event id."""
-    return await write_event(
-        conn,
-        topic,
-        type(payload).__name__,
-        payload,
-        key=key,
-        now=now,
-        causation_id=cause.event_id,
-        saga_seq=cause.next_seq,
-        correlation_id=cause.correlation_id,
-    )
-
+from services.runtime.outbox import Cause, write_event
 
 ClaimT = TypeVar("ClaimT")
 ResolutionT = TypeVar("ResolutionT")
@@ -302,8 +252,8 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             if updated.first() is None:
                 return False
             if event is not None:
-                await emit_caused(
-                    conn, claimed.cause, topic, event, key=claimed.context.order_id, now=now
+                await write_event(
+                    conn, topic, event, key=claimed.context.order_id, now=now, cause=claimed.cause
                 )
             if self.on_resolved is not None:
                 await self.on_resolved(conn, claimed, resolution, now)

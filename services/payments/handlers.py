@@ -258,7 +258,7 @@ class PaymentsHandlers:
         rec = ctx.record
         checked = self._check(rec)
         if isinstance(checked, str):
-            await self._reject(ctx, checked, None)
+            await self._reject(ctx, checked)
             return
         c, gateway_event_id = checked
         if not await store.mark_seen(ctx.conn, c.gateway, gateway_event_id) or (
@@ -351,7 +351,7 @@ class PaymentsHandlers:
         )
         return confirmation, hook.id
 
-    async def _reject(self, ctx: Context, reason: str, c: Confirmation | None) -> None:
+    async def _reject(self, ctx: Context, reason: str) -> None:
         rec = ctx.record
         security_log.warning(
             "confirmation rejected: %s (topic %s partition %d offset %d)",

@@ -34,14 +34,15 @@ from typing import Any
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from schemas.carddata import find_card_data_in_bytes
+from services.runtime.probes import add_probes
 from services.runtime.retry import backoff_s
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
@@ -220,20 +221,10 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
             status_code=202,
         )  # fmt: skip
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive", "service": "bridge"}
+    async def readiness() -> tuple[dict[str, bool], list[str]]:
+        return {"kafka": await link.ready()}, []
 
-    @app.get("/readyz")
-    async def readyz(response: Response) -> dict[str, Any]:
-        kafka = await link.ready()
-        response.status_code = 200 if kafka else 503
-        return {"ready": kafka, "checks": {"kafka": kafka}}
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    add_probes(app, "bridge", registry, readiness)
     return app
 
 

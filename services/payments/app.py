@@ -9,7 +9,7 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.payments import store
+from services.payments import request_store
 from services.payments.handlers import Metrics, PaymentsHandlers
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
@@ -94,7 +94,9 @@ def build() -> Service:
                 lease=timedelta(seconds=settings.payments_request_lease_s),
                 batch=settings.payments_request_concurrency,
             )  # fmt: skip
-            loop = WorkLoop("payments", libpq_conninfo(url), store.REQUEST_CHANNEL, rounds.tick)
+            loop = WorkLoop(
+                "payments", libpq_conninfo(url), request_store.REQUEST_CHANNEL, rounds.tick
+            )
             await loop.run(stop)
 
     routes = [

@@ -32,7 +32,7 @@ from schemas.events import (
     PaymentIntentCreated,
     parse_payload,
 )
-from services.payments import domain, store
+from services.payments import domain, request_store, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
 from services.runtime.errors import schema_violation
@@ -121,7 +121,7 @@ class PaymentsHandlers:
             return
         correlation = (ctx.envelope or {}).get("correlation_id")
         cause = Cause(opened_by, 1, str(correlation) if correlation is not None else None)
-        await store.record_request(ctx.conn, order, cause, ctx.now)
+        await request_store.record_request(ctx.conn, order, cause, ctx.now)
 
     async def _match_parked(self, ctx: Context, order: Order) -> None:
         assert order.payment_intent_id is not None

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.carddata import find_card_data_in_bytes
@@ -30,12 +30,11 @@ from schemas.events import (
     AuditRecorded,
     OrderFlaggedForReconciliation,
     PaymentIntentCreated,
-    parse_payload,
 )
 from services.payments import domain, request_store, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
-from services.runtime.errors import schema_violation
+from services.runtime.errors import validated, validated_event
 from services.runtime.messages import Context, Record
 from services.runtime.outbox import Cause, write_event
 from services.runtime.topics import AUDIT_TOPIC, CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC
@@ -86,7 +85,7 @@ class PaymentsHandlers:
     # ------------------------------------------------------------ checkout.orders.v1
 
     async def on_order_placed(self, ctx: Context) -> None:
-        placed = _validate(OrderPlaced, ctx.payload)
+        placed = validated(OrderPlaced, ctx.payload)
         incoming = Order(
             order_id=placed.order_id,
             customer_id=placed.customer_id,
@@ -167,7 +166,7 @@ class PaymentsHandlers:
         the gateway created the payment, but its answer was lost or payments died before
         storing it, and the customer paid meanwhile — matched no order and was parked:
         match it now, as when an order arrives after its payment."""
-        created = _validate(PaymentIntentCreated, ctx.payload)
+        created = validated(PaymentIntentCreated, ctx.payload)
         await store.lock_intent(ctx.conn, created.payment_intent_id)  # see on_confirmation
         row = await store.load_order(ctx.conn, created.order_id)
         if row is None or (row.attempt, row.payment_intent_id) != (
@@ -178,7 +177,7 @@ class PaymentsHandlers:
         await self._match_parked(ctx, store.order_from_row(row))
 
     async def on_retry_requested(self, ctx: Context) -> None:
-        retry = _validate(PaymentRetryRequested, ctx.payload)
+        retry = validated(PaymentRetryRequested, ctx.payload)
         # the new intent's lock first, as a confirmation of it takes it before the order
         if retry.payment_intent_id is not None:
             await store.lock_intent(ctx.conn, retry.payment_intent_id)
@@ -228,7 +227,7 @@ class PaymentsHandlers:
         """Mirror every published status of the current attempt: payments must know that
         a capture decline or an out-of-stock void failed the attempt, and that a failed
         attempt went on to NEEDS_RECONCILIATION, to accept a retry only when orders will."""
-        status = _validate(OrderStatusChanged, ctx.payload)
+        status = validated(OrderStatusChanged, ctx.payload)
         row = await store.load_order(ctx.conn, status.order_id)
         if row is None or status.version <= row.saga_version:
             return
@@ -381,7 +380,7 @@ class PaymentsHandlers:
         cause = dataclasses.replace(root, event_id=causation) if causation else root
         emitted: list[str] = []
         for event_type, payload in decision.events:
-            event = _saga_event(event_type, payload)
+            event = validated_event(event_type, payload)
             emitted.append(
                 await ctx.emit(PAYMENTS_TOPIC, event, key=payload["order_id"], cause=cause)
             )
@@ -453,18 +452,3 @@ def _audit_entry(
         "transaction_id": None,
         "gateway_event_id": None,
     }
-
-
-def _validate(model: Any, payload: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        raise schema_violation(exc) from exc
-
-
-def _saga_event(event_type: str, payload: dict[str, Any]) -> BaseModel:
-    """A decision's event as its model: validated before it is written."""
-    try:
-        return parse_payload(event_type, payload)
-    except ValidationError as exc:
-        raise schema_violation(exc) from exc

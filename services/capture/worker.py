@@ -80,7 +80,7 @@ class CaptureWorker(
             case domain.Retry():
                 return None
 
-    def record(
+    def report(
         self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
         claim = claimed.claim

@@ -224,7 +224,7 @@ class Simulator:
             and self.calls[(transaction_id, op)] <= self.settings.flaky_failures
         ):
             return _error(503, "temporarily_unavailable", "simulated outage")
-        reply = self._apply(op, txn, request)
+        reply = self._operate(op, txn, request)
         if reply[0] in (200, 402):
             self.replies[key] = (fingerprint, reply)
         log.info("%s %s key=%s -> %d", op, transaction_id, key, reply[0])
@@ -232,7 +232,7 @@ class Simulator:
             await asyncio.sleep(self.settings.lost_response_delay_s)
         return reply
 
-    def _apply(self, op: Operation, txn: Transaction, request: CaptureRequest | None) -> Reply:
+    def _operate(self, op: Operation, txn: Transaction, request: CaptureRequest | None) -> Reply:
         now = int(self.clock())
         declined = f"_{op}_declined" in txn.payment_intent_id
         if op == "void":

@@ -106,7 +106,7 @@ class PaymentsHandlers:
             security_log.warning("order %s rejected: %s", placed.order_id, decision.reason)
         if decision.order is not None:
             await store.insert_order(ctx.conn, decision.order)
-        emitted = await self._apply(ctx, decision, subject="order")
+        emitted = await self._emit_decision(ctx, decision, subject="order")
         if decision.outcome == "registered" and decision.order is not None:
             await self._open_attempt(ctx, decision.order, emitted[0])
 
@@ -143,7 +143,7 @@ class PaymentsHandlers:
                 decision.reason or decision.outcome,
                 ctx.now,
             )
-            await self._apply(
+            await self._emit_decision(
                 ctx, decision, subject="unmatched_payment", causation=c.gateway_event_id
             )
         for r in await store.given_back_for(ctx.conn, order):
@@ -204,7 +204,7 @@ class PaymentsHandlers:
                 },
             )
             self.metrics.retries.labels("held", decision.reason).inc()
-            await self._apply(ctx, decision, subject="payment_retry")
+            await self._emit_decision(ctx, decision, subject="payment_retry")
             return
         await self._settle_retry(ctx, decision)
 
@@ -217,7 +217,9 @@ class PaymentsHandlers:
         if decision.order is not None:
             # the new attempt has no published status yet
             await store.save_order(ctx.conn, decision.order, pending_retry=None, saga_status=None)
-        emitted = await self._apply(ctx, decision, subject="payment_retry", causation=causation)
+        emitted = await self._emit_decision(
+            ctx, decision, subject="payment_retry", causation=causation
+        )
         if decision.order is not None:
             await self._open_attempt(ctx, decision.order, emitted[0])
 
@@ -298,7 +300,9 @@ class PaymentsHandlers:
             await store.store_confirmation(ctx.conn, c, decision.order, decision.outcome)
             await store.save_order(ctx.conn, decision.order)
         self.metrics.confirmations.labels(decision.outcome, decision.reason or "none").inc()
-        await self._apply(ctx, decision, subject="gateway_confirmation", causation=gateway_event_id)
+        await self._emit_decision(
+            ctx, decision, subject="gateway_confirmation", causation=gateway_event_id
+        )
 
     def _check(self, rec: Record) -> tuple[Confirmation, str] | str:
         """The confirmation, or the reason it is rejected. Raw bytes are verified before
@@ -371,7 +375,7 @@ class PaymentsHandlers:
 
     # ------------------------------------------------------------ shared
 
-    async def _apply(
+    async def _emit_decision(
         self, ctx: Context, decision: Decision, *, subject: str, causation: str | None = None
     ) -> list[str]:
         """Emit the decision's saga events (roots of the attempt: saga_seq 1) and audit;

@@ -81,7 +81,7 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
             case requests.Retry():
                 return None
 
-    def record(
+    def report(
         self, claimed: Claimed[requests.Claim], resolution: requests.Resolution, stored: bool
     ) -> None:
         claim = claimed.claim

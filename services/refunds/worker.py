@@ -82,7 +82,7 @@ class RefundsWorker(
             case domain.Retry():
                 return None
 
-    def record(
+    def report(
         self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
         claim = claimed.claim

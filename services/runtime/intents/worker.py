@@ -84,7 +84,7 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
     def retry(self, claimed: Claimed[ClaimT], error: str) -> ResolutionT: ...
 
     @abc.abstractmethod
-    def record(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
+    def report(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
         """Metrics and a log line for a finished round."""
 
     async def claim_due(self) -> list[Claimed[ClaimT]]:
@@ -118,7 +118,7 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
             resolution = self.retry(claimed, "round_timeout")
         # the gateway answered (or did not): its outcome is stored next, in transaction B
         stored = await self.resolve(claimed, resolution)
-        self.record(claimed, resolution, stored)
+        self.report(claimed, resolution, stored)
 
     async def look_up(
         self, claimed: Claimed[ClaimT], transaction_id: str

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from schemas.events import PaymentContext, SaleConfirmed, StockReserved
 from services.capture import domain, store
-from services.runtime.messages import Context, Handler
+from services.runtime.messages import Context, Handlers
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
 from services.runtime.wakeup import notify
 
@@ -47,6 +47,6 @@ async def on_stock_reserved(ctx: Context) -> None:
 
 
 #: topic -> event type -> handler (checked against topics.yaml by a unit test)
-HANDLERS: Mapping[str, Mapping[str, Handler]] = {
+HANDLERS: Handlers = {
     INVENTORY_TOPIC: {"StockReserved": on_stock_reserved},
 }

@@ -22,7 +22,7 @@ from schemas.events import AuditRecorded
 from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
 from services.runtime.errors import PermanentError, validated, validated_event
-from services.runtime.messages import Context, Handler, Route
+from services.runtime.messages import Context, Handler, Route, routes_of
 from services.runtime.outbox import Cause
 from services.runtime.topics import AUDIT_TOPIC, NOTIFICATIONS_TOPIC, STATUS_TOPIC
 
@@ -148,12 +148,11 @@ class Projection:
         self.metrics = metrics
 
     def routes(self) -> list[Route]:
-        saga: list[Route] = [
-            Route(topic, handlers=dict.fromkeys(types, self.on_saga_event))
-            for topic, types in SAGA_EVENTS.items()
-        ]
-        audit: dict[str, Handler] = {"AuditRecorded": self.on_audit_recorded}
-        return [*saga, Route(AUDIT_TOPIC, handlers=audit)]
+        handlers: dict[str, dict[str, Handler]] = {
+            topic: dict.fromkeys(types, self.on_saga_event) for topic, types in SAGA_EVENTS.items()
+        }
+        handlers[AUDIT_TOPIC] = {"AuditRecorded": self.on_audit_recorded}
+        return routes_of(handlers)
 
     async def on_saga_event(self, ctx: Context) -> None:
         assert ctx.envelope is not None

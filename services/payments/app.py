@@ -13,7 +13,7 @@ from services.payments import request_store
 from services.payments.handlers import Metrics, PaymentsHandlers
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.messages import Record, Route
+from services.runtime.messages import Handlers, Record, Route, routes_of
 from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
 from services.runtime.settings import (
@@ -99,23 +99,20 @@ def build() -> Service:
             )
             await loop.run(stop)
 
-    routes = [
-        Route(
-            CHECKOUT_ORDERS_TOPIC,
-            handlers={
-                "OrderPlaced": h.on_order_placed,
-                "PaymentRetryRequested": h.on_retry_requested,
-            },
-        ),
-        Route(
-            CONFIRMATIONS_TOPIC,
-            raw_handler=h.on_confirmation,
-            dedupe_key=confirmation_dedupe_key,
-        ),
-        Route(STATUS_TOPIC, handlers={"OrderStatusChanged": h.on_status_changed}),
+    handlers: Handlers = {
+        CHECKOUT_ORDERS_TOPIC: {
+            "OrderPlaced": h.on_order_placed,
+            "PaymentRetryRequested": h.on_retry_requested,
+        },
+        STATUS_TOPIC: {"OrderStatusChanged": h.on_status_changed},
         # its own: a requested payment's intent, to match a confirmation that came first
-        Route(PAYMENTS_TOPIC, handlers={"PaymentIntentCreated": h.on_intent_created}),
-    ]
+        PAYMENTS_TOPIC: {"PaymentIntentCreated": h.on_intent_created},
+    }
+    # the gateway's webhook bodies are not envelopes: a raw route, deduped by digest
+    confirmations = Route(
+        CONFIRMATIONS_TOPIC, raw_handler=h.on_confirmation, dedupe_key=confirmation_dedupe_key
+    )
+    routes = [*routes_of(handlers), confirmations]
     return Service(
         name="payments",
         group="paysaga.payments",

@@ -5,8 +5,6 @@ never called here. Idempotent per (transaction_id, action).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from schemas.events import (
     AuthorizationExpired,
     CaptureDeclined,
@@ -15,7 +13,7 @@ from schemas.events import (
 )
 from services.refunds import domain, store
 from services.runtime.errors import PermanentError
-from services.runtime.messages import Context, Handler
+from services.runtime.messages import Context, Handler, Handlers
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
 from services.runtime.wakeup import notify
 
@@ -41,7 +39,7 @@ on_capture_declined = _handler(CaptureDeclined, "capture_declined")
 on_authorization_expired = _handler(AuthorizationExpired, "authorization_expired")
 
 #: topic -> event type -> handler (checked against topics.yaml by a unit test)
-HANDLERS: Mapping[str, Mapping[str, Handler]] = {
+HANDLERS: Handlers = {
     INVENTORY_TOPIC: {"StockReservationFailed": on_stock_reservation_failed},
     CAPTURE_TOPIC: {
         "CaptureDeclined": on_capture_declined,

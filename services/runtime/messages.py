@@ -114,3 +114,13 @@ class Route:
     handlers: Mapping[str, Handler] = dataclasses.field(default_factory=dict)
     raw_handler: Handler | None = None
     dedupe_key: Callable[[Record], str] | None = None
+
+
+#: How every service registers its handlers: topic → event type → handler (a unit test
+#: checks the tables against topics.yaml); ``routes_of`` makes the consumer's routes.
+Handlers = Mapping[str, Mapping[str, Handler]]
+
+
+def routes_of(handlers: Handlers) -> list[Route]:
+    """The routes of enveloped topics, one per topic of ``handlers``."""
+    return [Route(topic, handlers=dict(by_type)) for topic, by_type in handlers.items()]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -13,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.intents.worker import IntentWorker
-from services.runtime.messages import Handler, Route
+from services.runtime.messages import Handlers, routes_of
 from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
@@ -57,7 +56,7 @@ def intent_service(
     own: IntentServiceSettings,
     shared: SharedSettings,
     *,
-    handlers: Mapping[str, Mapping[str, Handler]],
+    handlers: Handlers,
     channel: str,
     worker: type[IntentWorker[Any, Any, PolicyT, MetricsT]],
     policy: PolicyT,
@@ -87,7 +86,7 @@ def intent_service(
         engine=engine,
         database_url=url,
         bootstrap=shared.kafka_bootstrap_servers,
-        routes=[Route(topic, handlers=dict(h)) for topic, h in handlers.items()],
+        routes=routes_of(handlers),
         registry=registry,
         http_port=own.port,
         http_host=own.host,

@@ -34,15 +34,17 @@ from typing import Any
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from schemas.carddata import find_card_data_in_bytes
 from services.runtime.kafka import client_options
+from services.runtime.probes import add_probes
+from services.runtime.retry import backoff_s
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
 from services.runtime.topics import CONFIRMATIONS_TOPIC as TOPIC
@@ -75,8 +77,9 @@ class KafkaLink:
         self.producer: AIOKafkaProducer | None = None
 
     async def connect(self) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
+            attempt += 1
             producer = AIOKafkaProducer(
                 **client_options(self.bootstrap),
                 client_id="paysaga-bridge",
@@ -89,9 +92,9 @@ class KafkaLink:
                 await producer.start()
             except (KafkaError, OSError) as exc:
                 await producer.stop()
+                delay = backoff_s(attempt, 0.5, 10.0, jitter=0.0, fixed=1.0)
                 log.warning("kafka unreachable (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
                 continue
             self.producer = producer
             log.info("connected to kafka at %s", self.bootstrap)
@@ -219,20 +222,10 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
             status_code=202,
         )  # fmt: skip
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive", "service": "bridge"}
+    async def readiness() -> tuple[dict[str, bool], list[str]]:
+        return {"kafka": await link.ready()}, []
 
-    @app.get("/readyz")
-    async def readyz(response: Response) -> dict[str, Any]:
-        kafka = await link.ready()
-        response.status_code = 200 if kafka else 503
-        return {"ready": kafka, "checks": {"kafka": kafka}}
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    add_probes(app, "bridge", registry, readiness)
     return app
 
 

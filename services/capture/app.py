@@ -26,7 +26,7 @@ from pydantic_settings import SettingsConfigDict
 from services.capture import domain, store
 from services.capture.handlers import HANDLERS
 from services.capture.worker import CaptureMetrics, CaptureWorker
-from services.runtime.intents import IntentServiceSettings, SharedSettings, intent_service
+from services.runtime.intents.service import IntentServiceSettings, SharedSettings, intent_service
 from services.runtime.service import Service, run_service
 
 NAME = "capture"

@@ -17,7 +17,7 @@ stores the resolution:
   ``RetryPolicy.stalled_max_s``, until the gateway's answer settles it (a capture →
   ``Captured``; proof that no money was taken → ``CaptureDeclined``, which releases the
   stock and voids). ``CaptureFailed`` is emitted at most once per transaction. The rule
-  is the runtime's, shared with refunds (``services.runtime.intents.retry_later``);
+  is the runtime's, shared with refunds (``services.runtime.retry.retry_later``);
 - a capture is ``Captured`` only for the amount and currency of the claim: any other
   capture found by a look-up fails to reconciliation (``amount_mismatch``);
 - authorization expiry is decided here too: the capture service's worker (its
@@ -41,9 +41,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from services.runtime import intents
-from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy, Stalled
+from services.runtime import retry
+from services.runtime.retry import Failed, GatewayOutcome, Retry, RetryPolicy, Stalled
 
 __all__ = [
     "CallCapture",
@@ -186,8 +185,8 @@ def retry_later(
     claim: Claim, error: str, now: datetime, policy: CapturePolicy, jitter: float
 ) -> Retry | Stalled:
     """Another round (it starts with a look-up); past the budget, the alarm once and
-    capped look-ups (``services.runtime.intents.retry_later``)."""
-    return intents.retry_later(claim, error, now, policy.retry, jitter)
+    capped look-ups (``services.runtime.retry.retry_later``)."""
+    return retry.retry_later(claim, error, now, policy.retry, jitter)
 
 
 def not_found() -> CaptureDeclined:

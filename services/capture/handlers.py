@@ -13,9 +13,9 @@ from datetime import datetime
 
 from schemas.events import PaymentContext, SaleConfirmed, StockReserved
 from services.capture import domain, store
-from services.runtime.intents import Cause, notify
-from services.runtime.messages import Context, Handler
+from services.runtime.messages import Context, Handlers
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
+from services.runtime.wakeup import notify
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 
@@ -37,16 +37,16 @@ async def on_stock_reserved(ctx: Context) -> None:
     intent = domain.decide_stock_reserved(
         context.flow, context.transaction_id, _occurred_at(ctx.envelope), ctx.now
     )
-    if not await store.record_intent(ctx.conn, context, intent, Cause.of(ctx), ctx.now):
+    if not await store.record_intent(ctx.conn, context, intent, ctx.cause, ctx.now):
         return  # this transaction's capture (or sale) was recorded before
     if intent.state == "sale_confirmed":
         confirmed = SaleConfirmed(**context.model_dump())
-        await ctx.emit(CAPTURE_TOPIC, "SaleConfirmed", confirmed, key=context.order_id)
+        await ctx.emit(CAPTURE_TOPIC, confirmed, key=context.order_id)
     else:
         await notify(ctx.conn, store.CHANNEL)
 
 
 #: topic -> event type -> handler (checked against topics.yaml by a unit test)
-HANDLERS: Mapping[str, Mapping[str, Handler]] = {
+HANDLERS: Handlers = {
     INVENTORY_TOPIC: {"StockReserved": on_stock_reserved},
 }

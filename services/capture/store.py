@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import PaymentContext
 from services.capture import domain
-from services.runtime.intents import Cause, IntentStore, intent_columns, intent_indexes
+from services.runtime.intents.store import IntentStore, intent_columns, intent_indexes
+from services.runtime.outbox import Cause
 
 metadata = MetaData()
 

@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from schemas import events
 from services.capture import domain, store
 from services.runtime.gateway_client import GatewayProtocolError
-from services.runtime.intents import Claimed, IntentWorker
+from services.runtime.intents.store import Claimed
+from services.runtime.intents.worker import IntentWorker
 from services.runtime.topics import CAPTURE_TOPIC
 
 
@@ -79,7 +80,7 @@ class CaptureWorker(
             case domain.Retry():
                 return None
 
-    def record(
+    def report(
         self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
         claim = claimed.claim

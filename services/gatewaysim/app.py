@@ -63,6 +63,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.runtime.retry import backoff_s
 from services.runtime.settings import LOCAL_DEV_GATEWAY_SECRETS
 from services.runtime.signature import sign
 
@@ -171,9 +172,9 @@ def delivery_delay(
     ``elapsed_s`` after the first: exponential from ``delivery_backoff_base_s``, capped at
     ``delivery_backoff_max_s``, times 0.5..1 (``jitter`` in [0, 1)). None — give up —
     only when ``delivery_give_up_s`` is set and the next attempt would come after it."""
-    exponent = min(attempts - 1, 30)
-    ceiling = min(settings.delivery_backoff_max_s, settings.delivery_backoff_base_s * 2**exponent)
-    delay = ceiling * (0.5 + 0.5 * jitter)
+    delay = backoff_s(
+        attempts, settings.delivery_backoff_base_s, settings.delivery_backoff_max_s, jitter
+    )
     give_up = settings.delivery_give_up_s
     return None if give_up is not None and elapsed_s + delay > give_up else delay
 
@@ -223,7 +224,7 @@ class Simulator:
             and self.calls[(transaction_id, op)] <= self.settings.flaky_failures
         ):
             return _error(503, "temporarily_unavailable", "simulated outage")
-        reply = self._apply(op, txn, request)
+        reply = self._operate(op, txn, request)
         if reply[0] in (200, 402):
             self.replies[key] = (fingerprint, reply)
         log.info("%s %s key=%s -> %d", op, transaction_id, key, reply[0])
@@ -231,7 +232,7 @@ class Simulator:
             await asyncio.sleep(self.settings.lost_response_delay_s)
         return reply
 
-    def _apply(self, op: Operation, txn: Transaction, request: CaptureRequest | None) -> Reply:
+    def _operate(self, op: Operation, txn: Transaction, request: CaptureRequest | None) -> Reply:
         now = int(self.clock())
         declined = f"_{op}_declined" in txn.payment_intent_id
         if op == "void":

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from pydantic_settings import SettingsConfigDict
 
 from services.inventory.handlers import HANDLERS
-from services.runtime.messages import Route
+from services.runtime.messages import routes_of
 from services.runtime.service import Service, make_engine, run_service
 from services.runtime.settings import DatabaseSettings, KafkaSettings
 
@@ -33,7 +33,7 @@ def build(settings: InventorySettings) -> Service:
         engine=make_engine(url),
         database_url=url,
         bootstrap=settings.kafka_bootstrap_servers,
-        routes=[Route(topic, handlers=dict(handlers)) for topic, handlers in HANDLERS.items()],
+        routes=routes_of(HANDLERS),
         registry=CollectorRegistry(),
         http_port=settings.inventory_port,
         http_host=settings.inventory_host,

@@ -10,7 +10,6 @@ still holds; that attempt's own release, when it arrives, is then a duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -31,7 +30,7 @@ from schemas.events import (
 )
 from services.inventory import domain, store
 from services.runtime.errors import PermanentError
-from services.runtime.messages import Context, Handler
+from services.runtime.messages import Context, Handler, Handlers
 from services.runtime.topics import CAPTURE_TOPIC, CATALOG_TOPIC, INVENTORY_TOPIC, PAYMENTS_TOPIC
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
@@ -82,7 +81,7 @@ async def on_payment_accepted(ctx: Context) -> None:
         if short
         else StockReserved(**_context(event), items=_items(lines))
     )
-    await ctx.emit(INVENTORY_TOPIC, type(outcome).__name__, outcome, key=event.order_id)
+    await ctx.emit(INVENTORY_TOPIC, outcome, key=event.order_id)
 
 
 def _settlement_handler(
@@ -108,7 +107,7 @@ def _settlement_handler(
             if reason is None
             else StockReleased(**_context(event), items=_items(lines), reason=reason)
         )
-        await ctx.emit(INVENTORY_TOPIC, type(outcome).__name__, outcome, key=event.order_id)
+        await ctx.emit(INVENTORY_TOPIC, outcome, key=event.order_id)
 
     handle.__name__ = f"on_{model.__name__}"
     return handle
@@ -122,7 +121,7 @@ on_authorization_expired = _settlement_handler(
 )
 
 #: topic -> event type -> handler (checked against topics.yaml by a unit test)
-HANDLERS: Mapping[str, Mapping[str, Handler]] = {
+HANDLERS: Handlers = {
     CATALOG_TOPIC: {"StockLevelSet": on_stock_level_set},
     PAYMENTS_TOPIC: {"PaymentAccepted": on_payment_accepted},
     CAPTURE_TOPIC: {

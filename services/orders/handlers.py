@@ -12,22 +12,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import BaseModel, ValidationError
 
 from schemas.contract import CustomerNotificationRequested, OrderStatusChanged
 from schemas.envelope import Envelope
-from schemas.events import AuditRecorded, parse_payload
+from schemas.events import AuditRecorded
 from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
-from services.runtime.errors import PermanentError, schema_violation
-from services.runtime.messages import Context, Handler, Route
+from services.runtime.errors import PermanentError, validated, validated_event
+from services.runtime.messages import Context, Handler, Route, routes_of
+from services.runtime.outbox import Cause
 from services.runtime.topics import AUDIT_TOPIC, NOTIFICATIONS_TOPIC, STATUS_TOPIC
 
 log = logging.getLogger("paysaga.orders")
-M = TypeVar("M", bound=BaseModel)
 
 
 #: Every saga event type the projection consumes (docs/saga-events.md), by topic.
@@ -105,14 +104,20 @@ class SagaEvent:
     def order_id(self) -> str:
         return str(self.payload["order_id"])
 
+    @property
+    def cause(self) -> Cause:
+        """This event as the cause of what applying it emits — named explicitly: a
+        released early event is not the consumed record ``Context.emit`` defaults to."""
+        return Cause(self.event_id, self.saga_seq, self.correlation_id)
+
     @classmethod
     def parse(cls, envelope: dict[str, Any]) -> SagaEvent:
         """Raises PermanentError for a malformed envelope or payload."""
-        env = _validated(Envelope, envelope)
+        env = validated(Envelope, envelope)
         if env.saga_seq is not None and env.saga_seq > 1 and not env.causation_id:
             # its cause could never be found: it would be held forever
             raise PermanentError("schema_violation", "saga_seq > 1 without causation_id")
-        payload = _validated_payload(env.event_type, env.payload)
+        payload = validated_event(env.event_type, env.payload)
         return cls(
             event_id=env.event_id,
             event_type=env.event_type,
@@ -123,34 +128,6 @@ class SagaEvent:
             # the validated envelope: an unknown field (a stray `cvv`) is never stored
             envelope=env.model_dump(mode="json"),
         )
-
-
-def _validated(model: type[M], data: Mapping[str, Any]) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise schema_violation(exc) from exc
-
-
-def _validated_payload(event_type: str, payload: dict[str, Any]) -> BaseModel:
-    try:
-        return parse_payload(event_type, payload)
-    except ValidationError as exc:
-        raise schema_violation(exc) from exc
-
-
-async def _emit(ctx: Context, cause: SagaEvent, topic: str, payload: BaseModel) -> None:
-    """To the outbox, caused by ``cause``: for a released event that is not the
-    consumed record, which ``Context.emit`` would name by default."""
-    await ctx.emit(
-        topic,
-        type(payload).__name__,
-        payload,
-        key=cause.order_id,
-        saga_seq=(cause.saga_seq or 0) + 1,
-        causation_id=cause.event_id,
-        correlation_id=cause.correlation_id,
-    )
 
 
 class Projection:
@@ -171,12 +148,11 @@ class Projection:
         self.metrics = metrics
 
     def routes(self) -> list[Route]:
-        saga: list[Route] = [
-            Route(topic, handlers=dict.fromkeys(types, self.on_saga_event))
-            for topic, types in SAGA_EVENTS.items()
-        ]
-        audit: dict[str, Handler] = {"AuditRecorded": self.on_audit_recorded}
-        return [*saga, Route(AUDIT_TOPIC, handlers=audit)]
+        handlers: dict[str, dict[str, Handler]] = {
+            topic: dict.fromkeys(types, self.on_saga_event) for topic, types in SAGA_EVENTS.items()
+        }
+        handlers[AUDIT_TOPIC] = {"AuditRecorded": self.on_audit_recorded}
+        return routes_of(handlers)
 
     async def on_saga_event(self, ctx: Context) -> None:
         assert ctx.envelope is not None
@@ -223,17 +199,17 @@ class Projection:
             return
         await store.save_view(ctx.conn, outcome.view, ctx.now)
         await store.append_history(ctx.conn, change, ctx.now)
-        status = _validated(OrderStatusChanged, dataclasses.asdict(change))
-        await _emit(ctx, ev, STATUS_TOPIC, status)
+        status = validated(OrderStatusChanged, dataclasses.asdict(change))
+        await ctx.emit(STATUS_TOPIC, status, key=ev.order_id, cause=ev.cause)
         self.metrics.status_changes.labels(change.status).inc()
         if (notification := outcome.notification) is not None:
-            note = _validated(CustomerNotificationRequested, dataclasses.asdict(notification))
-            await _emit(ctx, ev, NOTIFICATIONS_TOPIC, note)
+            note = validated(CustomerNotificationRequested, dataclasses.asdict(notification))
+            await ctx.emit(NOTIFICATIONS_TOPIC, note, key=ev.order_id, cause=ev.cause)
 
     async def on_audit_recorded(self, ctx: Context) -> None:
         """Append to ``audit_log``; the runtime inbox and the unique event id make a
         redelivery a no-op."""
         assert ctx.envelope is not None
-        env = _validated(Envelope, ctx.envelope)
-        audit = _validated(AuditRecorded, env.payload)
+        env = validated(Envelope, ctx.envelope)
+        audit = validated(AuditRecorded, env.payload)
         await store.append_audit(ctx.conn, env.event_id, env.occurred_at, audit, ctx.now)

@@ -9,12 +9,12 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.payments import store
+from services.payments import request_store
 from services.payments.handlers import Metrics, PaymentsHandlers
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.intents import RetryPolicy, WorkLoop
-from services.runtime.messages import Record, Route
+from services.runtime.messages import Handlers, Record, Route, routes_of
+from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
 from services.runtime.settings import (
     DatabaseSettings,
@@ -28,6 +28,7 @@ from services.runtime.topics import (
     PAYMENTS_TOPIC,
     STATUS_TOPIC,
 )
+from services.runtime.wakeup import WorkLoop
 
 
 class PaymentsSettings(BaseSettings):
@@ -93,26 +94,25 @@ def build() -> Service:
                 lease=timedelta(seconds=settings.payments_request_lease_s),
                 batch=settings.payments_request_concurrency,
             )  # fmt: skip
-            loop = WorkLoop("payments", libpq_conninfo(url), store.REQUEST_CHANNEL, rounds.tick)
+            loop = WorkLoop(
+                "payments", libpq_conninfo(url), request_store.REQUEST_CHANNEL, rounds.tick
+            )
             await loop.run(stop)
 
-    routes = [
-        Route(
-            CHECKOUT_ORDERS_TOPIC,
-            handlers={
-                "OrderPlaced": h.on_order_placed,
-                "PaymentRetryRequested": h.on_retry_requested,
-            },
-        ),
-        Route(
-            CONFIRMATIONS_TOPIC,
-            raw_handler=h.on_confirmation,
-            dedupe_key=confirmation_dedupe_key,
-        ),
-        Route(STATUS_TOPIC, handlers={"OrderStatusChanged": h.on_status_changed}),
+    handlers: Handlers = {
+        CHECKOUT_ORDERS_TOPIC: {
+            "OrderPlaced": h.on_order_placed,
+            "PaymentRetryRequested": h.on_retry_requested,
+        },
+        STATUS_TOPIC: {"OrderStatusChanged": h.on_status_changed},
         # its own: a requested payment's intent, to match a confirmation that came first
-        Route(PAYMENTS_TOPIC, handlers={"PaymentIntentCreated": h.on_intent_created}),
-    ]
+        PAYMENTS_TOPIC: {"PaymentIntentCreated": h.on_intent_created},
+    }
+    # the gateway's webhook bodies are not envelopes: a raw route, deduped by digest
+    confirmations = Route(
+        CONFIRMATIONS_TOPIC, raw_handler=h.on_confirmation, dedupe_key=confirmation_dedupe_key
+    )
+    routes = [*routes_of(handlers), confirmations]
     return Service(
         name="payments",
         group="paysaga.payments",

@@ -25,12 +25,12 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from schemas.events import AuditRecorded
+from schemas.events import AuditRecorded, parse_payload
 from services.payments import domain, store
 from services.refunds.domain import Action, compensation_key
 from services.runtime.errors import describe
 from services.runtime.gateway_client import GatewayClient, GatewayError, GatewayNotFoundError
-from services.runtime.outbox import write_event
+from services.runtime.outbox import Cause, write_event
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings
 from services.runtime.terminal import make_console
@@ -149,18 +149,10 @@ async def _attach(
         raise ResolutionError(f"payment cannot settle order {order_id}: {decision.reason}")
     await store.store_confirmation(conn, c, decision.order, decision.outcome)
     await store.save_order(conn, decision.order)
+    cause = Cause(c.gateway_event_id, None, order.correlation_id)
     for event_type, payload in decision.events:
-        await write_event(
-            conn,
-            PAYMENTS_TOPIC,
-            event_type,
-            payload,
-            key=order_id,
-            now=now,
-            saga_seq=1,
-            causation_id=c.gateway_event_id,
-            correlation_id=order.correlation_id,
-        )
+        event = parse_payload(event_type, payload)
+        await write_event(conn, PAYMENTS_TOPIC, event, key=order_id, now=now, cause=cause)
     await store.close_unmatched(
         conn, c.transaction_id, c.type, "resolved_order", f"order {order_id}", now
     )
@@ -284,13 +276,5 @@ async def _audit(
         transaction_id=c.transaction_id,
         gateway_event_id=c.gateway_event_id,
     )
-    await write_event(
-        conn,
-        AUDIT_TOPIC,
-        "AuditRecorded",
-        audit,
-        key=order_id or c.transaction_id,
-        now=now,
-        saga_seq=1,
-        causation_id=c.gateway_event_id,
-    )
+    key = order_id or c.transaction_id
+    await write_event(conn, AUDIT_TOPIC, audit, key=key, now=now, cause=Cause(c.gateway_event_id))

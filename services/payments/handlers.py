@@ -26,14 +26,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.carddata import find_card_data_in_bytes
 from schemas.contract import GatewayWebhook, OrderPlaced, OrderStatusChanged, PaymentRetryRequested
-from schemas.events import AuditRecorded, PaymentIntentCreated
-from services.payments import domain, store
+from schemas.events import (
+    AuditRecorded,
+    OrderFlaggedForReconciliation,
+    PaymentIntentCreated,
+)
+from services.payments import domain, request_store, store
 from services.payments.domain import Confirmation, Decision, Item, Order
 from services.runtime import signature
-from services.runtime.errors import schema_violation
-from services.runtime.intents import Cause
+from services.runtime.errors import validated, validated_event
 from services.runtime.messages import Context, Record
-from services.runtime.outbox import write_event
+from services.runtime.outbox import Cause, write_event
 from services.runtime.topics import AUDIT_TOPIC, CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC
 from services.runtime.topics import CHECKOUT_ORDERS_TOPIC as ORDERS_TOPIC
 
@@ -82,7 +85,7 @@ class PaymentsHandlers:
     # ------------------------------------------------------------ checkout.orders.v1
 
     async def on_order_placed(self, ctx: Context) -> None:
-        placed = _validate(OrderPlaced, ctx.payload)
+        placed = validated(OrderPlaced, ctx.payload)
         incoming = Order(
             order_id=placed.order_id,
             customer_id=placed.customer_id,
@@ -104,7 +107,7 @@ class PaymentsHandlers:
             security_log.warning("order %s rejected: %s", placed.order_id, decision.reason)
         if decision.order is not None:
             await store.insert_order(ctx.conn, decision.order)
-        emitted = await self._apply(ctx, decision, subject="order")
+        emitted = await self._emit_decision(ctx, decision, subject="order")
         if decision.outcome == "registered" and decision.order is not None:
             await self._open_attempt(ctx, decision.order, emitted[0])
 
@@ -118,7 +121,7 @@ class PaymentsHandlers:
             return
         correlation = (ctx.envelope or {}).get("correlation_id")
         cause = Cause(opened_by, 1, str(correlation) if correlation is not None else None)
-        await store.record_request(ctx.conn, order, cause, ctx.now)
+        await request_store.record_request(ctx.conn, order, cause, ctx.now)
 
     async def _match_parked(self, ctx: Context, order: Order) -> None:
         assert order.payment_intent_id is not None
@@ -141,7 +144,7 @@ class PaymentsHandlers:
                 decision.reason or decision.outcome,
                 ctx.now,
             )
-            await self._apply(
+            await self._emit_decision(
                 ctx, decision, subject="unmatched_payment", causation=c.gateway_event_id
             )
         for r in await store.given_back_for(ctx.conn, order):
@@ -164,7 +167,7 @@ class PaymentsHandlers:
         the gateway created the payment, but its answer was lost or payments died before
         storing it, and the customer paid meanwhile — matched no order and was parked:
         match it now, as when an order arrives after its payment."""
-        created = _validate(PaymentIntentCreated, ctx.payload)
+        created = validated(PaymentIntentCreated, ctx.payload)
         await store.lock_intent(ctx.conn, created.payment_intent_id)  # see on_confirmation
         row = await store.load_order(ctx.conn, created.order_id)
         if row is None or (row.attempt, row.payment_intent_id) != (
@@ -175,7 +178,7 @@ class PaymentsHandlers:
         await self._match_parked(ctx, store.order_from_row(row))
 
     async def on_retry_requested(self, ctx: Context) -> None:
-        retry = _validate(PaymentRetryRequested, ctx.payload)
+        retry = validated(PaymentRetryRequested, ctx.payload)
         # the new intent's lock first, as a confirmation of it takes it before the order
         if retry.payment_intent_id is not None:
             await store.lock_intent(ctx.conn, retry.payment_intent_id)
@@ -202,7 +205,7 @@ class PaymentsHandlers:
                 },
             )
             self.metrics.retries.labels("held", decision.reason).inc()
-            await self._apply(ctx, decision, subject="payment_retry")
+            await self._emit_decision(ctx, decision, subject="payment_retry")
             return
         await self._settle_retry(ctx, decision)
 
@@ -215,7 +218,9 @@ class PaymentsHandlers:
         if decision.order is not None:
             # the new attempt has no published status yet
             await store.save_order(ctx.conn, decision.order, pending_retry=None, saga_status=None)
-        emitted = await self._apply(ctx, decision, subject="payment_retry", causation=causation)
+        emitted = await self._emit_decision(
+            ctx, decision, subject="payment_retry", causation=causation
+        )
         if decision.order is not None:
             await self._open_attempt(ctx, decision.order, emitted[0])
 
@@ -225,7 +230,7 @@ class PaymentsHandlers:
         """Mirror every published status of the current attempt: payments must know that
         a capture decline or an out-of-stock void failed the attempt, and that a failed
         attempt went on to NEEDS_RECONCILIATION, to accept a retry only when orders will."""
-        status = _validate(OrderStatusChanged, ctx.payload)
+        status = validated(OrderStatusChanged, ctx.payload)
         row = await store.load_order(ctx.conn, status.order_id)
         if row is None or status.version <= row.saga_version:
             return
@@ -255,7 +260,7 @@ class PaymentsHandlers:
         rec = ctx.record
         checked = self._check(rec)
         if isinstance(checked, str):
-            await self._reject(ctx, checked, None)
+            await self._reject(ctx, checked)
             return
         c, gateway_event_id = checked
         if not await store.mark_seen(ctx.conn, c.gateway, gateway_event_id) or (
@@ -296,7 +301,9 @@ class PaymentsHandlers:
             await store.store_confirmation(ctx.conn, c, decision.order, decision.outcome)
             await store.save_order(ctx.conn, decision.order)
         self.metrics.confirmations.labels(decision.outcome, decision.reason or "none").inc()
-        await self._apply(ctx, decision, subject="gateway_confirmation", causation=gateway_event_id)
+        await self._emit_decision(
+            ctx, decision, subject="gateway_confirmation", causation=gateway_event_id
+        )
 
     def _check(self, rec: Record) -> tuple[Confirmation, str] | str:
         """The confirmation, or the reason it is rejected. Raw bytes are verified before
@@ -348,7 +355,7 @@ class PaymentsHandlers:
         )
         return confirmation, hook.id
 
-    async def _reject(self, ctx: Context, reason: str, c: Confirmation | None) -> None:
+    async def _reject(self, ctx: Context, reason: str) -> None:
         rec = ctx.record
         security_log.warning(
             "confirmation rejected: %s (topic %s partition %d offset %d)",
@@ -369,22 +376,19 @@ class PaymentsHandlers:
 
     # ------------------------------------------------------------ shared
 
-    async def _apply(
+    async def _emit_decision(
         self, ctx: Context, decision: Decision, *, subject: str, causation: str | None = None
     ) -> list[str]:
         """Emit the decision's saga events (roots of the attempt: saga_seq 1) and audit;
         returns the saga events' ids."""
+        root = ctx.cause.as_root()
+        cause = dataclasses.replace(root, event_id=causation) if causation else root
         emitted: list[str] = []
         for event_type, payload in decision.events:
-            event_id = await ctx.emit(
-                PAYMENTS_TOPIC,
-                event_type,
-                payload,
-                key=payload["order_id"],
-                saga_seq=1,
-                causation_id=causation,
+            event = validated_event(event_type, payload)
+            emitted.append(
+                await ctx.emit(PAYMENTS_TOPIC, event, key=payload["order_id"], cause=cause)
             )
-            emitted.append(event_id)
         for entry in decision.audit:
             key = entry.get("order_id") or entry.get("transaction_id") or "unknown"
             await self._emit_audit(ctx, subject, entry, key)
@@ -394,7 +398,7 @@ class PaymentsHandlers:
         self, ctx: Context, subject: str, entry: dict[str, Any], key: str
     ) -> None:
         audit = AuditRecorded.model_validate({"subject": subject, **entry})
-        await ctx.emit(AUDIT_TOPIC, "AuditRecorded", audit, key=key, saga_seq=1)
+        await ctx.emit(AUDIT_TOPIC, audit, key=key, cause=ctx.cause.as_root())
 
     async def flag_dead_letter(
         self, conn: AsyncConnection, rec: Record, exc: BaseException
@@ -415,21 +419,12 @@ class PaymentsHandlers:
             return
         order = dataclasses.replace(store.order_from_row(row), status="flagged")
         await store.save_order(conn, order)
-        payload = {
-            "order_id": order.order_id,
-            "attempt": order.attempt,
-            "reason": "record_dead_lettered",
-        }
+        flagged = OrderFlaggedForReconciliation(
+            order_id=order.order_id, attempt=order.attempt, reason="record_dead_lettered"
+        )
+        cause = Cause(f"{rec.topic}/{rec.partition}/{rec.offset}", None, order.correlation_id)
         await write_event(
-            conn,
-            PAYMENTS_TOPIC,
-            "OrderFlaggedForReconciliation",
-            payload,
-            key=order.order_id,
-            now=datetime.now(UTC),
-            saga_seq=1,
-            causation_id=f"{rec.topic}/{rec.partition}/{rec.offset}",
-            correlation_id=order.correlation_id,
+            conn, PAYMENTS_TOPIC, flagged, key=order.order_id, now=datetime.now(UTC), cause=cause
         )
         log.error(
             "order %s flagged for reconciliation: %s dead-lettered (%s)",
@@ -462,10 +457,3 @@ def _audit_entry(
         "transaction_id": None,
         "gateway_event_id": None,
     }
-
-
-def _validate(model: Any, payload: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        raise schema_violation(exc) from exc

@@ -6,12 +6,13 @@ state ``in_flight`` with a lease) → ``POST /v1/payment_intents`` with the atte
 idempotency key (no transaction open; a replay after an unknown outcome returns the
 first result) → transaction B (fenced): the outcome, its saga event, the order's
 payment intent and — for a created payment — PaymentRequested with the client secret
-(``store._request_resolved``). Rows whose worker died mid-call are reclaimed after the
-lease and sent again under the same key.
+(``request_store._request_resolved``). Rows whose worker died mid-call are reclaimed
+after the lease and sent again under the same key.
 
 The client secret lives in this process's memory during the round, then in the outbox
 row until the relay has published it; the worker deletes such rows once they are sent
-(``store.forget_sent_requests``). It is never logged (``requests.Requested.__repr__``).
+(``request_store.forget_sent_requests``). It is never logged
+(``requests.Requested.__repr__``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
 
 from schemas import events
-from services.payments import requests, store
+from services.payments import request_store, requests
 from services.runtime.faults import fault_point
 from services.runtime.gateway_client import GatewayProtocolError
-from services.runtime.intents import Claimed, IntentWorker, RetryPolicy
+from services.runtime.intents.store import Claimed
+from services.runtime.intents.worker import IntentWorker
+from services.runtime.retry import RetryPolicy
 from services.runtime.topics import PAYMENTS_TOPIC
 
 
@@ -49,7 +52,7 @@ class RequestMetrics:
 class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolicy, RequestMetrics]):
     """Payment request rounds."""
 
-    intents = store.REQUESTS
+    intents = request_store.REQUESTS
     topic = PAYMENTS_TOPIC
 
     @staticmethod
@@ -78,7 +81,7 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
             case requests.Retry():
                 return None
 
-    def record(
+    def report(
         self, claimed: Claimed[requests.Claim], resolution: requests.Resolution, stored: bool
     ) -> None:
         claim = claimed.claim
@@ -119,5 +122,5 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
         """A round for each due request, then drop the published PaymentRequested rows."""
         worked = await super().tick()
         async with self.engine.begin() as conn:
-            await store.forget_sent_requests(conn)
+            await request_store.forget_sent_requests(conn)
         return worked

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy
+from services.runtime.retry import Failed, GatewayOutcome, Retry, RetryPolicy
 
 __all__ = [
     "Claim",
@@ -81,7 +80,7 @@ def retry_or_fail(
 ) -> Retry | Failed:
     """Another round, or — after ``max_attempts`` rounds — failure to reconciliation.
 
-    Unlike a capture, void or refund (``intents.retry_later``), a request whose outcome
+    Unlike a capture, void or refund (``retry.retry_later``), a request whose outcome
     is unknown moves no money: a payment the gateway may have created waits for the
     customer, who never got its client secret. So spent rounds end the attempt
     (``NEEDS_RECONCILIATION``, docs/contract.md §3.7) instead of looking up forever."""

@@ -1,5 +1,6 @@
 """The payments database: orders as payments knows them, stored confirmations, the
-unmatched-payments store and the gateway events already seen.
+unmatched-payments store, the gateway events already seen, and the payment requests'
+table (its intents' life: ``request_store.py``).
 
 Card data never reaches these tables: a confirmation is stored only after it was
 checked card-free, and then only its business fields (payment method brand and last4).
@@ -24,7 +25,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    delete,
     func,
     or_,
     select,
@@ -34,22 +34,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schemas.contract import PaymentRequested
-from schemas.events import PaymentRequestContext
-from services.payments import requests
 from services.payments.domain import Confirmation, Item, Order
-from services.runtime.intents import (
-    Cause,
-    Claimed,
-    IntentStore,
-    emit_caused,
-    intent_columns,
-    intent_indexes,
-    notify,
-)
+from services.runtime.intents.store import intent_columns, intent_indexes
 from services.runtime.locks import xact_lock
-from services.runtime.tables import outbox
-from services.runtime.topics import PAYMENT_REQUESTS_TOPIC
 
 metadata = MetaData()
 
@@ -424,9 +411,6 @@ def content_hash(payload: dict[str, Any]) -> str:
 
 # --- payment requests (CONTRACT §3.7) ----------------------------------------------
 
-#: the NOTIFY channel the payment request worker listens on
-REQUEST_CHANNEL = "paysaga_payment_requests"
-
 #: one row per attempt that came without a payment_intent_id; its life is
 #: ``IntentStore``'s, with the final states requested, refused and failed. The client
 #: secret is never stored here (see ``requests.Requested``).
@@ -447,109 +431,3 @@ payment_requests = Table(
     ),
     *intent_indexes("payment_requests"),
 )
-
-
-def _request_claim(row: Any) -> requests.Claim:
-    return requests.Claim(
-        order_id=row.order_id,
-        attempt=row.attempt,
-        amount=row.amount,
-        currency=row.currency,
-        payment_method=row.payment_method,
-        round=row.attempts,
-    )
-
-
-def _request_values(resolution: requests.Resolution) -> dict[str, Any]:
-    match resolution:
-        case requests.Requested(payment_intent_id=intent, expires_at=expires_at):
-            return {"state": "requested", "payment_intent_id": intent, "expires_at": expires_at}
-        case requests.Refused(code=code):
-            return {"state": "refused", "outcome_reason": code[:64]}
-        case requests.Failed(reason=reason):
-            return {"state": "failed", "outcome_reason": reason}
-        case requests.Retry(next_attempt_at=at, error=error):
-            return {"state": "unknown", "next_attempt_at": at, "last_error": error[:500]}
-
-
-async def _request_resolved(
-    conn: AsyncConnection, claimed: Claimed[Any], resolution: Any, now: datetime
-) -> None:
-    """Transaction B's part in the orders table: the attempt learns its payment intent
-    (confirmations match it from now on) and the checkout gets PaymentRequested — the
-    only event with the client secret; or the attempt fails (a refusal: retryable) or
-    is flagged (automatic handling exhausted)."""
-    claim: requests.Claim = claimed.claim
-    attempt = (orders.c.order_id == claim.order_id) & (orders.c.attempt == claim.attempt)
-    match resolution:
-        case requests.Requested(payment_intent_id=intent):
-            await conn.execute(
-                update(orders)
-                .where(attempt, orders.c.payment_intent_id.is_(None))
-                .values(payment_intent_id=intent, updated_at=func.now())
-            )
-            requested = PaymentRequested(
-                order_id=claim.order_id,
-                payment_intent_id=intent,
-                amount=claim.amount,
-                currency=claim.currency,
-                payment_method=claim.payment_method,
-                client_secret=resolution.client_secret,
-                expires_at=resolution.expires_at,
-            )
-            await emit_caused(
-                conn, claimed.cause, PAYMENT_REQUESTS_TOPIC, requested, key=claim.order_id, now=now
-            )
-        case requests.Refused() | requests.Failed():
-            status = "failed" if isinstance(resolution, requests.Refused) else "flagged"
-            await conn.execute(
-                update(orders)
-                .where(attempt, orders.c.status == "pending")
-                .values(status=status, updated_at=func.now())
-            )
-
-
-REQUESTS: IntentStore[requests.Claim, requests.Resolution] = IntentStore(
-    payment_requests,
-    ("order_id", "attempt"),
-    _request_claim,
-    _request_values,
-    context_model=PaymentRequestContext,
-    on_resolved=_request_resolved,
-)
-
-
-async def record_request(conn: AsyncConnection, order: Order, cause: Cause, now: datetime) -> bool:
-    """Transaction A (the OrderPlaced / retry handler's): the attempt's payment request,
-    due at once; False if the attempt has one already."""
-    context = PaymentRequestContext(
-        order_id=order.order_id,
-        attempt=order.attempt,
-        amount=order.total_amount,
-        currency=order.currency,
-        payment_method=order.payment_method,
-    )
-    recorded = await REQUESTS.record(
-        conn,
-        context,
-        cause,
-        now,
-        idempotency_key=requests.request_key(order.order_id, order.attempt),
-        state="pending",
-        next_attempt_at=now,
-        payment_method=order.payment_method,
-    )
-    if recorded:
-        await notify(conn, REQUEST_CHANNEL)
-    return recorded
-
-
-async def forget_sent_requests(conn: AsyncConnection) -> int:
-    """Delete PaymentRequested rows the relay has published: the client secret stays in
-    the outbox only until Kafka has it, not for the outbox's retention."""
-    result = await conn.execute(
-        delete(outbox).where(
-            outbox.c.topic == PAYMENT_REQUESTS_TOPIC, outbox.c.sent_at.is_not(None)
-        )
-    )
-    return result.rowcount or 0

@@ -23,7 +23,7 @@ from pydantic_settings import SettingsConfigDict
 from services.refunds import store
 from services.refunds.handlers import HANDLERS
 from services.refunds.worker import RefundsMetrics, RefundsWorker
-from services.runtime.intents import IntentServiceSettings, SharedSettings, intent_service
+from services.runtime.intents.service import IntentServiceSettings, SharedSettings, intent_service
 from services.runtime.service import Service, run_service
 
 NAME = "refunds"

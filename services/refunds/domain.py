@@ -15,7 +15,7 @@ NEEDS_RECONCILIATION) and the compensation goes on being looked up, at most
 ``RetryPolicy.stalled_max_s`` apart, until the gateway's record settles it (a refund
 found → ``RefundSucceeded`` → REFUNDED). Only the gateway's own answer — a decline, an
 unknown transaction, a payment in a state no compensation fits — fails a compensation.
-The rule is the runtime's, shared with capture (``services.runtime.intents.retry_later``).
+The rule is the runtime's, shared with capture (``services.runtime.retry.retry_later``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Failed, Retry, RetryPolicy, Stalled, retry_later
+from services.runtime.retry import (
+    Failed,
+    GatewayOutcome,
+    Retry,
+    RetryPolicy,
+    Stalled,
+    retry_later,
+)
 
 __all__ = [
     "Action",

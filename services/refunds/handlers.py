@@ -5,8 +5,6 @@ never called here. Idempotent per (transaction_id, action).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from schemas.events import (
     AuthorizationExpired,
     CaptureDeclined,
@@ -15,9 +13,9 @@ from schemas.events import (
 )
 from services.refunds import domain, store
 from services.runtime.errors import PermanentError
-from services.runtime.intents import Cause, notify
-from services.runtime.messages import Context, Handler
+from services.runtime.messages import Context, Handler, Handlers
 from services.runtime.topics import CAPTURE_TOPIC, INVENTORY_TOPIC
+from services.runtime.wakeup import notify
 
 _CONTEXT_FIELDS = set(PaymentContext.model_fields)
 
@@ -29,7 +27,7 @@ def _handler(model: type[PaymentContext], trigger: domain.Trigger) -> Handler:
         intent = domain.decide_compensation(context.flow, trigger, context.transaction_id)
         if intent is None:
             raise PermanentError("no_compensation", f"{model.__name__} of a {context.flow} payment")
-        if await store.record_intent(ctx.conn, context, intent, Cause.of(ctx), ctx.now):
+        if await store.record_intent(ctx.conn, context, intent, ctx.cause, ctx.now):
             await notify(ctx.conn, store.CHANNEL)
 
     handle.__name__ = f"on_{model.__name__}"
@@ -41,7 +39,7 @@ on_capture_declined = _handler(CaptureDeclined, "capture_declined")
 on_authorization_expired = _handler(AuthorizationExpired, "authorization_expired")
 
 #: topic -> event type -> handler (checked against topics.yaml by a unit test)
-HANDLERS: Mapping[str, Mapping[str, Handler]] = {
+HANDLERS: Handlers = {
     INVENTORY_TOPIC: {"StockReservationFailed": on_stock_reservation_failed},
     CAPTURE_TOPIC: {
         "CaptureDeclined": on_capture_declined,

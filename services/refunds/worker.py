@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from schemas import events
 from services.refunds import domain, store
 from services.runtime.gateway_client import GatewayOutcome, GatewayProtocolError
-from services.runtime.intents import Claimed, IntentWorker
+from services.runtime.intents.store import Claimed
+from services.runtime.intents.worker import IntentWorker
 from services.runtime.topics import REFUNDS_TOPIC
 
 
@@ -81,7 +82,7 @@ class RefundsWorker(
             case domain.Retry():
                 return None
 
-    def record(
+    def report(
         self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
         claim = claimed.claim

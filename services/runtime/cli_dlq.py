@@ -20,7 +20,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.table import Table
 
 from services.runtime import dlq
-from services.runtime.consumer import _record
 from services.runtime.kafka import client_options
 from services.runtime.messages import Record
 from services.runtime.settings import KafkaSettings
@@ -74,7 +73,9 @@ async def read_dead_letters(bootstrap: str, filters: Filters) -> list[Record]:
             batch = await consumer.getmany(*pending, timeout_ms=1000)
             for tp, messages in batch.items():
                 out += [
-                    r for r in map(_record, messages) if not dlq.is_control(r) and filters.match(r)
+                    r
+                    for r in map(Record.from_kafka, messages)
+                    if not dlq.is_control(r) and filters.match(r)
                 ]
                 if messages and messages[-1].offset + 1 >= ends[tp]:
                     pending.discard(tp)

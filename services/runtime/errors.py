@@ -10,15 +10,20 @@ dead-lettered when the budget is spent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
 import sqlalchemy.exc
 from aiokafka import errors as kafka_errors
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.carddata import redact
+from schemas.events import parse_payload
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class PermanentError(Exception):
@@ -50,6 +55,23 @@ def schema_violation(exc: ValidationError) -> PermanentError:
         for e in exc.errors(include_input=False, include_url=False)
     )
     return PermanentError("schema_violation", f"{exc.title}: {problems}")
+
+
+def validated(model: type[M], data: Mapping[str, Any]) -> M:
+    """``data`` as ``model``; a ``schema_violation`` (permanent) if it does not fit."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise schema_violation(exc) from exc
+
+
+def validated_event(event_type: str, payload: dict[str, Any]) -> BaseModel:
+    """``payload`` as the model of ``event_type`` (``schemas.events.parse_payload``); a
+    ``schema_violation`` (permanent) if it does not fit."""
+    try:
+        return parse_payload(event_type, payload)
+    except ValidationError as exc:
+        raise schema_violation(exc) from exc
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -21,12 +21,13 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from services.runtime.retry import GatewayOutcome, OutcomeKind, backoff_s
 
 __all__ = [
     "GatewayClient",
@@ -43,21 +44,7 @@ log = logging.getLogger(__name__)
 #: 4xx answers to a payment request that are not a refusal of it: retried, same key
 TRANSIENT_4XX = frozenset({408, 409, 423, 425, 429})
 
-OutcomeKind = Literal["succeeded", "declined", "not_found", "unknown"]
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayOutcome:
-    """The result of a mutating call. ``code``/``message`` are set for ``declined``;
-    ``reason`` says why an outcome is ``unknown`` (``timeout``, ``http_503``, …)."""
-
-    kind: OutcomeKind
-    body: dict[str, Any] = field(default_factory=dict)
-    code: str | None = None
-    message: str | None = None
-    attempts: int = 1
-    reason: str | None = None
 
 
 class GatewayError(Exception):
@@ -137,8 +124,7 @@ class GatewayClient:
         """Delay before retry number ``retry`` (1-based): ``base * 2**(retry-1)`` capped at
         ``backoff_max_s``, then "equal jitter" (half fixed, half random) so that clients
         retrying together spread out but never retry immediately."""
-        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2.0 ** (retry - 1))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        return backoff_s(retry, self._backoff_base_s, self._backoff_max_s, self._rng.random())
 
     async def capture(
         self, transaction_id: str, amount: int, currency: str, idempotency_key: str

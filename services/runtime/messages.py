@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.runtime.outbox import write_event
+from services.runtime.outbox import Cause, write_event
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,19 @@ class Record:
     def key_str(self) -> str | None:
         return self.key.decode("utf-8", "replace") if self.key is not None else None
 
+    @classmethod
+    def from_kafka(cls, m: Any) -> Record:
+        """The record of an aiokafka ``ConsumerRecord``."""
+        return cls(
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            key=m.key,
+            value=m.value if m.value is not None else b"",
+            headers=tuple((k, bytes(v or b"")) for k, v in (m.headers or ())),
+            timestamp_ms=int(m.timestamp),
+        )
+
 
 @dataclasses.dataclass
 class Context:
@@ -55,33 +68,28 @@ class Context:
         payload: dict[str, Any] = self.envelope["payload"]
         return payload
 
+    @property
+    def cause(self) -> Cause:
+        """The consumed record as the cause of what the handler emits: its event id (for
+        a raw record, topic/partition/offset), its ``saga_seq`` and correlation id.
+        (``traceparent`` stays unset until tracing is built: contract, "planned".)"""
+        envelope = self.envelope or {}
+        seq = envelope.get("saga_seq")
+        correlation = envelope.get("correlation_id")
+        return Cause(
+            event_id=self.event_id or _record_id(self.record),
+            saga_seq=int(seq) if seq else None,
+            correlation_id=str(correlation) if correlation is not None else None,
+        )
+
     async def emit(
-        self,
-        topic: str,
-        event_type: str,
-        payload: BaseModel | Mapping[str, Any],
-        *,
-        key: str,
-        saga_seq: int | None = None,
-        causation_id: str | None = None,
-        correlation_id: str | None = None,
+        self, topic: str, event: BaseModel, *, key: str, cause: Cause | None = None
     ) -> str:
-        """Write one event to the outbox (committed with the handler's state, or not at
-        all). ``saga_seq`` defaults to the cause's + 1 (1 for a root); causation and
-        correlation default to the consumed record's. Returns the new event id."""
-        cause = self.envelope or {}
-        if saga_seq is None:
-            saga_seq = int(cause["saga_seq"]) + 1 if cause.get("saga_seq") else 1
+        """Write ``event`` to the outbox (committed with the handler's state, or not at
+        all), as an effect of ``cause`` — by default the consumed record
+        (``self.cause``). Returns the new event id."""
         return await write_event(
-            self.conn,
-            topic,
-            event_type,
-            payload,
-            key=key,
-            now=self.now,
-            saga_seq=saga_seq,
-            causation_id=causation_id or self.event_id or _record_id(self.record),
-            correlation_id=correlation_id or cause.get("correlation_id"),
+            self.conn, topic, event, key=key, now=self.now, cause=cause or self.cause
         )
 
 
@@ -106,3 +114,13 @@ class Route:
     handlers: Mapping[str, Handler] = dataclasses.field(default_factory=dict)
     raw_handler: Handler | None = None
     dedupe_key: Callable[[Record], str] | None = None
+
+
+#: How every service registers its handlers: topic → event type → handler (a unit test
+#: checks the tables against topics.yaml); ``routes_of`` makes the consumer's routes.
+Handlers = Mapping[str, Mapping[str, Handler]]
+
+
+def routes_of(handlers: Handlers) -> list[Route]:
+    """The routes of enveloped topics, one per topic of ``handlers``."""
+    return [Route(topic, handlers=dict(by_type)) for topic, by_type in handlers.items()]

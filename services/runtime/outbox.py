@@ -1,50 +1,56 @@
 """Writing to the outbox: the only way any paysaga code emits an event.
 
 Rows are written in the caller's transaction and published by the relay after commit,
-so an event exists exactly when the state change that caused it does.
+so an event exists exactly when the state change that caused it does. An event is a
+model of ``schemas.events`` / ``schemas.contract`` (its class name is its event type);
+``write_event`` builds its validated envelope (``schemas.envelope.new_envelope``) from
+the ``Cause`` — causation id, ``saga_seq``, correlation id, traceparent — and writes
+the row. ``write_raw`` is for records that are not events of ours (a dead letter's
+replay keeps the bytes it had).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from schemas.envelope import dump, new_envelope
 from services.runtime.tables import outbox
+from services.runtime.wakeup import notify
 
 #: NOTIFY channel the outbox relay of a database listens on
 OUTBOX_CHANNEL = "paysaga_outbox"
 
+#: the W3C trace context header an event carries when its cause had one
+TRACEPARENT = "traceparent"
 
-def build_envelope(
-    event_type: str,
-    payload: BaseModel | Mapping[str, Any],
-    *,
-    now: datetime,
-    causation_id: str | None,
-    saga_seq: int,
-    correlation_id: str | None,
-) -> tuple[str, bytes]:
-    """(event_id, serialized envelope) — the contract envelope plus causation/saga_seq."""
-    body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload)
-    event_id = uuid.uuid4().hex
-    envelope = {
-        "event_id": event_id,
-        "event_type": event_type,
-        "schema_version": 1,
-        "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "correlation_id": correlation_id,
-        "causation_id": causation_id,
-        "saga_seq": saga_seq,
-        "payload": body,
-    }
-    return event_id, json.dumps(envelope, separators=(",", ":")).encode()
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cause:
+    """What an emitted event is the effect of: the cause's event id (its
+    ``causation_id``), the cause's ``saga_seq`` (None: the event starts a saga), the
+    saga's correlation id, and the trace the cause belongs to (a slot: nothing sets it
+    yet: docs/contract.md lists it as planned)."""
+
+    event_id: str
+    saga_seq: int | None = None
+    correlation_id: str | None = None
+    traceparent: str | None = None
+
+    @property
+    def next_seq(self) -> int:
+        """The effect's ``saga_seq``: the cause's + 1, 1 for a saga root."""
+        return self.saga_seq + 1 if self.saga_seq else 1
+
+    def as_root(self) -> Cause:
+        """The same cause for an event that starts a saga of its own (``saga_seq`` 1)."""
+        return dataclasses.replace(self, saga_seq=None)
 
 
 async def write_raw(
@@ -60,30 +66,31 @@ async def write_raw(
     # delivered at commit, and only if the transaction commits; once per transaction
     transaction = conn.get_transaction()
     if conn.info.get("outbox_notified") is not transaction:
-        await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+        await notify(conn, OUTBOX_CHANNEL)
         conn.info["outbox_notified"] = transaction
 
 
 async def write_event(
     conn: AsyncConnection,
     topic: str,
-    event_type: str,
-    payload: BaseModel | Mapping[str, Any],
+    event: BaseModel,
     *,
     key: str,
     now: datetime,
-    causation_id: str | None,
-    saga_seq: int,
-    correlation_id: str | None = None,
+    cause: Cause,
 ) -> str:
-    """Write one enveloped event to the outbox in ``conn``'s transaction; returns its id."""
-    event_id, value = build_envelope(
-        event_type,
-        payload,
+    """Write ``event`` in its validated envelope to the outbox in ``conn``'s
+    transaction, as an effect of ``cause``; returns the new event id."""
+    event_id = uuid.uuid4().hex
+    envelope = new_envelope(
+        type(event).__name__,
+        event,
         now=now,
-        causation_id=causation_id,
-        saga_seq=saga_seq,
-        correlation_id=correlation_id,
+        event_id=event_id,
+        correlation_id=cause.correlation_id,
+        causation_id=cause.event_id,
+        saga_seq=cause.next_seq,
     )
-    await write_raw(conn, topic, key.encode(), value)
+    headers = [(TRACEPARENT, cause.traceparent)] if cause.traceparent else []
+    await write_raw(conn, topic, key.encode(), dump(envelope), headers)
     return event_id

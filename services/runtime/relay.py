@@ -51,6 +51,7 @@ from services.runtime.kafka import client_options
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
 from services.runtime.tables import inbox, outbox
+from services.runtime.wakeup import listen, wait_for_notification
 
 log = logging.getLogger("paysaga.relay")
 
@@ -106,7 +107,7 @@ class OutboxRelay:
                 return
             self.active = True
             log.info("%s relay is active", self.service)
-            await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+            await listen(conn, OUTBOX_CHANNEL)
             self._producer = await self._start_producer()
             try:
                 if dead := await self._update_backlog():
@@ -123,7 +124,7 @@ class OutboxRelay:
                     if time.monotonic() - last_prune > self.settings.prune_every_s:
                         await self._prune()
                         last_prune = time.monotonic()
-                    await self._wait_for_notify(conn, stop)
+                    await wait_for_notification(conn, self.settings.poll_s)
             finally:
                 self.active = False
                 await self._producer.stop()
@@ -252,17 +253,6 @@ class OutboxRelay:
         self.metrics.outbox_stuck.labels(self.service, "dead").set(dead)
         self.metrics.outbox_stuck.labels(self.service, "blocked").set(blocked)
         return int(dead)
-
-    async def _wait_for_notify(
-        self, conn: psycopg.AsyncConnection[object], stop: asyncio.Event
-    ) -> None:
-        with contextlib.suppress(TimeoutError):
-            async for _ in conn.notifies(timeout=self.settings.poll_s, stop_after=1):
-                break
-        # drain notifications that piled up meanwhile: one publish pass covers them all
-        with contextlib.suppress(TimeoutError):
-            async for _ in conn.notifies(timeout=0.001):
-                pass
 
     async def _prune(self) -> None:
         now = datetime.now(UTC)

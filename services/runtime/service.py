@@ -18,17 +18,19 @@ from datetime import timedelta
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from schemas.carddata import redact
-from services.runtime.consumer import ConsumerRuntime, DeadLetterHook, RuntimeSettings
+from services.runtime.blocking import DeadLetterHook
+from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
 from services.runtime.dlq import DeadLetterProducer
 from services.runtime.messages import Route
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.probes import add_probes
 from services.runtime.relay import OutboxRelay, RelaySettings
 
 log = logging.getLogger("paysaga.service")
@@ -90,23 +92,12 @@ class Service:
     def http_app(self) -> FastAPI:
         app = self.app or FastAPI(title=f"paysaga {self.name}")
 
-        @app.get("/healthz", include_in_schema=self.app is None)
-        async def healthz() -> dict[str, str]:
-            return {"status": "alive", "service": self.name}
-
-        @app.get("/readyz", include_in_schema=self.app is None)
-        async def readyz(response: Response) -> dict[str, Any]:
+        async def readiness() -> tuple[dict[str, bool], list[str]]:
             checks = await self.readiness()
-            response.status_code = 200 if all(checks.values()) else 503
-            body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks}
-            if self.consumer is not None and (reasons := self.consumer.position_problems()):
-                body["reasons"] = reasons
-            return body
+            reasons = self.consumer.position_problems() if self.consumer is not None else []
+            return checks, reasons
 
-        @app.get("/metrics", include_in_schema=False)
-        async def metrics() -> Response:
-            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
+        add_probes(app, self.name, self.registry, readiness, in_schema=self.app is None)
         return app
 
     async def readiness(self) -> dict[str, bool]:

@@ -23,7 +23,7 @@ from services.refunds import domain, store
 from services.refunds.worker import RefundsMetrics, RefundsWorker
 from services.runtime import migrate
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.intents import Cause
+from services.runtime.outbox import Cause
 from services.runtime.service import make_engine
 from tests.conftest import Infra
 from tests.support.harness import query, uid

@@ -16,13 +16,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DBAPIError
 
 from services.gatewaysim.app import GatewaySimSettings, Simulator, create_app
-from services.payments import store
+from services.payments import request_store, store
 from services.payments.domain import Item, Order
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime import migrate
 from services.runtime.errors import said
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.intents import Cause, RetryPolicy
+from services.runtime.outbox import Cause
+from services.runtime.retry import RetryPolicy
 from services.runtime.service import make_engine
 from tests.conftest import Infra
 from tests.support.harness import uid
@@ -72,7 +73,7 @@ async def test_a_failed_outbox_write_of_payment_requested_names_no_client_secret
     now = datetime.now(UTC)
     async with engine.begin() as conn:
         await store.insert_order(conn, order)
-        await store.record_request(conn, order, Cause(uid("evt"), 1, None), now)
+        await request_store.record_request(conn, order, Cause(uid("evt"), 1, None), now)
     gateway = GatewayClient("http://sim", transport=httpx.ASGITransport(app=app))
     worker = RequestWorker(
         engine, gateway, RetryPolicy(3, 0.1, 0.1), RequestMetrics.create(CollectorRegistry()),

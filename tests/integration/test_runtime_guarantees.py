@@ -501,11 +501,11 @@ def test_a_record_parked_while_another_member_releases_its_key_is_not_stranded(
                              settings=RuntimeSettings())  # fmt: skip
         try:
             async with svc.engine.begin() as p:
-                assert await rt._apply(p, rec, blocked={"k1"}) == "parked"
+                assert await rt.blocking.open(p, blocked={"k1"}).apply(rec) == "parked"
 
                 async def release() -> None:
                     async with svc.engine.begin() as r:
-                        await rt._release(r, "k1", "purged")
+                        await rt.blocking.open(r).release("k1", "purged")
 
                 r_task = asyncio.create_task(release())
                 # R either finished (it did not wait for P) or waits for P's key lock

@@ -17,12 +17,22 @@ import asyncio
 import os
 
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime.errors import PermanentError
 from services.runtime.messages import Context, Record, Route
 from services.runtime.service import Service, make_engine, run_service
+
+
+class Credited(BaseModel):
+    """The event the ledger emits (``--out-topic``)."""
+
+    account: str
+    amount: int
+    seq: int
+
 
 metadata = MetaData()
 applied = Table(
@@ -75,10 +85,7 @@ def build(args: argparse.Namespace) -> Service:
         )
         if args.out_topic:
             await ctx.emit(
-                args.out_topic,
-                "Credited",
-                {"account": account, "amount": amount, "seq": seq},
-                key=account,
+                args.out_topic, Credited(account=account, amount=amount, seq=seq), key=account
             )
 
     async def on_credited(ctx: Context) -> None:

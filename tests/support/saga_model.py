@@ -40,7 +40,7 @@ from services.orders import domain as orders
 from services.payments import domain as payments
 from services.refunds import domain as refunds
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import RetryPolicy
+from services.runtime.retry import RetryPolicy
 from services.runtime.topics import (
     CAPTURE_TOPIC,
     CATALOG_TOPIC,

@@ -1,9 +1,9 @@
-"""The runtime's dead-letter blocking key (services/runtime/consumer.py): the records a
+"""The runtime's dead-letter blocking key (services/runtime/blocking.py): the records a
 dead letter parks are those of its key space only."""
 
 from __future__ import annotations
 
-from services.runtime.consumer import _order_key
+from services.runtime.blocking import order_key as _order_key
 from services.runtime.messages import Record
 
 

@@ -26,9 +26,10 @@ from schemas.carddata import (
 from schemas.contract import OrderPlaced
 from schemas.events import AuditRecorded
 from services.orders.handlers import SagaEvent
-from services.payments.handlers import Metrics, PaymentsHandlers, _validate
+from services.payments.handlers import Metrics, PaymentsHandlers
 from services.runtime import dlq, signature
 from services.runtime.errors import PermanentError, describe
+from services.runtime.errors import validated as _validate
 from services.runtime.messages import Record
 from services.runtime.service import RedactingFormatter
 

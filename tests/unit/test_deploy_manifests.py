@@ -37,7 +37,7 @@ from services.refunds.app import RefundsSettings
 from services.refunds.app import build as build_refunds
 from services.runtime import render
 from services.runtime.consumer import RuntimeSettings
-from services.runtime.intents import SharedSettings
+from services.runtime.intents.service import SharedSettings
 from services.runtime.relay import RelaySettings
 from services.runtime.service import Service, configure_logging
 from services.runtime.settings import (

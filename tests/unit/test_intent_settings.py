@@ -8,7 +8,8 @@ import pytest
 
 from services.capture.app import CaptureSettings
 from services.refunds.app import RefundsSettings
-from services.runtime.intents import RetryPolicy, SharedSettings
+from services.runtime.intents.service import SharedSettings
+from services.runtime.retry import RetryPolicy
 
 
 def test_defaults_are_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:

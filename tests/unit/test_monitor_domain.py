@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.contract import OrderStatus as S
+from schemas.contract import OrderStatusChanged
+from schemas.envelope import dump, new_envelope
 from services.monitor import domain
 from services.monitor.app import MonitorSettings, status_change
 from services.monitor.domain import Deadlines, MinuteOutcomes, Saga, StatusChange
-from services.runtime.outbox import build_envelope
 
 T0 = 1_800_000_000.0
 
@@ -170,8 +171,16 @@ def test_a_status_record_is_read_with_the_time_it_happened() -> None:
         "version": 3,
     }
     at = datetime.fromtimestamp(T0, UTC)
-    _, value = build_envelope(
-        "OrderStatusChanged", payload, now=at, causation_id="c", saga_seq=4, correlation_id="k"
+    value = dump(
+        new_envelope(
+            "OrderStatusChanged",
+            OrderStatusChanged.model_validate(payload),
+            now=at,
+            event_id="e1",
+            causation_id="c",
+            saga_seq=4,
+            correlation_id="k",
+        )
     )
     got = status_change(b"ord_1", value)
     assert (got.status, got.version, got.at, got.saga_seq) == (S.INVENTORY_RESERVED, 3, T0, 4)

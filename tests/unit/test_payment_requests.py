@@ -9,7 +9,7 @@ from typing import Any
 from services.orders.domain import decide
 from services.payments import requests
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import RetryPolicy
+from services.runtime.retry import RetryPolicy
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=3, base_s=1.0, max_s=10.0)

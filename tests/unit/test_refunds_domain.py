@@ -15,7 +15,8 @@ from schemas.events import PaymentContext
 from services.refunds import domain
 from services.refunds.worker import RefundsWorker
 from services.runtime.gateway_client import GatewayOutcome
-from services.runtime.intents import Cause, Claimed
+from services.runtime.intents.store import Claimed
+from services.runtime.outbox import Cause
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 POLICY = domain.RetryPolicy(max_attempts=3, base_s=1, max_s=60)

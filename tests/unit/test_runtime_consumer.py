@@ -61,7 +61,7 @@ def runtime(consumer: FakeConsumer, stored: int | None) -> ConsumerRuntime:
     async def stored_position(tp: TopicPartition) -> int | None:
         return stored
 
-    rt._stored_position = stored_position  # type: ignore[method-assign]
+    rt.positions.stored = stored_position  # type: ignore[method-assign]
     rt._consumer = consumer  # type: ignore[assignment]
     return rt
 
@@ -70,8 +70,8 @@ async def test_a_stored_position_in_a_gap_continues_after_the_gap() -> None:
     # processed up to 100; 101 is a transaction marker (or was compacted away)
     consumer = FakeConsumer([99, 100, 102, 103], position=101, high=104)
     rt = runtime(consumer, stored=101)
-    rt.expected[TP] = 101  # consuming on: the position is loaded
-    got = [r.offset for r in await rt._in_position(TP, consumer.fetch())]
+    rt.positions.expected[TP] = 101  # consuming on: the position is loaded
+    got = [r.offset for r in await rt.positions.in_position(TP, consumer.fetch())]
     assert got == [102, 103]
     assert consumer.seeks == 0
 
@@ -80,10 +80,10 @@ async def test_a_consumer_placed_elsewhere_is_sought_back_once() -> None:
     # the consumer starts above the stored position (e.g. at a later Kafka commit)
     consumer = FakeConsumer([99, 100, 102, 103], position=103, high=104)
     rt = runtime(consumer, stored=101)
-    assert await rt._in_position(TP, consumer.fetch()) == []
+    assert await rt.positions.in_position(TP, consumer.fetch()) == []
     assert (consumer.seeks, consumer.pos) == (1, 101)
     for _ in range(3):  # Kafka answers 102 for 101: taken, not sought again
-        got = [r.offset for r in await rt._in_position(TP, consumer.fetch())]
+        got = [r.offset for r in await rt.positions.in_position(TP, consumer.fetch())]
         if got:
             break
     assert got == [102, 103]
@@ -93,15 +93,15 @@ async def test_a_consumer_placed_elsewhere_is_sought_back_once() -> None:
 async def test_records_below_the_stored_position_are_dropped() -> None:
     consumer = FakeConsumer([98, 99, 100, 101], position=98, high=102)
     rt = runtime(consumer, stored=100)
-    assert [r.offset for r in await rt._in_position(TP, consumer.fetch())] == [100, 101]
+    assert [r.offset for r in await rt.positions.in_position(TP, consumer.fetch())] == [100, 101]
 
 
 async def test_a_batch_all_below_a_position_within_the_log_is_dropped_without_alarm() -> None:
     # read again after a rebalance (Kafka's committed offset lags the stored position)
     consumer = FakeConsumer([98, 99, 100, 101], position=98, high=102)
     rt = runtime(consumer, stored=100)
-    rt.expected[TP] = 100
-    assert await rt._in_position(TP, consumer.fetch()[:2]) == []
+    rt.positions.expected[TP] = 100
+    assert await rt.positions.in_position(TP, consumer.fetch()[:2]) == []
     assert consumer.seeks == 0
     assert rt.position_problems() == []
 
@@ -109,8 +109,8 @@ async def test_a_batch_all_below_a_position_within_the_log_is_dropped_without_al
 async def test_a_position_below_the_log_start_continues_from_the_log_start() -> None:
     consumer = FakeConsumer([50, 51], position=50, high=52)  # 0..49 expired
     rt = runtime(consumer, stored=10)
-    rt.expected[TP] = 10  # already loaded: the fetch was reset to the log start
-    assert [r.offset for r in await rt._in_position(TP, consumer.fetch())] == [50, 51]
+    rt.positions.expected[TP] = 10  # already loaded: the fetch was reset to the log start
+    assert [r.offset for r in await rt.positions.in_position(TP, consumer.fetch())] == [50, 51]
     lost = rt.metrics.records.labels("svc", "t", "lost_to_retention")._value.get()
     assert lost == 40
 

@@ -1,0 +1,112 @@
+"""Applying one record once: its route (which handler, which inbox key) and the inbox
+row that dedupes it, written in the transaction that runs the handler.
+
+An enveloped topic routes by ``event_type`` and dedupes by ``event_id``; a raw topic
+(the gateway's webhook bodies) goes to its ``raw_handler`` and dedupes by the route's
+``dedupe_key(record)``. A record whose inbox key is entered already for this consumer
+group changes nothing (``duplicate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.runtime.errors import PermanentError
+from services.runtime.faults import fault_point
+from services.runtime.messages import Context, Handler, Record, Route
+from services.runtime.tables import inbox
+
+
+class Inbox:
+    """The routes and the inbox of one consumer group."""
+
+    def __init__(self, group: str, routes: Sequence[Route], handler_timeout_s: float) -> None:
+        self.group = group
+        self.routes = {r.topic: r for r in routes}
+        self.handler_timeout_s = handler_timeout_s
+
+    def route(self, rec: Record) -> tuple[Handler | None, str, dict[str, Any] | None]:
+        """(handler — None for an event type this group ignores, inbox key, envelope)."""
+        route = self.routes.get(rec.topic)
+        if route is None:
+            raise PermanentError("unrouted_topic", rec.topic)
+        if route.raw_handler is not None:
+            assert route.dedupe_key is not None
+            return route.raw_handler, route.dedupe_key(rec), None
+        envelope = parse_envelope(rec.value)
+        return route.handlers.get(str(envelope["event_type"])), str(envelope["event_id"]), envelope
+
+    def dedupe_key(self, rec: Record) -> str | None:
+        """The inbox key of a record, None if it has none (it is not even an envelope)."""
+        try:
+            return self.route(rec)[1]
+        except Exception:
+            return None
+
+    async def handle(self, conn: AsyncConnection, rec: Record) -> str:
+        """Enter the record's inbox key and run its handler, in ``conn``'s transaction;
+        the outcome label (``processed``, ``duplicate``, ``skipped``)."""
+        handler, dedupe, envelope = self.route(rec)
+        if handler is None:
+            return "skipped"
+        inserted = await conn.execute(
+            pg_insert(inbox)
+            .values(consumer_group=self.group, dedupe_key=dedupe)
+            .on_conflict_do_nothing()
+            .returning(inbox.c.dedupe_key)
+        )
+        if inserted.first() is None:
+            return "duplicate"
+        ctx = Context(conn=conn, record=rec, envelope=envelope, now=datetime.now(UTC))
+        # bounded: a handler slower than max_poll_interval would cost the partition
+        await asyncio.wait_for(handler(ctx), self.handler_timeout_s)
+        fault_point("inside_db_transaction")
+        return "processed"
+
+    async def contains(self, conn: AsyncConnection, rec: Record) -> bool:
+        """Whether the record's inbox key is entered (it was applied)."""
+        key = self.dedupe_key(rec)
+        if key is None:
+            return False
+        found = await conn.execute(
+            select(inbox.c.dedupe_key).where(
+                inbox.c.consumer_group == self.group, inbox.c.dedupe_key == key
+            )
+        )
+        return found.first() is not None
+
+    async def enter(self, conn: AsyncConnection, keys: set[str]) -> None:
+        """Enter inbox keys without applying their records (resolved dead letters):
+        their other copies are duplicates from now on."""
+        if keys:
+            await conn.execute(
+                pg_insert(inbox)
+                .values([{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)])
+                .on_conflict_do_nothing()
+            )
+
+
+def parse_envelope(value: bytes) -> dict[str, Any]:
+    """Decode and minimally check an envelope; payloads are validated by handlers."""
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PermanentError("invalid_json", str(exc)) from exc
+    if not isinstance(doc, dict):
+        raise PermanentError("invalid_envelope", "record value is not a JSON object")
+    for field in ("event_id", "event_type", "payload"):
+        if field not in doc:
+            raise PermanentError("invalid_envelope", f"missing field {field!r}")
+    if not isinstance(doc["event_id"], str) or not 1 <= len(doc["event_id"]) <= 64:
+        raise PermanentError("invalid_envelope", "event_id must be a string of 1..64 chars")
+    if not isinstance(doc["payload"], dict):
+        raise PermanentError("invalid_envelope", "payload must be an object")
+    return doc

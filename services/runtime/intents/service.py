@@ -1,0 +1,94 @@
+"""Wiring a gateway-intent service: its consumer and its worker rounds
+(``services.runtime.intents``)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.runtime.gateway_client import GatewayClient
+from services.runtime.intents.worker import IntentWorker
+from services.runtime.messages import Handlers, routes_of
+from services.runtime.retry import RetryPolicy
+from services.runtime.service import Service, libpq_conninfo, make_engine
+from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
+from services.runtime.wakeup import WorkLoop
+
+PolicyT = TypeVar("PolicyT")
+MetricsT = TypeVar("MetricsT")
+
+
+class IntentServiceSettings(BaseSettings):
+    """A gateway-intent service's own settings, ``PAYSAGA_<SERVICE>_…`` (a subclass sets
+    the prefix and the port)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    #: worker rounds before the alarm (→ NEEDS_RECONCILIATION); a final answer of the
+    #: gateway ends them sooner, an unknown outcome is looked up after them
+    max_attempts: int = 10
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    #: after the rounds: look-ups at most this far apart until the gateway settles it
+    stalled_retry_max_s: float = 900.0
+    #: must exceed one round's worst case (look-up + call, each up to the gateway
+    #: client's PAYSAGA_GATEWAY_MAX_ATTEMPTS x PAYSAGA_GATEWAY_TIMEOUT_S plus backoff)
+    lease_s: float = 120.0
+    poll_s: float = 0.5
+    concurrency: int = 8
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.max_attempts, self.retry_base_s, self.retry_max_s, self.stalled_retry_max_s
+        )
+
+
+class SharedSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+
+def intent_service(
+    name: str,
+    own: IntentServiceSettings,
+    shared: SharedSettings,
+    *,
+    handlers: Handlers,
+    channel: str,
+    worker: type[IntentWorker[Any, Any, PolicyT, MetricsT]],
+    policy: PolicyT,
+    metrics: MetricsT,
+    registry: CollectorRegistry,
+) -> Service:
+    """Wire a gateway-intent service: its consumer (``handlers`` record intents in
+    transaction A and NOTIFY ``channel``) and one ``WorkLoop`` running ``worker`` rounds."""
+    url = shared.url_for(name)
+    engine = make_engine(url, pool_size=own.concurrency + 2)
+
+    async def work(stop: asyncio.Event) -> None:
+        async with GatewayClient(
+            shared.gateway_url,
+            timeout_s=shared.gateway_timeout_s,
+            max_attempts=shared.gateway_max_attempts,
+        ) as gateway:
+            rounds = worker(
+                engine, gateway, policy, metrics,
+                lease=timedelta(seconds=own.lease_s), batch=own.concurrency,
+            )  # fmt: skip
+            await WorkLoop(name, libpq_conninfo(url), channel, rounds.tick, own.poll_s).run(stop)
+
+    return Service(
+        name=name,
+        group=f"paysaga.{name}",
+        engine=engine,
+        database_url=url,
+        bootstrap=shared.kafka_bootstrap_servers,
+        routes=routes_of(handlers),
+        registry=registry,
+        http_port=own.port,
+        http_host=own.host,
+        workers=[work],
+    )

@@ -1,0 +1,260 @@
+"""The rows of a gateway-intent table and their life (``services.runtime.intents``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from schemas.events import PaymentContext, PaymentRequestContext
+from services.runtime.outbox import Cause, write_event
+
+ClaimT = TypeVar("ClaimT")
+ResolutionT = TypeVar("ResolutionT")
+
+#: what an intent row remembers for its events: the accepted payment it acts on
+#: (capture, refunds), or the attempt whose payment it requests (payments)
+IntentContext = PaymentContext | PaymentRequestContext
+#: the transaction B hook of an ``IntentStore`` (see ``resolve``)
+OnResolved = Callable[[AsyncConnection, "Claimed[Any]", Any, datetime], Awaitable[None]]
+
+
+def intent_columns() -> list[Column[Any]]:
+    """The columns of every intent table, besides its key and its outcome columns."""
+    return [
+        Column("idempotency_key", Text, nullable=False, unique=True),
+        Column("order_id", String(64), nullable=False, index=True),
+        Column("amount", BigInteger, nullable=False),
+        Column("currency", String(3), nullable=False),
+        #: the PaymentContext every resulting event carries
+        Column("context", JSONB, nullable=False),
+        Column("state", String(16), nullable=False),
+        #: worker rounds so far (each claim counts one)
+        Column("attempts", Integer, nullable=False, server_default="0"),
+        Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+        Column("lease_until", DateTime(timezone=True), nullable=True),
+        Column("claim_token", String(32), nullable=True),
+        Column("cause_event_id", String(64), nullable=False),
+        Column("cause_saga_seq", Integer, nullable=True),
+        Column("correlation_id", Text, nullable=True),
+        Column("last_error", Text, nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+def intent_indexes(table: str) -> list[Index]:
+    """What the claim query reads: due rows and rows whose lease may have run out."""
+    return [
+        Index(
+            f"ix_{table}_due",
+            "next_attempt_at",
+            postgresql_where=text("state IN ('pending', 'unknown')"),
+        ),
+        Index(f"ix_{table}_leased", "lease_until", postgresql_where=text("state = 'in_flight'")),
+    ]
+
+
+def _on_db_clock(values: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """``values`` with ``next_attempt_at`` (a time on the caller's clock, whose reading
+    is ``now``) moved to the database's clock: ``now()`` plus the same delay. Due times
+    are compared with the database's ``now()``, so they must be written on it too — a
+    host whose clock runs ahead would otherwise schedule every intent late."""
+    at = values.get("next_attempt_at")
+    if isinstance(at, datetime):
+        return {**values, "next_attempt_at": func.now() + (at - now)}
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed(Generic[ClaimT]):
+    """An intent row claimed for one round; ``token`` fences its transaction B."""
+
+    claim: ClaimT
+    idempotency_key: str
+    context: IntentContext
+    cause: Cause
+    token: str
+
+
+class IntentStore(Generic[ClaimT, ResolutionT]):
+    """The life of the rows of one intent table (``intent_columns`` + ``key`` columns +
+    outcome columns): ``pending`` (transaction A) → ``in_flight`` (claimed by a worker
+    round, with a lease and a fencing token) → ``unknown`` (retry: look up first) … → a
+    final state (transaction B, which also writes the resulting event to the outbox).
+
+    Time: ``next_attempt_at`` and ``lease_until`` are written and compared on the
+    database's clock (``now()``); the ``now`` callers pass (their own clock) only says
+    how far ahead a ``next_attempt_at`` they give lies, and stamps ``created_at`` /
+    ``updated_at``.
+
+    ``claim_of`` makes a row's domain claim (it has an attribute per ``key`` column);
+    ``values_of`` gives the columns a resolution stores (``state`` among them).
+    ``context_model`` is what the ``context`` column holds; ``on_resolved``, if given,
+    runs inside transaction B after the resolution is stored (state another table keeps
+    in step with the outcome, a second event)."""
+
+    def __init__(
+        self,
+        table: Table,
+        key: tuple[str, ...],
+        claim_of: Callable[[Any], ClaimT],
+        values_of: Callable[[ResolutionT], dict[str, Any]],
+        *,
+        context_model: type[PaymentContext] | type[PaymentRequestContext] = PaymentContext,
+        on_resolved: OnResolved | None = None,
+    ) -> None:
+        self.table, self.key, self.claim_of, self.values_of = table, key, claim_of, values_of
+        self.context_model, self.on_resolved = context_model, on_resolved
+
+    async def record(
+        self,
+        conn: AsyncConnection,
+        context: IntentContext,
+        cause: Cause,
+        now: datetime,
+        **values: Any,
+    ) -> bool:
+        """Transaction A (the consumer's): insert the intent; False if the row (or its
+        idempotency key) exists already — a redelivered or repeated trigger then causes
+        no second gateway call."""
+        values = _on_db_clock(values, now)
+        inserted = await conn.execute(
+            pg_insert(self.table)
+            .values(
+                **self._key_values(context),
+                order_id=context.order_id,
+                amount=context.amount,
+                currency=context.currency,
+                context=context.model_dump(mode="json"),
+                cause_event_id=cause.event_id,
+                cause_saga_seq=cause.saga_seq,
+                correlation_id=cause.correlation_id,
+                created_at=now,
+                updated_at=now,
+                **values,
+            )
+            .on_conflict_do_nothing()
+            .returning(self.table.c[self.key[0]])
+        )
+        return inserted.first() is not None
+
+    def _key_values(self, context: IntentContext) -> dict[str, Any]:
+        """The key columns the context has (``transaction_id``; ``attempt``), besides
+        ``order_id``, which every row has."""
+        fields = type(context).model_fields
+        return {k: getattr(context, k) for k in self.key if k in fields and k != "order_id"}
+
+    async def claim_due(
+        self, engine: AsyncEngine, now: datetime, limit: int, lease: timedelta
+    ) -> list[Claimed[ClaimT]]:
+        """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
+        or whose lease ran out (their worker died mid-call), in one short transaction:
+        ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by side, and the claim
+        commits before any gateway call, so no transaction stays open across HTTP.
+        Both, and the new lease, are judged by the database's ``now()``: a worker whose
+        clock is off cannot take a live claim over nor miss an expired one."""
+        c = self.table.c
+        db_now = func.now()
+        due = (
+            select(*(c[k] for k in self.key), c.state.label("prior_state"))
+            .where(
+                or_(
+                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= db_now),
+                    and_(c.state == "in_flight", c.lease_until <= db_now),
+                )
+            )
+            .order_by(c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        token = uuid.uuid4().hex
+        async with engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    update(self.table)
+                    .where(*(c[k] == due.c[k] for k in self.key))
+                    .values(
+                        state="in_flight",
+                        attempts=c.attempts + 1,
+                        lease_until=db_now + lease,
+                        claim_token=token,
+                        updated_at=now,
+                    )
+                    .returning(*c, due.c.prior_state)
+                )
+            ).all()
+        return [
+            Claimed(
+                claim=self.claim_of(row),
+                idempotency_key=row.idempotency_key,
+                context=self.context_model.model_validate(row.context),
+                cause=Cause(row.cause_event_id, row.cause_saga_seq, row.correlation_id),
+                token=token,
+            )
+            for row in rows
+        ]
+
+    async def resolve(
+        self,
+        engine: AsyncEngine,
+        claimed: Claimed[ClaimT],
+        resolution: ResolutionT,
+        event: BaseModel | None,
+        topic: str,
+        now: datetime,
+    ) -> bool:
+        """Transaction B: store the round's resolution and, in the same transaction, write
+        its event (if any) to the outbox. Fenced by the claim token: False — nothing
+        written — if the lease was lost and another round owns the row now (that round
+        looks the payment up, so the outcome is still emitted exactly once)."""
+        c = self.table.c
+        async with engine.begin() as conn:
+            updated = await conn.execute(
+                update(self.table)
+                .where(
+                    *(c[k] == getattr(claimed.claim, k) for k in self.key),
+                    c.state == "in_flight",
+                    c.claim_token == claimed.token,
+                )
+                .values(
+                    **_on_db_clock(self.values_of(resolution), now),
+                    lease_until=None,
+                    claim_token=None,
+                    updated_at=now,
+                )
+                .returning(c[self.key[0]])
+            )
+            if updated.first() is None:
+                return False
+            if event is not None:
+                await write_event(
+                    conn, topic, event, key=claimed.context.order_id, now=now, cause=claimed.cause
+                )
+            if self.on_resolved is not None:
+                await self.on_resolved(conn, claimed, resolution, now)
+        return True

@@ -1,0 +1,132 @@
+"""The rounds of a gateway-intent worker (``services.runtime.intents``)."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.runtime.errors import describe
+from services.runtime.gateway_client import (
+    GatewayClient,
+    GatewayNotFoundError,
+    GatewayProtocolError,
+    GatewayUnavailableError,
+)
+from services.runtime.intents.store import Claimed, IntentStore
+from services.runtime.retry import Failed
+
+ClaimT = TypeVar("ClaimT")
+ResolutionT = TypeVar("ResolutionT")
+PolicyT = TypeVar("PolicyT")
+MetricsT = TypeVar("MetricsT")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
+    """The rounds of a gateway-intent worker (capture, refunds).
+
+    Per round: the intent is claimed (``IntentStore.claim_due``) → ``decide`` looks the
+    payment up and/or calls the gateway with the intent's one idempotency key, no
+    transaction open → ``IntentStore.resolve`` is transaction B: the outcome, fenced by
+    the claim, and its event (``event_for``) in the outbox on ``topic``. A round must
+    end well inside its lease, or another worker could reclaim the row while this one
+    still calls the gateway: a round over budget becomes a retry (which looks the
+    payment up first). Rows of a worker that died mid-call are reclaimed after their
+    lease, and looked up first.
+    """
+
+    #: the intent table and the topic its events go to (set by each subclass)
+    intents: ClassVar[IntentStore[Any, Any]]
+    topic: ClassVar[str]
+    #: reason of the failure when the gateway does not know the transaction
+    not_found_reason = "not_found"
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        gateway: GatewayClient,
+        policy: PolicyT,
+        metrics: MetricsT,
+        *,
+        lease: timedelta,
+        batch: int = 8,
+        clock: Clock = utc_now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine, self.gateway, self.policy, self.metrics = engine, gateway, policy, metrics
+        self.lease, self.batch, self.clock = lease, batch, clock
+        self.rng = rng or random.Random()
+        self.round_budget_s = lease.total_seconds() * 0.8
+        self.log = logging.getLogger(f"paysaga.{type(self).__name__}")
+
+    @staticmethod
+    @abc.abstractmethod
+    def event_for(claimed: Claimed[ClaimT], resolution: ResolutionT) -> BaseModel | None:
+        """The event a resolution emits (a retry emits none)."""
+
+    @abc.abstractmethod
+    async def decide(self, claimed: Claimed[ClaimT]) -> ResolutionT: ...
+
+    @abc.abstractmethod
+    def retry(self, claimed: Claimed[ClaimT], error: str) -> ResolutionT: ...
+
+    @abc.abstractmethod
+    def report(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
+        """Metrics and a log line for a finished round."""
+
+    async def claim_due(self) -> list[Claimed[ClaimT]]:
+        return await self.intents.claim_due(self.engine, self.clock(), self.batch, self.lease)
+
+    async def resolve(self, claimed: Claimed[ClaimT], resolution: ResolutionT) -> bool:
+        """Transaction B; False when the claim was lost (another worker took the row)."""
+        event = self.event_for(claimed, resolution)
+        return await self.intents.resolve(
+            self.engine, claimed, resolution, event, self.topic, self.clock()
+        )
+
+    async def tick(self) -> bool:
+        """Run one round for each due intent (concurrently); False if none was due."""
+        claimed = await self.claim_due()
+        if not claimed:
+            return False
+        results = await asyncio.gather(*(self._round(c) for c in claimed), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors[1:]:
+            self.log.error("round failed", exc_info=error)
+        if errors:
+            raise errors[0]  # its row stays in_flight and is reclaimed after the lease
+        return True
+
+    async def _round(self, claimed: Claimed[ClaimT]) -> None:
+        try:
+            async with asyncio.timeout(self.round_budget_s):
+                resolution = await self.decide(claimed)  # the gateway calls, no transaction
+        except TimeoutError:
+            resolution = self.retry(claimed, "round_timeout")
+        # the gateway answered (or did not): its outcome is stored next, in transaction B
+        stored = await self.resolve(claimed, resolution)
+        self.report(claimed, resolution, stored)
+
+    async def look_up(
+        self, claimed: Claimed[ClaimT], transaction_id: str
+    ) -> dict[str, Any] | Failed | ResolutionT:
+        """The gateway's view of the payment, or how this round ends without one."""
+        try:
+            return await self.gateway.get_payment(transaction_id)
+        except GatewayNotFoundError:
+            return Failed(self.not_found_reason)
+        except (GatewayUnavailableError, GatewayProtocolError) as exc:
+            return self.retry(claimed, f"lookup: {describe(exc)}")

@@ -1,6 +1,6 @@
 """Pydantic models of every paysaga event: the single source of truth for payloads.
 
-Import models from `schemas.contract` (CONTRACT.md) and `schemas.events` (internal
+Import models from `schemas.contract` (docs/contract.md) and `schemas.events` (internal
 saga events); the envelope helpers and the registry are re-exported here.
 """
 

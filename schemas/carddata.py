@@ -1,4 +1,4 @@
-"""CONTRACT §2.2's definition of card data, in one place (payments' rejection rule,
+"""docs/contract.md §2.2's definition of card data, in one place (payments' rejection rule,
 the bridge's refusal, the audit model's guard, and :func:`redact`: the one redaction
 of everything the runtime logs, dead-letters or parks).
 
@@ -111,7 +111,7 @@ def is_card_key(key: str) -> bool:
 
 
 def is_id_key(key: str) -> bool:
-    """An identifier field (CONTRACT §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt —
+    """An identifier field (docs/contract.md §2.2): ``id``, ``*_id`` or ``sku``, exactly as spelt —
     but not one whose name says it holds a card (``card_id``, ``pan_id``,
     ``card_number_id``): what such a field identifies is a card, so it is scanned."""
     if not (key in ("id", "sku") or key.endswith("_id")):

@@ -1,7 +1,7 @@
-"""Payload models of the external contract (CONTRACT.md §2 and §3).
+"""Payload models of the external contract (docs/contract.md §2 and §3).
 
 Models of events paysaga or checkout define forbid unknown fields and require every
-field without a default: CONTRACT §1 makes unknown or missing payload fields a
+field without a default: docs/contract.md §1 makes unknown or missing payload fields a
 validation error. The gateway webhook is the gateway's format, so its models ignore
 fields they do not know. Integers are strict (no "5" -> 5, no 5.0 -> 5, no bools):
 amounts are money in minor units and must arrive as JSON integers.
@@ -89,9 +89,9 @@ Sku = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MinorUnits = Annotated[int, Strict(), Field(ge=0)]
 """A non-negative amount in minor units (cents)."""
 Amount = Annotated[int, Strict(), Field(gt=0)]
-"""An order's charged amount in minor units: always > 0 (CONTRACT §2.1 total_amount)."""
+"""An order's charged amount in minor units: always > 0 (docs/contract.md §2.1 total_amount)."""
 ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-"""A short snake_case code (CONTRACT §3.1 `reason`)."""
+"""A short snake_case code (docs/contract.md §3.1 `reason`)."""
 
 _REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -112,7 +112,7 @@ class ContractModel(BaseModel):
 
 
 class OrderStatus(StrEnum):
-    """The order statuses of CONTRACT §3.1."""
+    """The order statuses of docs/contract.md §3.1."""
 
     PENDING_PAYMENT = "PENDING_PAYMENT"
     PAYMENT_AUTHORIZED = "PAYMENT_AUTHORIZED"
@@ -134,7 +134,7 @@ class OrderItem(ContractModel):
 
 
 class OrderPlaced(ContractModel):
-    """An order from checkout (CONTRACT §2.1).
+    """An order from checkout (docs/contract.md §2.1).
 
     Guarantees every §2.1 rule, including total_amount == sum(quantity*unit_amount)
     - discount_amount + delivery_fee + service_fee; the error names the expected and
@@ -151,7 +151,7 @@ class OrderPlaced(ContractModel):
     service_fee: MinorUnits = 0
     # Declared after the items and fees so the validator below can see them.
     total_amount: Amount
-    #: absent: paysaga requests the payment from the gateway (CONTRACT §3.7)
+    #: absent: paysaga requests the payment from the gateway (docs/contract.md §3.7)
     payment_intent_id: Id64 | None = None
     payment_method: Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
@@ -177,7 +177,7 @@ class OrderPlaced(ContractModel):
 
 
 class PaymentRetryRequested(ContractModel):
-    """A new payment attempt for an order in PAYMENT_FAILED (CONTRACT §2.1); without a
+    """A new payment attempt for an order in PAYMENT_FAILED (docs/contract.md §2.1); without a
     payment_intent_id, paysaga requests the new payment (§3.7)."""
 
     order_id: OrderId
@@ -189,7 +189,7 @@ class PaymentRetryRequested(ContractModel):
 
 
 class StockLevelSet(ContractModel):
-    """Sets the sellable quantity of a SKU (CONTRACT §2.3); record key is the sku."""
+    """Sets the sellable quantity of a SKU (docs/contract.md §2.3); record key is the sku."""
 
     sku: Sku
     available: MinorUnits
@@ -206,7 +206,7 @@ class OrderStatusChanged(ContractModel):
     status: OrderStatus
     previous_status: OrderStatus | None
     reason: ReasonCode | None
-    #: None while paysaga is still requesting the attempt's payment (CONTRACT §3.7)
+    #: None while paysaga is still requesting the attempt's payment (docs/contract.md §3.7)
     payment_intent_id: Id64 | None
     transaction_id: str | None
     amount: Amount
@@ -222,7 +222,7 @@ class NotificationKind(StrEnum):
 
 
 class CustomerNotificationRequested(ContractModel):
-    """One customer-facing outcome of a payment attempt (CONTRACT §3.3)."""
+    """One customer-facing outcome of a payment attempt (docs/contract.md §3.3)."""
 
     order_id: OrderId
     customer_id: Id64
@@ -238,7 +238,7 @@ class CustomerNotificationRequested(ContractModel):
 
 class PaymentRequested(ContractModel):
     """The payment paysaga requested from the gateway for an order (or retry) that came
-    without a payment_intent_id (CONTRACT §3.7). ``client_secret`` lets the checkout send
+    without a payment_intent_id (docs/contract.md §3.7). ``client_secret`` lets the checkout send
     the customer to the gateway's payment page; it appears on payments.requests.v1 only."""
 
     order_id: OrderId
@@ -285,7 +285,7 @@ class GatewayPaymentData(_GatewayModel):
 
 
 class GatewayWebhook(_GatewayModel):
-    """The gateway's webhook body (CONTRACT §2.2).
+    """The gateway's webhook body (docs/contract.md §2.2).
 
     Unknown fields are dropped on validation, so this model cannot see card data the
     body may carry: scan the raw bytes for it before (and independently of) parsing.

@@ -1,4 +1,4 @@
-"""The event envelope of CONTRACT §1, plus the saga's `causation_id` and `saga_seq`.
+"""The event envelope of docs/contract.md §1, plus the saga's `causation_id` and `saga_seq`.
 
 Pure: no clock, no randomness, no I/O. Callers supply `now` and `event_id`, so an
 envelope built twice from the same inputs is byte-for-byte the same record.
@@ -16,7 +16,7 @@ __all__ = ["Envelope", "dump", "new_envelope"]
 class Envelope(BaseModel):
     """A record value on any paysaga topic.
 
-    Guarantees: unknown envelope fields are ignored (dropped), as CONTRACT §1 requires;
+    Guarantees: unknown envelope fields are ignored (dropped), as docs/contract.md §1 requires;
     `occurred_at` must carry a UTC offset (naive times are rejected), is normalised
     to UTC and serialises as RFC 3339 with a trailing "Z". The payload is left as a
     dict: validate it with `schemas.events.parse_payload` once `event_type` is known.

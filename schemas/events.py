@@ -129,7 +129,7 @@ class PaymentDeclined(ContractModel):
 
 
 class PaymentRequestContext(ContractModel):
-    """What a payment request (CONTRACT §3.7) needs and its events carry: the attempt
+    """What a payment request (docs/contract.md §3.7) needs and its events carry: the attempt
     that came without a payment_intent_id."""
 
     order_id: OrderId
@@ -280,7 +280,7 @@ class SagaStalled(ContractModel):
 EVENT_TYPES: dict[str, type[BaseModel]] = {
     model.__name__: model
     for model in (
-        # contract (CONTRACT §2, §3)
+        # contract (docs/contract.md §2, §3)
         OrderPlaced,
         PaymentRetryRequested,
         StockLevelSet,

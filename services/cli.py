@@ -100,7 +100,7 @@ def reconcile(
     gateway: bool = typer.Option(False, "--gateway", help="also check the gateway's ledger"),
     order: list[str] = typer.Option(None, "--order", help="only these orders (repeatable)"),
 ) -> None:
-    """Check CONTRACT §3.1's rules across every store; exit 1 listing each violation."""
+    """Check docs/contract.md §3.1's rules across every store; exit 1 listing each violation."""
     from services.reconcile import check, requested_payments
     from services.runtime.settings import GatewayClientSettings
 

@@ -1,4 +1,4 @@
-"""``paysaga reconcile``: the rules of CONTRACT §3.1, checked across every store.
+"""``paysaga reconcile``: the rules of docs/contract.md §3.1, checked across every store.
 
 Each service owns its database, so no single query can see a violation: this reads
 each store (read-only) and compares. Rules:
@@ -40,7 +40,7 @@ each store (read-only) and compares. Rules:
   or when its order arrived after it was parked), never accepted nor refunded: nothing
   in the saga gives it back, an operator must;
 * with ``--gateway``: ``requested_payment_captured`` — money captured through a payment
-  paysaga requested (CONTRACT §3.7) but no longer waits on (``requested_payments``,
+  paysaga requested (docs/contract.md §3.7) but no longer waits on (``requested_payments``,
   which also lists the abandoned ones that hold no money, as notices).
 
 Orders still in flight are not violations; the monitor watches for stalls.
@@ -372,7 +372,7 @@ def _compensation_rules(
 def requested_payments(
     gateway_url: str, order_ids: list[str] | None = None
 ) -> tuple[list[Violation], list[Violation]]:
-    """(violations, notices) about payments paysaga requested from the gateway (CONTRACT
+    """(violations, notices) about payments paysaga requested from the gateway (docs/contract.md
     §3.7) that it no longer waits on: an earlier attempt's, or one of an attempt that
     ended without it (failed, flagged). ``requested_payment_captured`` — the gateway
     captured money through it that is not refunded: a violation, an operator refunds it.

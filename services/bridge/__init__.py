@@ -1,1 +1,1 @@
-"""The gateway bridge: webhook ingress → ``gateway.confirmations.v1`` (CONTRACT §2.2)."""
+"""The gateway bridge: webhook ingress → ``gateway.confirmations.v1`` (docs/contract.md §2.2)."""

@@ -1,4 +1,4 @@
-"""The gateway bridge (CONTRACT §2.2): a dumb pipe from a gateway's webhooks to Kafka.
+"""The gateway bridge (docs/contract.md §2.2): a dumb pipe from a gateway's webhooks to Kafka.
 
 ``POST /webhooks/{gateway}`` appends the request body, byte for byte, to
 ``gateway.confirmations.v1``, keyed by the body's ``data.order_id`` (else

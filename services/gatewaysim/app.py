@@ -1,4 +1,4 @@
-"""The gateway simulator: a test double of the payment gateway (CONTRACT §4).
+"""The gateway simulator: a test double of the payment gateway (docs/contract.md §4).
 
 The ledger lives in memory and is lost on restart. Semantics, modelled on real gateways:
 
@@ -21,7 +21,7 @@ The ledger lives in memory and is lost on restart. Semantics, modelled on real g
   ``lost_response_delay_s`` (longer than any client timeout; a replay of the key
   answers at once); ``_slow`` → every call on the transaction takes ``slow_delay_s``.
 
-Requested payments (CONTRACT §3.7): ``POST /v1/payment_intents`` creates one (idempotent
+Requested payments (docs/contract.md §3.7): ``POST /v1/payment_intents`` creates one (idempotent
 by key like every mutating call; the answer carries the ``client_secret``, which
 ``GET /v1/payment_intents/{id}`` never shows again), and ``POST
 /sim/payment_intents/{id}/confirm`` is the customer completing the payment page: then
@@ -34,7 +34,7 @@ like ``_<op>_lost``.
 ``POST /sim/payments`` records a transaction and emits its webhook: the body is
 serialized once and those exact bytes are signed with the gateway's first secret and
 delivered to the bridge in a background task, retried until the bridge answers 2xx
-(CONTRACT §4), with jittered exponential backoff capped at ``delivery_backoff_max_s``.
+(docs/contract.md §4), with jittered exponential backoff capped at ``delivery_backoff_max_s``.
 By default it never gives up; ``delivery_give_up_s`` (``PAYSAGA_DELIVERY_GIVE_UP_S``)
 optionally abandons a delivery after that many seconds. Each delivery attempt is
 re-signed with its own timestamp, as real gateways do, so a late retry does not fall
@@ -104,7 +104,7 @@ class GatewaySimSettings(BaseSettings):
     delivery_timeout_s: float = 5.0
     delivery_backoff_base_s: float = 0.5
     delivery_backoff_max_s: float = 15.0
-    #: None: retry delivery until the bridge answers 2xx (CONTRACT §4)
+    #: None: retry delivery until the bridge answers 2xx (docs/contract.md §4)
     delivery_give_up_s: float | None = None
 
     @model_validator(mode="after")

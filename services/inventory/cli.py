@@ -1,4 +1,4 @@
-"""``paysaga stock set|show`` (CONTRACT §2.3).
+"""``paysaga stock set|show`` (docs/contract.md §2.3).
 
 ``set`` publishes a ``StockLevelSet`` to ``catalog.stock.v1`` (key: the SKU), exactly as
 the catalog does, so the inventory service stays the only writer of stock levels and

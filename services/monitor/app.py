@@ -1,4 +1,4 @@
-"""The monitor (CONTRACT §3.5): a faust-streaming application, consumer group
+"""The monitor (docs/contract.md §3.5): a faust-streaming application, consumer group
 ``paysaga.monitor``, that watches ``orders.status.v1`` and reports stalled sagas on
 ``saga.stalled.v1``.
 

@@ -1,4 +1,4 @@
-"""Pure decisions of the monitor (CONTRACT §3.5).
+"""Pure decisions of the monitor (docs/contract.md §3.5).
 
 Guarantees: no I/O, no clock, no randomness — callers pass ``now`` (epoch seconds).
 

@@ -1,4 +1,4 @@
-"""The status API (CONTRACT §3.2): ``GET /orders/{order_id}``, and the operator console
+"""The status API (docs/contract.md §3.2): ``GET /orders/{order_id}``, and the operator console
 under ``/console/`` (``services/orders/console/``).
 
 Reads through its own connection, never the consumer's transaction: it sees committed
@@ -45,7 +45,7 @@ def create_api(engine: AsyncEngine, console: Callable[[FastAPI], None] | None = 
     app = FastAPI(
         title="paysaga status API",
         version="1",
-        description="Order payment status (CONTRACT §3.2). Times are RFC 3339 UTC.",
+        description="Order payment status (docs/contract.md §3.2). Times are RFC 3339 UTC.",
     )
 
     @app.get(

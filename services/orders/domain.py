@@ -1,4 +1,4 @@
-"""Pure decisions of the orders service: the status projection (CONTRACT §3.1), customer
+"""Pure decisions of the orders service: the status projection (docs/contract.md §3.1), customer
 notifications (§3.3) and the causal gate that orders an order's events
 (docs/saga-events.md, "Ordering in the status projection").
 
@@ -52,7 +52,7 @@ class OrderView:
     attempt: int
     amount: int
     currency: str
-    #: None until the gateway created the attempt's requested payment (CONTRACT §3.7)
+    #: None until the gateway created the attempt's requested payment (docs/contract.md §3.7)
     payment_intent_id: str | None
     transaction_id: str | None
     version: int

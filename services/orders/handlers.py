@@ -131,7 +131,7 @@ class SagaEvent:
 
 
 class Projection:
-    """The status projection (CONTRACT §3.1, §3.3) with its causal gate.
+    """The status projection (docs/contract.md §3.1, §3.3) with its causal gate.
 
     Guarantees, per order: events are applied in causal order (an event with
     ``saga_seq > 1`` only after the event named by its ``causation_id``; earlier ones

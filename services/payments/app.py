@@ -36,11 +36,11 @@ class PaymentsSettings(BaseSettings):
 
     payments_host: str = "127.0.0.1"
     payments_port: int = 8081
-    #: |signature t - record time| allowed, both directions (CONTRACT §2.2)
+    #: |signature t - record time| allowed, both directions (docs/contract.md §2.2)
     signature_tolerance_s: int = 300
     #: how long an unmatched payment is matched automatically when its order arrives
     unmatched_window_s: int = 86_400
-    #: payment requests (CONTRACT §3.7): worker rounds before NEEDS_RECONCILIATION,
+    #: payment requests (docs/contract.md §3.7): worker rounds before NEEDS_RECONCILIATION,
     #: their backoff, the lease of a claimed request, concurrent requests
     payments_request_max_attempts: int = 10
     payments_request_retry_base_s: float = 1.0
@@ -83,7 +83,7 @@ def build() -> Service:
     request_metrics = RequestMetrics.create(registry)
 
     async def request_payments(stop: asyncio.Event) -> None:
-        """The payment request worker (CONTRACT §3.7): payments owns payment attempts."""
+        """The payment request worker (docs/contract.md §3.7): payments owns payment attempts."""
         async with GatewayClient(
             gateway.gateway_url,
             timeout_s=gateway.gateway_timeout_s,

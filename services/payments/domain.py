@@ -60,7 +60,7 @@ class Order:
     a confirmation (`pending`). `content_hash` identifies the OrderPlaced content;
     `earlier_intents` are the payment intents of the attempts before the current one.
     `payment_intent_id` is None while paysaga requests the attempt's payment from the
-    gateway (CONTRACT §3.7): no confirmation can match it until the gateway named it."""
+    gateway (docs/contract.md §3.7): no confirmation can match it until the gateway named it."""
 
     order_id: str
     customer_id: str

@@ -113,7 +113,7 @@ class PaymentsHandlers:
 
     async def _open_attempt(self, ctx: Context, order: Order, opened_by: str) -> None:
         """A registered order or accepted retry: match its parked payments, or — without
-        a payment intent — record the request of its payment (CONTRACT §3.7), caused by
+        a payment intent — record the request of its payment (docs/contract.md §3.7), caused by
         the OrderRegistered / PaymentRetryAccepted just emitted (``opened_by``), so the
         projection applies the request's events after it."""
         if order.payment_intent_id is not None:
@@ -162,7 +162,7 @@ class PaymentsHandlers:
             await self._emit_audit(ctx, "unmatched_payment", audit, order.order_id)
 
     async def on_intent_created(self, ctx: Context) -> None:
-        """payments.events.v1 ``PaymentIntentCreated`` (our own, CONTRACT §3.7): the
+        """payments.events.v1 ``PaymentIntentCreated`` (our own, docs/contract.md §3.7): the
         attempt's requested payment is recorded. A confirmation of it that came first —
         the gateway created the payment, but its answer was lost or payments died before
         storing it, and the customer paid meanwhile — matched no order and was parked:

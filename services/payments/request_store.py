@@ -1,4 +1,4 @@
-"""The payment requests' intents (CONTRACT §3.7): recorded by the OrderPlaced / retry
+"""The payment requests' intents (docs/contract.md §3.7): recorded by the OrderPlaced / retry
 handler (transaction A), resolved by the request worker (transaction B, which also
 tells the order its payment intent and writes PaymentRequested — the only event with
 the client secret). Their table is ``store.payment_requests``."""

@@ -1,4 +1,4 @@
-"""The payment request worker (CONTRACT §3.7): takes the payment requests the OrderPlaced
+"""The payment request worker (docs/contract.md §3.7): takes the payment requests the OrderPlaced
 and retry handlers recorded to the gateway, and records the outcomes.
 
 Per round (see ``requests``): claim (short transaction, ``FOR UPDATE SKIP LOCKED``,

@@ -1,4 +1,4 @@
-"""Pure decisions of the payment request (CONTRACT §3.7): an order or retry that came
+"""Pure decisions of the payment request (docs/contract.md §3.7): an order or retry that came
 without a ``payment_intent_id`` has its payment created at the gateway by paysaga.
 
 Guarantees: no I/O, no clock, no randomness. An attempt has at most one request, under

@@ -409,7 +409,7 @@ def content_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-# --- payment requests (CONTRACT §3.7) ----------------------------------------------
+# --- payment requests (docs/contract.md §3.7) ----------------------------------------------
 
 #: one row per attempt that came without a payment_intent_id; its life is
 #: ``IntentStore``'s, with the final states requested, refused and failed. The client

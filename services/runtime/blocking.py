@@ -196,7 +196,7 @@ class BlockedKeys:
         Control headers (replay, release, target group) count only on a record read from
         the group's own dead-letter topic, which only paysaga writes: on every other
         topic — inputs that others produce to above all — a ``paysaga-`` header carries
-        no authority, and the record is processed like any other (CONTRACT §1)."""
+        no authority, and the record is processed like any other (docs/contract.md §1)."""
         b = self.blocking
         control = rec.topic == b.control_topic
         if control:

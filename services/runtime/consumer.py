@@ -1,4 +1,4 @@
-"""The consumer loop: DESIGN.md's processing rule over aiokafka.
+"""The consumer loop: the processing rule of docs/architecture.md over aiokafka.
 
 Where each part lives: this module runs the Kafka loop (membership, polling, pausing
 while a record is retried, lag and readiness); ``positions.py`` keeps the stored

@@ -1,7 +1,7 @@
-"""Client of the payment gateway API (CONTRACT §4).
+"""Client of the payment gateway API (docs/contract.md §4).
 
 Capture, void and refund can time out after the gateway did the work, so the client
-never turns doubt into failure (DESIGN "Calls to the gateway"):
+never turns doubt into failure (docs/architecture.md, "Calls to the gateway"):
 
 - 200 → ``succeeded``; 402 → ``declined`` (permanent, with the gateway's code/message);
   404 → ``not_found``; any other 4xx → ``GatewayProtocolError`` (a bug on one side).
@@ -148,7 +148,7 @@ class GatewayClient:
     async def create_payment_intent(
         self, order_id: str, amount: int, currency: str, payment_method: str, idempotency_key: str
     ) -> GatewayOutcome:
-        """Request a payment (``POST /v1/payment_intents``, CONTRACT §3.7). Any 4xx with
+        """Request a payment (``POST /v1/payment_intents``, docs/contract.md §3.7). Any 4xx with
         the gateway's ``{error: {code, message}}`` is a refusal (``declined``) — but for
         ``TRANSIENT_4XX`` (a conflict: the same key still being processed; a rate limit;
         a request timeout) and a 404 (the contract gives this call none: a misrouted

@@ -88,7 +88,7 @@ class GatewaySecrets(BaseSettings):
 
 
 class GatewayClientSettings(BaseSettings):
-    """Where the payment gateway is (CONTRACT §4) and how long a call may take."""
+    """Where the payment gateway is (docs/contract.md §4) and how long a call may take."""
 
     model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
 

@@ -1,4 +1,4 @@
-"""Gateway webhook signatures (CONTRACT §2.2): ``t=<unix s>,v1=<hex HMAC-SHA256>``.
+"""Gateway webhook signatures (docs/contract.md §2.2): ``t=<unix s>,v1=<hex HMAC-SHA256>``.
 
 The signed message is ``f"{t}.".encode() + raw_body``: callers verify the bytes exactly as
 received, before anything parses them as JSON. Everything here is pure — the caller passes

@@ -1,4 +1,4 @@
-"""All-digit identifiers are identifiers (CONTRACT §2.2): an order id that happens to
+"""All-digit identifiers are identifiers (docs/contract.md §2.2): an order id that happens to
 pass the Luhn check, as one all-digit id in ten does, is paid like any other, while a
 card number anywhere else in a confirmation is still refused."""
 

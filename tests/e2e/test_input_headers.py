@@ -1,4 +1,4 @@
-"""Headers on an input topic carry no authority (CONTRACT §1): an order whose record
+"""Headers on an input topic carry no authority (docs/contract.md §1): an order whose record
 carries the control headers of a dead-letter replay or release is an order like any
 other."""
 

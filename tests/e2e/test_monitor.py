@@ -1,4 +1,4 @@
-"""The monitor (CONTRACT §3.5) against the running stack: a saga stuck because capture
+"""The monitor (docs/contract.md §3.5) against the running stack: a saga stuck because capture
 is down is reported once on ``saga.stalled.v1`` within its deadline and counted in
 ``paysaga_sagas_stalled``; a restarted monitor does not report it again; the gauge falls
 once capture returns and the order is paid; ``NEEDS_RECONCILIATION`` is reported at once.

@@ -1,5 +1,5 @@
 """Orders that arrive without a payment_intent_id: paysaga requests the payment from the
-gateway (CONTRACT §3.7), publishes PaymentRequested on payments.requests.v1, and the
+gateway (docs/contract.md §3.7), publishes PaymentRequested on payments.requests.v1, and the
 customer pays on the gateway's page. One payment per attempt whatever fails; the client
 secret appears on payments.requests.v1 only."""
 

@@ -1,4 +1,4 @@
-"""The gateway bridge as a real process against the real broker (CONTRACT §2.2)."""
+"""The gateway bridge as a real process against the real broker (docs/contract.md §2.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Card data is never written anywhere (CONTRACT §2.2), on the real broker and database:
+"""Card data is never written anywhere (docs/contract.md §2.2), on the real broker and database:
 an OrderPlaced carrying a card number and a security code as extra fields is
 dead-lettered by payments, a later record of its key carrying a cvv is parked, and
 neither value appears in the dead letter (value or headers), the dead_letters and

@@ -1,4 +1,4 @@
-"""Headers on an input topic carry no authority (CONTRACT §1): the inventory service as
+"""Headers on an input topic carry no authority (docs/contract.md §1): the inventory service as
 a real process reads ``catalog.stock.v1`` records that carry replay and release headers
 like a dead-letter topic's control records, and treats them as the stock levels they
 are. Control reaches a consumer group only through its own dead-letter topic."""

@@ -1,4 +1,4 @@
-"""The client secret of a requested payment (CONTRACT §3.7) stays out of error messages
+"""The client secret of a requested payment (docs/contract.md §3.7) stays out of error messages
 on the real database: transaction B writes it to the outbox, and when that write fails
 (a serialization failure, a connection lost mid-statement) the error the work loop logs
 must not carry the statement's parameters (psycopg shows a binary parameter cut

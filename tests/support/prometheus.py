@@ -15,7 +15,7 @@ ALERTS = PROMETHEUS / "alerts.yml"
 SCRAPE_CONFIG = PROMETHEUS / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "paysaga.json"
 
-#: exported by the monitor service (CONTRACT §3.5), which may not be in the stack yet
+#: exported by the monitor service (docs/contract.md §3.5), which may not be in the stack yet
 MONITOR_METRICS = frozenset(
     {
         "paysaga_sagas_stalled",

@@ -1,4 +1,4 @@
-"""Card data is never written anywhere (CONTRACT §2.2): detection that repeated JSON keys
+"""Card data is never written anywhere (docs/contract.md §2.2): detection that repeated JSON keys
 cannot fool, the one redaction (schemas/carddata.py) and the error texts built on it."""
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def test_log_lines_and_tracebacks_are_redacted() -> None:
     assert not leaks(line)
 
 
-# --- identifier fields (CONTRACT §2.2) ---------------------------------------------
+# --- identifier fields (docs/contract.md §2.2) ---------------------------------------------
 
 
 def with_check_digit(body: str) -> str:

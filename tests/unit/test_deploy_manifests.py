@@ -55,7 +55,7 @@ RAW: dict[str, Any] = yaml.safe_load(TOPICS_FILE.read_text())
 TOPICS: dict[str, dict[str, Any]] = {n: t or {} for n, t in RAW["topics"].items()}
 DEFAULTS: dict[str, Any] = RAW["defaults"]
 
-# Who reads and writes what, spelt out (CONTRACT §3 and docs/saga-events.md): the
+# Who reads and writes what, spelt out (docs/contract.md §3 and docs/saga-events.md): the
 # generator must give each user exactly this.
 DLQ = {s: f"paysaga.{s}.dlq" for s in SERVICES}
 EXPECTED: dict[str, dict[str, Any]] = {

@@ -1,5 +1,5 @@
 """Webhook delivery of the gateway simulator: retried until the bridge answers 2xx
-(CONTRACT §4), however long that takes, unless a give-up is configured."""
+(docs/contract.md §4), however long that takes, unless a give-up is configured."""
 
 from __future__ import annotations
 

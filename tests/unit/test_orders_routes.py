@@ -1,5 +1,5 @@
 """The orders service routes every event type topics.yaml lists on the topics it
-consumes, and each has a payload model; the bridge keys records as CONTRACT §2.2 says."""
+consumes, and each has a payload model; the bridge keys records as docs/contract.md §2.2 says."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure parts of the payment request (CONTRACT §3.7): how a round ends, and what the
+"""Pure parts of the payment request (docs/contract.md §3.7): how a round ends, and what the
 projection does with the request's events."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A refund found by the refunds worker's look-up settles the claim only if it returned
-the claimed money (services/refunds/domain.py, CONTRACT §3.1 REFUNDED); a mismatch is a
+the claimed money (services/refunds/domain.py, docs/contract.md §3.1 REFUNDED); a mismatch is a
 ``Failed`` round, which the worker emits as CompensationFailed (NEEDS_RECONCILIATION)."""
 
 from __future__ import annotations

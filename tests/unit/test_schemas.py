@@ -1,4 +1,4 @@
-"""The schemas package: examples, schema drift, CONTRACT §2.1 rules, round trips."""
+"""The schemas package: examples, schema drift, docs/contract.md §2.1 rules, round trips."""
 
 import copy
 import json
@@ -121,7 +121,7 @@ def test_currency_list_holds_active_codes_only() -> None:
     assert not {"HRK", "CUC", "ZWL", "VEF", "MRO", "STD", "BYR", "LTL", "DEM"} & ISO_4217_CODES
 
 
-# --- CONTRACT §2.1 rules ---------------------------------------------------------
+# --- docs/contract.md §2.1 rules ---------------------------------------------------------
 
 Mutation = Callable[[dict[str, Any]], None]
 

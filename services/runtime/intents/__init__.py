@@ -1,4 +1,4 @@
-"""Gateway intents, shared by capture, refunds and payments (DESIGN.md "Calls to the
+"""Gateway intents, shared by capture, refunds and payments (docs/architecture.md, "Calls to the
 gateway"): transaction A records an intent with a deterministic idempotency key; a
 worker claims it, calls the gateway, and transaction B records the outcome and emits
 its event.

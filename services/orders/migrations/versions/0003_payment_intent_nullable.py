@@ -1,5 +1,5 @@
 """orders: orders.payment_intent_id nullable — unknown while paysaga requests the
-attempt's payment from the gateway (CONTRACT §3.7).
+attempt's payment from the gateway (docs/contract.md §3.7).
 
 Revision ID: 0003
 """

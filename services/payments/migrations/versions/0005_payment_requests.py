@@ -1,4 +1,4 @@
-"""payments: payment requests (CONTRACT §3.7) — the payment_requests intent table, and
+"""payments: payment requests (docs/contract.md §3.7) — the payment_requests intent table, and
 orders.payment_intent_id nullable while an attempt's payment is being requested.
 
 Revision ID: 0005

@@ -63,6 +63,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime.errors import describe, is_transient, said
+from services.runtime.faults import fault_point
 from services.runtime.gateway_client import (
     GatewayClient,
     GatewayNotFoundError,
@@ -563,6 +564,7 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
                 resolution = await self.decide(claimed)
         except TimeoutError:
             resolution = self.retry(claimed, "round_timeout")
+        fault_point("intent_after_gateway_call")  # the answer is known, not yet stored
         self.record(claimed, resolution, await self.resolve(claimed, resolution))
 
     async def look_up(

@@ -75,7 +75,7 @@ PATHS = (
         False,
         NEEDS,
         violations=frozenset({"compensation_failed"}),
-    ),  # fmt: skip
+    ),
     _p("retry", "_capture_declined", "authorize", True, PAID, retry=True),
     _p("requested", "", "authorize", True, PAID, requested=True),
 )

@@ -208,11 +208,25 @@ class Load:
             assert intent is not None
             txn = await self._pay(order_id, intent, path.mode)
         self._paid(txn, order_id)
-        if path.retry:
+        if path.retry:  # the customer retries once told the payment failed
+            await self._failed(order_id)
             second = f"pi_{uuid.uuid4().hex[:12]}"
             await self.send(CHECKOUT, order_id, self._retry(order_id, second))
             self._paid(await self._pay(order_id, second, "authorize"), order_id)
         self.sent += 1
+
+    async def _failed(self, order_id: str) -> None:
+        """A retry of an attempt not yet failed is refused (retry_not_allowed_in_status):
+        a checkout offers it once the status says PAYMENT_FAILED."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rows = await asyncio.to_thread(
+                self.client.db, "orders", "SELECT status FROM orders WHERE order_id = %s", order_id
+            )
+            if rows and rows[0][0] == "PAYMENT_FAILED":
+                return
+            await asyncio.sleep(0.3)
+        raise AssertionError(f"{order_id} never PAYMENT_FAILED")
 
     def _retry(self, order_id: str, intent: str) -> bytes:
         payload = {"order_id": order_id, "payment_intent_id": intent, "payment_method": "wallet"}
@@ -314,7 +328,12 @@ class Load:
                     actions += [("hook", (h["body"], h["signature"])) for h in hooks]
                     actions += [("record", (order_id, r)) for r in retries]
             self._rng.shuffle(actions)
-            _order_first(actions)
+            # retries go last, once their first attempt failed (see _failed); the
+            # retry's payment may still come before its request
+            later = [
+                a for a in actions if a[0] == "record" and b'"PaymentRetryRequested"' in a[1][1]
+            ]
+            actions = [a for a in actions if a not in later]
             for kind, args in actions:
                 if kind == "record":
                     await self.send(CHECKOUT, args[0], args[1])
@@ -323,6 +342,9 @@ class Load:
                 else:
                     await self._order(*args)
                     continue
+            for _, (order_id, value) in later:
+                await self._failed(order_id)
+                await self.send(CHECKOUT, order_id, value)
             self.sent += size
             done += size
             await asyncio.sleep(size / per_second)
@@ -348,22 +370,3 @@ class Load:
         p, o = await self.send(CHECKOUT, key, values[i % len(values)])
         with self._lock:
             self.inputs.poison.append((CHECKOUT, p, o))
-
-
-def _order_first(actions: list[tuple[str, tuple[Any, ...]]]) -> None:
-    """Within the shuffle, an order's first OrderPlaced goes before its retry requests
-    (a retry of an order nobody placed is refused, rightly): swap where needed."""
-    first_placed: dict[str, int] = {}
-    for i, (kind, args) in enumerate(actions):
-        if kind != "record":
-            continue
-        order_id, value = args
-        is_order = b'"OrderPlaced"' in value
-        if is_order and order_id not in first_placed:
-            first_placed[order_id] = i
-    for i, (kind, args) in enumerate(actions):
-        if kind == "record" and b'"PaymentRetryRequested"' in args[1]:
-            j = first_placed[args[0]]
-            if j > i:
-                actions[i], actions[j] = actions[j], actions[i]
-                first_placed[args[0]] = i

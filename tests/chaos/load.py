@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import httpx
+import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -112,6 +113,7 @@ class Load:
         self._thread: threading.Thread | None = None
         self._rng = random.Random(self.run)
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     # ---------------------------------------------------------------- driving
     def prepare(self, n: int) -> None:
@@ -132,6 +134,10 @@ class Load:
     def wait_sent(self, n: int, timeout: float = 300) -> None:
         wait_for(lambda: self.sent >= n or self.errors, timeout, what=f"{n} orders sent")
         self._raise()
+
+    def stop(self) -> None:
+        """Send no further orders (those under way complete): ``n`` is then a bound."""
+        self._stop.set()
 
     def finish(self, timeout: float = 600) -> Inputs:
         assert self._thread is not None
@@ -162,6 +168,8 @@ class Load:
             else:
                 tasks: list[asyncio.Task[None]] = []
                 for i in range(n):
+                    if self._stop.is_set():
+                        break
                     tasks.append(asyncio.create_task(self._order(self.paths[i % len(self.paths)])))
                     if self.poison_every and i % self.poison_every == 0:
                         await self._poison(i)
@@ -203,6 +211,9 @@ class Load:
         await self.send(CHECKOUT, order_id, envelope("OrderPlaced", payload))
         if path.requested:
             intent = await self._requested_intent(order_id)
+            if intent is None:
+                self.sent += 1
+                return
             txn = await self._sim(f"/sim/payment_intents/{intent}/confirm", {"mode": path.mode})
         else:
             assert intent is not None
@@ -220,8 +231,8 @@ class Load:
         a checkout offers it once the status says PAYMENT_FAILED."""
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            rows = await asyncio.to_thread(
-                self.client.db, "orders", "SELECT status FROM orders WHERE order_id = %s", order_id
+            rows = await self._look(
+                "orders", "SELECT status FROM orders WHERE order_id = %s", order_id
             )
             if rows and rows[0][0] == "PAYMENT_FAILED":
                 return
@@ -252,18 +263,30 @@ class Load:
         result: dict[str, Any] = r.json()
         return result
 
-    async def _requested_intent(self, order_id: str) -> str:
+    async def _requested_intent(self, order_id: str) -> str | None:
+        """The payment intent paysaga requested for the order, as the customer's page
+        gets it; None once the request ended without one (refused, or given up on: the
+        order then ends by that outcome, unpaid)."""
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            rows = await asyncio.to_thread(
-                self.client.db, "payments",
-                "SELECT payment_intent_id FROM payment_requests WHERE order_id = %s"
-                " AND payment_intent_id IS NOT NULL", order_id,
-            )  # fmt: skip
-            if rows:
-                return str(rows[0][0])
+            rows = await self._look(
+                "payments",
+                "SELECT state, payment_intent_id FROM payment_requests WHERE order_id = %s",
+                order_id,
+            )
+            if rows and rows[0][1] is not None:
+                return str(rows[0][1])
+            if rows and rows[0][0] in ("refused", "failed"):
+                return None
             await asyncio.sleep(0.3)
         raise AssertionError(f"no payment requested for {order_id}")
+
+    async def _look(self, service: str, sql: str, *params: Any) -> list[tuple[Any, ...]] | None:
+        """A checkout's look-up: None while the database is out (it asks again)."""
+        try:
+            return await asyncio.to_thread(self.client.db, service, sql, *params)
+        except psycopg.OperationalError:
+            return None
 
     async def send(self, topic: str, key: str | None, value: bytes) -> tuple[int, int]:
         """Produce like a checkout does: until Kafka has it (a broker restart included)."""
@@ -297,7 +320,7 @@ class Load:
     # ---------------------------------------------------------------- twice, out of order
     async def _shuffled(self, n: int, per_second: float, batch: int = 8) -> None:
         done = 0
-        while done < n:
+        while done < n and not self._stop.is_set():
             actions: list[tuple[str, tuple[Any, ...]]] = []
             size = min(batch, n - done)
             for i in range(size):

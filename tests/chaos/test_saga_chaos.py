@@ -40,13 +40,14 @@ def run(
     inject: Callable[[Load], None],
     *,
     orders: int = ORDERS,
+    rate: float = RATE,
     extra_faults: Callable[[], int] = lambda: 0,
 ) -> None:
     """The load, ``inject`` while it runs, every process back, settle, the check."""
     started = time.monotonic()
     stack, client = chaos.stack, chaos.client
     stack.injected.clear()
-    load.start(orders, RATE)
+    load.start(orders, rate)
     try:
         inject(load)
     finally:
@@ -98,18 +99,42 @@ FAULT_POINTS = (
 )
 
 
-def test_fault_points_at_the_dangerous_moments(chaos: Chaos) -> None:
-    def inject(load: Load) -> None:
-        for _ in range(CYCLES):
-            for name, point in FAULT_POINTS:
-                pid = chaos.stack.armed(name, point, after=rng.randint(1, 3))
-                wait_for(functools.partial(chaos.stack.fired, name, pid), timeout=120,
-                         what=f"{name} at {point}")  # fmt: skip
-                chaos.stack.start(name)
+def _waves() -> list[list[tuple[str, str]]]:
+    """The points in waves, a service at most once in each: a wave's points are armed
+    together (each process has one point)."""
+    waves: list[list[tuple[str, str]]] = []
+    for name, point in FAULT_POINTS:
+        wave = next((w for w in waves if all(n != name for n, _ in w)), None)
+        if wave is None:
+            waves.append(wave := [])
+        wave.append((name, point))
+    return waves
 
-    # enough orders to reach every point, spread over the points
-    orders = max(ORDERS, 8 * len(FAULT_POINTS) * CYCLES)
-    run(chaos, "fault points", Load(chaos.client), inject, orders=orders)
+
+def test_fault_points_at_the_dangerous_moments(chaos: Chaos) -> None:
+    """Each point armed while the load runs (it stops once every point fired, so its
+    orders are a bound): the process exits there as under kill -9, and starts again."""
+    stack = chaos.stack
+
+    def inject(load: Load) -> None:
+        try:
+            for _ in range(CYCLES):
+                for wave in _waves():
+                    armed = [(n, p, stack.armed(n, p, after=rng.randint(1, 3))) for n, p in wave]
+                    try:
+                        for name, point, pid in armed:
+                            wait_for(functools.partial(stack.fired, name, pid), timeout=120,
+                                     what=f"{name} at {point}")  # fmt: skip
+                    finally:
+                        for name, _, _ in armed:
+                            stack.stop(name)  # an armed process that did not fire goes too
+                    for name, _, _ in armed:
+                        stack.start(name)
+        finally:
+            load.stop()
+
+    bound = 60 * len(FAULT_POINTS) * CYCLES
+    run(chaos, "fault points", Load(chaos.client), inject, orders=bound)
 
 
 def test_a_consumer_paused_past_its_session_timeout(chaos: Chaos) -> None:

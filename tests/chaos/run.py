@@ -1,5 +1,5 @@
-"""``make chaos``: every chaos scenario at scale (``PAYSAGA_CHAOS_SCALE``, default 42:
-about 1,000 orders a scenario, over 10,000 a run), plus the cluster scenarios
+"""``make chaos``: every chaos scenario at scale (``PAYSAGA_CHAOS_SCALE``, default 48:
+about 1,150 orders a scenario, over 10,000 a run), plus the cluster scenarios
 (``-m cluster``) where they exist; prints scenario, orders, faults injected, violations
 and time, and exits non-zero on any violation or failed scenario."""
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str]) -> int:
-    os.environ.setdefault("PAYSAGA_CHAOS_SCALE", "42")
+    os.environ.setdefault("PAYSAGA_CHAOS_SCALE", "48")
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         report = Path(f.name)
     os.environ["PAYSAGA_CHAOS_REPORT"] = str(report)

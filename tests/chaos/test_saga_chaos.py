@@ -51,8 +51,8 @@ def run(
     try:
         inject(load)
     finally:
+        stack.up()  # before the load's last orders wait on them
         inputs = load.finish()
-        stack.up()
     with contextlib.suppress(AssertionError):  # what has not settled, the check names
         wait_for(lambda: invariants.settled(client, inputs), timeout=120 + orders / 5,
                  what="every order settled")  # fmt: skip
@@ -111,6 +111,16 @@ def _waves() -> list[list[tuple[str, str]]]:
     return waves
 
 
+def _all_fired(stack: Stack, armed: dict[int, tuple[str, str]]) -> bool:
+    """Start each armed process that fired again (unarmed: the other points need the
+    traffic it carries) and drop it from ``armed``; True once none is left."""
+    for pid, (name, _) in list(armed.items()):
+        if stack.fired(name, pid):
+            del armed[pid]
+            stack.start(name)
+    return not armed
+
+
 def test_fault_points_at_the_dangerous_moments(chaos: Chaos) -> None:
     """Each point armed while the load runs (it stops once every point fired, so its
     orders are a bound): the process exits there as under kill -9, and starts again."""
@@ -120,21 +130,21 @@ def test_fault_points_at_the_dangerous_moments(chaos: Chaos) -> None:
         try:
             for _ in range(CYCLES):
                 for wave in _waves():
-                    armed = [(n, p, stack.armed(n, p, after=rng.randint(1, 3))) for n, p in wave]
+                    armed = {stack.armed(n, p, after=rng.randint(1, 3)): (n, p) for n, p in wave}
                     try:
-                        for name, point, pid in armed:
-                            wait_for(functools.partial(stack.fired, name, pid), timeout=120,
-                                     what=f"{name} at {point}")  # fmt: skip
+                        wait_for(functools.partial(_all_fired, stack, armed), timeout=180,
+                                 what=f"the fault points {sorted(armed.values())}")  # fmt: skip
                     finally:
-                        for name, _, _ in armed:
-                            stack.stop(name)  # an armed process that did not fire goes too
-                    for name, _, _ in armed:
-                        stack.start(name)
+                        for name, _ in armed.values():  # one that did not fire goes too
+                            stack.stop(name)
+                            stack.start(name)
+            load.wait_sent(ORDERS)  # at scale, a scenario's share of the run's orders
         finally:
             load.stop()
 
     bound = 60 * len(FAULT_POINTS) * CYCLES
-    run(chaos, "fault points", Load(chaos.client), inject, orders=bound)
+    # half the rate: the points take their time to fire, the orders meanwhile settle
+    run(chaos, "fault points", Load(chaos.client), inject, orders=bound, rate=RATE / 2)
 
 
 def test_a_consumer_paused_past_its_session_timeout(chaos: Chaos) -> None:

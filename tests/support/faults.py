@@ -44,6 +44,8 @@ class Stack:
     profile: devstack.Profile = PROFILE
     injected: Counter[str] = dataclasses.field(default_factory=Counter)
     _ports: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
+    #: armed process -> its fault point and where its log started
+    _armed: dict[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
     # ---------------------------------------------------------------- processes
     def pidfile(self, name: str, instance: int = 1) -> Path:
@@ -135,20 +137,25 @@ class Stack:
         passage (the process then exits as under kill -9); returns its pid."""
         self.stop(name)
         env = {"PAYSAGA_FAULT_POINT": point, "PAYSAGA_FAULT_AFTER": str(after), **overrides}
-        return self.start(name, wait=False, **env)
+        log = self.log(name)
+        offset = log.stat().st_size if log.exists() else 0
+        pid = self.start(name, wait=False, **env)
+        self._armed[pid] = (point, offset)
+        return pid
 
     def fired(self, name: str, pid: int) -> bool:
-        """Whether the armed process ``pid`` has exited at its fault point; any other
-        end of it fails the test, with its log."""
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            raise AssertionError(f"{name} ({pid}) is not a child of this test") from None
-        if done != pid:
+        """Whether the armed process ``pid`` has exited at its fault point (its log says
+        so: the exit status may already be gone, reaped by ``subprocess`` when it starts
+        another process); any other end of it fails the test, with its log."""
+        if devstack.pid_running(pid) and not _reap(pid):
             return False
-        code = os.waitstatus_to_exitcode(status)
-        tail = self.log(name).read_text(errors="replace")[-3000:]
-        assert code == FAULT_EXIT, f"{name} exited {code}, not at its fault point:\n{tail}"
+        point, offset = self._armed.pop(pid)
+        with self.log(name).open("rb") as f:
+            f.seek(offset)
+            since = f.read().decode(errors="replace")
+        assert f"fault point {point} reached" in since, (
+            f"{name} ({pid}) ended, not at {point}:\n{since[-3000:]}"
+        )
         self.injected["fault point"] += 1
         return True
 

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from schemas.carddata import (
     CARD_NUMBER_PRESENT,
     contains_pan,
@@ -35,9 +37,11 @@ from schemas.carddata import (
     redact,
 )
 from services import reconcile
-from services.devclient import DevClient, read_all
+from services.devclient import DevClient
 from services.runtime.settings import SERVICES
+from services.runtime.topics import load_specs, partitions_of
 
+NOTIFICATIONS = "customer.notifications.v1"
 FINAL = frozenset({"PAID_CONFIRMED", "PAYMENT_FAILED", "REFUNDED", "NEEDS_RECONCILIATION"})
 #: topics the scenario itself writes as the checkout / catalog (a poison record with a
 #: card number is the producer's fault; what paysaga writes from it is scanned)
@@ -64,6 +68,8 @@ class Inputs:
     poison: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
     #: topic scans look at records from this time on (ms)
     since_ms: int = 0
+    #: log file name -> its size when the scenario began: the scan reads what follows
+    log_offsets: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -299,7 +305,7 @@ def _notification_rule(client: DevClient, inputs: Inputs, counts: Counter[str]) 
     # marking the row sent sends the row again): a consumer dedupes by event_id, the
     # envelope's dedupe key (CONTRACT §1), so one notification is one event_id
     events: dict[str, dict[str, str]] = defaultdict(dict)
-    for m in asyncio.run(read_all(client.bootstrap, "customer.notifications.v1")):
+    for m in asyncio.run(records_since(client.bootstrap, [NOTIFICATIONS], inputs.since_ms)):
         key = m.key.decode() if m.key else ""
         if key in inputs.orders:
             record = json.loads(m.value)
@@ -350,27 +356,50 @@ def _card_scan(
                 counts["rows scanned"] += 1
                 if _scan_value(row) == CARD_NUMBER_PRESENT:
                     out.append(f"card number in {service}.{table}: {_short(row)}")
-    from services.runtime.topics import load_specs
-
-    for spec in load_specs():
-        if spec.name in INPUT_TOPICS:
-            continue
-        for m in asyncio.run(read_all(client.bootstrap, spec.name)):
-            if m.timestamp < inputs.since_ms:
-                continue
-            counts["records scanned"] += 1
-            parts = [m.value or b""] + [
-                v for k, v in m.headers if v and not (k.endswith(NUMERIC_HEADERS) and v.isdigit())
-            ]
-            if any(find_card_data_in_bytes(p) == CARD_NUMBER_PRESENT for p in parts):
-                out.append(f"card number on {spec.name} {m.partition}:{m.offset}")
+    topics = [spec.name for spec in load_specs() if spec.name not in INPUT_TOPICS]
+    for m in asyncio.run(records_since(client.bootstrap, topics, inputs.since_ms)):
+        counts["records scanned"] += 1
+        parts = [m.value or b""] + [
+            v for k, v in m.headers if v and not (k.endswith(NUMERIC_HEADERS) and v.isdigit())
+        ]
+        if any(find_card_data_in_bytes(p) == CARD_NUMBER_PRESENT for p in parts):
+            out.append(f"card number on {m.topic} {m.partition}:{m.offset}")
     if log_dir is not None:
         for log in sorted(log_dir.glob("*.log")):
-            for n, line in enumerate(log.read_text(errors="replace").splitlines(), 1):
+            with log.open("rb") as f:
+                f.seek(inputs.log_offsets.get(log.name, 0))
+                lines = f.read().decode(errors="replace").splitlines()
+            for n, line in enumerate(lines, 1):
                 if contains_pan(line):
-                    out.append(f"card number in {log.name}:{n}: {redact(line).text[:200]}")
+                    out.append(f"card number in {log.name} (+{n}): {redact(line).text[:200]}")
             counts["logs scanned"] += 1
     return out
+
+
+async def records_since(bootstrap: str, topics: list[str], since_ms: int) -> list[Any]:
+    """Every record of ``topics`` from ``since_ms`` up to their end offsets now: one
+    consumer, each partition sought by time."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = await partitions_of(bootstrap, names=topics)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+        todo = []
+        for tp in tps:
+            at = starts.get(tp)
+            if at is None or at.offset >= ends[tp]:
+                continue  # nothing written since
+            consumer.seek(tp, at.offset)
+            todo.append(tp)
+        out: list[Any] = []
+        while todo and not all([await consumer.position(tp) >= ends[tp] for tp in todo]):
+            for msgs in (await consumer.getmany(*todo, timeout_ms=500)).values():
+                out.extend(m for m in msgs if m.offset < ends[TopicPartition(m.topic, m.partition)])
+        return out
+    finally:
+        await consumer.stop()
 
 
 def _short(row: object) -> str:

@@ -156,7 +156,10 @@ def check(client: DevClient, inputs: Inputs, log_dir: Path | None = None) -> Rep
         elif order_id in inputs.unpaid and status == "PENDING_PAYMENT":
             counts["pending (unpaid)"] += 1
         elif status is not None:
-            out.append(f"order {order_id}: {status} ({reason}), its path ends in {sorted(allowed)}")
+            out.append(
+                f"order {order_id}: {status} ({reason}), its path ends in {sorted(allowed)};"
+                f" its rejections: {_rejections(client, order_id)}"
+            )
 
     # 3. every input accounted for
     missing = _missing_inputs(client, inputs, counts)
@@ -168,6 +171,17 @@ def check(client: DevClient, inputs: Inputs, log_dir: Path | None = None) -> Rep
     # 5. no card number anywhere
     out += _card_scan(client, inputs, log_dir, counts)
     return Report(out, counts)
+
+
+def _rejections(client: DevClient, order_id: str) -> list[tuple[Any, ...]]:
+    """An order's rejected inputs (audit): the evidence of an unexpected end."""
+    return _db(
+        client,
+        "orders",
+        "SELECT action, reason, transaction_id FROM audit_log"
+        " WHERE order_id = %s AND outcome = 'rejected' ORDER BY id",
+        order_id,
+    )
 
 
 def _missing_inputs(

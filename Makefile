@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PAYSAGA := $(BIN)/paysaga
 
-.PHONY: venv up down status demo test lint typecheck schemas migrate topics bench clean
+.PHONY: venv up down status demo test chaos lint typecheck schemas migrate topics bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: venv          ## set up, run a mixed batch of orders through every path, s
 
 test: venv          ## the whole suite on its own Kafka/PostgreSQL (ports 19092/55433)
 	$(PAYSAGA) dev test -q -p no:cacheprovider $(PYTEST_ARGS)
+
+chaos: venv         ## every chaos scenario at scale (>= 10,000 orders); a table; non-zero on any violation
+	$(BIN)/python -m tests.chaos.run $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check services schemas tests benchmarks

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.errors import describe
+from services.runtime.faults import fault_point
 from services.runtime.gateway_client import (
     GatewayClient,
     GatewayNotFoundError,
@@ -117,6 +118,7 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         except TimeoutError:
             resolution = self.retry(claimed, "round_timeout")
         # the gateway answered (or did not): its outcome is stored next, in transaction B
+        fault_point("intent_after_gateway_call")  # the answer is known, not yet stored
         stored = await self.resolve(claimed, resolution)
         self.report(claimed, resolution, stored)
 

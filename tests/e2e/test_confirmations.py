@@ -370,8 +370,9 @@ def test_payment_of_a_retry_ahead_of_the_retry_request_settles_the_retry(stack: 
 
 def test_retry_is_rejected_once_a_failed_attempt_needs_reconciliation(stack: Stack) -> None:
     """The capture is declined (PAYMENT_FAILED), then the void of the authorization is
-    declined too (NEEDS_RECONCILIATION): a retry must be refused, as orders would ignore
-    it and every event of the new attempt."""
+    declined too (NEEDS_RECONCILIATION): payments refuses a retry while the failed
+    attempt's authorization waits for an operator (one attempt's money held at a time).
+    A retry payments accepted before the flag reached it is still applied by orders."""
     order_id, intent = new_id("ord"), new_id("pi") + "_capture_declined_void_declined"
     stack.set_stock(f"sku-{order_id}", 5)
     total = stack.place_order(order_id, intent=intent)

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import migrate
+from services.runtime.service import make_engine
 from services.runtime.tables import metadata as runtime_metadata
 from tests.conftest import Infra
 from tests.support import ledger_service
@@ -31,6 +34,22 @@ def create_runtime_db(infra: Infra, dbname: str) -> str:
     ledger_service.metadata.create_all(engine)
     engine.dispose()
     return infra.db_url(dbname)
+
+
+@contextlib.asynccontextmanager
+async def refunds_db(infra: Infra, prefix: str) -> AsyncIterator[tuple[AsyncEngine, str]]:
+    """A fresh database at the refunds schema (intents, inbox, outbox): engine, conninfo;
+    dropped afterwards."""
+    dbname = f"paysaga_{prefix}_{uid()}"
+    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    migrate.upgrade("refunds", infra.db_url(dbname))
+    engine = make_engine(infra.db_url(dbname))
+    try:
+        yield engine, infra.conninfo(dbname)
+    finally:
+        await engine.dispose()
+        drop_db(infra, dbname)
 
 
 def drop_db(infra: Infra, dbname: str) -> None:

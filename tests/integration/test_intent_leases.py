@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,11 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schemas.events import PaymentContext
 from services.refunds import domain, store
 from services.refunds.worker import RefundsMetrics, RefundsWorker
-from services.runtime import migrate
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.outbox import Cause
-from services.runtime.service import make_engine
 from tests.conftest import Infra
+from tests.integration.conftest import refunds_db
 from tests.support.harness import query, uid
 
 pytestmark = pytest.mark.integration
@@ -36,15 +34,8 @@ LEASE = timedelta(seconds=120)
 
 @pytest.fixture
 async def db(infra: Infra) -> AsyncIterator[tuple[AsyncEngine, str]]:
-    dbname = f"paysaga_lease_{uid()}"
-    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    migrate.upgrade("refunds", infra.db_url(dbname))
-    engine = make_engine(infra.db_url(dbname))
-    yield engine, infra.conninfo(dbname)
-    await engine.dispose()
-    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    async with refunds_db(infra, "lease") as found:
+        yield found
 
 
 @pytest.fixture

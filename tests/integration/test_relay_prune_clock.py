@@ -10,17 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.runtime import migrate, relay
+from services.runtime import relay
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.relay import OutboxRelay, RelaySettings
-from services.runtime.service import make_engine
 from tests.conftest import Infra
-from tests.support.harness import query, uid
+from tests.integration.conftest import refunds_db
+from tests.support.harness import query
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +34,8 @@ class _Ahead(datetime):
 
 @pytest.fixture
 async def db(infra: Infra) -> AsyncIterator[tuple[AsyncEngine, str]]:
-    dbname = f"paysaga_prune_{uid()}"
-    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    migrate.upgrade("refunds", infra.db_url(dbname))
-    engine = make_engine(infra.db_url(dbname))
-    yield engine, infra.conninfo(dbname)
-    await engine.dispose()
-    with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    async with refunds_db(infra, "prune") as found:
+        yield found
 
 
 async def test_a_relay_whose_clock_runs_ahead_keeps_inbox_rows_within_retention(

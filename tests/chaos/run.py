@@ -1,12 +1,18 @@
 """``make chaos``: every chaos scenario at scale (``PAYSAGA_CHAOS_SCALE``, default 48:
-about 1,150 orders a scenario, over 10,000 a run), plus the cluster scenarios
-(``-m cluster``) where they exist; prints scenario, orders, faults injected, violations
-and time, and exits non-zero on any violation or failed scenario."""
+about 1,150 orders a scenario, over 10,000 a run) on the one-broker test stack, then the
+cluster scenarios (``tests/cluster``, ``-m cluster``) on the 3-broker test cluster
+(``PAYSAGA_KAFKA_BROKERS=3``); prints scenario, orders, faults injected, violations and
+time, and exits non-zero on any violation or failed scenario.
+
+Each stack gets fresh databases: the stored consumer positions of one stack's topics
+mean nothing on the other's (they would read as positions beyond the log end)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,10 +27,17 @@ def main(argv: list[str]) -> int:
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         report = Path(f.name)
     os.environ["PAYSAGA_CHAOS_REPORT"] = str(report)
-    targets = ["tests/chaos/test_saga_chaos.py"]
+    args = ["-q", "-p", "no:cacheprovider"]
+    code = devstack.run_tests([*args, "tests/chaos/test_saga_chaos.py", *argv])
     if (REPO / "tests" / "cluster").is_dir():
-        targets += ["tests/cluster", "-m", "cluster or chaos"]
-    code = devstack.run_tests(["-q", "-p", "no:cacheprovider", *targets, *argv])
+        _fresh_databases()
+        env = {**os.environ, "PAYSAGA_KAFKA_BROKERS": "3"}
+        cluster = [sys.executable, "-m", "services.cli", "dev", "test", *args, "tests/cluster"]
+        code = (
+            subprocess.run([*cluster, "-m", "cluster", *argv], env=env, check=False).returncode
+            or code
+        )
+        _fresh_databases()
     lines = [json.loads(ln) for ln in report.read_text().splitlines() if ln.strip()]
     report.unlink(missing_ok=True)
     print(table(lines))
@@ -34,6 +47,13 @@ def main(argv: list[str]) -> int:
                 print(f"  {ln['scenario']}: {v}")
         return 1
     return code
+
+
+def _fresh_databases() -> None:
+    """Drop the (stopped) test profile's PostgreSQL folder: the next stack starts empty."""
+    home = devstack.pg_home(devstack.PROFILES["test"])
+    devstack.pg_down(devstack.PROFILES["test"])
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def table(lines: list[dict[str, object]]) -> str:

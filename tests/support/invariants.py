@@ -341,9 +341,13 @@ def _notification_rule(client: DevClient, inputs: Inputs, counts: Counter[str]) 
 
 
 def _scan_value(value: object) -> str | None:
-    """A stored row (as JSON): bytea columns hold whole records, scanned as bytes."""
+    """A stored row (as JSON): bytea columns hold whole records, scanned as bytes — but
+    for a record's key (``key``, ``*_key``): an order id or a sku, an identifier, which
+    may be all digits and Luhn-valid (docs/contract.md §2.2)."""
     if isinstance(value, dict):
-        for v in value.values():
+        for name, v in value.items():
+            if name == "key" or name.endswith("_key"):
+                continue
             if isinstance(v, str) and v.startswith("\\x"):
                 try:
                     raw = bytes.fromhex(v[2:])

@@ -7,7 +7,7 @@ topics and ``audit.events.v1``, its outbox relay, and the status API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -15,12 +15,14 @@ from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services import reconcile
 from services.orders import store
 from services.orders.api import create_api
 from services.orders.console import routes as console
 from services.orders.console.actions import Actions, OperatorToken
 from services.orders.console.reads import ConsoleReads
 from services.orders.handlers import OrdersMetrics, Projection
+from services.runtime.periodic import every
 from services.runtime.service import Service, Worker, make_engine, run_service
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
 
@@ -42,6 +44,10 @@ class OrdersSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):
     console_token: SecretStr | None = None
     #: the monitor's deadline: a saga unchanged this long is stalled (console, monitor)
     monitor_stall_after_s: float = 900.0
+    #: the periodic reconcile (paysaga_reconcile_violations): 0 turns it off; the
+    #: gateway is asked only with reconcile_gateway
+    reconcile_interval_s: float = 300.0
+    reconcile_gateway: bool = False
 
 
 def held_gauge(engine: AsyncEngine, metrics: OrdersMetrics, interval_s: float) -> Worker:
@@ -49,17 +55,32 @@ def held_gauge(engine: AsyncEngine, metrics: OrdersMetrics, interval_s: float) -
     process of the group, and only of committed holds. A count stuck above zero means
     a cause that never arrived (e.g. dead-lettered upstream)."""
 
-    async def run(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                async with engine.connect() as conn:
-                    metrics.held.set(await asyncio.wait_for(store.count_held(conn), 5))
-            except Exception as exc:  # noqa: BLE001 -- a metric must not take the service down
-                log.warning("held events gauge not refreshed: %r", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+    async def refresh() -> None:
+        async with engine.connect() as conn:
+            metrics.held.set(await asyncio.wait_for(store.count_held(conn), 5))
 
-    return run
+    return every("held events gauge", interval_s, refresh)
+
+
+def reconcile_gauge(metrics: OrdersMetrics, interval_s: float, gateway_url: str | None) -> Worker:
+    """``paysaga reconcile``'s checks every ``interval_s`` (the stores; the gateway too
+    when ``gateway_url``), counted by rule in ``paysaga_reconcile_violations``; a rule
+    seen before and clean now is set to 0."""
+    seen: set[str] = set()
+
+    async def run_checks() -> None:
+        try:
+            found = await asyncio.to_thread(reconcile.check, gateway_url)
+        except Exception:
+            metrics.reconcile_runs.labels("failed").inc()
+            raise
+        counts = collections.Counter(v.rule for v in found)
+        seen.update(counts)
+        for kind in seen:
+            metrics.reconcile_violations.labels(kind).set(counts.get(kind, 0))
+        metrics.reconcile_runs.labels("ok").inc()
+
+    return every("periodic reconcile", interval_s, run_checks)
 
 
 def build(settings: OrdersSettings) -> Service:
@@ -77,6 +98,10 @@ def build(settings: OrdersSettings) -> Service:
     )
     actions = Actions(engine, settings.kafka_bootstrap_servers)
     operator = OperatorToken.parse(token.get_secret_value() if token else None)
+    workers = [held_gauge(engine, metrics, settings.orders_held_gauge_interval_s)]
+    if settings.reconcile_interval_s > 0:
+        gateway_url = settings.gateway_url if settings.reconcile_gateway else None
+        workers.append(reconcile_gauge(metrics, settings.reconcile_interval_s, gateway_url))
     return Service(
         name="orders",
         group=GROUP,
@@ -88,7 +113,7 @@ def build(settings: OrdersSettings) -> Service:
         http_port=settings.orders_port,
         http_host=settings.orders_host,
         app=create_api(engine, lambda app: console.install(app, reads, actions, operator)),
-        workers=[held_gauge(engine, metrics, settings.orders_held_gauge_interval_s)],
+        workers=workers,
     )
 
 

@@ -63,6 +63,8 @@ class OrdersMetrics:
     status_changes: Counter
     ignored: Counter
     held: Gauge
+    reconcile_violations: Gauge
+    reconcile_runs: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> OrdersMetrics:
@@ -83,6 +85,18 @@ class OrdersMetrics:
             held=Gauge(
                 "paysaga_orders_held_events",
                 "Saga events waiting for their cause (held_events rows, all orders)",
+                registry=registry,
+            ),
+            reconcile_violations=Gauge(
+                "paysaga_reconcile_violations",
+                "Violations found by the last periodic reconcile, by rule",
+                ["kind"],
+                registry=registry,
+            ),
+            reconcile_runs=Counter(
+                "paysaga_reconcile_runs_total",
+                "Periodic reconcile runs by outcome (ok, failed)",
+                ["outcome"],
                 registry=registry,
             ),
         )

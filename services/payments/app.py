@@ -9,11 +9,13 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.payments import request_store
+from services.payments import request_store, store
 from services.payments.handlers import Metrics, PaymentsHandlers
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.messages import Handlers, Record, Route, routes_of
+from services.runtime.metrics import GatewayMetrics
+from services.runtime.periodic import every
 from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
 from services.runtime.settings import (
@@ -40,6 +42,8 @@ class PaymentsSettings(BaseSettings):
     signature_tolerance_s: int = 300
     #: how long an unmatched payment is matched automatically when its order arrives
     unmatched_window_s: int = 86_400
+    #: how often paysaga_unmatched_payments_open is read from the store
+    payments_unmatched_gauge_interval_s: float = 10.0
     #: payment requests (docs/contract.md §3.7): worker rounds before NEEDS_RECONCILIATION,
     #: their backoff, the lease of a claimed request, concurrent requests
     payments_request_max_attempts: int = 10
@@ -67,13 +71,21 @@ def build() -> Service:
     secrets = GatewaySecrets().gateway_secrets  # refuses to start without them
     url = DatabaseSettings().url_for("payments")
     registry = CollectorRegistry()
+    metrics = Metrics.create(registry)
     h = PaymentsHandlers(
         secrets=secrets,
         tolerance_s=settings.signature_tolerance_s,
         unmatched_window=timedelta(seconds=settings.unmatched_window_s),
-        metrics=Metrics.create(registry),
+        metrics=metrics,
     )
     engine = make_engine(url, pool_size=settings.payments_request_concurrency + 5)
+
+    async def count_unmatched() -> None:
+        async with engine.connect() as conn:
+            counts = await asyncio.wait_for(store.count_unmatched_open(conn), 5)
+        for state, n in counts.items():
+            metrics.unmatched_open.labels(state).set(n)
+
     gateway = GatewayClientSettings()
     policy = RetryPolicy(
         settings.payments_request_max_attempts,
@@ -81,6 +93,7 @@ def build() -> Service:
         settings.payments_request_retry_max_s,
     )
     request_metrics = RequestMetrics.create(registry)
+    gateway_metrics = GatewayMetrics.create(registry)
 
     async def request_payments(stop: asyncio.Event) -> None:
         """The payment request worker (docs/contract.md §3.7): payments owns payment attempts."""
@@ -88,6 +101,7 @@ def build() -> Service:
             gateway.gateway_url,
             timeout_s=gateway.gateway_timeout_s,
             max_attempts=gateway.gateway_max_attempts,
+            metrics=gateway_metrics,
         ) as client:
             rounds = RequestWorker(
                 engine, client, policy, request_metrics,
@@ -124,7 +138,14 @@ def build() -> Service:
         http_port=settings.payments_port,
         http_host=settings.payments_host,
         on_dead_letter=h.flag_dead_letter,
-        workers=[request_payments],
+        workers=[
+            request_payments,
+            every(
+                "unmatched payments gauge",
+                settings.payments_unmatched_gauge_interval_s,
+                count_unmatched,
+            ),
+        ],
     )
 
 

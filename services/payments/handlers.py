@@ -20,7 +20,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -49,6 +49,7 @@ class Metrics:
     confirmations: Counter
     orders: Counter
     retries: Counter
+    unmatched_open: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -70,6 +71,13 @@ class Metrics:
                 "paysaga_payment_retries_total",
                 "PaymentRetryRequested by outcome (retry_accepted, held, rejected) and reason",
                 ["outcome", "reason"],
+                registry=registry,
+            ),
+            unmatched_open=Gauge(
+                "paysaga_unmatched_payments_open",
+                "Gateway payments that matched no order and wait, by state (parked, "
+                "refund_pending: an operator's void or refund whose answer was lost)",
+                ["state"],
                 registry=registry,
             ),
         )

@@ -337,6 +337,22 @@ async def given_back_for(conn: AsyncConnection, order: Order) -> list[Any]:
     return list(rows)
 
 
+#: the states of an unmatched payment that wait (for its order, or for an operator)
+UNMATCHED_OPEN = ("parked", "refund_pending")
+
+
+async def count_unmatched_open(conn: AsyncConnection) -> dict[str, int]:
+    """Unmatched payments by open state (``UNMATCHED_OPEN``; 0 where none)."""
+    rows = await conn.execute(
+        select(unmatched.c.state, func.count())
+        .where(unmatched.c.state.in_(UNMATCHED_OPEN))
+        .group_by(unmatched.c.state)
+    )
+    counts = {state: 0 for state in UNMATCHED_OPEN}
+    counts.update({state: int(n) for state, n in rows.all()})
+    return counts
+
+
 async def lock_unmatched(conn: AsyncConnection, unmatched_id: int) -> Any:
     """The unmatched row, locked after its intent (the order ``_match_parked`` locks in);
     None if there is no such row."""

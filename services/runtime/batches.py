@@ -19,7 +19,7 @@ from services.runtime.errors import PermanentError, is_transient, said
 from services.runtime.inbox import Inbox
 from services.runtime.member import Member
 from services.runtime.messages import Record
-from services.runtime.metrics import RuntimeMetrics
+from services.runtime.metrics import RuntimeMetrics, track_steps
 from services.runtime.positions import save_position
 
 log = logging.getLogger("paysaga.consumer")
@@ -57,10 +57,12 @@ class BatchProcessor:
         outcomes: list[tuple[str, str]] = []
         try:
             async with self.engine.begin() as conn:
+                steps = track_steps(conn)
                 keys = await self.blocking.load(conn, records)
                 for rec in records:
                     outcomes.append((rec.topic, await keys.apply(rec)))
                 await save_position(conn, self.group, tp, records[-1].offset + 1)
+            self.metrics.observe_steps(self.service, steps)
         except Exception as exc:
             if len(records) > 1 or not isinstance(exc, PermanentError):
                 log.info(
@@ -89,9 +91,11 @@ class BatchProcessor:
             last_attempt = time.monotonic() - started >= self.retry_budget_s
             try:
                 async with self.engine.begin() as conn:
+                    steps = track_steps(conn)
                     keys = self.blocking.open(conn, last_attempt=last_attempt)
                     outcome = await keys.apply(rec)
                     await save_position(conn, self.group, tp, rec.offset + 1)
+                self.metrics.observe_steps(self.service, steps)
                 return outcome
             except Exception as exc:
                 if attempt == 1:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from services.runtime.metrics import GatewayMetrics
 from services.runtime.retry import GatewayOutcome, OutcomeKind, backoff_s
 
 __all__ = [
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 TRANSIENT_4XX = frozenset({408, 409, 423, 425, 429})
 
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 
 
 class GatewayError(Exception):
@@ -83,6 +86,7 @@ class GatewayClient:
 
     ``rng`` draws the jitter and ``sleep`` waits between attempts, so tests run without
     clocks. ``transport`` replaces the network (``httpx.MockTransport`` in unit tests).
+    ``metrics``: each call observed in ``paysaga_gateway_call_seconds{operation,outcome}``.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class GatewayClient:
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if max_attempts < 1 or timeout_s <= 0 or backoff_base_s < 0:
             raise ValueError("need max_attempts >= 1, timeout_s > 0, backoff_base_s >= 0")
@@ -105,6 +110,7 @@ class GatewayClient:
         self._backoff_max_s = backoff_max_s
         self._rng = rng or random.Random()
         self._sleep = sleep
+        self._metrics = metrics
 
     async def __aenter__(self) -> GatewayClient:
         return self
@@ -131,11 +137,15 @@ class GatewayClient:
     ) -> GatewayOutcome:
         """Capture an authorization (``POST /v1/payments/{id}/capture``)."""
         payload = {"amount": amount, "currency": currency}
-        return await self._mutate(transaction_id, "capture", payload, idempotency_key)
+        return await self._timed(
+            "capture", self._mutate(transaction_id, "capture", payload, idempotency_key)
+        )
 
     async def void(self, transaction_id: str, idempotency_key: str) -> GatewayOutcome:
         """Release an authorization (``POST /v1/payments/{id}/void``)."""
-        return await self._mutate(transaction_id, "void", None, idempotency_key)
+        return await self._timed(
+            "void", self._mutate(transaction_id, "void", None, idempotency_key)
+        )
 
     async def refund(
         self, transaction_id: str, amount: int, currency: str, reason: str, idempotency_key: str
@@ -143,7 +153,9 @@ class GatewayClient:
         """Refund a capture (``POST /v1/payments/{id}/refund``). Never call it again for
         the same money under a new key: resolve ``unknown`` with ``get_payment``."""
         payload = {"amount": amount, "currency": currency, "reason": reason}
-        return await self._mutate(transaction_id, "refund", payload, idempotency_key)
+        return await self._timed(
+            "refund", self._mutate(transaction_id, "refund", payload, idempotency_key)
+        )
 
     async def create_payment_intent(
         self, order_id: str, amount: int, currency: str, payment_method: str, idempotency_key: str
@@ -160,6 +172,13 @@ class GatewayClient:
             "currency": currency,
             "payment_method": payment_method,
         }
+        return await self._timed(
+            "payment_intent", self._request_payment(order_id, payload, idempotency_key)
+        )
+
+    async def _request_payment(
+        self, order_id: str, payload: dict[str, Any], idempotency_key: str
+    ) -> GatewayOutcome:
         try:
             outcome = await self._post("/v1/payment_intents", order_id, payload, idempotency_key)
         except GatewayProtocolError as exc:
@@ -185,13 +204,36 @@ class GatewayClient:
 
     async def get_payment_intent(self, payment_intent_id: str) -> dict[str, Any]:
         """A requested payment (``GET /v1/payment_intents/{id}``); raises as ``get_payment``."""
-        return await self._get(f"/v1/payment_intents/{quote(payment_intent_id, safe='')}")
+        url = f"/v1/payment_intents/{quote(payment_intent_id, safe='')}"
+        return await self._timed("payment_intent_lookup", self._get(url))
 
     async def get_payment(self, transaction_id: str) -> dict[str, Any]:
         """The gateway's view of a transaction (``GET /v1/payments/{id}``). Safe to
         repeat, so timeouts are retried too. Raises ``GatewayNotFoundError`` (404),
         ``GatewayProtocolError`` (other non-200) or ``GatewayUnavailableError``."""
-        return await self._get(self._path(transaction_id))
+        return await self._timed("lookup", self._get(self._path(transaction_id)))
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        """``call``, observed as one ``operation`` with its outcome (its kind; for a
+        look-up ``succeeded`` or the error it raised)."""
+        started, outcome = time.monotonic(), "error"
+        try:
+            result = await call
+            outcome = result.kind if isinstance(result, GatewayOutcome) else "succeeded"
+            return result
+        except GatewayNotFoundError:
+            outcome = "not_found"
+            raise
+        except GatewayProtocolError:
+            outcome = "protocol_error"
+            raise
+        except GatewayUnavailableError:
+            outcome = "unavailable"
+            raise
+        finally:
+            if self._metrics is not None:
+                elapsed = time.monotonic() - started
+                self._metrics.calls.labels(operation, outcome).observe(elapsed)
 
     async def _get(self, url: str) -> dict[str, Any]:
         reason = ""

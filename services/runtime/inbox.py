@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.runtime.errors import PermanentError
 from services.runtime.faults import fault_point
 from services.runtime.messages import Context, Handler, Record, Route
+from services.runtime.metrics import note_step
+from services.runtime.outbox import OUTBOX_ROWS
 from services.runtime.tables import inbox
 
 
@@ -66,8 +68,13 @@ class Inbox:
         if inserted.first() is None:
             return "duplicate"
         ctx = Context(conn=conn, record=rec, envelope=envelope, now=datetime.now(UTC))
+        written = conn.info.get(OUTBOX_ROWS, 0)
         # bounded: a handler slower than max_poll_interval would cost the partition
         await asyncio.wait_for(handler(ctx), self.handler_timeout_s)
+        if conn.info.get(OUTBOX_ROWS, 0) > written:  # event in -> event out
+            note_step(
+                conn, str(envelope["event_type"]) if envelope else rec.topic, rec.timestamp_ms
+            )
         fault_point("inside_db_transaction")
         return "processed"
 

@@ -26,6 +26,8 @@ from services.runtime.wakeup import notify
 
 #: NOTIFY channel the outbox relay of a database listens on
 OUTBOX_CHANNEL = "paysaga_outbox"
+#: ``conn.info`` key: outbox rows written on the connection so far (step latency)
+OUTBOX_ROWS = "paysaga_outbox_rows"
 
 #: the W3C trace context header an event carries when its cause had one
 TRACEPARENT = "traceparent"
@@ -63,6 +65,7 @@ async def write_raw(
     await conn.execute(
         insert(outbox).values(topic=topic, key=key, value=value, headers=[list(h) for h in headers])
     )
+    conn.info[OUTBOX_ROWS] = conn.info.get(OUTBOX_ROWS, 0) + 1
     # delivered at commit, and only if the transaction commits; once per transaction
     transaction = conn.get_transaction()
     if conn.info.get("outbox_notified") is not transaction:

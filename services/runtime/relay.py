@@ -50,7 +50,7 @@ from services.runtime.faults import fault_point
 from services.runtime.kafka import client_options
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
-from services.runtime.tables import inbox, outbox
+from services.runtime.tables import dead_letters, inbox, outbox
 from services.runtime.wakeup import listen, wait_for_notification
 
 log = logging.getLogger("paysaga.relay")
@@ -235,7 +235,8 @@ class OutboxRelay:
         )
 
     async def _update_backlog(self) -> int:
-        """Set the backlog gauges; returns the number of dead rows."""
+        """Set the backlog gauges and the open dead letters of the service's store (its
+        consumer group's); returns the number of dead rows."""
         async with self.engine.connect() as conn:
             count, oldest, dead, blocked = (
                 await conn.execute(
@@ -247,7 +248,11 @@ class OutboxRelay:
                     ).where(outbox.c.sent_at.is_(None))
                 )
             ).one()
+            dead_letters_open = (
+                await conn.execute(select(func.count()).where(dead_letters.c.resolved_at.is_(None)))
+            ).scalar_one()
         self.metrics.outbox_backlog.labels(self.service).set(count)
+        self.metrics.dead_letters_open.labels(self.service).set(dead_letters_open)
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0
         self.metrics.outbox_oldest_age.labels(self.service).set(age)
         self.metrics.outbox_stuck.labels(self.service, "dead").set(dead)

@@ -517,6 +517,8 @@ def _deployment(name: str, module: str, port: int) -> dict[str, Any]:
         env.append(_secret_env(f"PAYSAGA_{key}_DATABASE_URL", f"paysaga-{name}-database", "url"))
     if name in NEEDS_GATEWAY_SECRETS:
         env.append(_secret_env("PAYSAGA_GATEWAY_SECRETS", "paysaga-gateway", "secrets"))
+    if name == "orders":  # its periodic reconcile reads every store: it holds only its own
+        env.append({"name": "PAYSAGA_RECONCILE_INTERVAL_S", "value": "0"})
     probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10}
     container = {
         "name": name,

@@ -75,3 +75,25 @@ def exported_names(exposition: str) -> set[str]:
         if kind == "histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     return names
+
+
+#: the README's metric reference: one table per process under "### Metrics"
+_REFERENCE_HEADING = "### Metrics"
+_ROW = re.compile(r"^\| `(paysaga_[a-z0-9_]+)` \| (counter|gauge|histogram) \| ([^|]*) \|", re.M)
+
+
+def documented_metrics() -> dict[str, dict[str, tuple[str, frozenset[str]]]]:
+    """Process (the word a ``####`` heading of the README's Metrics section starts with)
+    -> metric name (a counter's with ``_total``) -> (type, labels)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n{_REFERENCE_HEADING}\n")
+    end = text.find("\n## ", start + 1)
+    section = text[start : end if end >= 0 else len(text)]
+    documented: dict[str, dict[str, tuple[str, frozenset[str]]]] = {}
+    for part in section.split("\n#### ")[1:]:
+        process = part.split(maxsplit=1)[0]
+        rows = documented.setdefault(process, {})
+        for name, kind, labels in _ROW.findall(part):
+            assert name not in rows, f"{name} documented twice under {process}"
+            rows[name] = (kind, frozenset(re.findall(r"`([a-z_]+)`", labels)))
+    return documented

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.intents.worker import IntentWorker
 from services.runtime.messages import Handlers, routes_of
+from services.runtime.metrics import GatewayMetrics
 from services.runtime.retry import RetryPolicy
 from services.runtime.service import Service, libpq_conninfo, make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
@@ -67,12 +68,14 @@ def intent_service(
     transaction A and NOTIFY ``channel``) and one ``WorkLoop`` running ``worker`` rounds."""
     url = shared.url_for(name)
     engine = make_engine(url, pool_size=own.concurrency + 2)
+    gateway_metrics = GatewayMetrics.create(registry)
 
     async def work(stop: asyncio.Event) -> None:
         async with GatewayClient(
             shared.gateway_url,
             timeout_s=shared.gateway_timeout_s,
             max_attempts=shared.gateway_max_attempts,
+            metrics=gateway_metrics,
         ) as gateway:
             rounds = worker(
                 engine, gateway, policy, metrics,

@@ -188,3 +188,36 @@ def test_every_written_event_carries_a_traceparent() -> None:
     fresh = _written_header(Cause("e1"))  # outside any span (a CLI): a new trace
     assert tracing.parse(fresh) is not None
     assert tracing.trace_id_of(fresh) != tracing.trace_id_of(TP)
+
+
+def test_with_the_sdk_the_spans_are_exported_as_children_of_the_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``otel`` extra's path (skipped where it is not installed): the spans exported
+    (here to memory, in place of the OTLP exporter) are the ones whose traceparent the
+    records carry."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http import trace_exporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporters: dict[str, InMemorySpanExporter] = {}
+
+    class Exporter(InMemorySpanExporter):
+        def __init__(self, endpoint: str) -> None:
+            super().__init__()
+            exporters[endpoint] = self
+
+    monkeypatch.setattr(trace_exporter, "OTLPSpanExporter", Exporter)
+    monkeypatch.setenv(tracing.OTLP_ENDPOINT_ENV, "http://collector:4318/")
+    tracing.configure_tracing("unit")
+    with tracing.span("handle", TP) as outer, tracing.span("gateway", tracing.current()) as inner:
+        pass
+    trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
+    exported = exporters["http://collector:4318/v1/traces"].get_finished_spans()
+    spans = {s.name: s for s in exported}
+    assert spans["handle"].resource.attributes["service.name"] == "paysaga-unit"
+    assert tracing.parse(outer) == (TP.split("-")[1], f"{spans['handle'].context.span_id:016x}", 1)
+    assert spans["handle"].parent.span_id == int(TP.split("-")[2], 16)
+    assert spans["gateway"].parent.span_id == spans["handle"].context.span_id
+    assert tracing.trace_id_of(inner) == TP.split("-")[1]

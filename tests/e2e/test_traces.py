@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.devclient import order_placed, read_all, wait_for
-from services.runtime import topics
+from services.runtime import topics, tracing
 from tests.e2e.conftest import Stack, new_id
 
 pytestmark = pytest.mark.e2e
@@ -123,3 +123,24 @@ def test_inputs_without_a_trace_start_one_and_what_they_cause_continues_it(
     assert accepted == confirmation
     [captured] = trace_ids(by_topic[topics.CAPTURE_TOPIC])
     assert captured == accepted
+
+
+def test_a_payment_request_continues_the_orders_trace(stack: Stack) -> None:
+    """The request worker's event (payments.requests.v1) continues the trace of the
+    OrderPlaced whose handling recorded the request (the intent row keeps it)."""
+    trace, order_id = secrets.token_hex(16), new_id("ord")
+    value = order_placed(order_id, None, [(new_id("sku"), 1, 900)])
+    stack.produce(
+        topics.CHECKOUT_ORDERS_TOPIC, order_id, value, [("traceparent", traceparent(trace))]
+    )
+
+    def requested() -> list[Any]:
+        recs = asyncio.run(read_all(stack.bootstrap, topics.PAYMENT_REQUESTS_TOPIC))
+        return [m for m in recs if m.key == order_id.encode()]
+
+    records = wait_for(requested, what=f"PaymentRequested of {order_id}")
+    assert trace_ids(records) == [trace]
+    [row] = stack.db(
+        "payments", "SELECT traceparent FROM payment_requests WHERE order_id=%s", order_id
+    )
+    assert tracing.trace_id_of(row[0]) == trace

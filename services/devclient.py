@@ -214,11 +214,18 @@ class DevClient:
         result: dict[str, Any] = r.json()
         return result
 
-    def post_webhook(self, body: bytes, signature: str, gateway: str = "simgw") -> httpx.Response:
+    def post_webhook(
+        self,
+        body: bytes,
+        signature: str,
+        gateway: str = "simgw",
+        extra_headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        headers = {"paysaga-signature": signature, "content-type": "application/json"}
         return httpx.post(
             f"{self.url('bridge')}/webhooks/{gateway}",
             content=body,
-            headers={"paysaga-signature": signature, "content-type": "application/json"},
+            headers={**headers, **(extra_headers or {})},
             timeout=15,
         )
 

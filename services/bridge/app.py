@@ -3,7 +3,8 @@
 ``POST /webhooks/{gateway}`` appends the request body, byte for byte, to
 ``gateway.confirmations.v1``, keyed by the body's ``data.order_id`` (else
 ``data.payment_intent_id``), with the headers ``paysaga-gateway`` and
-``paysaga-signature`` (the request's, verbatim).
+``paysaga-signature`` (the request's, verbatim) and ``traceparent`` (a child of the
+request's ``traceparent``, or a new trace without one).
 
 Guarantees:
 
@@ -48,6 +49,7 @@ from services.runtime.retry import backoff_s
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
 from services.runtime.topics import CONFIRMATIONS_TOPIC as TOPIC
+from services.runtime.tracing import TRACEPARENT, span
 
 log = logging.getLogger("paysaga.bridge")
 
@@ -210,11 +212,16 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
         except ValueError as exc:
             return reject(gateway, 400, "no_key", str(exc))
         headers = [("paysaga-gateway", gateway.encode()), ("paysaga-signature", signature)]
-        try:
-            meta = await link.send(key, body, headers)
-        except (KafkaUnavailableError, KafkaError, TimeoutError) as exc:
-            log.warning("webhook of %s not stored: %r", gateway, exc)
-            return reject(gateway, 503, "kafka_unavailable", "could not store the webhook; retry")
+        # the record continues the request's trace (a new one without a valid traceparent)
+        with span(f"bridge webhook {gateway}", request.headers.get(TRACEPARENT)) as tp:
+            headers.append((TRACEPARENT, tp.encode()))
+            try:
+                meta = await link.send(key, body, headers)
+            except (KafkaUnavailableError, KafkaError, TimeoutError) as exc:
+                log.warning("webhook of %s not stored: %r", gateway, exc)
+                return reject(
+                    gateway, 503, "kafka_unavailable", "could not store the webhook; retry"
+                )
         webhooks.labels(gateway, "accepted").inc()
         return JSONResponse(
             {"status": "accepted", "topic": meta.topic, "partition": meta.partition,
@@ -232,7 +239,7 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
 def main() -> None:
     """Serve on ``PAYSAGA_BRIDGE_HOST``:``PAYSAGA_BRIDGE_PORT``; refuse to start without
     ``PAYSAGA_GATEWAY_SECRETS``."""
-    configure_logging()
+    configure_logging("bridge")
     try:
         settings = BridgeSettings()
     except SettingsError as exc:  # a value that is not JSON; the message omits the value
@@ -247,7 +254,13 @@ def main() -> None:
             'a JSON object like {"simgw": ["whsec_..."]})'
         )
     app = create_app(settings)
-    uvicorn.run(app, host=settings.bridge_host, port=settings.bridge_port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.bridge_host,
+        port=settings.bridge_port,
+        log_level="warning",
+        log_config=None,  # its lines through the one setup (services.runtime.logs)
+    )
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.runtime.logs import configure_logging
 from services.runtime.retry import backoff_s
 from services.runtime.settings import LOCAL_DEV_GATEWAY_SECRETS
 from services.runtime.signature import sign
@@ -506,9 +507,14 @@ def create_app(settings: GatewaySimSettings, *, clock: Callable[[], float] = tim
 
 def main() -> None:
     """Run the simulator on ``PAYSAGA_GATEWAYSIM_HOST``:``PAYSAGA_GATEWAYSIM_PORT``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("gatewaysim")
     settings = GatewaySimSettings()
-    uvicorn.run(create_app(settings), host=settings.gatewaysim_host, port=settings.gatewaysim_port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.gatewaysim_host,
+        port=settings.gatewaysim_port,
+        log_config=None,  # its lines through the one setup (services.runtime.logs)
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from services.runtime import dlq
 from services.runtime.blocking import KeyBlocking
 from services.runtime.errors import PermanentError, is_transient, said
 from services.runtime.inbox import Inbox
+from services.runtime.logs import bound
 from services.runtime.member import Member
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics, track_steps
@@ -73,7 +74,8 @@ class BatchProcessor:
                 )
             outcomes = []
             for rec in records:
-                outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
+                with bound(**self.inbox.log_fields(rec)):  # its retries and dead letter
+                    outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
                 if outcomes[-1][1] == REVOKED:
                     break  # this record and the rest of the batch are the new owner's
         for topic, outcome in outcomes:

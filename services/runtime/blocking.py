@@ -28,6 +28,7 @@ from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.tables import dead_letters, parked
 from services.runtime.topics import load_specs
+from services.runtime.tracing import TRACEPARENT, span
 
 log = logging.getLogger("paysaga.consumer")
 
@@ -111,7 +112,9 @@ class KeyBlocking:
             )
         )
         if self.on_dead_letter is not None:
-            await self.on_dead_letter(conn, rec, exc)
+            # what the hook emits (an order flagged) continues the dead-lettered record's trace
+            with span(f"{self.group} dead letter", rec.header(TRACEPARENT)):
+                await self.on_dead_letter(conn, rec, exc)
 
     async def is_blocked(self, conn: AsyncConnection, key: str) -> bool:
         row = await conn.execute(

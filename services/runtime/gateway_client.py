@@ -30,6 +30,7 @@ import httpx
 
 from services.runtime.metrics import GatewayMetrics
 from services.runtime.retry import GatewayOutcome, OutcomeKind, backoff_s
+from services.runtime.tracing import TRACEPARENT, current, set_attribute, span
 
 __all__ = [
     "GatewayClient",
@@ -236,12 +237,17 @@ class GatewayClient:
                 self._metrics.calls.labels(operation, outcome).observe(elapsed)
 
     async def _get(self, url: str) -> dict[str, Any]:
+        """A span per call (its retries inside), its traceparent sent along."""
+        with span("gateway GET", current(), {"http.method": "GET", "url.path": url}) as tp:
+            return await self._get_attempts(url, {TRACEPARENT: tp})
+
+    async def _get_attempts(self, url: str, headers: dict[str, str]) -> dict[str, Any]:
         reason = ""
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
                 await self._sleep(self.backoff(attempt - 1))
             try:
-                response = await self._http.get(url)
+                response = await self._http.get(url, headers=headers)
             except httpx.TransportError as exc:  # includes every TimeoutException
                 reason = type(exc).__name__
                 continue
@@ -276,14 +282,28 @@ class GatewayClient:
     ) -> GatewayOutcome:
         if not key:
             raise ValueError("an idempotency key is required")
+        attributes = {"http.method": "POST", "url.path": url, "paysaga.operation": action}
+        with span(f"gateway {action}", current(), attributes) as tp:
+            outcome = await self._post_attempts(url, subject, payload, key, action, tp)
+            set_attribute("paysaga.outcome", outcome.kind)
+            return outcome
+
+    async def _post_attempts(
+        self,
+        url: str,
+        subject: str,
+        payload: dict[str, Any] | None,
+        key: str,
+        action: str,
+        traceparent: str,
+    ) -> GatewayOutcome:
+        headers = {"Idempotency-Key": key, TRACEPARENT: traceparent}
         reason = ""
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
                 await self._sleep(self.backoff(attempt - 1))
             try:
-                response = await self._http.post(
-                    url, json=payload, headers={"Idempotency-Key": key}
-                )
+                response = await self._http.post(url, json=payload, headers=headers)
             except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 reason = type(exc).__name__  # never sent: as safe to retry as a refused connect
             except httpx.TimeoutException:

@@ -21,10 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime.errors import PermanentError
 from services.runtime.faults import fault_point
+from services.runtime.logs import bound
 from services.runtime.messages import Context, Handler, Record, Route
 from services.runtime.metrics import note_step
 from services.runtime.outbox import OUTBOX_ROWS
 from services.runtime.tables import inbox
+from services.runtime.tracing import TRACEPARENT, span, trace_id_of
 
 
 class Inbox:
@@ -59,24 +61,40 @@ class Inbox:
         handler, dedupe, envelope = self.route(rec)
         if handler is None:
             return "skipped"
-        inserted = await conn.execute(
-            pg_insert(inbox)
-            .values(consumer_group=self.group, dedupe_key=dedupe)
-            .on_conflict_do_nothing()
-            .returning(inbox.c.dedupe_key)
-        )
-        if inserted.first() is None:
-            return "duplicate"
-        ctx = Context(conn=conn, record=rec, envelope=envelope, now=datetime.now(UTC))
-        written = conn.info.get(OUTBOX_ROWS, 0)
-        # bounded: a handler slower than max_poll_interval would cost the partition
-        await asyncio.wait_for(handler(ctx), self.handler_timeout_s)
-        if conn.info.get(OUTBOX_ROWS, 0) > written:  # event in -> event out
-            note_step(
-                conn, str(envelope["event_type"]) if envelope else rec.topic, rec.timestamp_ms
+        # a span per handled record, child of the record's trace (a new one without);
+        # what the handler emits carries it, and its log lines the record's ids
+        parent = rec.header(TRACEPARENT)
+        with (
+            span(f"{self.group} {rec.topic}", parent, {"paysaga.dedupe_key": dedupe}) as tp,
+            bound(**log_fields(rec, envelope), trace_id=trace_id_of(tp)),
+        ):
+            inserted = await conn.execute(
+                pg_insert(inbox)
+                .values(consumer_group=self.group, dedupe_key=dedupe)
+                .on_conflict_do_nothing()
+                .returning(inbox.c.dedupe_key)
             )
-        fault_point("inside_db_transaction")
-        return "processed"
+            if inserted.first() is None:
+                return "duplicate"
+            now = datetime.now(UTC)
+            ctx = Context(conn=conn, record=rec, envelope=envelope, now=now, traceparent=tp)
+            written = conn.info.get(OUTBOX_ROWS, 0)
+            # bounded: a handler slower than max_poll_interval would cost the partition
+            await asyncio.wait_for(handler(ctx), self.handler_timeout_s)
+            if conn.info.get(OUTBOX_ROWS, 0) > written:  # event in -> event out
+                event_type = str(envelope["event_type"]) if envelope else rec.topic
+                note_step(conn, event_type, rec.timestamp_ms)
+            fault_point("inside_db_transaction")
+            return "processed"
+
+    def log_fields(self, rec: Record) -> dict[str, str | None]:
+        """What the log lines about ``rec`` are bound to (``log_fields``), its envelope
+        parsed if it has one."""
+        try:
+            envelope = self.route(rec)[2]
+        except Exception:
+            envelope = None
+        return log_fields(rec, envelope)
 
     async def contains(self, conn: AsyncConnection, rec: Record) -> bool:
         """Whether the record's inbox key is entered (it was applied)."""
@@ -99,6 +117,20 @@ class Inbox:
                 .values([{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)])
                 .on_conflict_do_nothing()
             )
+
+
+def log_fields(rec: Record, envelope: dict[str, Any] | None) -> dict[str, str | None]:
+    """A record's ids for its log lines: its order id, event id (a raw record's
+    topic/partition/offset) and correlation id, as far as it has them."""
+    env = envelope or {}
+    payload = env.get("payload")
+    order_id = payload.get("order_id") if isinstance(payload, dict) else None
+    correlation = env.get("correlation_id")
+    return {
+        "order_id": str(order_id) if order_id is not None else None,
+        "event_id": str(env.get("event_id") or f"{rec.topic}/{rec.partition}/{rec.offset}"),
+        "correlation_id": str(correlation) if correlation is not None else None,
+    }
 
 
 def parse_envelope(value: bytes) -> dict[str, Any]:

@@ -57,6 +57,9 @@ class Context:
     record: Record
     envelope: dict[str, Any] | None
     now: datetime
+    #: the span handling the record (``services.runtime.tracing``): what it emits
+    #: continues the record's trace
+    traceparent: str | None = None
 
     @property
     def event_id(self) -> str | None:
@@ -71,8 +74,8 @@ class Context:
     @property
     def cause(self) -> Cause:
         """The consumed record as the cause of what the handler emits: its event id (for
-        a raw record, topic/partition/offset), its ``saga_seq`` and correlation id.
-        (``traceparent`` stays unset until tracing is built: contract, "planned".)"""
+        a raw record, topic/partition/offset), its ``saga_seq``, correlation id and the
+        traceparent of the span handling it."""
         envelope = self.envelope or {}
         seq = envelope.get("saga_seq")
         correlation = envelope.get("correlation_id")
@@ -80,6 +83,7 @@ class Context:
             event_id=self.event_id or _record_id(self.record),
             saga_seq=int(seq) if seq else None,
             correlation_id=str(correlation) if correlation is not None else None,
+            traceparent=self.traceparent,
         )
 
     async def emit(

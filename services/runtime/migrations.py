@@ -134,3 +134,9 @@ def runtime_0003(op: Any) -> None:
         unique=False,
         postgresql_where=sa.text("dead_at IS NOT NULL"),
     )
+
+
+def intents_traceparent(op: Any, table: str) -> None:
+    """``<intent table>.traceparent``: the span that recorded the intent, continued by
+    its rounds and its event (``services.runtime.intents``)."""
+    op.add_column(table, sa.Column("traceparent", sa.String(length=55), nullable=True))

@@ -21,6 +21,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.envelope import dump, new_envelope
+from services.runtime import tracing
 from services.runtime.tables import outbox
 from services.runtime.wakeup import notify
 
@@ -29,16 +30,13 @@ OUTBOX_CHANNEL = "paysaga_outbox"
 #: ``conn.info`` key: outbox rows written on the connection so far (step latency)
 OUTBOX_ROWS = "paysaga_outbox_rows"
 
-#: the W3C trace context header an event carries when its cause had one
-TRACEPARENT = "traceparent"
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Cause:
     """What an emitted event is the effect of: the cause's event id (its
     ``causation_id``), the cause's ``saga_seq`` (None: the event starts a saga), the
-    saga's correlation id, and the trace the cause belongs to (a slot: nothing sets it
-    yet: docs/contract.md lists it as planned)."""
+    saga's correlation id, and the traceparent of the span the effect is written in
+    (None: the span open in this task, ``tracing.current()``; a new trace outside any)."""
 
     event_id: str
     saga_seq: int | None = None
@@ -94,6 +92,8 @@ async def write_event(
         causation_id=cause.event_id,
         saga_seq=cause.next_seq,
     )
-    headers = [(TRACEPARENT, cause.traceparent)] if cause.traceparent else []
+    # every record carries a trace: its cause's, else the open span's, else a new one
+    traceparent = cause.traceparent or tracing.current() or tracing.child_of(None)
+    headers = [(tracing.TRACEPARENT, traceparent)]
     await write_raw(conn, topic, key.encode(), dump(envelope), headers)
     return event_id

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
@@ -24,14 +23,16 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from schemas.carddata import redact
 from services.runtime.blocking import DeadLetterHook
 from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
 from services.runtime.dlq import DeadLetterProducer
+from services.runtime.logs import configure_logging
 from services.runtime.messages import Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.probes import add_probes
 from services.runtime.relay import OutboxRelay, RelaySettings
+
+__all__ = ["Service", "configure_logging", "libpq_conninfo", "make_engine", "run_service"]
 
 log = logging.getLogger("paysaga.service")
 
@@ -149,6 +150,7 @@ class Service:
                 host=self.http_host,
                 port=self.http_port,
                 log_level="warning",
+                log_config=None,  # its lines through the one setup (services.runtime.logs)
                 lifespan="off",
             )
         )
@@ -187,25 +189,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-class RedactingFormatter(logging.Formatter):
-    """Every formatted line, traceback included, through ``schemas.carddata.redact``: the
-    last guard behind the runtime's redacted error texts (an exception from a library
-    may quote the record it choked on)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record)).text
-
-
-def configure_logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=os.environ.get("PAYSAGA_LOG_LEVEL", "INFO"), handlers=[handler])
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-
-
 def run_service(build: Callable[[], Service]) -> None:
     """``main()`` of every service: build, then run until SIGTERM/SIGINT."""
-    configure_logging()
+    configure_logging()  # named after the module it runs (services.<name>.app)
 
     async def _main() -> None:
         service = build()

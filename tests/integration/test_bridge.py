@@ -11,6 +11,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.runtime import tracing
 from tests.conftest import Infra
 from tests.support.harness import Proc, free_port, uid, wait_for
 
@@ -53,10 +54,13 @@ def bridge(infra: Infra) -> Iterator[str]:
 
 
 def post(base_url: str, body: bytes | Iterator[bytes], gateway: str = "simgw",
-         signature: str | None = SIGNATURE) -> httpx.Response:  # fmt: skip
+         signature: str | None = SIGNATURE, traceparent: str | None = None,
+         ) -> httpx.Response:  # fmt: skip
     headers = {"content-type": "application/json"}
     if signature is not None:
         headers["paysaga-signature"] = signature
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
     return httpx.post(f"{base_url}/webhooks/{gateway}", content=body, headers=headers, timeout=30)
 
 
@@ -89,10 +93,26 @@ def test_body_is_stored_byte_for_byte_with_key_and_headers(infra: Infra, bridge:
     record = asyncio.run(fetch(infra.bootstrap, ack["partition"], ack["offset"]))
     assert record.value == body
     assert record.key == order_id.encode()
-    assert dict(record.headers) == {
+    headers = dict(record.headers)
+    assert tracing.parse(headers.pop("traceparent")) is not None  # a new trace: none came in
+    assert headers == {
         "paysaga-gateway": b"simgw",
         "paysaga-signature": SIGNATURE.encode(),
     }
+
+
+def test_the_record_continues_the_requests_trace(infra: Infra, bridge: str) -> None:
+    order_id = uid("ord_")
+    body = json.dumps({"id": "evt_t", "data": {"order_id": order_id}}).encode()
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    response = post(bridge, body, traceparent=incoming)
+    assert response.status_code == 202, response.text
+    ack = response.json()
+    record = asyncio.run(fetch(infra.bootstrap, ack["partition"], ack["offset"]))
+    parsed = tracing.parse(dict(record.headers)["traceparent"])
+    assert parsed is not None
+    assert parsed[0] == "4bf92f3577b34da6a3ce929d0e0e4736"  # the request's trace
+    assert parsed[1] != "00f067aa0ba902b7"  # the bridge's own span in it
 
 
 def test_key_falls_back_to_payment_intent_id(infra: Infra, bridge: str) -> None:

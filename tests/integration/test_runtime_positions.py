@@ -6,6 +6,7 @@ Ledger service processes against the real Kafka and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -116,7 +117,7 @@ def test_a_stored_position_beyond_the_log_end_is_reset_to_the_log_start_loudly(
     assert stored_position(ledger, 0) == 2
     assert anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0
     line = next(x for x in svc.log_text().splitlines() if "beyond the log end" in x)
-    assert " ERROR " in line
+    assert json.loads(line)["level"] == "ERROR"  # a JSON log line (services.runtime.logs)
     assert f"{ledger.group} {ledger.in_topic}/0: stored position 5 is beyond the log end 2" in line
     assert "consuming from the log start 0" in line
 
@@ -141,7 +142,7 @@ def test_without_a_stored_position_the_start_point_is_logged(ledger: Ledger) -> 
     svc = ledger.process("again").start()
     wait_for(lambda: seqs_of(ledger, "k1") == [0, 1, 2, 3], what="the new record applied")
     line = next(x for x in svc.log_text().splitlines() if "no stored position" in x)
-    assert " WARNING " in line
+    assert json.loads(line)["level"] == "WARNING"
     assert (
         f"{ledger.group} {ledger.in_topic}/0: no stored position, but the group's committed"
         " offset in Kafka is 3: consuming from there (offset 3)"

@@ -103,6 +103,18 @@ class Proc:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def log_messages(self) -> str:
+        """The ``msg`` of each JSON log line (services.runtime.logs), one a line; lines
+        that are not JSON as they are."""
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                doc = None
+            out.append(str(doc["msg"]) if isinstance(doc, dict) and "msg" in doc else line)
+        return "\n".join(out)
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -111,7 +123,7 @@ class Proc:
     def assignments(self) -> list[list[str]]:
         """Every assignment of this process so far, from its log (the runtime logs
         ``<group> assigned [...]`` on every rebalance), of the topics it consumes."""
-        found = re.findall(r" assigned (\[.*\])$", self.log_text(), flags=re.MULTILINE)
+        found = re.findall(r" assigned (\[.*\])$", self.log_messages(), flags=re.MULTILINE)
         # the group's own .dlq topic (its replay/purge control channel) is left out
         return [
             [tp for tp in ast.literal_eval(a) if not tp.rsplit("/", 1)[0].endswith(".dlq")]

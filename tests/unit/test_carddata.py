@@ -30,8 +30,8 @@ from services.payments.handlers import Metrics, PaymentsHandlers
 from services.runtime import dlq, signature
 from services.runtime.errors import PermanentError, describe
 from services.runtime.errors import validated as _validate
+from services.runtime.logs import JsonFormatter, TextFormatter
 from services.runtime.messages import Record
-from services.runtime.service import RedactingFormatter
 
 PAN, CVV = "4111111111111111", "987"
 SECRET = "whsec_unit"
@@ -182,10 +182,11 @@ def test_log_lines_and_tracebacks_are_redacted() -> None:
         raise ValueError(f"bad record {{'cvv': '{CVV}', 'pan': '{PAN}'}}")
     except ValueError:
         info = sys.exc_info()
-    record = logging.LogRecord("t", logging.ERROR, __file__, 1, "card %s", (PAN,), info)
-    line = RedactingFormatter("%(message)s").format(record)
-    assert "Traceback" in line
-    assert not leaks(line)
+    for formatter in (JsonFormatter("unit"), TextFormatter("unit")):
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "card %s", (PAN,), info)
+        line = formatter.format(record)
+        assert "Traceback" in line
+        assert not leaks(line)
 
 
 # --- identifier fields (docs/contract.md §2.2) ---------------------------------------------

@@ -9,7 +9,8 @@ its event.
   worker's: one clock for every host, so a worker whose clock runs ahead cannot take
   over a live claim. Transaction B's event is written by ``outbox.write_event`` with
   the ``Cause`` the row stored (causation = its event id, ``saga_seq`` = its + 1,
-  correlation propagated).
+  correlation propagated; its ``traceparent`` is the round's span, a child of the
+  one the row stored).
 * ``worker.py`` — ``IntentWorker``: the rounds (claim → gateway → resolve).
 * ``service.py`` — ``intent_service``: wires a service of them (its consumer, whose
   handlers record intents and NOTIFY, and a ``WorkLoop`` of worker rounds).

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime.outbox import Cause, write_event
+from services.runtime.tracing import current as current_traceparent
 
 ClaimT = TypeVar("ClaimT")
 ResolutionT = TypeVar("ResolutionT")
@@ -60,6 +61,8 @@ def intent_columns() -> list[Column[Any]]:
         Column("cause_event_id", String(64), nullable=False),
         Column("cause_saga_seq", Integer, nullable=True),
         Column("correlation_id", Text, nullable=True),
+        #: the span that recorded the intent: its rounds and event continue its trace
+        Column("traceparent", String(55), nullable=True),
         Column("last_error", Text, nullable=True),
         Column("created_at", DateTime(timezone=True), nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
@@ -153,6 +156,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                 cause_event_id=cause.event_id,
                 cause_saga_seq=cause.saga_seq,
                 correlation_id=cause.correlation_id,
+                traceparent=cause.traceparent or current_traceparent(),
                 created_at=now,
                 updated_at=now,
                 **values,
@@ -213,7 +217,9 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                 claim=self.claim_of(row),
                 idempotency_key=row.idempotency_key,
                 context=self.context_model.model_validate(row.context),
-                cause=Cause(row.cause_event_id, row.cause_saga_seq, row.correlation_id),
+                cause=Cause(
+                    row.cause_event_id, row.cause_saga_seq, row.correlation_id, row.traceparent
+                ),
                 token=token,
             )
             for row in rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -22,7 +23,9 @@ from services.runtime.gateway_client import (
     GatewayUnavailableError,
 )
 from services.runtime.intents.store import Claimed, IntentStore
+from services.runtime.logs import bound
 from services.runtime.retry import Failed
+from services.runtime.tracing import span, trace_id_of
 
 ClaimT = TypeVar("ClaimT")
 ResolutionT = TypeVar("ResolutionT")
@@ -112,15 +115,27 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         return True
 
     async def _round(self, claimed: Claimed[ClaimT]) -> None:
-        try:
-            async with asyncio.timeout(self.round_budget_s):
-                resolution = await self.decide(claimed)  # the gateway calls, no transaction
-        except TimeoutError:
-            resolution = self.retry(claimed, "round_timeout")
-        # the gateway answered (or did not): its outcome is stored next, in transaction B
-        fault_point("intent_after_gateway_call")  # the answer is known, not yet stored
-        stored = await self.resolve(claimed, resolution)
-        self.report(claimed, resolution, stored)
+        # a span per round, in the trace of the record that recorded the intent: its
+        # gateway calls and its event are children of it; its log lines name the order
+        cause = claimed.cause
+        name = f"{type(self).__name__} round"
+        with span(name, cause.traceparent, {"paysaga.order_id": claimed.context.order_id}) as tp:
+            claimed = dataclasses.replace(claimed, cause=dataclasses.replace(cause, traceparent=tp))
+            with bound(
+                order_id=claimed.context.order_id,
+                event_id=cause.event_id,
+                correlation_id=cause.correlation_id,
+                trace_id=trace_id_of(tp),
+            ):
+                try:
+                    async with asyncio.timeout(self.round_budget_s):
+                        resolution = await self.decide(claimed)  # gateway calls, no transaction
+                except TimeoutError:
+                    resolution = self.retry(claimed, "round_timeout")
+                # the gateway answered (or did not): its outcome is stored next, in B
+                fault_point("intent_after_gateway_call")  # the answer known, not stored
+                stored = await self.resolve(claimed, resolution)
+                self.report(claimed, resolution, stored)
 
     async def look_up(
         self, claimed: Claimed[ClaimT], transaction_id: str

@@ -1,0 +1,223 @@
+"""The one logging setup (JSON lines, bound ids, card data redacted) and the W3C trace
+context of ``services.runtime.tracing`` (docs/contract.md §3.6)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from services.runtime import outbox, tracing
+from services.runtime.logs import JsonFormatter, TextFormatter, bound, configure_logging
+from services.runtime.messages import Context, Record
+from services.runtime.outbox import Cause
+
+PAN = "4111 1111 1111 1111"
+ORDER_ID = "7319451082265194051"  # all digits, Luhn-valid: an id, kept as it is
+
+
+def record(msg: str, *args: Any, exc: bool = False) -> logging.LogRecord:
+    info = None
+    if exc:
+        try:
+            raise ValueError(f"could not parse {{'card_number': '{PAN}'}}")
+        except ValueError:
+            info = sys.exc_info()
+    return logging.LogRecord("paysaga.t", logging.WARNING, __file__, 1, msg, args, info)
+
+
+def test_a_json_line_has_the_fields_and_the_bound_ids() -> None:
+    with bound(order_id=ORDER_ID, event_id="e1", correlation_id=None):
+        line = JsonFormatter("payments").format(record("order %s rejected", "o1"))
+    doc = json.loads(line)
+    assert doc["level"] == "WARNING"
+    assert doc["service"] == "payments"
+    assert doc["logger"] == "paysaga.t"
+    assert doc["msg"] == "order o1 rejected"
+    assert (doc["order_id"], doc["event_id"]) == (ORDER_ID, "e1")
+    assert "correlation_id" not in doc  # None: not known, not bound
+    assert datetime.fromisoformat(doc["ts"]).tzinfo is not None
+    assert "\n" not in line
+    # outside the block: nothing bound
+    assert "order_id" not in json.loads(JsonFormatter("x").format(record("m")))
+
+
+def test_card_numbers_are_redacted_in_the_message_and_the_traceback() -> None:
+    line = JsonFormatter("payments").format(record("card %s seen", PAN, exc=True))
+    doc = json.loads(line)
+    assert "Traceback" in doc["exc"]
+    assert "ValueError" in doc["exc"]
+    for digits in (PAN, PAN.replace(" ", "")):
+        assert digits not in line
+    assert "[REDACTED-PAN]" in doc["msg"]
+
+
+def test_text_format_appends_the_bound_ids_and_redacts() -> None:
+    with bound(order_id="o1"):
+        line = TextFormatter("capture").format(record("card %s", PAN))
+    assert " WARNING capture paysaga.t card " in line
+    assert "[order_id=o1]" in line
+    assert PAN not in line
+
+
+def test_bound_ids_follow_the_task_not_the_process() -> None:
+    formatter = JsonFormatter("t")
+
+    async def handle(order_id: str) -> str:
+        with bound(order_id=order_id):
+            await asyncio.sleep(0)
+            return str(json.loads(formatter.format(record("m")))["order_id"])
+
+    async def both() -> list[str]:
+        return list(await asyncio.gather(handle("a"), handle("b")))
+
+    assert asyncio.run(both()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_configure_logging_writes_the_chosen_format(
+    fmt: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PAYSAGA_LOG_FORMAT", fmt)
+    monkeypatch.delenv(tracing.OTLP_ENDPOINT_ENV, raising=False)
+    configure_logging("orders")
+    try:
+        logging.getLogger("paysaga.t").warning("hello %s", "there")
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        logging.basicConfig(force=True)
+    if fmt == "json":
+        assert json.loads(err)["msg"] == "hello there"
+        assert json.loads(err)["service"] == "orders"
+    else:
+        assert err.endswith("WARNING orders paysaga.t hello there")
+
+
+# --- traces ----------------------------------------------------------------------------
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_a_span_continues_its_parents_trace_with_its_own_span_id() -> None:
+    assert tracing.current() is None
+    with tracing.span("handle", TP.encode()) as tp:
+        assert tracing.current() == tp
+        parsed = tracing.parse(tp)
+        assert parsed is not None
+        assert parsed[0] == "0af7651916cd43dd8448eb211c80319c"
+        assert parsed[1] != "b7ad6b7169203331"
+        with tracing.span("gateway capture", tracing.current()) as inner:
+            assert tracing.trace_id_of(inner) == parsed[0]
+            assert inner != tp
+        assert tracing.current() == tp
+    assert tracing.current() is None
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        None,
+        "",
+        "garbage",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # invalid trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # invalid span id
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # unknown version
+    ],
+)
+def test_without_a_valid_parent_a_span_starts_a_new_trace(parent: str | None) -> None:
+    with tracing.span("handle", parent) as tp:
+        parsed = tracing.parse(tp)
+    assert parsed is not None
+    assert parsed[0] != "0af7651916cd43dd8448eb211c80319c"
+    assert tp.endswith("-01")
+
+
+def test_a_handled_records_cause_carries_its_span() -> None:
+    rec = Record("t", 0, 5, b"k", b"{}", (("traceparent", TP.encode()),), 0)
+    ctx = Context(conn=None, record=rec, envelope=None, now=datetime.now(UTC), traceparent=TP)  # type: ignore[arg-type]
+    assert ctx.cause.traceparent == TP
+
+
+class _Executed:
+    def __init__(self) -> None:
+        self.values: list[dict[str, Any]] = []
+        self.info: dict[str, Any] = {}
+
+    async def execute(self, statement: Any) -> None:
+        params = statement.compile().params
+        if "headers" in params:
+            self.values.append(params)
+
+    def get_transaction(self) -> object:
+        return self
+
+
+class Noted(BaseModel):
+    order_id: str
+
+
+@pytest.fixture(autouse=True)
+def _no_notify(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def notify(*_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(outbox, "notify", notify)
+
+
+def _written_header(cause: Cause) -> str:
+    """The headers ``write_event`` writes to the outbox row (the statement's values)."""
+    conn = _Executed()
+    event = Noted(order_id="o1")
+    now = datetime.now(UTC)
+    asyncio.run(outbox.write_event(conn, "t", event, key="o1", now=now, cause=cause))  # type: ignore[arg-type]
+    [(name, value)] = conn.values[0]["headers"]
+    assert name == "traceparent"
+    return str(value)
+
+
+def test_every_written_event_carries_a_traceparent() -> None:
+    assert _written_header(Cause("e1", traceparent=TP)) == TP  # the cause's
+    with tracing.span("round", TP) as tp:
+        assert _written_header(Cause("e1")) == tp  # the open span's
+    fresh = _written_header(Cause("e1"))  # outside any span (a CLI): a new trace
+    assert tracing.parse(fresh) is not None
+    assert tracing.trace_id_of(fresh) != tracing.trace_id_of(TP)
+
+
+def test_with_the_sdk_the_spans_are_exported_as_children_of_the_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``otel`` extra's path (skipped where it is not installed): the spans exported
+    (here to memory, in place of the OTLP exporter) are the ones whose traceparent the
+    records carry."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http import trace_exporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporters: dict[str, InMemorySpanExporter] = {}
+
+    class Exporter(InMemorySpanExporter):
+        def __init__(self, endpoint: str) -> None:
+            super().__init__()
+            exporters[endpoint] = self
+
+    monkeypatch.setattr(trace_exporter, "OTLPSpanExporter", Exporter)
+    monkeypatch.setenv(tracing.OTLP_ENDPOINT_ENV, "http://collector:4318/")
+    tracing.configure_tracing("unit")
+    with tracing.span("handle", TP) as outer, tracing.span("gateway", tracing.current()) as inner:
+        pass
+    trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
+    exported = exporters["http://collector:4318/v1/traces"].get_finished_spans()
+    spans = {s.name: s for s in exported}
+    assert spans["handle"].resource.attributes["service.name"] == "paysaga-unit"
+    assert tracing.parse(outer) == (TP.split("-")[1], f"{spans['handle'].context.span_id:016x}", 1)
+    assert spans["handle"].parent.span_id == int(TP.split("-")[2], 16)
+    assert spans["gateway"].parent.span_id == spans["handle"].context.span_id
+    assert tracing.trace_id_of(inner) == TP.split("-")[1]

@@ -20,6 +20,7 @@ cannot know, because only the scenario knows what it sent:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections import Counter, defaultdict
@@ -38,6 +39,7 @@ from schemas.carddata import (
 )
 from services import reconcile
 from services.devclient import DevClient
+from services.runtime import tracing
 from services.runtime.settings import SERVICES
 from services.runtime.topics import load_specs, partitions_of
 
@@ -50,6 +52,20 @@ INPUT_TOPICS = ("checkout.orders.v1", "catalog.stock.v1")
 NUMERIC_FIELDS = ("timestamp_ms",)
 #: headers whose all-digit value is a record's coordinates or time, not a card's number
 NUMERIC_HEADERS = ("timestamp", "offset", "partition", "-ts", "_ms")
+
+
+def _scanned_headers(headers: Iterable[tuple[str, bytes | str | None]]) -> list[bytes]:
+    """The header values a card scan reads: not a record's coordinates or time, and not a
+    well-formed W3C traceparent (random hex ids, now and then all digits and Luhn-valid)."""
+    out = []
+    for k, v in headers:
+        raw = v.encode() if isinstance(v, str) else v
+        if not raw or (k.endswith(NUMERIC_HEADERS) and raw.isdigit()):
+            continue
+        if k == tracing.TRACEPARENT and tracing.parse(raw) is not None:
+            continue
+        out.append(raw)
+    return out
 
 
 @dataclasses.dataclass
@@ -345,16 +361,26 @@ def _scan_value(value: object) -> str | None:
     for a record's key (``key``, ``*_key``): an order id or a sku, an identifier, which
     may be all digits and Luhn-valid (docs/contract.md §2.2)."""
     if isinstance(value, dict):
+        rest = {}
         for name, v in value.items():
-            if name == "key" or name.endswith("_key"):
-                continue
+            raw = None
             if isinstance(v, str) and v.startswith("\\x"):
-                try:
+                with contextlib.suppress(ValueError):
                     raw = bytes.fromhex(v[2:])
-                except ValueError:
-                    continue
-                if (found := find_card_data_in_bytes(raw)) is not None:
-                    return found
+            if name == "headers" and isinstance(v, list):
+                parts = _scanned_headers((str(h[0]), h[1]) for h in v if len(h) == 2)
+                if any(find_card_data_in_bytes(p) is not None for p in parts):
+                    return CARD_NUMBER_PRESENT
+            elif name == tracing.TRACEPARENT and isinstance(v, str) and tracing.parse(v):
+                continue  # an intent's stored trace context: random hex ids
+            elif raw is None:
+                rest[name] = v
+            elif not (name == "key" or name.endswith("_key")) and (
+                found := find_card_data_in_bytes(raw)
+            ):
+                return found
+        # the hex text of a bytea column is no number: its digit runs are not scanned
+        value = rest
     return find_card_data(value, identifiers=NUMERIC_FIELDS)
 
 
@@ -377,9 +403,7 @@ def _card_scan(
     topics = [spec.name for spec in load_specs() if spec.name not in INPUT_TOPICS]
     for m in asyncio.run(records_since(client.bootstrap, topics, inputs.since_ms)):
         counts["records scanned"] += 1
-        parts = [m.value or b""] + [
-            v for k, v in m.headers if v and not (k.endswith(NUMERIC_HEADERS) and v.isdigit())
-        ]
+        parts = [m.value or b"", *_scanned_headers(m.headers)]
         if any(find_card_data_in_bytes(p) == CARD_NUMBER_PRESENT for p in parts):
             out.append(f"card number on {m.topic} {m.partition}:{m.offset}")
     if log_dir is not None:

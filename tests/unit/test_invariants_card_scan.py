@@ -1,0 +1,39 @@
+"""The chaos check's card scan reads what a row or record holds, not its encoding:
+a bytea column as bytes (not its hex text), a traceparent as the random ids it is."""
+
+from __future__ import annotations
+
+import json
+
+from schemas.carddata import CARD_NUMBER_PRESENT
+from tests.support.invariants import _scan_value, _scanned_headers
+
+# a span id that happens to be all digits and Luhn-valid (seen in a chaos run)
+TRACEPARENT = "00-1f179ca993c03e725e8850dfdaf75588-6959472987523981-01"
+PAN = "4242424242424242"
+
+
+def _row(value: dict[str, object], headers: list[list[str]]) -> dict[str, object]:
+    """An outbox row as ``row_to_json`` gives it: bytea as ``\\x`` hex text."""
+    return {
+        "id": 629,
+        "topic": "orders.status.v1",
+        "key": "\\x" + b"ord_1".hex(),
+        "value": "\\x" + json.dumps(value).encode().hex(),
+        "headers": headers,
+        "traceparent": TRACEPARENT,
+    }
+
+
+def test_a_traceparent_with_an_all_digit_span_id_is_no_card_number() -> None:
+    row = _row({"status": "PENDING_PAYMENT"}, [["traceparent", TRACEPARENT]])
+    assert _scan_value(row) is None
+    assert _scanned_headers([("traceparent", TRACEPARENT.encode())]) == []
+
+
+def test_a_card_number_in_a_header_value_or_column_is_found() -> None:
+    assert _scan_value(_row({"status": "x"}, [["x-note", PAN]])) == CARD_NUMBER_PRESENT
+    assert _scan_value(_row({"note": PAN}, [])) == CARD_NUMBER_PRESENT
+    # a traceparent header that is not one is scanned like any header
+    assert _scan_value(_row({"status": "x"}, [["traceparent", PAN]])) == CARD_NUMBER_PRESENT
+    assert _scan_value({"id": 1, "comment": PAN}) == CARD_NUMBER_PRESENT

@@ -33,7 +33,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -43,9 +42,8 @@ from pydantic_settings import SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from schemas.carddata import find_card_data_in_bytes
-from services.runtime.kafka import client_options
 from services.runtime.probes import add_probes
-from services.runtime.retry import backoff_s
+from services.runtime.producer import RenewingProducer
 from services.runtime.service import configure_logging
 from services.runtime.settings import GatewaySecrets, KafkaSettings
 from services.runtime.topics import CONFIRMATIONS_TOPIC as TOPIC
@@ -66,63 +64,35 @@ class BridgeSettings(KafkaSettings, GatewaySecrets):
     bridge_produce_timeout_s: float = 10.0
 
 
-class KafkaUnavailableError(Exception):
-    """The producer has not connected to the cluster yet."""
-
-
 class KafkaLink:
     """The bridge's one idempotent producer, connected in the background and retried
-    until the cluster answers: the HTTP side is up (answering 503) while Kafka is not."""
+    until the cluster answers: the HTTP side is up (answering 503) while Kafka is not,
+    or while the producer is renewed after a failed send (services/runtime/producer.py)."""
 
     def __init__(self, bootstrap: str, timeout_s: float) -> None:
-        self.bootstrap, self.timeout_s = bootstrap, timeout_s
-        self.producer: AIOKafkaProducer | None = None
+        self.timeout_s = timeout_s
+        self.producer = RenewingProducer(bootstrap, "paysaga-bridge", int(timeout_s * 1000))
 
     async def connect(self) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            producer = AIOKafkaProducer(
-                **client_options(self.bootstrap),
-                client_id="paysaga-bridge",
-                enable_idempotence=True,
-                acks="all",
-                # batches still unsent when a request gives up expire instead of lingering
-                request_timeout_ms=int(self.timeout_s * 1000),
-            )
-            try:
-                await producer.start()
-            except (KafkaError, OSError) as exc:
-                await producer.stop()
-                delay = backoff_s(attempt, 0.5, 10.0, jitter=0.0, fixed=1.0)
-                log.warning("kafka unreachable (%r); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            self.producer = producer
-            log.info("connected to kafka at %s", self.bootstrap)
-            return
+        await self.producer.connect()
 
     async def close(self) -> None:
-        if self.producer is not None:
-            await self.producer.stop()  # flushes what is in flight
-            self.producer = None
+        await self.producer.stop()
 
     async def send(self, key: str, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
         """Append one record and wait for the broker's acknowledgement (RecordMetadata).
-        Raises KafkaUnavailableError, KafkaError or TimeoutError."""
-        if self.producer is None:
-            raise KafkaUnavailableError("kafka producer not connected")
-        return await asyncio.wait_for(
-            self.producer.send_and_wait(TOPIC, value=value, key=key.encode(), headers=headers),
-            self.timeout_s,
+        Raises KafkaError or TimeoutError."""
+        return await self.producer.send_and_wait(
+            TOPIC, value, key.encode(), headers, timeout_s=self.timeout_s
         )
 
     async def ready(self) -> bool:
         """Connected, and a broker answers a metadata request now."""
-        if self.producer is None:
+        producer = self.producer.connected
+        if producer is None:
             return False
         try:
-            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 3)
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), 3)
         except (KafkaError, OSError, TimeoutError):
             return False
         return True
@@ -217,7 +187,7 @@ def create_app(settings: BridgeSettings, link: KafkaLink | None = None) -> FastA
             headers.append((TRACEPARENT, tp.encode()))
             try:
                 meta = await link.send(key, body, headers)
-            except (KafkaUnavailableError, KafkaError, TimeoutError) as exc:
+            except (KafkaError, TimeoutError) as exc:
                 log.warning("webhook of %s not stored: %r", gateway, exc)
                 return reject(
                     gateway, 503, "kafka_unavailable", "could not store the webhook; retry"

@@ -25,12 +25,10 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from aiokafka import AIOKafkaProducer
-
 from schemas.carddata import redact
 from services.runtime.errors import describe
-from services.runtime.kafka import client_options
 from services.runtime.messages import Record
+from services.runtime.producer import RenewingProducer
 
 H_PREFIX = "paysaga-dlq-"
 H_TOPIC = "paysaga-dlq-original-topic"
@@ -97,16 +95,11 @@ def headers_for(
 
 
 class DeadLetterProducer:
-    """Publishes dead letters with acks=all through an idempotent producer."""
+    """Publishes dead letters with acks=all through an idempotent producer, renewed
+    after a failed send (services/runtime/producer.py); the callers retry."""
 
     def __init__(self, bootstrap: str, client_id: str) -> None:
-        self._producer = AIOKafkaProducer(
-            **client_options(bootstrap),
-            client_id=f"{client_id}-dlq",
-            enable_idempotence=True,
-            acks="all",
-            request_timeout_ms=15000,
-        )
+        self._producer = RenewingProducer(bootstrap, f"{client_id}-dlq", 15000)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -121,7 +114,7 @@ class DeadLetterProducer:
         hdrs = list(headers)
         if kinds:
             hdrs.append((H_REDACTED, ",".join(kinds).encode()))
-        await self._producer.send_and_wait(dlq_topic(group), value=value, key=rec.key, headers=hdrs)
+        await self._producer.send_and_wait(dlq_topic(group), value, rec.key, hdrs)
 
 
 def header_dict(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:

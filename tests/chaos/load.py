@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 import psycopg
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from services.devclient import DevClient, envelope, wait_for
+from services.runtime.producer import RenewingProducer
 from tests.support.invariants import Inputs
 
 CHECKOUT = "checkout.orders.v1"
@@ -157,10 +157,10 @@ class Load:
             self.errors.append(exc)
 
     async def _main(self, n: int, per_second: float) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.client.bootstrap, enable_idempotence=True, acks="all"
-        )
-        await self._producer.start()
+        # renewed after a failed send, as a checkout's must be (a broker restart can
+        # leave an idempotent producer refused for good: services/runtime/producer.py)
+        self._producer = RenewingProducer(self.client.bootstrap, "paysaga-chaos-load", 30000)
+        await self._producer.connect()
         self._http = httpx.AsyncClient(timeout=30)
         try:
             if self.shuffled:
@@ -294,7 +294,7 @@ class Load:
         while True:
             try:
                 md = await self._producer.send_and_wait(
-                    topic, value=value, key=key.encode() if key else None
+                    topic, value, key.encode() if key else None, []
                 )
                 return md.partition, md.offset
             except KafkaError:

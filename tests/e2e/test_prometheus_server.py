@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,10 +133,24 @@ def stalled_alert(url: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def firing_value(url: str) -> float:
-    """The value of the firing STALLED_ALERT for STATUS; 0 when it does not fire."""
-    alert = stalled_alert(url)
-    return float(alert["value"]) if alert and alert["state"] == "firing" else 0.0
+def evaluated_at(url: str) -> float:
+    """When Prometheus last evaluated STALLED_ALERT's rule (epoch seconds; 0: never)."""
+    [rule] = [
+        r
+        for group in api(url, "rules", type="alert")["groups"]
+        for r in group["rules"]
+        if r["name"] == STALLED_ALERT
+    ]
+    assert rule["health"] in {"ok", "unknown"}, rule
+    return datetime.fromisoformat(rule["lastEvaluation"]).timestamp()
+
+
+def at_baseline(alert: dict[str, Any] | None, baseline: float) -> bool:
+    """The alert for STATUS is resolved, or fires only for the ``baseline`` orders that
+    earlier tests of the session left stalled in STATUS."""
+    if alert is None:
+        return True
+    return baseline > 0 and alert["state"] == "firing" and float(alert["value"]) <= baseline
 
 
 def settle(fetch: Callable[[], T], ok: Callable[[T], bool], timeout: float, what: str) -> T:
@@ -172,6 +188,19 @@ def test_prometheus_scrapes_every_service_and_fires_the_stalled_saga_alert(
         what="Prometheus holding the monitor's stalled gauge",
     )
     assert baseline is not None
+    held = time.time()
+    settle(
+        lambda: evaluated_at(prometheus),
+        lambda at: at > held,
+        timeout=10,
+        what=f"{STALLED_ALERT} evaluated on the gauge",
+    )
+    settle(
+        lambda: stalled_alert(prometheus),
+        lambda alert: at_baseline(alert, baseline),
+        timeout=10,
+        what=f"{STALLED_ALERT} for {STATUS} not firing before the stall (baseline {baseline})",
+    )
 
     capture_pid = PROFILE.root / "pids" / f"{CAPTURE.name}.pid"
     assert devstack.stop_pid(capture_pid, f"-m {CAPTURE.module}")
@@ -210,12 +239,11 @@ def test_prometheus_scrapes_every_service_and_fires_the_stalled_saga_alert(
         timeout=20,
         what="the stalled gauge falling once the order is paid",
     )
-    # resolved, when no earlier order is left stalled in STATUS (baseline 0)
     settle(
-        lambda: firing_value(prometheus),
-        lambda value: value <= baseline,
+        lambda: stalled_alert(prometheus),
+        lambda alert: at_baseline(alert, baseline),
         timeout=20,
-        what=f"{STALLED_ALERT} for {STATUS} back to {baseline}",
+        what=f"{STALLED_ALERT} for {STATUS} resolved (baseline {baseline})",
     )
     settle(
         lambda: target_health(prometheus).get("capture"),

@@ -1,7 +1,7 @@
 """Faults for tests of the whole stack, on one machine, without Docker or netem.
 
-``Stack`` drives the test profile's processes (services/devstack.py: pid files per
-service): start, stop, ``kill -9``, SIGSTOP/SIGCONT any service, a second instance of
+``Stack`` drives the test profile's processes (services/devstack/processes.py: pid
+files per service): start, stop, ``kill -9``, SIGSTOP/SIGCONT any service, a second instance of
 one (a consumer group of two members), the Kafka broker and PostgreSQL; a service can
 be started with a fault point armed (services/runtime/faults.py) or with its gateway,
 database or other setting pointed elsewhere (a :class:`~tests.support.tcp_proxy.TcpProxy`).

@@ -37,8 +37,10 @@ from services.refunds.app import RefundsSettings
 from services.refunds.app import build as build_refunds
 from services.runtime import render
 from services.runtime.consumer import RuntimeSettings
+from services.runtime.dlq import dlq_topic
 from services.runtime.intents.service import SharedSettings
 from services.runtime.relay import RelaySettings
+from services.runtime.render import acl, k8s, model, strimzi
 from services.runtime.service import Service, configure_logging
 from services.runtime.settings import (
     SERVICES,
@@ -117,7 +119,7 @@ def docs_of(text: str) -> list[dict[str, Any]]:
 
 
 def strimzi_docs() -> list[dict[str, Any]]:
-    return docs_of(render.strimzi())
+    return docs_of(strimzi.render())
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -145,13 +147,13 @@ def built(monkeypatch: pytest.MonkeyPatch) -> dict[str, Service]:
 def test_each_service_consumes_exactly_the_topics_that_topics_yaml_names_it_for(
     built: dict[str, Service],
 ) -> None:
-    topology = render.topology()
+    topology = model.topology()
     for service, svc in built.items():
         consumed = {route.topic for route in svc.routes}
         declared = {t for t, (_, readers) in topology.items() if service in readers}
         assert consumed == declared, service
-        assert svc.group == render.group_of(service)
-        assert render.dlq_topic(svc.group) in TOPICS
+        assert svc.group == model.group_of(service)
+        assert dlq_topic(svc.group) in TOPICS
 
 
 def test_every_deployed_process_listens_on_its_configured_host(
@@ -166,11 +168,11 @@ def test_every_paysaga_name_in_topics_yaml_is_a_known_principal() -> None:
     named = {
         n
         for t in TOPICS.values()
-        for n in [*render._names(t.get("producer")), *render._names(t.get("consumers"))]
+        for n in [*model._names(t.get("producer")), *model._names(t.get("consumers"))]
     }
     paysaga = {n for n in named if n in SERVICES or n.startswith(("paysaga", "bridge"))}
-    assert {render._principal(n) for n in paysaga} <= {*SERVICES, "bridge", "operator"}
-    assert None not in {render._principal(n) for n in paysaga}
+    assert {model._principal(n) for n in paysaga} <= {*SERVICES, "bridge", "operator"}
+    assert None not in {model._principal(n) for n in paysaga}
 
 
 # ------------------------------------------------------------------ strimzi
@@ -280,7 +282,7 @@ def test_every_user_has_exactly_the_access_topics_yaml_gives_it() -> None:
 
 
 def test_the_acl_commands_grant_what_the_kafka_users_grant() -> None:
-    text = render.acl()
+    text = acl.render()
     granted: dict[str, set[tuple[str, str]]] = {}
     for line in text.splitlines():
         if line.startswith("kafka-acls.sh"):
@@ -369,7 +371,7 @@ def test_a_deployment_per_service_with_probes_ports_settings_and_secrets() -> No
     deployments = by_kind(docs, "Deployment")
     ports = {sp.name: sp.port for sp in devstack.SERVICE_PROCESSES}
     assert set(deployments) == {f"paysaga-{n}" for n in ports if n != "gatewaysim"}
-    settings = known_settings() | set(render.SECURITY_SETTINGS)
+    settings = known_settings() | set(k8s.SECURITY_SETTINGS)
     config = dict(
         lit.split("=", 1)
         for lit in yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())[
@@ -377,7 +379,7 @@ def test_a_deployment_per_service_with_probes_ports_settings_and_secrets() -> No
         ][0]["literals"]
     )
     assert set(config) <= settings
-    assert set(render.SECURITY_SETTINGS) - set(config) == {
+    assert set(k8s.SECURITY_SETTINGS) - set(config) == {
         "PAYSAGA_KAFKA_SASL_USERNAME",
         "PAYSAGA_KAFKA_SASL_PASSWORD",
     }
@@ -421,7 +423,7 @@ def test_the_example_overlay_builds_on_base_and_the_strimzi_cluster() -> None:
     for gen in k.get("configMapGenerator", []):
         assert gen["behavior"] == "merge"
         assert {lit.split("=", 1)[0] for lit in gen["literals"]} <= known_settings() | set(
-            render.SECURITY_SETTINGS
+            k8s.SECURITY_SETTINGS
         )
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.carddata import redact
 from services import reconcile
+from services.reconcile.rules import status_rules, total
 from services.runtime import dlq
 from services.runtime.cli_dlq import Filters, read_dead_letters, ref_of
 from services.runtime.gateway_client import GatewayClient, GatewayError, GatewayNotFoundError
@@ -291,7 +292,7 @@ class ConsoleReads:
         except GatewayError as exc:
             return payments, [], f"the gateway did not answer ({type(exc).__name__})"
         view = SimpleNamespace(**order)
-        return payments, reconcile.status_rules([view], payments), None
+        return payments, status_rules([view], payments), None
 
     # ---------------------------------------------------------------- operator lists
 
@@ -437,8 +438,8 @@ def compare_ledger(
         theirs: dict[str, Any] = {"captured": None, "refunded": None, "voided": None}
         if p is not None:
             theirs = {
-                "captured": reconcile._total(p.get("captures")),
-                "refunded": reconcile._total(p.get("refunds")),
+                "captured": total(p.get("captures")),
+                "refunded": total(p.get("refunds")),
                 "voided": p.get("state") == "voided" or bool(p.get("voids")),
             }
         ours = {"captured": ours_captured, "refunded": ours_refunded, "voided": ours_voided}

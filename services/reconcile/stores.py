@@ -27,11 +27,17 @@ def _of(order_ids: list[str] | None, order_id: str | None) -> bool:
     return not order_ids or order_id in order_ids
 
 
+def _rows_of(order_ids: list[str] | None, service: str, sql: str) -> list[Any]:
+    """``sql``'s rows whose ``order_id`` is one of ``order_ids`` (all without them)."""
+    return [r for r in _rows(service, sql) if _of(order_ids, r.order_id)]
+
+
 def orders(order_ids: list[str] | None) -> list[Any]:
-    rows = _rows(
-        "orders", "SELECT order_id, status, attempt, transaction_id, amount, currency FROM orders"
+    return _rows_of(
+        order_ids,
+        "orders",
+        "SELECT order_id, status, attempt, transaction_id, amount, currency FROM orders",
     )
-    return [o for o in rows if _of(order_ids, o.order_id)]
 
 
 def captures() -> dict[str, str]:
@@ -74,42 +80,42 @@ def dead_outbox_rows(order_ids: list[str] | None) -> list[DeadRow]:
 
 def unsettled_unmatched_refunds(order_ids: list[str] | None) -> list[Any]:
     """Unmatched payments whose operator void or refund is recorded but not settled."""
-    rows = _rows(
+    return _rows_of(
+        order_ids,
         "payments",
         "SELECT id, type, transaction_id, order_id, amount, currency, refund_key,"
         " refund_requested_at FROM unmatched_payments WHERE state = 'refund_pending' ORDER BY id",
     )
-    return [r for r in rows if _of(order_ids, r.order_id)]
 
 
 def failed_compensations(order_ids: list[str] | None) -> list[Any]:
-    rows = _rows(
+    return _rows_of(
+        order_ids,
         "refunds",
         "SELECT order_id, transaction_id, action, failure_reason FROM compensations"
         " WHERE state = 'failed' ORDER BY order_id, transaction_id, action",
     )
-    return [c for c in rows if _of(order_ids, c.order_id)]
 
 
 def rejected_confirmations(order_ids: list[str] | None) -> list[Any]:
     """One audit row per transaction whose confirmation (or unmatched payment) payments
     rejected."""
-    rows = _rows(
+    return _rows_of(
+        order_ids,
         "orders",
         "SELECT DISTINCT ON (transaction_id) transaction_id, order_id, reason"
         " FROM audit_log WHERE subject IN ('gateway_confirmation', 'unmatched_payment')"
         " AND outcome = 'rejected' AND transaction_id IS NOT NULL",
     )
-    return [r for r in rows if _of(order_ids, r.order_id)]
 
 
 def open_payment_requests(order_ids: list[str] | None) -> list[Any]:
     """Payment requests still ``requested``, each with its order's current attempt."""
-    rows = _rows(
+    return _rows_of(
+        order_ids,
         "payments",
         "SELECT r.order_id, r.attempt, r.payment_intent_id, o.status, o.attempt AS current,"
         " o.payment_intent_id AS current_intent"
         " FROM payment_requests r JOIN orders o USING (order_id)"
         " WHERE r.state = 'requested' ORDER BY r.order_id, r.attempt",
     )
-    return [r for r in rows if _of(order_ids, r.order_id)]

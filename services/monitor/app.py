@@ -6,14 +6,13 @@
   changelog is ``paysaga.monitor-sagas-changelog`` (topics.yaml): a restarted monitor
   recovers it before it judges anything, then reads the status topic on from its
   committed offsets. A new consumer group reads the compacted status topic from its start.
-- A timer (``PAYSAGA_MONITOR_CHECK_INTERVAL_S``) walks the table: each order that needs
-  an alert gets one ``SagaStalled``, sent and acknowledged *before* the table records
-  the report (so a crash in between re-sends it once, with the same event id — never
-  loses it); it also sets ``paysaga_sagas_stalled{status}`` from the table, so the gauge
-  falls at the next check after an order moves on. No check runs while the table is
-  being recovered or the group rebalances.
+- A timer (``PAYSAGA_MONITOR_CHECK_INTERVAL_S``) walks the table and reports each stalled
+  order once (``stall_check.py``). No check runs while the table is being recovered or
+  the group rebalances.
 - HTTP is faust's own web server (one per process): ``/healthz``, ``/readyz``,
-  ``/metrics`` on ``PAYSAGA_MONITOR_PORT``.
+  ``/metrics`` on ``PAYSAGA_MONITOR_PORT`` (``web.py``, with the metrics).
+
+This module wires the faust app: settings, broker credentials, topics, table, agent.
 
 The monitor only observes: it writes no database and no saga topic, and losing it
 delays an alert and never changes money.
@@ -27,27 +26,20 @@ import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import faust
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.contract import OrderStatusChanged
-from schemas.envelope import Envelope, dump, new_envelope
-from schemas.events import SagaStalled
+from schemas.envelope import Envelope
 from services.monitor import domain
 from services.monitor.domain import Deadlines, Saga, StatusChange
+from services.monitor.stall_check import StallCheck
+from services.monitor.web import MonitorMetrics, add_pages
 from services.runtime.kafka import client_options
 from services.runtime.service import configure_logging
 from services.runtime.settings import KafkaSettings
@@ -82,52 +74,6 @@ class MonitorSettings(KafkaSettings):
             if (v := getattr(self, f"monitor_stall_after_{s.value.lower()}_s")) is not None
         }
         return Deadlines(self.monitor_stall_after_s, overrides)
-
-
-class MonitorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.stalled = Gauge(
-            "paysaga_sagas_stalled",
-            "Orders in a status past its deadline (reported on saga.stalled.v1)",
-            ["status"],
-            registry=registry,
-        )
-        self.outcomes = Counter(
-            "paysaga_saga_outcomes",
-            "Saga attempts that reached a final status",
-            ["status"],
-            registry=registry,
-        )
-        self.last_minute = Gauge(
-            "paysaga_saga_outcomes_last_minute",
-            "Final outcomes whose status changed in the last complete minute (tumbling)",
-            ["status"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "paysaga_saga_duration_seconds",
-            "From PENDING_PAYMENT to a final status",
-            buckets=(1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 21600, 86400),
-            registry=registry,
-        )
-        self.reported = Counter(
-            "paysaga_saga_stalled_reports",
-            "SagaStalled events emitted",
-            ["status"],
-            registry=registry,
-        )
-        self.records = Counter(
-            "paysaga_monitor_records",
-            "orders.status.v1 records read: applied, ignored (stale or duplicate), invalid",
-            ["outcome"],
-            registry=registry,
-        )
-        for s in domain.OPEN:
-            self.stalled.labels(s.value)
-            self.reported.labels(s.value)
-        for s in domain.FINAL:
-            self.outcomes.labels(s.value)
-            self.last_minute.labels(s.value)
 
 
 def _brokers(bootstrap: str) -> list[str]:
@@ -171,16 +117,12 @@ def status_change(key: bytes | None, value: bytes | None) -> StatusChange:
 
 
 class Monitor:
-    """The faust app with its agent, timer and pages; ``run()`` runs it."""
+    """The faust app with its agent, timer (``StallCheck``) and pages; ``run()`` runs it."""
 
     def __init__(self, settings: MonitorSettings, registry: CollectorRegistry) -> None:
         self.settings = settings
-        self.deadlines = settings.deadlines()
-        self.registry = registry
         self.metrics = MonitorMetrics(registry)
         self.minutes = domain.MinuteOutcomes()
-        self.last_check: float | None = None
-        self.send_failed = False
         self.partitions_known = False
         app = faust.App(
             GROUP,
@@ -209,7 +151,7 @@ class Monitor:
         self.status_topic = app.topic(
             STATUS_TOPIC, key_serializer="raw", value_serializer="raw", internal=False
         )
-        self.stalled_topic = app.topic(
+        stalled_topic = app.topic(
             STALLED_TOPIC, key_serializer="raw", value_serializer="raw", internal=False
         )
         # use_partitioner: the timer records reports outside stream iteration; the
@@ -225,9 +167,12 @@ class Monitor:
         changelog = self.sagas.changelog_topic.get_topic_name()
         if changelog != MONITOR_CHANGELOG_TOPIC:  # topics.yaml declares that one
             raise RuntimeError(f"changelog {changelog} is not declared in topics.yaml")
+        self.stalls = StallCheck(
+            app, self.sagas, stalled_topic, settings.deadlines(), self.metrics, self.minutes
+        )
         app.agent(self.status_topic, name="statuses")(self.on_statuses)
         app.timer(settings.monitor_check_interval_s, name="check")(self.check)
-        self._pages()
+        add_pages(app, registry, self.readiness)
 
     # ---------------------------------------------------------------- status records
 
@@ -291,101 +236,24 @@ class Monitor:
         return self.partitions_known and recovered and not self.app.rebalancing
 
     async def check(self) -> None:
-        """One pass over the table; a failing pass is logged, and /readyz turns red
+        """The timer: one pass over the table; a failing pass is logged, and /readyz turns red
         while no pass completes."""
         try:
             await self.partitioner_ready()
             if self.judging():
-                await self.check_table()
+                await self.stalls.run()
         except Exception:
             log.exception("stall check failed")
-
-    async def check_table(self) -> None:
-        now = time.time()
-        sagas: list[Saga] = []
-        for key, raw in list(self.sagas.items()):
-            saga = Saga.from_dict(raw)
-            if domain.prunable(saga, now):
-                del self.sagas[key]
-                continue
-            if domain.needs_alert(saga, now, self.deadlines):
-                saga = await self.report(key.decode(), saga, now)
-            sagas.append(saga)
-        for status, n in domain.stalled_counts(sagas, now, self.deadlines).items():
-            self.metrics.stalled.labels(status).set(n)
-        for status, n in self.minutes.last_complete(now).items():
-            self.metrics.last_minute.labels(status).set(n)
-        self.last_check = time.monotonic()
-
-    async def report(self, order_id: str, saga: Saga, now: float) -> Saga:
-        """One SagaStalled, acknowledged, then recorded; a failed send is tried again at
-        the next check."""
-        waited = domain.stalled_for(saga, now) or 0.0
-        event = SagaStalled(
-            order_id=order_id,
-            status=saga.status,
-            stalled_for_seconds=int(waited),
-            deadline_seconds=self.deadlines.for_status(saga.status),
-        )
-        envelope = new_envelope(
-            "SagaStalled",
-            event,
-            now=datetime.fromtimestamp(now, UTC),
-            event_id=domain.stalled_event_id(order_id, saga),
-            correlation_id=saga.correlation_id,
-            causation_id=saga.event_id or None,
-            saga_seq=(saga.saga_seq or 0) + 1,
-        )
-        try:
-            sent = await self.stalled_topic.send(key=order_id.encode(), value=dump(envelope))
-            await sent
-        except Exception as exc:  # noqa: BLE001 -- retried at the next check
-            self.send_failed = True
-            log.warning("SagaStalled for order %s not sent, retrying: %r", order_id, exc)
-            return saga
-        self.send_failed = False
-        reported = saga.with_alerted()
-        self.sagas[order_id.encode()] = reported.to_dict()
-        # the changelog record acknowledged too: a restart from here on does not re-send
-        await self.app.producer.flush()
-        self.metrics.reported.labels(saga.status.value).inc()
-        log.warning(
-            "saga stalled: order %s in %s for %ss (deadline %ss)",
-            order_id,
-            saga.status.value,
-            event.stalled_for_seconds,
-            event.deadline_seconds,
-        )
-        return reported
-
-    # ---------------------------------------------------------------- HTTP
 
     def readiness(self) -> dict[str, bool]:
         """The table whole, the check running, the last SagaStalled send not failed."""
         stale_after = max(10.0, 5 * self.settings.monitor_check_interval_s)
         return {
             "table": self.judging(),
-            "checking": self.last_check is not None
-            and time.monotonic() - self.last_check < stale_after,
-            "kafka": not self.send_failed,
+            "checking": self.stalls.last_check is not None
+            and time.monotonic() - self.stalls.last_check < stale_after,
+            "kafka": not self.stalls.send_failed,
         }
-
-    def _pages(self) -> None:
-        # faust calls a page as ``get(view, request)``
-        @self.app.page("/healthz")
-        async def healthz(view: Any, request: Any) -> Any:
-            return view.json({"status": "alive", "service": "monitor"})
-
-        @self.app.page("/readyz")
-        async def readyz(view: Any, request: Any) -> Any:
-            checks = self.readiness()
-            ready = all(checks.values())
-            return view.json({"ready": ready, "checks": checks}, status=200 if ready else 503)
-
-        @self.app.page("/metrics")
-        async def metrics(view: Any, request: Any) -> Any:
-            body = generate_latest(self.registry)
-            return view.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def run(self) -> None:
         worker = faust.Worker(self.app, loglevel="INFO", override_logging=False, quiet=True)

@@ -26,13 +26,10 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer
 from fastapi import FastAPI, Request, Response
 
-from services.gatewaysim.app import (
-    CaptureRequest,
-    GatewaySimSettings,
-    Simulator,
-    Transaction,
-    create_app,
-)
+from services.gatewaysim.app import create_app
+from services.gatewaysim.ledger import Simulator
+from services.gatewaysim.models import CaptureRequest, Transaction
+from services.gatewaysim.settings import GatewaySimSettings
 from services.runtime import migrate
 from services.runtime.topics import partitions_of
 from tests.conftest import Infra

@@ -15,7 +15,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 
-from services.gatewaysim.app import GatewaySimSettings, create_app
+from services.gatewaysim.app import create_app
+from services.gatewaysim.settings import GatewaySimSettings
 from services.runtime.gateway_client import GatewayClient, GatewayProtocolError
 from services.runtime.signature import verify
 

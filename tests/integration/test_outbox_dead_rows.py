@@ -20,7 +20,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import DefaultPartitioner
 
-from services import reconcile
+from services.reconcile.rules import outbox_rules
+from services.reconcile.stores import dead_outbox_rows
 from tests.conftest import Infra
 from tests.integration.conftest import Ledger
 from tests.support.harness import REPO, cli, envelope, published, query, uid, wait_for
@@ -158,12 +159,12 @@ def test_a_row_kafka_refuses_is_set_aside_shown_and_retried_without_loss(
     assert ledger.out_topic in line
     assert "Credited" in line
     assert "MessageSizeTooLargeError" in line
-    [violation] = reconcile._outbox_rules([k1])
+    [violation] = outbox_rules(dead_outbox_rows([k1]))
     assert violation.rule == "outbox_row_dead"
     assert violation.subject == k1
     assert f"outbox row {ids[3]}" in violation.detail
     assert ledger.out_topic in violation.detail
-    assert reconcile._outbox_rules([k2]) == []
+    assert outbox_rules(dead_outbox_rows([k2])) == []
     listed = cli("outbox", "list", "--service", "refunds", bootstrap=b).stdout
     assert re.search(rf"refunds\s.*\b{ids[3]}\b.*{re.escape(ledger.out_topic)}", listed), listed
 
@@ -183,7 +184,7 @@ def test_a_row_kafka_refuses_is_set_aside_shown_and_retried_without_loss(
     assert seqs_by_key(ledger) == {k1: [1, 3, 5], k2: [2, 4, 6, 7]}  # nothing lost, in order
     assert ledger.unsent() == 0
     wait_for(lambda: stuck(port) == {"dead": 0.0, "blocked": 0.0}, what="stuck gauge cleared")
-    assert reconcile._outbox_rules([k1]) == []
+    assert outbox_rules(dead_outbox_rows([k1])) == []
     again = subprocess.run(
         [sys.executable, "-m", "services.cli", "outbox", "retry", "refunds", str(ids[3])],
         capture_output=True,

@@ -15,7 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DBAPIError
 
-from services.gatewaysim.app import GatewaySimSettings, Simulator, create_app
+from services.gatewaysim.app import create_app
+from services.gatewaysim.ledger import Simulator
+from services.gatewaysim.settings import GatewaySimSettings
 from services.payments import request_store, store
 from services.payments.domain import Item, Order
 from services.payments.request_worker import RequestMetrics, RequestWorker

@@ -1,6 +1,6 @@
 """The one invariant check of the chaos scenarios (tests/chaos/).
 
-``paysaga reconcile --gateway`` (services/reconcile.py) checks CONTRACT §3.1 across
+``paysaga reconcile --gateway`` (services/reconcile/) checks CONTRACT §3.1 across
 every store and the gateway's ledger; this calls its ``check`` and adds what reconcile
 cannot know, because only the scenario knows what it sent:
 

@@ -204,7 +204,7 @@ class Conflict(Exception):
 
 
 class FakeGateway:
-    """The simulator's semantics (services/gatewaysim/app.py), scripted per call."""
+    """The simulator's semantics (services/gatewaysim/ledger.py), scripted per call."""
 
     def __init__(self) -> None:
         self.txns: dict[str, GatewayTxn] = {}

@@ -15,7 +15,10 @@ from fastapi.testclient import TestClient
 
 from services.orders.console import routes
 from services.orders.console.actions import OperatorToken
-from services.orders.console.reads import DeadLetter, OrderFilter, compare_ledger, scrub
+from services.orders.console.dead_letters import DeadLetter
+from services.orders.console.order_list import OrderFilter
+from services.orders.console.order_page import compare_ledger
+from services.orders.console.scrub import scrub
 from services.reconcile import Violation
 from services.runtime.cli_dlq import Filters
 

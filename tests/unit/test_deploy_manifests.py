@@ -25,7 +25,7 @@ from services.bridge.app import BridgeSettings
 from services.capture.app import CaptureSettings
 from services.capture.app import build as build_capture
 from services.cli import app as cli
-from services.gatewaysim.app import GatewaySimSettings
+from services.gatewaysim.settings import GatewaySimSettings
 from services.inventory.app import InventorySettings
 from services.inventory.app import build as build_inventory
 from services.monitor.app import MonitorSettings

@@ -10,12 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from services.gatewaysim.app import (
-    GatewaySimSettings,
-    SimPaymentRequest,
-    Simulator,
-    delivery_delay,
-)
+from services.gatewaysim.ledger import Simulator
+from services.gatewaysim.models import SimPaymentRequest
+from services.gatewaysim.settings import GatewaySimSettings
+from services.gatewaysim.webhooks import delivery_delay
 
 HOUR = 3600.0
 
@@ -53,7 +51,7 @@ def _deliver_through_an_outage(outage_s: float, **settings: Any) -> tuple[str, i
 
         fast = {"delivery_backoff_base_s": 0.001, "delivery_backoff_max_s": 0.002}
         sim = Simulator(GatewaySimSettings(**fast, **settings), time.time)
-        sim.http = httpx.AsyncClient(transport=httpx.MockTransport(bridge))
+        sim.webhooks.http = httpx.AsyncClient(transport=httpx.MockTransport(bridge))
         request = SimPaymentRequest(
             order_id="ord_1", payment_intent_id="pi_1", amount=100, currency="EUR", mode="sale"
         )

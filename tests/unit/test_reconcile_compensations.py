@@ -1,4 +1,4 @@
-"""``compensation_failed`` (services/reconcile.py): when the gateway still holds the money
+"""``compensation_failed`` (services/reconcile/rules.py): when the gateway still holds the money
 a failed void or refund was to give back."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from services.reconcile import compensation_outstanding
+from services.reconcile.rules import compensation_outstanding
 
 
 def cap(amount: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The gateway must hold what each final status says (services/reconcile.py,
+"""The gateway must hold what each final status says (services/reconcile/rules.py,
 ``status_rules``): pure over the gateway's answers to ``GET /v1/payments/{id}``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.reconcile import status_rules
+from services.reconcile.rules import status_rules
 
 TXN = "txn_1"
 

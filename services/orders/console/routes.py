@@ -23,7 +23,9 @@ from fastapi.templating import Jinja2Templates
 
 from schemas.contract import OrderStatus
 from services.orders.console.actions import Actions, OperatorToken
-from services.orders.console.reads import ConsoleReads, OrderFilter, compare_ledger, utcnow
+from services.orders.console.order_list import OrderFilter
+from services.orders.console.order_page import compare_ledger
+from services.orders.console.reads import ConsoleReads, utcnow
 from services.runtime.cli_dlq import Filters
 
 HERE = Path(__file__).parent

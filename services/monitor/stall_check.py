@@ -1,0 +1,104 @@
+"""The monitor's timer (``PAYSAGA_MONITOR_CHECK_INTERVAL_S``): a pass over the table of
+sagas. Each order that needs an alert gets one ``SagaStalled``, sent and acknowledged
+*before* the table records the report (so a crash in between re-sends it once, with the
+same event id — never loses it); the pass also sets ``paysaga_sagas_stalled{status}``
+from the table, so the gauge falls at the next check after an order moves on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+
+from schemas.envelope import dump, new_envelope
+from schemas.events import SagaStalled
+from services.monitor import domain
+from services.monitor.domain import Deadlines, Saga
+from services.monitor.web import MonitorMetrics
+
+log = logging.getLogger("paysaga.monitor")
+
+
+class StallCheck:
+    """One pass at a time over ``sagas`` (the faust table), reporting on ``topic``;
+    ``last_check`` and ``send_failed`` tell ``/readyz`` how it goes."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        sagas: Any,
+        topic: Any,
+        deadlines: Deadlines,
+        metrics: MonitorMetrics,
+        minutes: domain.MinuteOutcomes,
+    ) -> None:
+        self.app = app
+        self.sagas = sagas
+        self.topic = topic
+        self.deadlines = deadlines
+        self.metrics = metrics
+        self.minutes = minutes
+        self.last_check: float | None = None
+        self.send_failed = False
+
+    async def run(self) -> None:
+        """One pass over the whole table (the caller makes sure it is whole)."""
+        now = time.time()
+        sagas: list[Saga] = []
+        for key, raw in list(self.sagas.items()):
+            saga = Saga.from_dict(raw)
+            if domain.prunable(saga, now):
+                del self.sagas[key]
+                continue
+            if domain.needs_alert(saga, now, self.deadlines):
+                saga = await self.report(key.decode(), saga, now)
+            sagas.append(saga)
+        for status, n in domain.stalled_counts(sagas, now, self.deadlines).items():
+            self.metrics.stalled.labels(status).set(n)
+        for status, n in self.minutes.last_complete(now).items():
+            self.metrics.last_minute.labels(status).set(n)
+        self.last_check = time.monotonic()
+
+    async def report(self, order_id: str, saga: Saga, now: float) -> Saga:
+        """One SagaStalled, acknowledged, then recorded; a failed send is tried again at
+        the next check."""
+        waited = domain.stalled_for(saga, now) or 0.0
+        event = SagaStalled(
+            order_id=order_id,
+            status=saga.status,
+            stalled_for_seconds=int(waited),
+            deadline_seconds=self.deadlines.for_status(saga.status),
+        )
+        envelope = new_envelope(
+            "SagaStalled",
+            event,
+            now=datetime.fromtimestamp(now, UTC),
+            event_id=domain.stalled_event_id(order_id, saga),
+            correlation_id=saga.correlation_id,
+            causation_id=saga.event_id or None,
+            saga_seq=(saga.saga_seq or 0) + 1,
+        )
+        try:
+            sent = await self.topic.send(key=order_id.encode(), value=dump(envelope))
+            await sent
+        except Exception as exc:  # noqa: BLE001 -- retried at the next check
+            self.send_failed = True
+            log.warning("SagaStalled for order %s not sent, retrying: %r", order_id, exc)
+            return saga
+        self.send_failed = False
+        reported = saga.with_alerted()
+        self.sagas[order_id.encode()] = reported.to_dict()
+        # the changelog record acknowledged too: a restart from here on does not re-send
+        await self.app.producer.flush()
+        self.metrics.reported.labels(saga.status.value).inc()
+        log.warning(
+            "saga stalled: order %s in %s for %ss (deadline %ss)",
+            order_id,
+            saga.status.value,
+            event.stalled_for_seconds,
+            event.deadline_seconds,
+        )
+        return reported

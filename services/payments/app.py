@@ -9,8 +9,9 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.payments import request_store, store
-from services.payments.handlers import Metrics, PaymentsHandlers
+from services.payments import request_store, unmatched_store
+from services.payments.handlers import PaymentsHandlers
+from services.payments.metrics import Metrics
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.messages import Handlers, Record, Route, routes_of
@@ -82,7 +83,7 @@ def build() -> Service:
 
     async def count_unmatched() -> None:
         async with engine.connect() as conn:
-            counts = await asyncio.wait_for(store.count_unmatched_open(conn), 5)
+            counts = await asyncio.wait_for(unmatched_store.count_unmatched_open(conn), 5)
         for state, n in counts.items():
             metrics.unmatched_open.labels(state).set(n)
 

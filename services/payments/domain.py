@@ -26,6 +26,7 @@ __all__ = [
     "decide_match_unmatched",
     "decide_order_placed",
     "decide_retry",
+    "mirror_status",
 ]
 
 # --- state and decisions ----------------------------------------------------------
@@ -227,6 +228,15 @@ def decide_retry(
     )
     audit = _audit("payment_retry", "retry_accepted", None, retried.order_id)
     return Decision("retry_accepted", None, retried, (event,), (audit,))
+
+
+def mirror_status(order: Order, saga_status: str) -> Order:
+    """The order as a status that orders published for its current attempt leaves it:
+    PAYMENT_FAILED fails an accepted (or flagged) attempt — a capture decline or an
+    out-of-stock void — so that a retry can be accepted."""
+    if saga_status == "PAYMENT_FAILED" and order.status in ("accepted", "flagged"):
+        return replace(order, status="failed")
+    return order
 
 
 def _known(payment_intent_id: str | None) -> tuple[str, ...]:

@@ -15,46 +15,52 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import BaseModel
 
+from schemas import events
 from schemas.contract import CustomerNotificationRequested, OrderStatusChanged
 from schemas.envelope import Envelope
 from schemas.events import AuditRecorded
 from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
 from services.runtime.errors import PermanentError, validated, validated_event
-from services.runtime.messages import Context, Handler, Route, routes_of
+from services.runtime.messages import Context, Handler, Handlers
 from services.runtime.outbox import Cause
 from services.runtime.topics import AUDIT_TOPIC, NOTIFICATIONS_TOPIC, STATUS_TOPIC
 
 log = logging.getLogger("paysaga.orders")
 
 
-#: Every saga event type the projection consumes (docs/saga-events.md), by topic.
-SAGA_EVENTS: Mapping[str, tuple[str, ...]] = {
+#: Every saga event the projection consumes (docs/saga-events.md), by topic.
+SAGA_EVENTS: Mapping[str, tuple[type[BaseModel], ...]] = {
     "payments.events.v1": (
-        "OrderRegistered",
-        "PaymentRetryAccepted",
-        "PaymentAccepted",
-        "PaymentDeclined",
-        "OrderFlaggedForReconciliation",
-        "PaymentIntentCreated",
-        "PaymentRequestRefused",
-        "PaymentRequestFailed",
+        events.OrderRegistered,
+        events.PaymentRetryAccepted,
+        events.PaymentAccepted,
+        events.PaymentDeclined,
+        events.OrderFlaggedForReconciliation,
+        events.PaymentIntentCreated,
+        events.PaymentRequestRefused,
+        events.PaymentRequestFailed,
     ),
     "inventory.events.v1": (
-        "StockReserved",
-        "StockReservationFailed",
-        "StockReleased",
-        "StockCommitted",
+        events.StockReserved,
+        events.StockReservationFailed,
+        events.StockReleased,
+        events.StockCommitted,
     ),
     "capture.events.v1": (
-        "PaymentCaptured",
-        "SaleConfirmed",
-        "CaptureDeclined",
-        "AuthorizationExpired",
-        "CaptureFailed",
+        events.PaymentCaptured,
+        events.SaleConfirmed,
+        events.CaptureDeclined,
+        events.AuthorizationExpired,
+        events.CaptureFailed,
     ),
-    "refunds.events.v1": ("AuthorizationVoided", "RefundSucceeded", "CompensationFailed"),
+    "refunds.events.v1": (
+        events.AuthorizationVoided,
+        events.RefundSucceeded,
+        events.CompensationFailed,
+    ),
 }
 
 
@@ -161,12 +167,14 @@ class Projection:
     def __init__(self, metrics: OrdersMetrics) -> None:
         self.metrics = metrics
 
-    def routes(self) -> list[Route]:
-        handlers: dict[str, dict[str, Handler]] = {
-            topic: dict.fromkeys(types, self.on_saga_event) for topic, types in SAGA_EVENTS.items()
+    def handlers(self) -> Handlers:
+        """topic -> event model -> handler: every saga event to the causal gate."""
+        handlers: dict[str, dict[type[BaseModel], Handler]] = {
+            topic: dict.fromkeys(models, self.on_saga_event)
+            for topic, models in SAGA_EVENTS.items()
         }
-        handlers[AUDIT_TOPIC] = {"AuditRecorded": self.on_audit_recorded}
-        return routes_of(handlers)
+        handlers[AUDIT_TOPIC] = {AuditRecorded: self.on_audit_recorded}
+        return handlers
 
     async def on_saga_event(self, ctx: Context) -> None:
         assert ctx.envelope is not None

@@ -17,14 +17,20 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schemas.events import OrderFlaggedForReconciliation
+from schemas.contract import OrderPlaced, OrderStatusChanged, PaymentRetryRequested
+from schemas.envelope import event_type_of
+from schemas.events import OrderFlaggedForReconciliation, PaymentIntentCreated
 from services.payments import confirmations, orders, retries, store
 from services.payments.domain import Confirmation
 from services.payments.metrics import Metrics
-from services.runtime.messages import Context, Record
+from services.runtime.messages import Context, Handlers, Record
 from services.runtime.outbox import Cause, write_event
-from services.runtime.topics import CHECKOUT_ORDERS_TOPIC as ORDERS_TOPIC
-from services.runtime.topics import CONFIRMATIONS_TOPIC, PAYMENTS_TOPIC
+from services.runtime.topics import (
+    CHECKOUT_ORDERS_TOPIC,
+    CONFIRMATIONS_TOPIC,
+    PAYMENTS_TOPIC,
+    STATUS_TOPIC,
+)
 
 log = logging.getLogger("paysaga.payments")
 
@@ -35,6 +41,19 @@ class PaymentsHandlers:
     tolerance_s: int
     unmatched_window: timedelta
     metrics: Metrics
+
+    def handlers(self) -> Handlers:
+        """topic -> event model -> handler, for the enveloped topics; the gateway's
+        webhooks are raw (``on_confirmation``, routed by ``app.py``)."""
+        return {
+            CHECKOUT_ORDERS_TOPIC: {
+                OrderPlaced: self.on_order_placed,
+                PaymentRetryRequested: self.on_retry_requested,
+            },
+            STATUS_TOPIC: {OrderStatusChanged: self.on_status_changed},
+            # its own: a requested payment's intent, to match a confirmation that came first
+            PAYMENTS_TOPIC: {PaymentIntentCreated: self.on_intent_created},
+        }
 
     async def on_confirmation(self, ctx: Context) -> None:
         await confirmations.on_confirmation(ctx, self._check(ctx.record), self.metrics)
@@ -91,10 +110,10 @@ class PaymentsHandlers:
 def _flags_its_order(rec: Record) -> bool:
     if rec.topic == CONFIRMATIONS_TOPIC:
         return True
-    if rec.topic != ORDERS_TOPIC:
+    if rec.topic != CHECKOUT_ORDERS_TOPIC:
         return False
     try:
         envelope = json.loads(rec.value)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(envelope, dict) and envelope.get("event_type") == "OrderPlaced"
+    return isinstance(envelope, dict) and envelope.get("event_type") == event_type_of(OrderPlaced)

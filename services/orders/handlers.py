@@ -2,7 +2,7 @@
 
 Each handler runs inside the runtime's transaction for the consumed record, after the
 runtime's inbox accepted its event id (a redelivered event never reaches a handler).
-Everything a handler does — the view, the applied-event set, held events, history,
+Everything a handler does — the view, the applied-event set, early events, history,
 audit rows and the ``orders.status.v1`` / ``customer.notifications.v1`` outbox rows —
 commits together with the consumer position, or not at all.
 """
@@ -68,7 +68,7 @@ SAGA_EVENTS: Mapping[str, tuple[type[BaseModel], ...]] = {
 class OrdersMetrics:
     status_changes: Counter
     ignored: Counter
-    held: Gauge
+    early_events: Gauge
     reconcile_violations: Gauge
     reconcile_runs: Counter
 
@@ -88,7 +88,7 @@ class OrdersMetrics:
                 ["reason"],
                 registry=registry,
             ),
-            held=Gauge(
+            early_events=Gauge(
                 "paysaga_orders_held_events",
                 "Saga events waiting for their cause (held_events rows, all orders)",
                 registry=registry,
@@ -154,8 +154,9 @@ class Projection:
     """The status projection (docs/contract.md §3.1, §3.3) with its causal gate.
 
     Guarantees, per order: events are applied in causal order (an event with
-    ``saga_seq > 1`` only after the event named by its ``causation_id``; earlier ones
-    are held and released in the same transaction as their cause); each event is applied
+    ``saga_seq > 1`` only after the event named by its ``causation_id``; an *early
+    event*, one that came before its cause, is kept (table ``held_events``) and
+    released in the same transaction as its cause); each event is applied
     at most once (runtime inbox + ``applied_events``); ``version`` on orders.status.v1
     grows by exactly one per change; each notification is requested at most once per
     (attempt, kind) — all decided by the pure ``domain.decide``.
@@ -186,27 +187,28 @@ class Projection:
             await store.hold(
                 ctx.conn, ev.order_id, ev.envelope, ev.payload, ev.saga_seq, ev.causation_id
             )
-            log.info("order %s: holding %s %s until %s is applied",
+            log.info("order %s: %s %s came early, kept until %s is applied",
                      ev.order_id, ev.event_type, ev.event_id, ev.causation_id)  # fmt: skip
             return
-        await self._apply(ctx, ev)
+        await self._project(ctx, ev)
         applied.add(ev.event_id)
-        await self._release(ctx, ev.order_id, applied)
+        await self._release_early(ctx, ev.order_id, applied)
 
-    async def _release(self, ctx: Context, order_id: str, applied: set[str]) -> None:
-        held = await store.held_for(ctx.conn, order_id)
-        if not held:
+    async def _release_early(self, ctx: Context, order_id: str, applied: set[str]) -> None:
+        """Project the order's early events whose causes are now applied."""
+        early = await store.held_for(ctx.conn, order_id)
+        if not early:
             return
-        by_id = {h.event_id: h for h in held}
-        ready = release_order([(h.saga_seq, h.event_id, h.causation_id) for h in held], applied)
+        by_id = {e.event_id: e for e in early}
+        ready = release_order([(e.saga_seq, e.event_id, e.causation_id) for e in early], applied)
         for event_id in ready:
-            await self._apply(ctx, SagaEvent.parse(by_id[event_id].envelope))
+            await self._project(ctx, SagaEvent.parse(by_id[event_id].envelope))
             applied.add(event_id)
-        # also drops held copies of events applied meanwhile (release_order skips them)
+        # also drops early copies of events applied meanwhile (release_order skips them)
         await store.drop_held(ctx.conn, order_id, [i for i in by_id if i in applied])
 
-    async def _apply(self, ctx: Context, ev: SagaEvent) -> None:
-        """Apply one ready event: decide, save, record it as applied, emit on a change."""
+    async def _project(self, ctx: Context, ev: SagaEvent) -> None:
+        """Project one ready event: decide, save, enter it as applied, emit on a change."""
         view = await store.load_view(ctx.conn, ev.order_id)
         outcome = decide(view, ev.event_type, ev.payload)
         await store.record_applied(ctx.conn, ev.order_id, ev.event_id)

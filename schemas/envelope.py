@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, Strict, field_serializer
 
-__all__ = ["Envelope", "dump", "new_envelope"]
+__all__ = ["Envelope", "dump", "event_type_of", "new_envelope"]
 
 
 class Envelope(BaseModel):
@@ -42,6 +42,13 @@ class Envelope(BaseModel):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def event_type_of(model: type[BaseModel]) -> str:
+    """The event type of a payload model, as an envelope's `event_type` names it: the
+    model's class name. The one place that says so: producers, the registry of
+    `schemas.events` and the consumers' routes all ask here."""
+    return model.__name__
+
+
 def new_envelope(
     event_type: str,
     payload_model: BaseModel,
@@ -60,7 +67,7 @@ def new_envelope(
     model's class name is a programming error and raises `ValueError` rather than
     publishing a record no consumer can parse. `now` must be timezone-aware.
     """
-    if type(payload_model).__name__ != event_type:
+    if event_type_of(type(payload_model)) != event_type:
         raise ValueError(
             f"event_type {event_type!r} does not match payload model "
             f"{type(payload_model).__name__!r}"

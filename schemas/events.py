@@ -25,7 +25,7 @@ from schemas.contract import (
     Sku,
     StockLevelSet,
 )
-from schemas.envelope import Envelope
+from schemas.envelope import Envelope, event_type_of
 
 __all__ = [
     "EVENT_TYPES",
@@ -278,7 +278,7 @@ class SagaStalled(ContractModel):
 # --- registry --------------------------------------------------------------------
 
 EVENT_TYPES: dict[str, type[BaseModel]] = {
-    model.__name__: model
+    event_type_of(model): model
     for model in (
         # contract (docs/contract.md §2, §3)
         OrderPlaced,

@@ -214,9 +214,7 @@ def _captured(claim: Claim, captures: object) -> Captured | Failed | None:
     return Failed("amount_mismatch")
 
 
-def after_lookup(
-    claim: Claim, payment: Mapping[str, Any], now: datetime, policy: CapturePolicy
-) -> CallCapture | Resolution:
+def after_lookup(claim: Claim, payment: Mapping[str, Any]) -> CallCapture | Resolution:
     """Interpret ``GET /v1/payments/{id}`` (only rows whose capture may have been sent
     are looked up): a recorded capture of the claim's amount settles it; a payment still
     authorized is captured again under the same key — never expired, since the first

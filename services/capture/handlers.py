@@ -46,7 +46,7 @@ async def on_stock_reserved(ctx: Context) -> None:
         await notify(ctx.conn, store.CHANNEL)
 
 
-#: topic -> event type -> handler (checked against topics.yaml by a unit test)
+#: topic -> event model -> handler (checked against topics.yaml by a unit test)
 HANDLERS: Handlers = {
-    INVENTORY_TOPIC: {"StockReserved": on_stock_reserved},
+    INVENTORY_TOPIC: {StockReserved: on_stock_reserved},
 }

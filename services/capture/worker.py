@@ -101,7 +101,7 @@ class CaptureWorker(
                 return domain.not_found()
             if not isinstance(payment, dict):
                 return payment
-            step = domain.after_lookup(claim, payment, self.clock(), self.policy)
+            step = domain.after_lookup(claim, payment)
         else:
             step = first
         if not isinstance(step, domain.CallCapture):

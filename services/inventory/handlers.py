@@ -120,14 +120,14 @@ on_authorization_expired = _settlement_handler(
     AuthorizationExpired, "release", "authorization_expired"
 )
 
-#: topic -> event type -> handler (checked against topics.yaml by a unit test)
+#: topic -> event model -> handler (checked against topics.yaml by a unit test)
 HANDLERS: Handlers = {
-    CATALOG_TOPIC: {"StockLevelSet": on_stock_level_set},
-    PAYMENTS_TOPIC: {"PaymentAccepted": on_payment_accepted},
+    CATALOG_TOPIC: {StockLevelSet: on_stock_level_set},
+    PAYMENTS_TOPIC: {PaymentAccepted: on_payment_accepted},
     CAPTURE_TOPIC: {
-        "PaymentCaptured": on_payment_captured,
-        "SaleConfirmed": on_sale_confirmed,
-        "CaptureDeclined": on_capture_declined,
-        "AuthorizationExpired": on_authorization_expired,
+        PaymentCaptured: on_payment_captured,
+        SaleConfirmed: on_sale_confirmed,
+        CaptureDeclined: on_capture_declined,
+        AuthorizationExpired: on_authorization_expired,
     },
 }

@@ -22,6 +22,7 @@ from services.orders.console import routes as console
 from services.orders.console.actions import Actions, OperatorToken
 from services.orders.console.reads import ConsoleReads
 from services.orders.handlers import OrdersMetrics, Projection
+from services.runtime.messages import routes_of
 from services.runtime.periodic import every
 from services.runtime.service import Service, Worker, make_engine, run_service
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
@@ -57,7 +58,7 @@ def held_gauge(engine: AsyncEngine, metrics: OrdersMetrics, interval_s: float) -
 
     async def refresh() -> None:
         async with engine.connect() as conn:
-            metrics.held.set(await asyncio.wait_for(store.count_held(conn), 5))
+            metrics.early_events.set(await asyncio.wait_for(store.count_held(conn), 5))
 
     return every("held events gauge", interval_s, refresh)
 
@@ -108,7 +109,7 @@ def build(settings: OrdersSettings) -> Service:
         engine=engine,
         database_url=url,
         bootstrap=settings.kafka_bootstrap_servers,
-        routes=Projection(metrics).routes(),
+        routes=routes_of(Projection(metrics).handlers()),
         registry=registry,
         http_port=settings.orders_port,
         http_host=settings.orders_host,

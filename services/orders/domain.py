@@ -323,13 +323,14 @@ def is_ready(saga_seq: int | None, causation_id: str | None, applied_ids: Abstra
 
 
 def release_order(
-    held: Sequence[tuple[int, str, str | None]], applied_ids: AbstractSet[str]
+    early: Sequence[tuple[int, str, str | None]], applied_ids: AbstractSet[str]
 ) -> list[str]:
-    """Event ids of `held` (saga_seq, event_id, causation_id) that become applicable,
+    """Event ids of the `early` events (saga_seq, event_id, causation_id) that become
+    applicable,
     in the order to apply them: by saga_seq (arrival order among equals), each after
     its cause, repeating until nothing more is released. Already applied ids are skipped."""
     applied = set(applied_ids)
-    pending = sorted(held, key=lambda event: event[0])
+    pending = sorted(early, key=lambda event: event[0])
     released: list[str] = []
     progress = True
     while progress:

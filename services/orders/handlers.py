@@ -2,7 +2,7 @@
 
 Each handler runs inside the runtime's transaction for the consumed record, after the
 runtime's inbox accepted its event id (a redelivered event never reaches a handler).
-Everything a handler does — the view, the applied-event set, held events, history,
+Everything a handler does — the view, the applied-event set, early events, history,
 audit rows and the ``orders.status.v1`` / ``customer.notifications.v1`` outbox rows —
 commits together with the consumer position, or not at all.
 """
@@ -15,46 +15,52 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import BaseModel
 
+from schemas import events
 from schemas.contract import CustomerNotificationRequested, OrderStatusChanged
 from schemas.envelope import Envelope
 from schemas.events import AuditRecorded
 from services.orders import store
 from services.orders.domain import decide, is_ready, release_order
 from services.runtime.errors import PermanentError, validated, validated_event
-from services.runtime.messages import Context, Handler, Route, routes_of
+from services.runtime.messages import Context, Handler, Handlers
 from services.runtime.outbox import Cause
 from services.runtime.topics import AUDIT_TOPIC, NOTIFICATIONS_TOPIC, STATUS_TOPIC
 
 log = logging.getLogger("paysaga.orders")
 
 
-#: Every saga event type the projection consumes (docs/saga-events.md), by topic.
-SAGA_EVENTS: Mapping[str, tuple[str, ...]] = {
+#: Every saga event the projection consumes (docs/saga-events.md), by topic.
+SAGA_EVENTS: Mapping[str, tuple[type[BaseModel], ...]] = {
     "payments.events.v1": (
-        "OrderRegistered",
-        "PaymentRetryAccepted",
-        "PaymentAccepted",
-        "PaymentDeclined",
-        "OrderFlaggedForReconciliation",
-        "PaymentIntentCreated",
-        "PaymentRequestRefused",
-        "PaymentRequestFailed",
+        events.OrderRegistered,
+        events.PaymentRetryAccepted,
+        events.PaymentAccepted,
+        events.PaymentDeclined,
+        events.OrderFlaggedForReconciliation,
+        events.PaymentIntentCreated,
+        events.PaymentRequestRefused,
+        events.PaymentRequestFailed,
     ),
     "inventory.events.v1": (
-        "StockReserved",
-        "StockReservationFailed",
-        "StockReleased",
-        "StockCommitted",
+        events.StockReserved,
+        events.StockReservationFailed,
+        events.StockReleased,
+        events.StockCommitted,
     ),
     "capture.events.v1": (
-        "PaymentCaptured",
-        "SaleConfirmed",
-        "CaptureDeclined",
-        "AuthorizationExpired",
-        "CaptureFailed",
+        events.PaymentCaptured,
+        events.SaleConfirmed,
+        events.CaptureDeclined,
+        events.AuthorizationExpired,
+        events.CaptureFailed,
     ),
-    "refunds.events.v1": ("AuthorizationVoided", "RefundSucceeded", "CompensationFailed"),
+    "refunds.events.v1": (
+        events.AuthorizationVoided,
+        events.RefundSucceeded,
+        events.CompensationFailed,
+    ),
 }
 
 
@@ -62,7 +68,7 @@ SAGA_EVENTS: Mapping[str, tuple[str, ...]] = {
 class OrdersMetrics:
     status_changes: Counter
     ignored: Counter
-    held: Gauge
+    early_events: Gauge
     reconcile_violations: Gauge
     reconcile_runs: Counter
 
@@ -82,7 +88,7 @@ class OrdersMetrics:
                 ["reason"],
                 registry=registry,
             ),
-            held=Gauge(
+            early_events=Gauge(
                 "paysaga_orders_held_events",
                 "Saga events waiting for their cause (held_events rows, all orders)",
                 registry=registry,
@@ -148,8 +154,9 @@ class Projection:
     """The status projection (docs/contract.md §3.1, §3.3) with its causal gate.
 
     Guarantees, per order: events are applied in causal order (an event with
-    ``saga_seq > 1`` only after the event named by its ``causation_id``; earlier ones
-    are held and released in the same transaction as their cause); each event is applied
+    ``saga_seq > 1`` only after the event named by its ``causation_id``; an *early
+    event*, one that came before its cause, is kept (table ``held_events``) and
+    released in the same transaction as its cause); each event is applied
     at most once (runtime inbox + ``applied_events``); ``version`` on orders.status.v1
     grows by exactly one per change; each notification is requested at most once per
     (attempt, kind) — all decided by the pure ``domain.decide``.
@@ -161,12 +168,14 @@ class Projection:
     def __init__(self, metrics: OrdersMetrics) -> None:
         self.metrics = metrics
 
-    def routes(self) -> list[Route]:
-        handlers: dict[str, dict[str, Handler]] = {
-            topic: dict.fromkeys(types, self.on_saga_event) for topic, types in SAGA_EVENTS.items()
+    def handlers(self) -> Handlers:
+        """topic -> event model -> handler: every saga event to the causal gate."""
+        handlers: dict[str, dict[type[BaseModel], Handler]] = {
+            topic: dict.fromkeys(models, self.on_saga_event)
+            for topic, models in SAGA_EVENTS.items()
         }
-        handlers[AUDIT_TOPIC] = {"AuditRecorded": self.on_audit_recorded}
-        return routes_of(handlers)
+        handlers[AUDIT_TOPIC] = {AuditRecorded: self.on_audit_recorded}
+        return handlers
 
     async def on_saga_event(self, ctx: Context) -> None:
         assert ctx.envelope is not None
@@ -178,27 +187,28 @@ class Projection:
             await store.hold(
                 ctx.conn, ev.order_id, ev.envelope, ev.payload, ev.saga_seq, ev.causation_id
             )
-            log.info("order %s: holding %s %s until %s is applied",
+            log.info("order %s: %s %s came early, kept until %s is applied",
                      ev.order_id, ev.event_type, ev.event_id, ev.causation_id)  # fmt: skip
             return
-        await self._apply(ctx, ev)
+        await self._project(ctx, ev)
         applied.add(ev.event_id)
-        await self._release(ctx, ev.order_id, applied)
+        await self._release_early(ctx, ev.order_id, applied)
 
-    async def _release(self, ctx: Context, order_id: str, applied: set[str]) -> None:
-        held = await store.held_for(ctx.conn, order_id)
-        if not held:
+    async def _release_early(self, ctx: Context, order_id: str, applied: set[str]) -> None:
+        """Project the order's early events whose causes are now applied."""
+        early = await store.held_for(ctx.conn, order_id)
+        if not early:
             return
-        by_id = {h.event_id: h for h in held}
-        ready = release_order([(h.saga_seq, h.event_id, h.causation_id) for h in held], applied)
+        by_id = {e.event_id: e for e in early}
+        ready = release_order([(e.saga_seq, e.event_id, e.causation_id) for e in early], applied)
         for event_id in ready:
-            await self._apply(ctx, SagaEvent.parse(by_id[event_id].envelope))
+            await self._project(ctx, SagaEvent.parse(by_id[event_id].envelope))
             applied.add(event_id)
-        # also drops held copies of events applied meanwhile (release_order skips them)
+        # also drops early copies of events applied meanwhile (release_order skips them)
         await store.drop_held(ctx.conn, order_id, [i for i in by_id if i in applied])
 
-    async def _apply(self, ctx: Context, ev: SagaEvent) -> None:
-        """Apply one ready event: decide, save, record it as applied, emit on a change."""
+    async def _project(self, ctx: Context, ev: SagaEvent) -> None:
+        """Project one ready event: decide, save, enter it as applied, emit on a change."""
         view = await store.load_view(ctx.conn, ev.order_id)
         outcome = decide(view, ev.event_type, ev.payload)
         await store.record_applied(ctx.conn, ev.order_id, ev.event_id)

@@ -9,11 +9,12 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.payments import request_store, store
-from services.payments.handlers import Metrics, PaymentsHandlers
+from services.payments import request_store, unmatched_store
+from services.payments.handlers import PaymentsHandlers
+from services.payments.metrics import Metrics
 from services.payments.request_worker import RequestMetrics, RequestWorker
 from services.runtime.gateway_client import GatewayClient
-from services.runtime.messages import Handlers, Record, Route, routes_of
+from services.runtime.messages import Record, Route, routes_of
 from services.runtime.metrics import GatewayMetrics
 from services.runtime.periodic import every
 from services.runtime.retry import RetryPolicy
@@ -24,12 +25,7 @@ from services.runtime.settings import (
     GatewaySecrets,
     KafkaSettings,
 )
-from services.runtime.topics import (
-    CHECKOUT_ORDERS_TOPIC,
-    CONFIRMATIONS_TOPIC,
-    PAYMENTS_TOPIC,
-    STATUS_TOPIC,
-)
+from services.runtime.topics import CONFIRMATIONS_TOPIC
 from services.runtime.wakeup import WorkLoop
 
 
@@ -82,7 +78,7 @@ def build() -> Service:
 
     async def count_unmatched() -> None:
         async with engine.connect() as conn:
-            counts = await asyncio.wait_for(store.count_unmatched_open(conn), 5)
+            counts = await asyncio.wait_for(unmatched_store.count_unmatched_open(conn), 5)
         for state, n in counts.items():
             metrics.unmatched_open.labels(state).set(n)
 
@@ -113,20 +109,11 @@ def build() -> Service:
             )
             await loop.run(stop)
 
-    handlers: Handlers = {
-        CHECKOUT_ORDERS_TOPIC: {
-            "OrderPlaced": h.on_order_placed,
-            "PaymentRetryRequested": h.on_retry_requested,
-        },
-        STATUS_TOPIC: {"OrderStatusChanged": h.on_status_changed},
-        # its own: a requested payment's intent, to match a confirmation that came first
-        PAYMENTS_TOPIC: {"PaymentIntentCreated": h.on_intent_created},
-    }
     # the gateway's webhook bodies are not envelopes: a raw route, deduped by digest
     confirmations = Route(
         CONFIRMATIONS_TOPIC, raw_handler=h.on_confirmation, dedupe_key=confirmation_dedupe_key
     )
-    routes = [*routes_of(handlers), confirmations]
+    routes = [*routes_of(h.handlers()), confirmations]
     return Service(
         name="payments",
         group="paysaga.payments",

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import AuditRecorded, parse_payload
-from services.payments import domain, store
+from services.payments import confirmation_store, domain, store, unmatched_store
 from services.refunds.domain import Action, compensation_key
 from services.runtime.errors import describe
 from services.runtime.gateway_client import GatewayClient, GatewayError, GatewayNotFoundError
@@ -37,8 +37,6 @@ from services.runtime.terminal import make_console
 from services.runtime.topics import AUDIT_TOPIC, PAYMENTS_TOPIC
 
 app = typer.Typer(no_args_is_help=True, help="Payments that matched no order")
-#: what ``list`` shows without ``--all``: waiting for an order or an operator
-OPEN_STATES = ("parked", "refund_pending")
 console = make_console()
 
 
@@ -56,7 +54,7 @@ def list_(all_: bool = typer.Option(False, "--all", help="include resolved ones"
             async with engine.connect() as conn:
                 stmt = select(store.unmatched).order_by(store.unmatched.c.id)
                 if not all_:
-                    stmt = stmt.where(store.unmatched.c.state.in_(OPEN_STATES))
+                    stmt = stmt.where(store.unmatched.c.state.in_(unmatched_store.UNMATCHED_OPEN))
                 return list(await conn.execute(stmt))
         finally:
             await engine.dispose()
@@ -116,16 +114,16 @@ async def resolve_unmatched(unmatched_id: int, order_id: str | None) -> str:
             return await _give_back(engine, unmatched_id)
         async with engine.begin() as conn:
             row = await _locked(conn, unmatched_id, "parked")
-            c = store.confirmation_from_unmatched(row)
+            c = unmatched_store.confirmation_from_unmatched(row)
             return await _attach(conn, c, order_id, datetime.now(UTC))
     finally:
         await engine.dispose()
 
 
 async def _locked(conn: AsyncConnection, unmatched_id: int, *states: str) -> Any:
-    row = await store.lock_unmatched(conn, unmatched_id)
+    row = await unmatched_store.lock_unmatched(conn, unmatched_id)
     if row is not None and row.state == "refund_pending" and row.state not in states:
-        action = _action(store.confirmation_from_unmatched(row))
+        action = _action(unmatched_store.confirmation_from_unmatched(row))
         raise ResolutionError(
             f"payment {row.transaction_id} cannot be attached: its {action} is pending (key"
             f" {row.refund_key}); `paysaga unmatched resolve {unmatched_id} --refund` settles it"
@@ -147,15 +145,12 @@ async def _attach(
     decision = domain.decide_confirmation(order, dataclasses.replace(c, order_id=order_id))
     if decision.order is None:
         raise ResolutionError(f"payment cannot settle order {order_id}: {decision.reason}")
-    await store.store_confirmation(conn, c, decision.order, decision.outcome)
-    await store.save_order(conn, decision.order)
+    closing = confirmation_store.Closing("resolved_order", f"order {order_id}", now)
+    await confirmation_store.save_confirmation(conn, c, decision, closing)
     cause = Cause(c.gateway_event_id, None, order.correlation_id)
     for event_type, payload in decision.events:
         event = parse_payload(event_type, payload)
         await write_event(conn, PAYMENTS_TOPIC, event, key=order_id, now=now, cause=cause)
-    await store.close_unmatched(
-        conn, c.transaction_id, c.type, "resolved_order", f"order {order_id}", now
-    )
     await _audit(conn, c, "resolved_order", order_id, now)
     return f"payment {c.transaction_id} attached to order {order_id}: {decision.outcome}"
 
@@ -163,19 +158,19 @@ async def _attach(
 async def _give_back(engine: AsyncEngine, unmatched_id: int) -> str:
     async with engine.begin() as conn:  # transaction A: out of matching before any call
         row = await _locked(conn, unmatched_id, "parked", "refund_pending")
-        c = store.confirmation_from_unmatched(row)
+        c = unmatched_store.confirmation_from_unmatched(row)
         if c.type == "payment.failed":
             return await _settle(conn, c, "nothing was charged")
         key = row.refund_key or compensation_key(_action(c), c.transaction_id)
-        await store.request_refund(conn, unmatched_id, key, datetime.now(UTC))
+        await unmatched_store.request_refund(conn, unmatched_id, key, datetime.now(UTC))
     outcome = await _ask_gateway(c, key)  # no transaction open
     async with engine.begin() as conn:  # transaction B
-        row = await store.lock_unmatched(conn, unmatched_id)
+        row = await unmatched_store.lock_unmatched(conn, unmatched_id)
         if row.state != "refund_pending":  # a concurrent run of the command settled it
             return f"payment {c.transaction_id}: {row.state} ({row.resolution})"
         if isinstance(outcome, Refused):
-            await store.cancel_refund(conn, unmatched_id, outcome.note)
-            waiting = await store.awaiting_order_of(conn, c)
+            await unmatched_store.cancel_refund(conn, unmatched_id, outcome.note)
+            waiting = await unmatched_store.awaiting_order_of(conn, c)
         else:
             return await _settle(conn, c, outcome)
     # an order that arrived meanwhile was not matched, and will not arrive again
@@ -259,7 +254,8 @@ def _refunded(refund: dict[str, Any]) -> str:
 
 async def _settle(conn: AsyncConnection, c: domain.Confirmation, note: str) -> str:
     now = datetime.now(UTC)
-    await store.close_unmatched(conn, c.transaction_id, c.type, "resolved_refund", note, now)
+    closing = confirmation_store.Closing("resolved_refund", note, now)
+    await confirmation_store.close_unmatched(conn, c, closing)
     await _audit(conn, c, "resolved_refund", None, now)
     return f"payment {c.transaction_id}: {note}"
 

@@ -26,6 +26,7 @@ __all__ = [
     "decide_match_unmatched",
     "decide_order_placed",
     "decide_retry",
+    "mirror_status",
 ]
 
 # --- state and decisions ----------------------------------------------------------
@@ -229,6 +230,15 @@ def decide_retry(
     return Decision("retry_accepted", None, retried, (event,), (audit,))
 
 
+def mirror_status(order: Order, saga_status: str) -> Order:
+    """The order as a status that orders published for its current attempt leaves it:
+    PAYMENT_FAILED fails an accepted (or flagged) attempt — a capture decline or an
+    out-of-stock void — so that a retry can be accepted."""
+    if saga_status == "PAYMENT_FAILED" and order.status in ("accepted", "flagged"):
+        return replace(order, status="failed")
+    return order
+
+
 def _known(payment_intent_id: str | None) -> tuple[str, ...]:
     return () if payment_intent_id is None else (payment_intent_id,)
 
@@ -331,21 +341,22 @@ def decide_confirmation(
 
 
 def decide_match_unmatched(
-    order: Order, parked: Sequence[Confirmation], now: datetime, window: timedelta
+    order: Order, unmatched: Sequence[Confirmation], now: datetime, window: timedelta
 ) -> list[tuple[Confirmation, Decision]]:
-    """Match parked confirmations when `order` arrives (call after it is registered).
+    """Match unmatched payments (state `parked`) when `order`'s attempt opens (call after
+    it is registered, or when its requested payment intent is known).
 
     Considered: confirmations for the order's current intent (and its order_id, when they
     name one) recorded at most `window` before `now`, oldest first. Each is decided by
     `decide_confirmation` against the order as left by the previous one, so the first
     acceptable one settles the attempt and the rest are rejected with their reason.
     Returns (confirmation, decision) for each considered one, in that order: the handler
-    removes them from the unmatched store. The others stay parked for an operator.
+    removes them from the unmatched store. The others stay unmatched, for an operator.
     """
     due = sorted(
         (
             c
-            for c in parked
+            for c in unmatched
             if c.payment_intent_id == order.payment_intent_id
             and c.order_id in (None, order.order_id)
             and now - c.record_time <= window

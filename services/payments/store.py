@@ -1,6 +1,9 @@
 """The payments database: orders as payments knows them, stored confirmations, the
 unmatched-payments store, the gateway events already seen, and the payment requests'
-table (its intents' life: ``request_store.py``).
+table. Here: the tables and the orders. A confirmation's unit of work (one call loads
+what its decision needs, one statement saves the result) is in ``confirmation_store.py``;
+the unmatched payments' matching and operator queries in ``unmatched_store.py``; the
+payment requests' life in ``request_store.py``.
 
 Card data never reaches these tables: a confirmation is stored only after it was
 checked card-free, and then only its business fields (payment method brand and last4).
@@ -8,8 +11,8 @@ checked card-free, and then only its business fields (payment method brand and l
 
 from __future__ import annotations
 
+import hashlib
 import json
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -26,7 +29,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
-    or_,
     select,
     update,
 )
@@ -87,7 +89,7 @@ def _confirmation_columns() -> list[Column[Any]]:
     ]
 
 
-def _confirmation_values(c: Confirmation) -> dict[str, Any]:
+def confirmation_values(c: Confirmation) -> dict[str, Any]:
     return {
         "gateway": c.gateway,
         "gateway_event_id": c.gateway_event_id,
@@ -124,7 +126,7 @@ unmatched = Table(
     Column("failure_message", Text, nullable=True),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: parked | matched | resolved_order | refund_pending | resolved_refund | rejected;
-    #: only ``parked`` is ever matched (``parked_for``)
+    #: only ``parked`` is ever matched (``unmatched_store.load_unmatched_of``)
     Column("state", String(16), nullable=False, server_default="parked"),
     Column("resolution", Text, nullable=True),
     Column("resolved_at", DateTime(timezone=True), nullable=True),
@@ -163,7 +165,7 @@ def order_from_row(row: Any) -> Order:
     )
 
 
-def _order_values(order: Order) -> dict[str, Any]:
+def order_values(order: Order) -> dict[str, Any]:
     return {
         "customer_id": order.customer_id,
         "currency": order.currency,
@@ -180,25 +182,28 @@ def _order_values(order: Order) -> dict[str, Any]:
     }
 
 
+def content_hash(payload: dict[str, Any]) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+# --- orders ------------------------------------------------------------------------
+
+
+def intent_lock(payment_intent_id: str) -> str:
+    return f"payments:intent:{payment_intent_id}"
+
+
 async def lock_intent(conn: AsyncConnection, payment_intent_id: str) -> None:
-    """Serialize, until the transaction ends, everything that parks or matches payments
-    of one payment intent (a transaction-scoped advisory lock; re-entrant)."""
-    await xact_lock(conn, f"payments:intent:{payment_intent_id}")
+    """Serialize, until the transaction ends, everything that keeps or matches unmatched
+    payments of one payment intent (a transaction-scoped advisory lock; re-entrant)."""
+    await xact_lock(conn, intent_lock(payment_intent_id))
 
 
-async def attempt_confirmed(conn: AsyncConnection, order_id: str, attempt: int) -> bool:
-    """Whether a confirmation (accepted or declined) of that attempt is stored."""
-    found = await conn.execute(
-        select(confirmations.c.id)
-        .where(confirmations.c.order_id == order_id, confirmations.c.attempt == attempt)
-        .limit(1)
-    )
-    return found.first() is not None
-
-
-async def load_order(conn: AsyncConnection, order_id: str, *, lock: bool = True) -> Any:
-    stmt = select(orders).where(orders.c.order_id == order_id)
-    return (await conn.execute(stmt.with_for_update() if lock else stmt)).first()
+async def load_order(conn: AsyncConnection, order_id: str) -> Any:
+    """The order's row, locked; None if the order is unknown."""
+    stmt = select(orders).where(orders.c.order_id == order_id).with_for_update()
+    return (await conn.execute(stmt)).first()
 
 
 async def load_order_by_intent(conn: AsyncConnection, payment_intent_id: str) -> Any:
@@ -210,219 +215,25 @@ async def insert_order(conn: AsyncConnection, order: Order) -> bool:
     """False if the order id exists already (a concurrent or earlier OrderPlaced)."""
     result = await conn.execute(
         pg_insert(orders)
-        .values(order_id=order.order_id, **_order_values(order))
+        .values(order_id=order.order_id, **order_values(order))
         .on_conflict_do_nothing()
         .returning(orders.c.order_id)
     )
     return result.first() is not None
 
 
-async def save_order(conn: AsyncConnection, order: Order, **extra: Any) -> None:
+async def save_order(conn: AsyncConnection, order: Order, **fields: Any) -> None:
+    """One update of the order's row: ``order``'s state and the other columns in
+    ``fields`` (``saga_status``, ``saga_version``, ``pending_retry``)."""
     await conn.execute(
         update(orders)
         .where(orders.c.order_id == order.order_id)
-        .values(**_order_values(order), **extra)
+        .values(**order_values(order), **fields)
     )
 
 
-async def set_order_fields(conn: AsyncConnection, order_id: str, **values: Any) -> None:
-    await conn.execute(update(orders).where(orders.c.order_id == order_id).values(**values))
-
-
-async def mark_seen(conn: AsyncConnection, gateway: str, gateway_event_id: str) -> bool:
-    """True the first time a verified gateway event id is seen."""
-    result = await conn.execute(
-        pg_insert(seen_gateway_events)
-        .values(gateway=gateway, gateway_event_id=gateway_event_id)
-        .on_conflict_do_nothing()
-        .returning(seen_gateway_events.c.gateway_event_id)
-    )
-    return result.first() is not None
-
-
-async def transaction_known(conn: AsyncConnection, transaction_id: str, type_: str) -> bool:
-    """The contract's second duplicate rule: same transaction id and type."""
-    for table in (confirmations, unmatched):
-        found = await conn.execute(
-            select(table.c.id).where(
-                table.c.transaction_id == transaction_id, table.c.type == type_
-            )
-        )
-        if found.first() is not None:
-            return True
-    return False
-
-
-async def store_confirmation(
-    conn: AsyncConnection, c: Confirmation, order: Order, outcome: str
-) -> bool:
-    """Store an accepted/declined confirmation; False if (transaction, type) exists."""
-    result = await conn.execute(
-        pg_insert(confirmations)
-        .values(
-            **_confirmation_values(c),
-            order_id=order.order_id,
-            attempt=order.attempt,
-            outcome=outcome,
-        )
-        .on_conflict_do_nothing()
-        .returning(confirmations.c.id)
-    )
-    return result.first() is not None
-
-
-async def park(conn: AsyncConnection, c: Confirmation) -> bool:
-    result = await conn.execute(
-        pg_insert(unmatched)
-        .values(
-            **_confirmation_values(c),
-            order_id=c.order_id,
-            failure_code=c.failure_code,
-            failure_message=c.failure_message,
-        )
-        .on_conflict_do_nothing()
-        .returning(unmatched.c.id)
-    )
-    return result.first() is not None
-
-
-def confirmation_from_unmatched(row: Any) -> Confirmation:
-    return Confirmation(
-        gateway=row.gateway,
-        gateway_event_id=row.gateway_event_id,
-        type=row.type,
-        transaction_id=row.transaction_id,
-        payment_intent_id=row.payment_intent_id,
-        order_id=row.order_id,
-        amount=row.amount,
-        currency=row.currency,
-        payment_method_type=row.payment_method_type,
-        brand=row.brand,
-        last4=row.last4,
-        failure_code=row.failure_code,
-        failure_message=row.failure_message,
-        record_time=row.received_at,
-    )
-
-
-async def parked_for(conn: AsyncConnection, order: Order) -> list[Any]:
-    """Parked confirmations that may belong to ``order`` (its intent), locked. Only
-    ``parked`` ones: a payment an operator is giving back (``refund_pending``) or gave
-    back (``resolved_refund``) is never matched."""
-    rows = await conn.execute(
-        select(unmatched)
-        .where(
-            unmatched.c.state == "parked", unmatched.c.payment_intent_id == order.payment_intent_id
-        )
-        .order_by(unmatched.c.received_at, unmatched.c.id)
-        .with_for_update()
-    )
-    return list(rows)
-
-
-async def given_back_for(conn: AsyncConnection, order: Order) -> list[Any]:
-    """Payments of ``order``'s intent (naming no order, or this one) that an operator is
-    giving back or gave back: ``refund_pending`` / ``resolved_refund`` (a failed payment
-    so resolved took no money, so gave none back)."""
-    rows = await conn.execute(
-        select(unmatched)
-        .where(
-            unmatched.c.state.in_(("refund_pending", "resolved_refund")),
-            unmatched.c.type != "payment.failed",
-            unmatched.c.payment_intent_id == order.payment_intent_id,
-            or_(unmatched.c.order_id.is_(None), unmatched.c.order_id == order.order_id),
-        )
-        .order_by(unmatched.c.id)
-    )
-    return list(rows)
-
-
-#: the states of an unmatched payment that wait (for its order, or for an operator)
-UNMATCHED_OPEN = ("parked", "refund_pending")
-
-
-async def count_unmatched_open(conn: AsyncConnection) -> dict[str, int]:
-    """Unmatched payments by open state (``UNMATCHED_OPEN``; 0 where none)."""
-    rows = await conn.execute(
-        select(unmatched.c.state, func.count())
-        .where(unmatched.c.state.in_(UNMATCHED_OPEN))
-        .group_by(unmatched.c.state)
-    )
-    counts = {state: 0 for state in UNMATCHED_OPEN}
-    counts.update({state: int(n) for state, n in rows.all()})
-    return counts
-
-
-async def lock_unmatched(conn: AsyncConnection, unmatched_id: int) -> Any:
-    """The unmatched row, locked after its intent (the order ``_match_parked`` locks in);
-    None if there is no such row."""
-    intent = await conn.scalar(
-        select(unmatched.c.payment_intent_id).where(unmatched.c.id == unmatched_id)
-    )
-    if intent is None:
-        return None
-    await lock_intent(conn, intent)
-    stmt = select(unmatched).where(unmatched.c.id == unmatched_id).with_for_update()
-    return (await conn.execute(stmt)).first()
-
-
-async def request_refund(
-    conn: AsyncConnection, unmatched_id: int, idempotency_key: str, now: datetime
-) -> None:
-    """Take a parked payment out of matching: its void/refund is about to be sent."""
-    await conn.execute(
-        update(unmatched)
-        .where(unmatched.c.id == unmatched_id, unmatched.c.state == "parked")
-        .values(
-            state="refund_pending",
-            refund_key=idempotency_key,
-            refund_requested_at=now,
-            resolution=f"key {idempotency_key}",
-        )
-    )
-
-
-async def cancel_refund(conn: AsyncConnection, unmatched_id: int, resolution: str) -> None:
-    """The gateway did not give the money back (declined, unknown transaction): the
-    payment is parked again, matchable as before."""
-    await conn.execute(
-        update(unmatched)
-        .where(unmatched.c.id == unmatched_id, unmatched.c.state == "refund_pending")
-        .values(state="parked", refund_key=None, refund_requested_at=None, resolution=resolution)
-    )
-
-
-async def awaiting_order_of(conn: AsyncConnection, c: Confirmation) -> str | None:
-    """The registered order still awaiting a payment of ``c``'s intent (and of its order,
-    when it names one), if any: one that arrived while the payment was out of matching."""
-    stmt = select(orders.c.order_id).where(
-        orders.c.payment_intent_id == c.payment_intent_id, orders.c.status == "pending"
-    )
-    if c.order_id is not None:
-        stmt = stmt.where(orders.c.order_id == c.order_id)
-    return await conn.scalar(stmt.limit(1))
-
-
-async def close_unmatched(
-    conn: AsyncConnection,
-    transaction_id: str,
-    type_: str,
-    state: str,
-    resolution: str,
-    now: datetime,
-) -> None:
-    await conn.execute(
-        update(unmatched)
-        .where(unmatched.c.transaction_id == transaction_id, unmatched.c.type == type_)
-        .values(state=state, resolution=resolution, resolved_at=now)
-    )
-
-
-def content_hash(payload: dict[str, Any]) -> str:
-    import hashlib
-
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()
+async def set_order_fields(conn: AsyncConnection, order_id: str, **fields: Any) -> None:
+    await conn.execute(update(orders).where(orders.c.order_id == order_id).values(**fields))
 
 
 # --- payment requests (docs/contract.md §3.7) ----------------------------------------------

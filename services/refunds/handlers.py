@@ -38,11 +38,11 @@ on_stock_reservation_failed = _handler(StockReservationFailed, "out_of_stock")
 on_capture_declined = _handler(CaptureDeclined, "capture_declined")
 on_authorization_expired = _handler(AuthorizationExpired, "authorization_expired")
 
-#: topic -> event type -> handler (checked against topics.yaml by a unit test)
+#: topic -> event model -> handler (checked against topics.yaml by a unit test)
 HANDLERS: Handlers = {
-    INVENTORY_TOPIC: {"StockReservationFailed": on_stock_reservation_failed},
+    INVENTORY_TOPIC: {StockReservationFailed: on_stock_reservation_failed},
     CAPTURE_TOPIC: {
-        "CaptureDeclined": on_capture_declined,
-        "AuthorizationExpired": on_authorization_expired,
+        CaptureDeclined: on_capture_declined,
+        AuthorizationExpired: on_authorization_expired,
     },
 }

@@ -1,5 +1,6 @@
 """Key blocking: a dead letter blocks its order key for its consumer group, the key's
-later records are parked behind it, and a replay or purge of the dead letter releases
+later records are stored behind it as *blocked records* (table ``parked``; the
+consumed-records outcome ``parked``), and a replay or purge of the dead letter releases
 them (``consumer.py`` states the guarantees).
 
 The group's dead-letter topic is also its control channel: replays and releases
@@ -26,7 +27,7 @@ from services.runtime.inbox import Inbox
 from services.runtime.locks import xact_lock
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics
-from services.runtime.tables import dead_letters, parked
+from services.runtime.tables import blocked_records, dead_letters
 from services.runtime.topics import load_specs
 from services.runtime.tracing import TRACEPARENT, span
 
@@ -49,12 +50,12 @@ def order_key(rec: Record) -> str:
     # records without a key have no per-order ordering to protect: block only themselves
     if not rec.key_str:
         return f"{rec.topic}/{rec.partition}/{rec.offset}"
-    # a SKU "X" that is dead-lettered must not park the records of an order "X"
+    # a SKU "X" that is dead-lettered must not block the records of an order "X"
     return f"{rec.topic}:{rec.key_str}" if rec.topic in _own_key_space_topics() else rec.key_str
 
 
 class KeyBlocking:
-    """The dead letters of one consumer group, the records parked behind them and their
+    """The dead letters of one consumer group, the records blocked behind them and their
     release."""
 
     def __init__(
@@ -131,7 +132,7 @@ class KeyBlocking:
         return row.first() is not None
 
     async def lock(self, conn: AsyncConnection, key: str) -> None:
-        """Serialize parking and releasing of one key across members (until commit)."""
+        """Serialize blocking and releasing records of one key across members (until commit)."""
         await xact_lock(conn, f"{self.group}|{key}")
 
     async def is_dead_letter(self, conn: AsyncConnection, rec: Record) -> bool:
@@ -176,7 +177,7 @@ class BlockedKeys:
 
     ``known`` — the keys of a batch known to be blocked, kept current as a replay or
     purge in the batch changes them — or None: asked of the database per record. On
-    the retry budget's ``last_attempt`` a parked record that still fails transiently
+    the retry budget's ``last_attempt`` a blocked record that still fails transiently
     is dead-lettered instead of failing its release as a whole."""
 
     def __init__(
@@ -224,17 +225,18 @@ class BlockedKeys:
             await self.release(key, "purged")
             return "released"
         if not replay and (self.known is None or key in self.known):
-            parked_as = await self._park(key, rec)
-            if parked_as is not None:
-                return parked_as
+            blocked_as = await self._block(key, rec)
+            if blocked_as is not None:
+                return blocked_as
         outcome = await b.inbox.handle(self.conn, rec)
         if replay:
             await self.release(key, "replayed")
         return outcome
 
-    async def _park(self, key: str, rec: Record) -> str | None:
-        """Park ``rec`` if its key is blocked; None (apply it) if it is not. Under the
-        key's lock: a release on another member either sees this parked row or has
+    async def _block(self, key: str, rec: Record) -> str | None:
+        """Store ``rec`` as a blocked record if its key is blocked; None (apply it) if
+        it is not. Under the key's lock: a release on another member either sees this
+        blocked record or has
         already freed the key (then this record is applied, after the released ones)."""
         b, conn = self.blocking, self.conn
         await b.lock(conn, key)
@@ -247,7 +249,7 @@ class BlockedKeys:
         # stored without card data (released, a redacted record is rejected anyway)
         value, _ = dlq.redacted_value(rec.value)
         await conn.execute(
-            insert(parked).values(
+            insert(blocked_records).values(
                 consumer_group=b.group,
                 order_key=key,
                 topic=rec.topic,
@@ -261,19 +263,19 @@ class BlockedKeys:
                 timestamp_ms=rec.timestamp_ms,
             )
         )
-        return "parked"
+        return "parked"  # the outcome label (metrics)
 
     async def release(self, key: str, resolution: str) -> None:
-        """Resolve the key's open dead letters, then apply its parked records in order,
+        """Resolve the key's open dead letters, then apply its blocked records in order,
         in this same transaction. The resolved records' inbox keys are entered, so a
         purged record's other copies (a relay re-publishing it, say) are duplicates from
-        now on. A parked record that fails permanently — or, on the ``last_attempt``,
+        now on. A blocked record that fails permanently — or, on the ``last_attempt``,
         transiently — becomes the key's dead letter in turn and the records behind it
-        stay parked: a release never skips a record, and never fails the replay or purge
+        stay blocked: a release never skips a record, and never fails the replay or purge
         behind it."""
         await self._release(key, resolution)
         if self.known is not None:
-            # the key is free — unless a parked record failed and blocks it
+            # the key is free — unless a blocked record failed and blocks it
             self.known.discard(key)
             if await self.blocking.is_blocked(self.conn, key):
                 self.known.add(key)
@@ -300,9 +302,14 @@ class BlockedKeys:
             return
         rows = (
             await conn.execute(
-                select(parked)
-                .where(and_(parked.c.consumer_group == b.group, parked.c.order_key == key))
-                .order_by(parked.c.id)
+                select(blocked_records)
+                .where(
+                    and_(
+                        blocked_records.c.consumer_group == b.group,
+                        blocked_records.c.order_key == key,
+                    )
+                )
+                .order_by(blocked_records.c.id)
                 .with_for_update()
             )
         ).all()
@@ -323,20 +330,20 @@ class BlockedKeys:
             except Exception as exc:
                 if is_transient(exc) and not self.last_attempt:
                     raise  # the whole release is retried with backoff
-                await self._dead_letter_parked(rec, exc)
+                await self._dead_letter_blocked(rec, exc)
                 done.append(row.id)
                 break
             done.append(row.id)
         if done:
-            await conn.execute(delete(parked).where(parked.c.id.in_(done)))
+            await conn.execute(delete(blocked_records).where(blocked_records.c.id.in_(done)))
 
-    async def _dead_letter_parked(self, rec: Record, exc: Exception) -> None:
-        """Dead-letter a parked record inside the release's transaction. Published first
+    async def _dead_letter_blocked(self, rec: Record, exc: Exception) -> None:
+        """Dead-letter a blocked record inside the release's transaction. Published first
         (acks=all): should the transaction then fail, the release is retried and the dead
         letter may be published twice — never lost."""
         b = self.blocking
         log.warning(
-            "%s dead-lettering parked %s/%d@%d: %s",
+            "%s dead-lettering blocked %s/%d@%d: %s",
             b.group,
             rec.topic,
             rec.partition,

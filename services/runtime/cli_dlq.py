@@ -4,7 +4,7 @@ Dead letters are read straight from the ``*.dlq`` topics (no consumer group, so
 inspecting commits nothing). ``replay`` re-publishes originals to the failing group's
 dead-letter topic, its control channel (never to the original topic, which others
 read); the consumer's inbox makes a repeated replay harmless. ``purge`` drops a dead
-letter: it releases the order's parked records without applying it.
+letter: it releases the order's blocked records without applying it.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def purge(
     since: str | None = SinceOpt,
     until: str | None = UntilOpt,
 ) -> None:
-    """Give up on dead letters: their orders' parked records are processed, they are not."""
+    """Give up on dead letters: their orders' blocked records are processed, they are not."""
     f = _filters(ref, topic, group, error_class, since, until)
     if f == Filters():
         console.print("refusing to purge everything: name a dead letter or a filter")

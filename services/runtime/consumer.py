@@ -4,8 +4,8 @@ Where each part lives: this module runs the Kafka loop (membership, polling, pau
 while a record is retried, lag and readiness); ``positions.py`` keeps the stored
 positions and their anomalies; ``batches.py`` processes a batch (one transaction, one
 record at a time on failure, the retry budget, the dead letter); ``inbox.py`` routes a
-record and dedupes it; ``blocking.py`` blocks a dead letter's key, parks the records
-behind it and releases them (the control channel).
+record and dedupes it; ``blocking.py`` blocks a dead letter's key, stores the records
+behind it (blocked records) and releases them (the control channel).
 
 Guarantees:
 
@@ -28,9 +28,9 @@ Guarantees:
   checked before each retry, before the dead letter is published and in the transaction
   that records it.
 * Once a record of an order key is dead-lettered, later records of that key for this
-  group are parked (stored, not processed) until a replay of the dead letter succeeds
+  group are blocked (stored, not processed) until a replay of the dead letter succeeds
   or an operator purges it (``paysaga dlq``): replay never applies events out of order.
-  Released parked records are applied in order; one that fails permanently then
+  Released blocked records are applied in order; one that fails permanently then
   becomes the key's dead letter and blocks the rest. A replay or purge acts only while
   the dead letter it names is open, so repeating one is harmless.
 * A position that does not fit the log is never taken silently. A stored position

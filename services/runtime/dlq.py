@@ -12,8 +12,8 @@ gateway signature tolerance is measured against it), addressed to the group that
 failed it (``paysaga-target-group``); the consumer handles it as a record of its
 original topic (named by ``paysaga-dead-letter``). The consumer's inbox makes a replay
 safe to repeat. Purge publishes a release control record instead, which unblocks the
-key's parked records without applying the dead letter. Both name the dead letter they
-resolve and do nothing once it is resolved (so a purged record cannot be replayed
+key and releases its blocked records without applying the dead letter. Both name the
+dead letter they resolve and do nothing once it is resolved (so a purged record cannot be replayed
 later, out of order). These control headers count only on a record read from the
 group's own dead-letter topic: on any other topic they are data like any header.
 """

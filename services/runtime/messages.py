@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from schemas.envelope import event_type_of
 from services.runtime.outbox import Cause, write_event
 
 
@@ -120,11 +121,16 @@ class Route:
     dedupe_key: Callable[[Record], str] | None = None
 
 
-#: How every service registers its handlers: topic → event type → handler (a unit test
-#: checks the tables against topics.yaml); ``routes_of`` makes the consumer's routes.
-Handlers = Mapping[str, Mapping[str, Handler]]
+#: How every service registers its handlers: topic → event model (``schemas.events``)
+#: → handler (a unit test checks the tables against topics.yaml and
+#: docs/saga-events.md); ``routes_of`` makes the consumer's routes.
+Handlers = Mapping[str, Mapping[type[BaseModel], Handler]]
 
 
 def routes_of(handlers: Handlers) -> list[Route]:
-    """The routes of enveloped topics, one per topic of ``handlers``."""
-    return [Route(topic, handlers=dict(by_type)) for topic, by_type in handlers.items()]
+    """The routes of enveloped topics, one per topic of ``handlers``, keyed by each
+    model's event type (``schemas.envelope.event_type_of``)."""
+    return [
+        Route(topic, handlers={event_type_of(model): h for model, h in by_model.items()})
+        for topic, by_model in handlers.items()
+    ]

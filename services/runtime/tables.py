@@ -1,6 +1,6 @@
 """The runtime's tables, present in every service database (each service's first
 migration creates them). They carry the processing rule: inbox (dedupe), consumer
-positions, outbox, dead letters (which block an order key) and parked records."""
+positions, outbox, dead letters (which block an order key) and the blocked records behind them."""
 
 from __future__ import annotations
 
@@ -90,7 +90,9 @@ dead_letters = Table(
     ),
 )
 
-parked = Table(
+#: records of a key blocked by a dead letter, stored until it is replayed or purged
+#: (the table keeps its first name)
+blocked_records = Table(
     "parked",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from services.payments import store
 from services.payments.domain import Item, Order
-from services.payments.handlers import Metrics, PaymentsHandlers
+from services.payments.handlers import PaymentsHandlers
+from services.payments.metrics import Metrics
 from services.runtime import migrate
 from services.runtime.messages import Record
 from services.runtime.service import make_engine

@@ -657,7 +657,7 @@ class Capture(Worker):
             payment = gw.get_payment(txn)
             if payment is None:
                 return capture.not_found()
-            step = capture.after_lookup(claim, payment, self.saga.now, CAPTURE_POLICY)
+            step = capture.after_lookup(claim, payment)
         else:
             step = first
         if not isinstance(step, capture.CallCapture):

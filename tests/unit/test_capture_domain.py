@@ -73,10 +73,7 @@ CAP_1 = {"capture_id": "cap_1", "amount": 1250, "currency": "EUR"}
     ],
 )
 def test_after_lookup(payment: dict[str, Any], age: int, expected: object) -> None:
-    assert (
-        domain.after_lookup(claim("unknown", age=timedelta(days=age)), payment, NOW, POLICY)
-        == expected
-    )
+    assert domain.after_lookup(claim("unknown", age=timedelta(days=age)), payment) == expected
 
 
 def test_after_capture_maps_every_outcome() -> None:
@@ -172,11 +169,9 @@ def test_the_stalled_backoff_is_capped(attempt: int, jitter: float, alerted: boo
 def test_a_lookup_after_the_alarm_settles_the_row(alerted: bool) -> None:
     c = dataclasses.replace(claim("unknown", attempt=12), alerted=alerted)
     captured = {"state": "captured", "captures": [CAP_1]}
-    assert domain.after_lookup(c, captured, NOW, POLICY) == domain.Captured("cap_1")
+    assert domain.after_lookup(c, captured) == domain.Captured("cap_1")
     voided = {"state": "voided", "captures": []}
-    assert domain.after_lookup(c, voided, NOW, POLICY) == domain.CaptureDeclined(
-        "authorization_voided"
-    )
+    assert domain.after_lookup(c, voided) == domain.CaptureDeclined("authorization_voided")
 
 
 def test_a_transaction_the_gateway_does_not_know_releases_the_stock() -> None:
@@ -208,7 +203,7 @@ def test_capture_failed_is_emitted_once_per_transaction() -> None:
 def test_an_authorized_lookup_past_the_hold_resends_the_capture(prior: str) -> None:
     c = claim(prior, attempt=2, age=timedelta(days=9))
     authorized = {"state": "authorized", "captures": []}
-    assert domain.after_lookup(c, authorized, NOW, POLICY) == domain.CallCapture()
+    assert domain.after_lookup(c, authorized) == domain.CallCapture()
 
 
 def test_only_a_capture_never_sent_expires() -> None:
@@ -231,9 +226,7 @@ def test_only_a_capture_never_sent_expires() -> None:
 )
 def test_a_capture_of_another_amount_goes_to_reconciliation(captures: list[Any]) -> None:
     payment = {"state": "captured", "captures": captures}
-    assert domain.after_lookup(claim("unknown"), payment, NOW, POLICY) == domain.Failed(
-        "amount_mismatch"
-    )
+    assert domain.after_lookup(claim("unknown"), payment) == domain.Failed("amount_mismatch")
     event = CaptureWorker.event_for(_claimed(), domain.Failed("amount_mismatch"))
     assert isinstance(event, events.CaptureFailed)
     assert event.reason == "amount_mismatch"

@@ -26,7 +26,8 @@ from schemas.carddata import (
 from schemas.contract import OrderPlaced
 from schemas.events import AuditRecorded
 from services.orders.handlers import SagaEvent
-from services.payments.handlers import Metrics, PaymentsHandlers
+from services.payments.handlers import PaymentsHandlers
+from services.payments.metrics import Metrics
 from services.runtime import dlq, signature
 from services.runtime.errors import PermanentError, describe
 from services.runtime.errors import validated as _validate

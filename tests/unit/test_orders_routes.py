@@ -10,12 +10,13 @@ from prometheus_client import CollectorRegistry
 from schemas.events import EVENT_TYPES
 from services.bridge.app import record_key
 from services.orders.handlers import OrdersMetrics, Projection
+from services.runtime.messages import routes_of
 from services.runtime.topics import TOPICS_FILE
 
 
 def test_routes_match_topics_yaml() -> None:
     topics = yaml.safe_load(TOPICS_FILE.read_text())["topics"]
-    routes = Projection(OrdersMetrics.create(CollectorRegistry())).routes()
+    routes = routes_of(Projection(OrdersMetrics.create(CollectorRegistry())).handlers())
     consumed = {t for t, spec in topics.items() if "orders" in (spec.get("consumers") or [])}
     assert {r.topic for r in routes} == consumed
     for route in routes:

@@ -1,0 +1,174 @@
+"""A gateway confirmation's unit of work: one call loads what deciding it needs
+(``load_for_confirmation``: the duplicate rules, the intent's lock, the order), the pure
+``domain.decide_confirmation`` decides, one statement saves the result
+(``save_confirmation``), and the handler emits.
+
+Card data never reaches these tables: a confirmation is stored only after it was
+checked card-free, and then only its business fields (payment method brand and last4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, exists, select, text, true, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.payments.domain import Confirmation, Decision, Order
+from services.payments.store import (
+    confirmation_values,
+    confirmations,
+    intent_lock,
+    order_from_row,
+    order_values,
+    orders,
+    unmatched,
+)
+from services.runtime.locks import XACT_LOCK_SQL
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfirmationState:
+    """What deciding a first-seen confirmation needs: its order (the one it names, else
+    the one of its intent), locked, and whether a confirmation of that order's current
+    attempt is stored already (only looked up for a ``flagged`` order; True otherwise)."""
+
+    order: Order | None
+    attempt_confirmed: bool
+
+
+#: the contract's two duplicate rules (a gateway event id seen before; a stored or
+#: unmatched confirmation of the same transaction and type) and, for a first-seen
+#: confirmation, the intent's lock (``lock_intent``), in one statement
+_FIRST_SEEN = text(
+    f"""
+    WITH seen AS (
+        INSERT INTO seen_gateway_events (gateway, gateway_event_id)
+        VALUES (:gateway, :gateway_event_id)
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    ), first AS (
+        SELECT EXISTS (SELECT FROM seen)
+            AND NOT EXISTS (SELECT FROM confirmations
+                            WHERE transaction_id = :transaction_id AND type = :type)
+            AND NOT EXISTS (SELECT FROM unmatched_payments
+                            WHERE transaction_id = :transaction_id AND type = :type)
+            AS first
+    )
+    SELECT first, CASE WHEN first THEN (SELECT 1 FROM {XACT_LOCK_SQL}) END FROM first
+    """  # noqa: S608 (a constant: the lock's name is a bound parameter)
+)
+
+
+async def load_for_confirmation(conn: AsyncConnection, c: Confirmation) -> ConfirmationState | None:
+    """None for a duplicate; else the state to decide ``c`` on, loaded with the intent's
+    lock held. The lock serializes keeping a payment unmatched with the registration of
+    its intent's order (``unmatched_store.load_unmatched_of``), which may run
+    concurrently on another partition or instance: under READ COMMITTED each could
+    otherwise miss the other's uncommitted row. So the order is read in a statement of
+    its own, after the lock is granted."""
+    first = await conn.scalar(
+        _FIRST_SEEN,
+        {
+            "gateway": c.gateway,
+            "gateway_event_id": c.gateway_event_id,
+            "transaction_id": c.transaction_id,
+            "type": c.type,
+            "lock_name": intent_lock(c.payment_intent_id),
+        },
+    )
+    if not first:
+        return None
+    stored = exists().where(
+        confirmations.c.order_id == orders.c.order_id,
+        confirmations.c.attempt == orders.c.attempt,
+    )
+    confirmed = case((orders.c.status == "flagged", stored), else_=true())
+    named = (
+        orders.c.order_id == c.order_id
+        if c.order_id
+        else orders.c.payment_intent_id == c.payment_intent_id
+    )
+    row = (
+        await conn.execute(
+            select(orders, confirmed.label("attempt_confirmed"))
+            .where(named)
+            .with_for_update(of=orders)
+        )
+    ).first()
+    if row is None:
+        return ConfirmationState(None, True)
+    return ConfirmationState(order_from_row(row), bool(row.attempt_confirmed))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Closing:
+    """How a payment leaves the unmatched store: its final state and resolution."""
+
+    state: str
+    resolution: str
+    at: datetime
+
+
+async def save_confirmation(
+    conn: AsyncConnection, c: Confirmation, decision: Decision, closing: Closing | None = None
+) -> None:
+    """The result of deciding ``c``, in one statement: a payment that matched no order
+    (``parked``) is kept unmatched; one that settles its order (accepted, declined) is
+    stored with the order's new state; a rejection stores nothing. ``closing``: ``c``
+    comes from the unmatched store and leaves it, whatever the decision."""
+    closed = _closed(c, closing) if closing is not None else None
+    stmt: Any
+    if decision.order is not None:
+        order = decision.order
+        stored = (
+            pg_insert(confirmations)
+            .values(
+                **confirmation_values(c),
+                order_id=order.order_id,
+                attempt=order.attempt,
+                outcome=decision.outcome,
+            )
+            .on_conflict_do_nothing()
+            .returning(confirmations.c.id)
+        )
+        stmt = (
+            update(orders)
+            .where(orders.c.order_id == order.order_id)
+            .values(**order_values(order))
+            .add_cte(stored.cte("stored"))
+        )
+        if closed is not None:
+            stmt = stmt.add_cte(closed.returning(unmatched.c.id).cte("closed"))
+    elif closed is not None:
+        stmt = closed
+    elif decision.outcome == "parked":
+        stmt = (
+            pg_insert(unmatched)
+            .values(
+                **confirmation_values(c),
+                order_id=c.order_id,
+                failure_code=c.failure_code,
+                failure_message=c.failure_message,
+            )
+            .on_conflict_do_nothing()
+        )
+    else:
+        return
+    await conn.execute(stmt)
+
+
+def _closed(c: Confirmation, closing: Closing) -> Any:
+    return (
+        update(unmatched)
+        .where(unmatched.c.transaction_id == c.transaction_id, unmatched.c.type == c.type)
+        .values(state=closing.state, resolution=closing.resolution, resolved_at=closing.at)
+    )
+
+
+async def close_unmatched(conn: AsyncConnection, c: Confirmation, closing: Closing) -> None:
+    """``c`` leaves the unmatched store (an operator resolved it)."""
+    await conn.execute(_closed(c, closing))

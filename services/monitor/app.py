@@ -35,7 +35,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.contract import OrderStatusChanged
-from schemas.envelope import Envelope
+from schemas.envelope import Envelope, event_type_of
 from services.monitor import domain
 from services.monitor.domain import Deadlines, Saga, StatusChange
 from services.monitor.stall_check import StallCheck
@@ -100,7 +100,7 @@ def status_change(key: bytes | None, value: bytes | None) -> StatusChange:
     if value is None:
         raise ValueError("tombstone")
     env = Envelope.model_validate_json(value)
-    if env.event_type != "OrderStatusChanged":
+    if env.event_type != event_type_of(OrderStatusChanged):
         raise ValueError(f"unexpected event type {env.event_type}")
     change = OrderStatusChanged.model_validate(env.payload)
     if key is not None and key.decode() != change.order_id:

@@ -6,6 +6,7 @@ owns the partition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -49,6 +50,9 @@ class BatchProcessor:
         self.group, self.service, self.engine = group, service, engine
         self.inbox, self.blocking, self.producer = inbox, blocking, producer
         self.metrics, self.retry_budget_s, self.member = metrics, retry_budget_s, member
+        #: the one-at-a-time path pauses and polls the consumer while it backs off: one
+        #: lane at a time (``consumer.lanes_of``)
+        self._one_at_a_time = asyncio.Lock()
 
     async def process(self, tp: TopicPartition, records: list[Record], fetched: int) -> bool:
         """Apply ``records`` and move the stored position past them; False when the
@@ -73,11 +77,12 @@ class BatchProcessor:
                     said(exc),
                 )
             outcomes = []
-            for rec in records:
-                with bound(**self.inbox.log_fields(rec)):  # its retries and dead letter
-                    outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
-                if outcomes[-1][1] == REVOKED:
-                    break  # this record and the rest of the batch are the new owner's
+            async with self._one_at_a_time:
+                for rec in records:
+                    with bound(**self.inbox.log_fields(rec)):  # its retries and dead letter
+                        outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
+                    if outcomes[-1][1] == REVOKED:
+                        break  # this record and the rest of the batch are the new owner's
         for topic, outcome in outcomes:
             self.metrics.records.labels(self.service, topic, outcome).inc()
         return outcomes[-1][1] != REVOKED

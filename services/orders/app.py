@@ -114,8 +114,6 @@ def build(settings: OrdersSettings) -> Service:
         http_host=settings.orders_host,
         app=create_api(engine, lambda app: console.install(app, reads, actions, operator)),
         workers=workers,
-        # one order's records share a lane; orders share no rows (per-order lock)
-        partition_lanes=3,
     )
 
 

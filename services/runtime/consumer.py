@@ -229,14 +229,23 @@ class ConsumerRuntime:
         lanes: list[list[tuple[TopicPartition, list[Record]]]],
         fetched: dict[TopicPartition, int],
     ) -> None:
-        """Apply each lane's partition batches one after another, the lanes side by side
-        (each batch its own transaction on its own connection); then one Kafka offset
-        commit for every partition that moved."""
+        """Apply the lanes side by side, each lane's partition batches in one
+        transaction on its own connection (``BatchProcessor.process_lane``); then one
+        Kafka offset commit for every partition that moved."""
 
         async def lane(work: list[tuple[TopicPartition, list[Record]]]) -> None:
+            started = time.perf_counter()
+            applied = await self.batches.process_lane(work, fetched)
             for tp, records in work:
-                if (nxt := await self._process_partition(tp, records, fetched[tp])) is not None:
-                    moved[tp] = nxt
+                if not applied[tp]:
+                    continue  # revoked meanwhile: the new owner goes on from the stored position
+                moved[tp] = nxt = records[-1].offset + 1
+                self.positions.expected[tp] = nxt
+                self._progress()
+                fault_point("after_db_commit_before_kafka_commit")
+                self.metrics.processing_seconds.labels(self.service).observe(
+                    time.perf_counter() - started
+                )
 
         moved: dict[TopicPartition, int] = {}
         outcomes = await asyncio.gather(*(lane(w) for w in lanes), return_exceptions=True)
@@ -244,21 +253,6 @@ class ConsumerRuntime:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-
-    async def _process_partition(
-        self, tp: TopicPartition, records: list[Record], fetched: int
-    ) -> int | None:
-        """Apply one partition's batch; the partition's next offset, None if it was
-        revoked meanwhile (the new owner goes on from the stored position)."""
-        started = time.perf_counter()
-        if not await self.batches.process(tp, records, fetched):
-            return None
-        nxt = records[-1].offset + 1
-        self.positions.expected[tp] = nxt
-        self._progress()
-        fault_point("after_db_commit_before_kafka_commit")
-        self.metrics.processing_seconds.labels(self.service).observe(time.perf_counter() - started)
-        return nxt
 
     def _progress(self) -> None:
         """A stored position advanced, or nothing is waiting: polling alone (empty polls,

@@ -37,6 +37,7 @@ def build(settings: InventorySettings) -> Service:
         registry=CollectorRegistry(),
         http_port=settings.inventory_port,
         http_host=settings.inventory_host,
+        partition_lanes=1,  # orders share stock rows: one batch at a time
     )
 
 

@@ -22,7 +22,7 @@ from schemas.contract import CustomerNotificationRequested, OrderStatusChanged
 from schemas.envelope import Envelope
 from schemas.events import AuditRecorded
 from services.orders import store
-from services.orders.domain import decide, is_ready, release_order
+from services.orders.domain import OrderView, decide, is_ready, release_order
 from services.runtime.errors import PermanentError, validated, validated_event
 from services.runtime.messages import Context, Handler, Handlers
 from services.runtime.outbox import Cause
@@ -181,7 +181,8 @@ class Projection:
         assert ctx.envelope is not None
         ev = SagaEvent.parse(ctx.envelope)
         await store.lock_order(ctx.conn, ev.order_id)
-        applied = await store.applied_ids(ctx.conn, ev.order_id)
+        state = await store.load_state(ctx.conn, ev.order_id)
+        applied = state.applied
         if not is_ready(ev.saga_seq, ev.causation_id, applied):
             assert ev.saga_seq is not None  # a root is always ready
             await store.hold(
@@ -190,11 +191,14 @@ class Projection:
             log.info("order %s: %s %s came early, kept until %s is applied",
                      ev.order_id, ev.event_type, ev.event_id, ev.causation_id)  # fmt: skip
             return
-        await self._project(ctx, ev)
+        view = await self._project(ctx, ev, state.view)
         applied.add(ev.event_id)
-        await self._release_early(ctx, ev.order_id, applied)
+        if state.has_held:  # read under the order's lock: none can appear meanwhile
+            await self._release_early(ctx, ev.order_id, applied, view)
 
-    async def _release_early(self, ctx: Context, order_id: str, applied: set[str]) -> None:
+    async def _release_early(
+        self, ctx: Context, order_id: str, applied: set[str], view: OrderView | None
+    ) -> None:
         """Project the order's early events whose causes are now applied."""
         early = await store.held_for(ctx.conn, order_id)
         if not early:
@@ -202,33 +206,35 @@ class Projection:
         by_id = {e.event_id: e for e in early}
         ready = release_order([(e.saga_seq, e.event_id, e.causation_id) for e in early], applied)
         for event_id in ready:
-            await self._project(ctx, SagaEvent.parse(by_id[event_id].envelope))
+            view = await self._project(ctx, SagaEvent.parse(by_id[event_id].envelope), view)
             applied.add(event_id)
         # also drops early copies of events applied meanwhile (release_order skips them)
         await store.drop_held(ctx.conn, order_id, [i for i in by_id if i in applied])
 
-    async def _project(self, ctx: Context, ev: SagaEvent) -> None:
-        """Project one ready event: decide, save, enter it as applied, emit on a change."""
-        view = await store.load_view(ctx.conn, ev.order_id)
+    async def _project(
+        self, ctx: Context, ev: SagaEvent, view: OrderView | None
+    ) -> OrderView | None:
+        """Project one ready event onto the order's ``view``: decide, enter it as applied
+        and save (one statement), emit on a change; the view as stored now."""
         outcome = decide(view, ev.event_type, ev.payload)
-        await store.record_applied(ctx.conn, ev.order_id, ev.event_id)
         if outcome.ignored_reason is not None:
             self.metrics.ignored.labels(outcome.ignored_reason).inc()
             log.info("order %s: %s %s ignored (%s)",
                      ev.order_id, ev.event_type, ev.event_id, outcome.ignored_reason)  # fmt: skip
         change = outcome.change
-        if change is None and outcome.view is not None and outcome.view != view:
-            await store.save_view(ctx.conn, outcome.view, ctx.now)  # PaymentIntentCreated
         if change is None or outcome.view is None:
-            return
-        await store.save_view(ctx.conn, outcome.view, ctx.now)
-        await store.append_history(ctx.conn, change, ctx.now)
+            # a view changed without a status change (PaymentIntentCreated) is saved too
+            saved = outcome.view if change is None and outcome.view != view else None
+            await store.save_applied(ctx.conn, ev.order_id, ev.event_id, ctx.now, saved)
+            return saved or view
+        await store.save_applied(ctx.conn, ev.order_id, ev.event_id, ctx.now, outcome.view, change)
         status = validated(OrderStatusChanged, dataclasses.asdict(change))
         await ctx.emit(STATUS_TOPIC, status, key=ev.order_id, cause=ev.cause)
         self.metrics.status_changes.labels(change.status).inc()
         if (notification := outcome.notification) is not None:
             note = validated(CustomerNotificationRequested, dataclasses.asdict(notification))
             await ctx.emit(NOTIFICATIONS_TOPIC, note, key=ev.order_id, cause=ev.cause)
+        return outcome.view
 
     async def on_audit_recorded(self, ctx: Context) -> None:
         """Append to ``audit_log``; the runtime inbox and the unique event id make a

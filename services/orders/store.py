@@ -7,6 +7,7 @@ set, held events, the history and the outbox rows commit together or not at all.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -25,6 +26,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -124,70 +126,112 @@ async def lock_order(conn: AsyncConnection, order_id: str) -> None:
     await xact_lock(conn, f"orders:{order_id}")
 
 
-async def applied_ids(conn: AsyncConnection, order_id: str) -> set[str]:
-    rows = await conn.execute(
-        select(applied_events.c.event_id).where(applied_events.c.order_id == order_id)
-    )
-    return set(rows.scalars())
+@dataclass(frozen=True)
+class OrderState:
+    """What applying an event to an order starts from, read under the order's lock:
+    its view (None before it is known), the ids of every event applied to it, and
+    whether events of it are held."""
+
+    view: OrderView | None
+    applied: set[str]
+    has_held: bool
 
 
-async def record_applied(conn: AsyncConnection, order_id: str, event_id: str) -> None:
-    await conn.execute(
-        pg_insert(applied_events)
-        .values(order_id=order_id, event_id=event_id)
-        .on_conflict_do_nothing()
-    )
+#: one round trip for the view, the applied-event set and the held flag (a row even for
+#: an order without a view: it may have applied events all the same)
+_LOAD_STATE = text(
+    "SELECT ARRAY(SELECT a.event_id FROM applied_events a WHERE a.order_id = :order_id)"
+    " AS applied_ids,"
+    " EXISTS (SELECT 1 FROM held_events h WHERE h.order_id = :order_id) AS has_held, o.*"
+    " FROM (SELECT 1) AS one LEFT JOIN orders o ON o.order_id = :order_id"
+)
 
 
-async def load_view(conn: AsyncConnection, order_id: str) -> OrderView | None:
-    row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
-    if row is None:
-        return None
-    return OrderView(
-        order_id=row.order_id,
-        customer_id=row.customer_id,
-        status=row.status,
-        reason=row.reason,
-        attempt=row.attempt,
-        amount=row.amount,
-        currency=row.currency,
-        payment_intent_id=row.payment_intent_id,
-        transaction_id=row.transaction_id,
-        version=row.version,
-        notified=frozenset((int(a), str(k)) for a, k in row.notified),
-        conference_id=row.conference_id,
-    )
-
-
-async def save_view(conn: AsyncConnection, view: OrderView, now: datetime) -> None:
-    values: dict[str, Any] = {
-        "customer_id": view.customer_id,
-        "status": view.status,
-        "reason": view.reason,
-        "attempt": view.attempt,
-        "amount": view.amount,
-        "currency": view.currency,
-        "payment_intent_id": view.payment_intent_id,
-        "transaction_id": view.transaction_id,
-        "conference_id": view.conference_id,
-        "version": view.version,
-        "notified": sorted([a, k] for a, k in view.notified),
-        "updated_at": now,
-    }
-    stmt = pg_insert(orders).values(order_id=view.order_id, created_at=now, **values)
-    await conn.execute(stmt.on_conflict_do_update(index_elements=["order_id"], set_=values))
-
-
-async def append_history(conn: AsyncConnection, change: StatusChange, at: datetime) -> None:
-    await conn.execute(
-        order_history.insert().values(
-            order_id=change.order_id,
-            version=change.version,
-            status=change.status,
-            reason=change.reason,
-            at=at,
+async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
+    row = (await conn.execute(_LOAD_STATE, {"order_id": order_id})).one()
+    view = None
+    if row.order_id is not None:
+        view = OrderView(
+            order_id=row.order_id,
+            customer_id=row.customer_id,
+            status=row.status,
+            reason=row.reason,
+            attempt=row.attempt,
+            amount=row.amount,
+            currency=row.currency,
+            payment_intent_id=row.payment_intent_id,
+            transaction_id=row.transaction_id,
+            version=row.version,
+            notified=frozenset((int(a), str(k)) for a, k in row.notified),
+            conference_id=row.conference_id,
         )
-    )
+    return OrderState(view, set(row.applied_ids), bool(row.has_held))
+
+
+_VIEW_COLUMNS = (
+    "customer_id", "status", "reason", "attempt", "amount", "currency", "payment_intent_id",
+    "transaction_id", "conference_id", "version", "notified", "updated_at",
+)  # fmt: skip
+_APPLIED = (
+    "INSERT INTO applied_events (order_id, event_id) VALUES (:order_id, :event_id)"
+    " ON CONFLICT DO NOTHING"
+)
+_VIEW = (  # noqa: S608 (column names of this module; the values are parameters)
+    "INSERT INTO orders (order_id, created_at, {cols}) VALUES (:order_id, :now, {vals})"
+    " ON CONFLICT (order_id) DO UPDATE SET {sets}"
+).format(
+    cols=", ".join(_VIEW_COLUMNS),
+    vals=", ".join(
+        "CAST(:notified AS jsonb)" if c == "notified" else f":{c}" for c in _VIEW_COLUMNS
+    ),
+    sets=", ".join(f"{c} = excluded.{c}" for c in _VIEW_COLUMNS),
+)
+_HISTORY = (
+    "INSERT INTO order_history (order_id, version, status, reason, at)"
+    " VALUES (:order_id, :h_version, :h_status, :h_reason, :now)"
+)
+#: the writes of one applied event, each variant one statement (data-modifying CTEs)
+_SAVE = {
+    (False, False): text(_APPLIED),
+    (True, False): text(f"WITH applied AS ({_APPLIED}) {_VIEW}"),
+    (True, True): text(f"WITH applied AS ({_APPLIED}), saved AS ({_VIEW}) {_HISTORY}"),
+}
+
+
+async def save_applied(
+    conn: AsyncConnection,
+    order_id: str,
+    event_id: str,
+    now: datetime,
+    view: OrderView | None = None,
+    change: StatusChange | None = None,
+) -> None:
+    """Record ``event_id`` as applied to the order and — in the same statement — save
+    its new ``view`` and, for a status ``change``, its history row."""
+    params: dict[str, Any] = {"order_id": order_id, "event_id": event_id, "now": now}
+    if view is not None:
+        params |= {
+            "customer_id": view.customer_id,
+            "status": view.status,
+            "reason": view.reason,
+            "attempt": view.attempt,
+            "amount": view.amount,
+            "currency": view.currency,
+            "payment_intent_id": view.payment_intent_id,
+            "transaction_id": view.transaction_id,
+            "conference_id": view.conference_id,
+            "version": view.version,
+            "notified": json.dumps(sorted([a, k] for a, k in view.notified)),
+            "updated_at": now,
+        }
+    if change is not None:
+        assert view is not None, "a status change saves the view"
+        params |= {
+            "h_version": change.version,
+            "h_status": change.status,
+            "h_reason": change.reason,
+        }
+    await conn.execute(_SAVE[view is not None, change is not None], params)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Processing the records of one partition's batch (``consumer.py`` states the
 guarantees): the batch in one transaction; if that fails, one record at a time, each
 retried within the retry budget and then dead-lettered — only while this member still
-owns the partition.
+owns the partition. A lane's partition batches (``consumer.lanes_of``) are first tried
+together in one transaction (``process_lane``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -21,7 +23,7 @@ from services.runtime.logs import bound
 from services.runtime.member import Member
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics, track_steps
-from services.runtime.positions import save_position
+from services.runtime.positions import save_position, save_positions
 
 log = logging.getLogger("paysaga.consumer")
 
@@ -49,6 +51,44 @@ class BatchProcessor:
         self.group, self.service, self.engine = group, service, engine
         self.inbox, self.blocking, self.producer = inbox, blocking, producer
         self.metrics, self.retry_budget_s, self.member = metrics, retry_budget_s, member
+        #: the one-at-a-time path pauses and polls the consumer while it backs off: one
+        #: lane at a time (``consumer.lanes_of``)
+        self._one_at_a_time = asyncio.Lock()
+
+    async def process_lane(
+        self, work: list[tuple[TopicPartition, list[Record]]], fetched: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, bool]:
+        """Apply the partition batches of one lane (``consumer.lanes_of``) in one
+        transaction — their records, then every partition's position — and each
+        partition's outcome as ``process`` gives it. If that transaction fails, each
+        partition's batch goes through ``process`` on its own (its own transaction, then
+        one record at a time)."""
+        if len(work) > 1:
+            try:
+                outcomes: list[tuple[str, str]] = []
+                async with self.engine.begin() as conn:
+                    steps = track_steps(conn)
+                    keys = await self.blocking.load(conn, [r for _, rs in work for r in rs])
+                    for _, records in work:
+                        for rec in records:
+                            outcomes.append((rec.topic, await keys.apply(rec)))
+                    nxt = {tp: records[-1].offset + 1 for tp, records in work}
+                    await save_positions(conn, self.group, nxt)
+                self.metrics.observe_steps(self.service, steps)
+            except Exception as exc:
+                log.info(
+                    "%s lane of %d partition batches failed (%s): one partition at a time",
+                    self.group,
+                    len(work),
+                    said(exc),
+                )
+            else:
+                for _, records in work:
+                    self.metrics.batch_size.labels(self.service).observe(len(records))
+                for topic, outcome in outcomes:
+                    self.metrics.records.labels(self.service, topic, outcome).inc()
+                return {tp: True for tp, _ in work}
+        return {tp: await self.process(tp, records, fetched[tp]) for tp, records in work}
 
     async def process(self, tp: TopicPartition, records: list[Record], fetched: int) -> bool:
         """Apply ``records`` and move the stored position past them; False when the
@@ -73,11 +113,12 @@ class BatchProcessor:
                     said(exc),
                 )
             outcomes = []
-            for rec in records:
-                with bound(**self.inbox.log_fields(rec)):  # its retries and dead letter
-                    outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
-                if outcomes[-1][1] == REVOKED:
-                    break  # this record and the rest of the batch are the new owner's
+            async with self._one_at_a_time:
+                for rec in records:
+                    with bound(**self.inbox.log_fields(rec)):  # its retries and dead letter
+                        outcomes.append((rec.topic, await self._process_one(tp, rec, fetched)))
+                    if outcomes[-1][1] == REVOKED:
+                        break  # this record and the rest of the batch are the new owner's
         for topic, outcome in outcomes:
             self.metrics.records.labels(self.service, topic, outcome).inc()
         return outcomes[-1][1] != REVOKED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -283,15 +284,33 @@ class Positions:
 
 async def save_position(conn: AsyncConnection, group: str, tp: TopicPartition, nxt: int) -> None:
     """Store ``nxt`` as the next offset of ``tp`` for ``group``, in ``conn``'s transaction."""
+    await save_positions(conn, group, {tp: nxt})
+
+
+async def save_positions(
+    conn: AsyncConnection, group: str, positions: Mapping[TopicPartition, int]
+) -> None:
+    """Store the next offset of each partition for ``group`` in one statement, in
+    ``conn``'s transaction."""
     stmt = pg_insert(consumer_positions).values(
-        consumer_group=group, topic=tp.topic, partition=tp.partition, next_offset=nxt
+        [
+            {
+                "consumer_group": group,
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "next_offset": n,
+            }
+            for tp, n in sorted(positions.items())
+        ]
     )
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["consumer_group", "topic", "partition"],
             # positions only move forward, even if a revoked member commits late
             set_={
-                "next_offset": func.greatest(consumer_positions.c.next_offset, nxt),
+                "next_offset": func.greatest(
+                    consumer_positions.c.next_offset, stmt.excluded.next_offset
+                ),
                 "updated_at": datetime.now(UTC),
             },
         )

@@ -83,6 +83,10 @@ class Service:
     runtime_settings: RuntimeSettings = dataclasses.field(default_factory=RuntimeSettings)
     relay_settings: RelaySettings = dataclasses.field(default_factory=RelaySettings)
     metrics: RuntimeMetrics | None = None
+    #: partition batches applied side by side (``consumer.lanes_of``); None: the
+    #: setting (``PAYSAGA_PARTITION_LANES``). 1 for a service whose records of different
+    #: orders share rows (inventory's stock: side by side they would deadlock)
+    partition_lanes: int | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -135,6 +139,7 @@ class Service:
             settings=self.runtime_settings,
             on_dead_letter=self.on_dead_letter,
             inbox_retention=timedelta(days=self.relay_settings.inbox_retention_days),
+            lanes=self.partition_lanes or self.runtime_settings.partition_lanes,
         )
         self.relay = OutboxRelay(
             service=self.name,

@@ -8,7 +8,7 @@ import time
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
+from services.runtime.consumer import ConsumerRuntime, RuntimeSettings, lanes_of
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics
 
@@ -133,3 +133,16 @@ async def test_idle_consumer_without_lag_stays_ready() -> None:
     rt.last_progress = time.time() - 1000
     await rt._update_lag()
     assert rt.ready()
+
+
+def test_one_orders_partitions_share_a_lane_in_fetch_order() -> None:
+    def batch(topic: str, partition: int) -> tuple[TopicPartition, list[Record]]:
+        return TopicPartition(topic, partition), [Record(topic, partition, 0, b"k", b"{}", (), 0)]
+
+    fetched = [batch("a", 0), batch("b", 1), batch("b", 3), batch("a", 4), batch("c", 0)]
+    lanes = lanes_of(fetched, 3)
+    assert [[(tp.topic, tp.partition) for tp, _ in lane] for lane in lanes] == [
+        [("a", 0), ("b", 3), ("c", 0)],
+        [("b", 1), ("a", 4)],
+    ]
+    assert lanes_of(fetched, 1) == [fetched]  # one lane: everything as fetched

@@ -16,7 +16,7 @@ from schemas.events import PaymentRequestContext
 from services.payments import requests
 from services.payments.domain import Order
 from services.payments.store import orders, payment_requests
-from services.runtime.intents.store import Claimed, IntentStore
+from services.runtime.intents.store import Claimed, IntentStore, unsettled_values
 from services.runtime.outbox import Cause, write_event
 from services.runtime.tables import outbox
 from services.runtime.topics import PAYMENT_REQUESTS_TOPIC
@@ -45,8 +45,8 @@ def _request_values(resolution: requests.Resolution) -> dict[str, Any]:
             return {"state": "refused", "outcome_reason": code[:64]}
         case requests.Failed(reason=reason):
             return {"state": "failed", "outcome_reason": reason}
-        case requests.Retry(next_attempt_at=at, error=error):
-            return {"state": "unknown", "next_attempt_at": at, "last_error": error[:500]}
+        case requests.Retry():
+            return unsettled_values(resolution)
 
 
 async def _request_resolved(

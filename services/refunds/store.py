@@ -27,7 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import PaymentContext
 from services.refunds import domain
-from services.runtime.intents.store import IntentStore, intent_columns, intent_indexes
+from services.runtime.intents.store import (
+    IntentStore,
+    intent_columns,
+    intent_indexes,
+    unsettled_values,
+)
 from services.runtime.outbox import Cause
 
 metadata = MetaData()
@@ -75,15 +80,8 @@ def _values(resolution: domain.Resolution) -> dict[str, Any]:
             return {"state": "succeeded", "refund_id": refund_id}
         case domain.Failed(reason=reason):
             return {"state": "failed", "failure_reason": reason}
-        case domain.Retry(next_attempt_at=at, error=error):
-            return {"state": "unknown", "next_attempt_at": at, "last_error": error[:500]}
-        case domain.Stalled(alerted_at=alerted_at, next_attempt_at=at, error=error):
-            return {
-                "state": "unknown",
-                "next_attempt_at": at,
-                "last_error": error[:500],
-                "alerted_at": alerted_at,
-            }
+        case domain.Retry() | domain.Stalled():
+            return unsettled_values(resolution)
 
 
 INTENTS: IntentStore[domain.Claim, domain.Resolution] = IntentStore(

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime.outbox import Cause, write_event
+from services.runtime.retry import Retry, Stalled
 from services.runtime.tracing import current as current_traceparent
 
 ClaimT = TypeVar("ClaimT")
@@ -101,6 +102,19 @@ class Claimed(Generic[ClaimT]):
     context: IntentContext
     cause: Cause
     token: str
+
+
+def unsettled_values(resolution: Retry | Stalled) -> dict[str, Any]:
+    """The columns of a resolution that leaves the outcome unknown: another round at
+    ``next_attempt_at`` (a look-up first), with the alarm's time once it was raised."""
+    values: dict[str, Any] = {
+        "state": "unknown",
+        "next_attempt_at": resolution.next_attempt_at,
+        "last_error": resolution.error[:500],
+    }
+    if isinstance(resolution, Stalled):
+        values["alerted_at"] = resolution.alerted_at
+    return values
 
 
 class IntentStore(Generic[ClaimT, ResolutionT]):

@@ -28,10 +28,14 @@ def main(argv: list[str]) -> int:
         report = Path(f.name)
     os.environ["PAYSAGA_CHAOS_REPORT"] = str(report)
     args = ["-q", "-p", "no:cacheprovider"]
+    # the environment as given: run_tests puts the one-broker stack's PAYSAGA_* settings
+    # (its database URL among them) into this process's, which would tell the cluster
+    # run that a database is configured elsewhere and must not be started
+    given = dict(os.environ)
     code = devstack.run_tests([*args, "tests/chaos/test_saga_chaos.py", *argv])
     if (REPO / "tests" / "cluster").is_dir():
         _fresh_databases()
-        env = {**os.environ, "PAYSAGA_KAFKA_BROKERS": "3"}
+        env = {**given, "PAYSAGA_KAFKA_BROKERS": "3"}
         cluster = [sys.executable, "-m", "services.cli", "dev", "test", *args, "tests/cluster"]
         code = (
             subprocess.run([*cluster, "-m", "cluster", *argv], env=env, check=False).returncode

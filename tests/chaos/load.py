@@ -223,7 +223,10 @@ class Load:
             await self._failed(order_id)
             second = f"pi_{uuid.uuid4().hex[:12]}"
             await self.send(CHECKOUT, order_id, self._retry(order_id, second))
-            self._paid(await self._pay(order_id, second, "authorize"), order_id)
+            txn = await self._pay(order_id, second, "authorize")
+            self._paid(txn, order_id)
+            with self._lock:
+                self.inputs.retries[order_id] = txn
         self.sent += 1
 
     async def _failed(self, order_id: str) -> None:
@@ -345,6 +348,7 @@ class Load:
                         )
                     )
                     self._paid(hooks[-1]["transaction_id"], order_id)
+                    self.inputs.retries[order_id] = hooks[-1]["transaction_id"]
                     retries.append(self._retry(order_id, second))
                 for _ in range(2):
                     actions.append(("record", (order_id, placed)))

@@ -86,6 +86,13 @@ class Inputs:
     since_ms: int = 0
     #: log file name -> its size when the scenario began: the scan reads what follows
     log_offsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: order id -> the transaction of the customer's retry (its second payment)
+    retries: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: a fault may flag a failed attempt (its void unknown, NEEDS_RECONCILIATION) while
+    #: its retry comes in: payments then refuses the retry (retry_not_allowed_in_status)
+    #: and parks its payment unmatched, and the order ends PAYMENT_FAILED once the void
+    #: is found — explained, if both are so (``_refused_retry``)
+    retry_may_be_refused: bool = False
 
 
 @dataclasses.dataclass
@@ -128,13 +135,32 @@ def open_work(client: DevClient) -> int:
     return int(n)
 
 
+def _refused_retry(client: DevClient, inputs: Inputs, order_id: str, status: str | None) -> bool:
+    """A PAYMENT_FAILED order whose retry payments refused with its reason audited, and
+    whose retry's payment is parked unmatched (held, not taken: an operator's to settle),
+    where the scenario allows it (``Inputs.retry_may_be_refused``)."""
+    txn = inputs.retries.get(order_id)
+    if not (inputs.retry_may_be_refused and status == "PAYMENT_FAILED" and txn):
+        return False
+    refused = ("payment_retry", "retry_not_allowed_in_status", None)
+    parked = _db(
+        client,
+        "payments",
+        "SELECT 1 FROM unmatched_payments WHERE transaction_id = %s AND state = 'parked'",
+        txn,
+    )
+    return refused in _rejections(client, order_id) and bool(parked)
+
+
 def settled(client: DevClient, inputs: Inputs) -> bool:
     """Every order where it may end, nothing left to publish or to call."""
     seen = statuses(client, inputs.orders)
     for order_id, allowed in inputs.orders.items():
         status = seen.get(order_id, (None, None))[0]
-        if status not in allowed and not (
-            order_id in inputs.unpaid and status == "PENDING_PAYMENT"
+        if (
+            status not in allowed
+            and not (order_id in inputs.unpaid and status == "PENDING_PAYMENT")
+            and not _refused_retry(client, inputs, order_id, status)
         ):
             return False
     return open_work(client) == 0 and not _missing_inputs(client, inputs)
@@ -171,6 +197,8 @@ def check(client: DevClient, inputs: Inputs, log_dir: Path | None = None) -> Rep
             counts[f"final {status}"] += 1
         elif order_id in inputs.unpaid and status == "PENDING_PAYMENT":
             counts["pending (unpaid)"] += 1
+        elif _refused_retry(client, inputs, order_id, status):
+            counts["final PAYMENT_FAILED (retry refused while flagged, its payment unmatched)"] += 1
         elif status is not None:
             out.append(
                 f"order {order_id}: {status} ({reason}), its path ends in {sorted(allowed)};"

@@ -58,7 +58,7 @@ def held_gauge(engine: AsyncEngine, metrics: OrdersMetrics, interval_s: float) -
 
     async def refresh() -> None:
         async with engine.connect() as conn:
-            metrics.early_events.set(await asyncio.wait_for(store.count_held(conn), 5))
+            metrics.early_events.set(await asyncio.wait_for(store.count_early(conn), 5))
 
     return every("held events gauge", interval_s, refresh)
 

@@ -185,7 +185,7 @@ class Projection:
         applied = state.applied
         if not is_ready(ev.saga_seq, ev.causation_id, applied):
             assert ev.saga_seq is not None  # a root is always ready
-            await store.hold(
+            await store.keep_early(
                 ctx.conn, ev.order_id, ev.envelope, ev.payload, ev.saga_seq, ev.causation_id
             )
             log.info("order %s: %s %s came early, kept until %s is applied",
@@ -193,14 +193,14 @@ class Projection:
             return
         view = await self._project(ctx, ev, state.view)
         applied.add(ev.event_id)
-        if state.has_held:  # read under the order's lock: none can appear meanwhile
+        if state.has_early:  # read under the order's lock: none can appear meanwhile
             await self._release_early(ctx, ev.order_id, applied, view)
 
     async def _release_early(
         self, ctx: Context, order_id: str, applied: set[str], view: OrderView | None
     ) -> None:
         """Project the order's early events whose causes are now applied."""
-        early = await store.held_for(ctx.conn, order_id)
+        early = await store.early_events_of(ctx.conn, order_id)
         if not early:
             return
         by_id = {e.event_id: e for e in early}
@@ -209,7 +209,7 @@ class Projection:
             view = await self._project(ctx, SagaEvent.parse(by_id[event_id].envelope), view)
             applied.add(event_id)
         # also drops early copies of events applied meanwhile (release_order skips them)
-        await store.drop_held(ctx.conn, order_id, [i for i in by_id if i in applied])
+        await store.drop_early(ctx.conn, order_id, [i for i in by_id if i in applied])
 
     async def _project(
         self, ctx: Context, ev: SagaEvent, view: OrderView | None

@@ -134,7 +134,7 @@ class OrderState:
 
     view: OrderView | None
     applied: set[str]
-    has_held: bool
+    has_early: bool
 
 
 #: one round trip for the view, the applied-event set and the held flag (a row even for
@@ -142,7 +142,7 @@ class OrderState:
 _LOAD_STATE = text(
     "SELECT ARRAY(SELECT a.event_id FROM applied_events a WHERE a.order_id = :order_id)"
     " AS applied_ids,"
-    " EXISTS (SELECT 1 FROM held_events h WHERE h.order_id = :order_id) AS has_held, o.*"
+    " EXISTS (SELECT 1 FROM held_events h WHERE h.order_id = :order_id) AS has_early, o.*"
     " FROM (SELECT 1) AS one LEFT JOIN orders o ON o.order_id = :order_id"
 )
 
@@ -165,7 +165,7 @@ async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
             notified=frozenset((int(a), str(k)) for a, k in row.notified),
             conference_id=row.conference_id,
         )
-    return OrderState(view, set(row.applied_ids), bool(row.has_held))
+    return OrderState(view, set(row.applied_ids), bool(row.has_early))
 
 
 _VIEW_COLUMNS = (
@@ -235,14 +235,14 @@ async def save_applied(
 
 
 @dataclass(frozen=True)
-class HeldEvent:
+class EarlyEvent:
     saga_seq: int
     event_id: str
     causation_id: str | None
     envelope: dict[str, Any]
 
 
-async def hold(
+async def keep_early(
     conn: AsyncConnection,
     order_id: str,
     envelope: dict[str, Any],
@@ -265,8 +265,8 @@ async def hold(
     )
 
 
-async def held_for(conn: AsyncConnection, order_id: str) -> list[HeldEvent]:
-    """The order's held events in arrival order."""
+async def early_events_of(conn: AsyncConnection, order_id: str) -> list[EarlyEvent]:
+    """The order's early events (table held_events) in arrival order."""
     rows = await conn.execute(
         select(
             held_events.c.saga_seq,
@@ -277,10 +277,10 @@ async def held_for(conn: AsyncConnection, order_id: str) -> list[HeldEvent]:
         .where(held_events.c.order_id == order_id)
         .order_by(held_events.c.id)
     )
-    return [HeldEvent(r.saga_seq, r.event_id, r.causation_id, r.envelope) for r in rows]
+    return [EarlyEvent(r.saga_seq, r.event_id, r.causation_id, r.envelope) for r in rows]
 
 
-async def drop_held(conn: AsyncConnection, order_id: str, event_ids: list[str]) -> None:
+async def drop_early(conn: AsyncConnection, order_id: str, event_ids: list[str]) -> None:
     await conn.execute(
         delete(held_events).where(
             and_(held_events.c.order_id == order_id, held_events.c.event_id.in_(event_ids))
@@ -288,7 +288,7 @@ async def drop_held(conn: AsyncConnection, order_id: str, event_ids: list[str]) 
     )
 
 
-async def count_held(conn: AsyncConnection) -> int:
+async def count_early(conn: AsyncConnection) -> int:
     return int((await conn.execute(select(func.count()).select_from(held_events))).scalar_one())
 
 

@@ -129,7 +129,7 @@ class BatchProcessor:
             attempt += 1
             if attempt > 1 and not self.member.owns(tp, fetched):
                 return self._left_to_new_owner(tp, rec)
-            # once the budget is spent, a release dead-letters a parked record that still
+            # once the budget is spent, a release dead-letters a blocked record that still
             # fails transiently instead of failing as a whole
             last_attempt = time.monotonic() - started >= self.retry_budget_s
             try:

@@ -1,5 +1,5 @@
 """Frozen DDL of the runtime's tables (inbox, consumer positions, outbox, dead letters,
-parked records) as first released. Every service database has them: each service's
+blocked records) as first released. Every service database has them: each service's
 first migration calls ``runtime_0001``. A later change to ``services/runtime/tables.py``
 is a new function here (``runtime_0002``) called by a new migration of every service;
 the migration tests fail until the migrated schema equals the models again.

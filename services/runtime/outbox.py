@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schemas.envelope import dump, new_envelope
+from schemas.envelope import dump, event_type_of, new_envelope
 from services.runtime import tracing
 from services.runtime.tables import outbox
 from services.runtime.wakeup import notify
@@ -84,7 +84,7 @@ async def write_event(
     transaction, as an effect of ``cause``; returns the new event id."""
     event_id = uuid.uuid4().hex
     envelope = new_envelope(
-        type(event).__name__,
+        event_type_of(type(event)),
         event,
         now=now,
         event_id=event_id,

@@ -77,8 +77,12 @@ async def committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> in
 
 
 async def commit_offset(bootstrap: str, group: str, tp: TopicPartition, offset: int) -> None:
-    """Commit ``offset`` for ``group`` in Kafka (no member of it running)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    """Commit ``offset`` for ``group`` in Kafka (no member of it running). Auto-commit
+    off: on ``stop`` an auto-committing consumer commits its own position — the committed
+    offset it fetched on ``assign``, possibly before this commit landed — over it."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         consumer.assign([tp])
@@ -174,14 +178,12 @@ def test_a_reset_position_does_not_re_apply_records_the_inbox_has_forgotten(
     query(ledger.conninfo, "DELETE FROM inbox WHERE dedupe_key = ANY(%s) RETURNING 1", old_ids)
     query(ledger.conninfo, "UPDATE consumer_positions SET next_offset = 7"
           " WHERE topic = %s AND partition = 0 RETURNING 1", ledger.in_topic)  # fmt: skip
-    asyncio.run(commit_offset(b, ledger.group, TopicPartition(ledger.in_topic, 0), 7))
+    tp = TopicPartition(ledger.in_topic, 0)
+    asyncio.run(commit_offset(b, ledger.group, tp, 7))
+    assert asyncio.run(committed_offset(b, ledger.group, tp)) == 7
 
     svc = ledger.process("after").start()
-    wait_for(
-        lambda: anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0,
-        timeout=120,
-        what="counted",
-    )
+    wait_for(lambda: anomalies(svc, ledger.in_topic, "beyond_log_end") == 1.0, what="counted")
     asyncio.run(produce(b, ledger.in_topic, [credit("k1", 4)], partition=0))
     wait_for(lambda: stored_position(ledger, 0) == 5, what="the new record processed")
     assert seqs_of(ledger, "k1") == [0, 1, 2, 3, 4]  # none applied twice

@@ -236,6 +236,11 @@ class CompensationFailed(PaymentContext):
 # --- audit.events.v1 -------------------------------------------------------------
 
 
+#: audit ``details`` keys that hold an identifier under another name: the key a record
+#: came with (an order id, which may be all digits and Luhn-valid), not a card number
+AUDIT_IDENTIFIERS = ("record_key",)
+
+
 class AuditRecorded(ContractModel):
     """A security or validation outcome worth keeping (stored by orders).
 
@@ -253,12 +258,13 @@ class AuditRecorded(ContractModel):
     order_id: str | None = None
     transaction_id: str | None = None
     gateway_event_id: str | None = None
-    # Flat on purpose: every value can be scanned for card data.
+    # Flat on purpose: every value can be scanned for card data (``AUDIT_IDENTIFIERS``
+    # hold an identifier under another name).
     details: dict[str, str | int | bool | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _no_card_data(self) -> Self:
-        if find_card_data(self.model_dump(), identifiers=("record_key",)) is not None:
+        if find_card_data(self.model_dump(), identifiers=AUDIT_IDENTIFIERS) is not None:
             raise ValueError("must not carry card data (a card number or security-code key)")
         return self
 

@@ -37,6 +37,7 @@ from schemas.carddata import (
     find_card_data_in_bytes,
     redact,
 )
+from schemas.events import AUDIT_IDENTIFIERS
 from services import reconcile
 from services.devclient import DevClient
 from services.runtime import tracing
@@ -48,8 +49,9 @@ FINAL = frozenset({"PAID_CONFIRMED", "PAYMENT_FAILED", "REFUNDED", "NEEDS_RECONC
 #: topics the scenario itself writes as the checkout / catalog (a poison record with a
 #: card number is the producer's fault; what paysaga writes from it is scanned)
 INPUT_TOPICS = ("checkout.orders.v1", "catalog.stock.v1")
-#: row fields that hold a number that is no card's: record timestamps
-NUMERIC_FIELDS = ("timestamp_ms",)
+#: row fields that hold a number that is no card's: record timestamps, and the audit's
+#: fields that hold an identifier under another name (a record's key: an order id)
+NUMERIC_FIELDS = ("timestamp_ms", *AUDIT_IDENTIFIERS)
 #: headers whose all-digit value is a record's coordinates or time, not a card's number
 NUMERIC_HEADERS = ("timestamp", "offset", "partition", "-ts", "_ms")
 

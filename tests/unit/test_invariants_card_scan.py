@@ -37,3 +37,16 @@ def test_a_card_number_in_a_header_value_or_column_is_found() -> None:
     # a traceparent header that is not one is scanned like any header
     assert _scan_value(_row({"status": "x"}, [["traceparent", PAN]])) == CARD_NUMBER_PRESENT
     assert _scan_value({"id": 1, "comment": PAN}) == CARD_NUMBER_PRESENT
+
+
+def test_an_audit_rows_all_digit_record_key_is_an_order_id_not_a_card_number() -> None:
+    """The audit's ``record_key`` is the key a rejected record came with (an order id,
+    which may be all digits and Luhn-valid): exempt as the audit model exempts it; a card
+    number elsewhere in the same row is still found."""
+    details = {"record": "gateway.confirmations.v1/2/17", "record_key": PAN}
+    row = {"id": 3, "action": "confirmation", "outcome": "rejected", "details": details}
+    assert _scan_value(row) is None
+    assert _scan_value({**row, "details": {**details, "note": PAN}}) == CARD_NUMBER_PRESENT
+    assert _scan_value({**row, "details": {"record_key": "4242 4242 4242 4242"}}) == (
+        CARD_NUMBER_PRESENT  # digits grouped as a card number is typed: no identifier
+    )

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime import dlq
 from services.runtime.errors import describe, is_transient, said
-from services.runtime.inbox import Inbox
+from services.runtime.inbox import Claims, Inbox
 from services.runtime.locks import xact_lock
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics
@@ -81,7 +81,9 @@ class KeyBlocking:
         return BlockedKeys(self, conn, blocked, last_attempt)
 
     async def load(self, conn: AsyncConnection, records: list[Record]) -> BlockedKeys:
-        """The view of a batch: its blocked keys, in one query instead of one per record."""
+        """The view of a batch: its blocked keys, in one query instead of one per record,
+        and the inbox keys of the records that go straight to the inbox (neither control
+        records nor of a blocked key) claimed in one statement."""
         keys = {order_key(r) for r in records}
         rows = await conn.execute(
             select(dead_letters.c.order_key)
@@ -92,7 +94,13 @@ class KeyBlocking:
             )
             .distinct()
         )
-        return self.open(conn, set(rows.scalars()))
+        blocked = set(rows.scalars())
+        straight = [
+            r for r in records if r.topic != self.control_topic and order_key(r) not in blocked
+        ]
+        view = self.open(conn, blocked)
+        view.claims = await self.inbox.claim(conn, straight)
+        return view
 
     async def record_dead_letter(
         self, conn: AsyncConnection, rec: Record, exc: BaseException, attempts: int, first: datetime
@@ -193,6 +201,8 @@ class BlockedKeys:
             known,
             last_attempt,
         )
+        #: the inbox keys a batch claimed for its records (``KeyBlocking.load``)
+        self.claims: Claims | None = None
 
     async def apply(self, rec: Record) -> str:
         """Handle one record inside the transaction; returns the outcome label.
@@ -228,7 +238,7 @@ class BlockedKeys:
             blocked_as = await self._block(key, rec)
             if blocked_as is not None:
                 return blocked_as
-        outcome = await b.inbox.handle(self.conn, rec)
+        outcome = await b.inbox.handle(self.conn, rec, None if control else self.claims)
         if replay:
             await self.release(key, "replayed")
         return outcome

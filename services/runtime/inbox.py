@@ -4,12 +4,14 @@ row that dedupes it, written in the transaction that runs the handler.
 An enveloped topic routes by ``event_type`` and dedupes by ``event_id``; a raw topic
 (the gateway's webhook bodies) goes to its ``raw_handler`` and dedupes by the route's
 ``dedupe_key(record)``. A record whose inbox key is entered already for this consumer
-group changes nothing (``duplicate``).
+group changes nothing (``duplicate``). A batch enters the keys of its records in one
+statement before applying them (``claim``); a record outside a claim enters its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,6 +30,32 @@ from services.runtime.outbox import OUTBOX_ROWS
 from services.runtime.tables import inbox
 from services.runtime.tracing import TRACEPARENT, span, trace_id_of
 
+#: (handler — None for an event type the group ignores, inbox key, envelope)
+Routed = tuple[Handler | None, str, dict[str, Any] | None]
+
+
+@dataclasses.dataclass
+class Claims:
+    """The inbox keys of a batch's records, entered in one statement before the records
+    are applied (``Inbox.claim``), in the batch's transaction: ``entered`` the keys new
+    to the inbox, each handed to the first record that carries it (``take``); ``routes``
+    each claimed record's route, so its envelope is parsed once."""
+
+    routes: dict[tuple[str, int, int], Routed] = dataclasses.field(default_factory=dict)
+    entered: set[str] = dataclasses.field(default_factory=set)
+
+    def take(self, key: str) -> bool:
+        """Whether a claimed record with ``key`` is the first with it, new to the inbox:
+        apply it; every other copy is a duplicate."""
+        if key in self.entered:
+            self.entered.discard(key)
+            return True
+        return False
+
+
+def _at(rec: Record) -> tuple[str, int, int]:
+    return rec.topic, rec.partition, rec.offset
+
 
 class Inbox:
     """The routes and the inbox of one consumer group."""
@@ -37,7 +65,7 @@ class Inbox:
         self.routes = {r.topic: r for r in routes}
         self.handler_timeout_s = handler_timeout_s
 
-    def route(self, rec: Record) -> tuple[Handler | None, str, dict[str, Any] | None]:
+    def route(self, rec: Record) -> Routed:
         """(handler — None for an event type this group ignores, inbox key, envelope)."""
         route = self.routes.get(rec.topic)
         if route is None:
@@ -55,10 +83,37 @@ class Inbox:
         except Exception:
             return None
 
-    async def handle(self, conn: AsyncConnection, rec: Record) -> str:
-        """Enter the record's inbox key and run its handler, in ``conn``'s transaction;
-        the outcome label (``processed``, ``duplicate``, ``skipped``)."""
-        handler, dedupe, envelope = self.route(rec)
+    async def claim(self, conn: AsyncConnection, records: Sequence[Record]) -> Claims:
+        """Enter the inbox keys of ``records`` that this group handles, in one statement
+        (sorted: two members claiming overlapping keys wait in one order), in ``conn``'s
+        transaction — which then applies every one of them or rolls back. A record that
+        does not route (``handle`` raises its error) or that the group ignores is not
+        claimed."""
+        claims = Claims()
+        for rec in records:
+            try:
+                routed = self.route(rec)
+            except PermanentError:
+                continue
+            if routed[0] is not None:
+                claims.routes[_at(rec)] = routed
+        keys = sorted({dedupe for _, dedupe, _ in claims.routes.values()})
+        if keys:
+            entered = await conn.execute(
+                pg_insert(inbox)
+                .values([{"consumer_group": self.group, "dedupe_key": k} for k in keys])
+                .on_conflict_do_nothing()
+                .returning(inbox.c.dedupe_key)
+            )
+            claims.entered = set(entered.scalars())
+        return claims
+
+    async def handle(self, conn: AsyncConnection, rec: Record, claims: Claims | None = None) -> str:
+        """Enter the record's inbox key — unless ``claims`` entered it — and run its
+        handler, in ``conn``'s transaction; the outcome label (``processed``,
+        ``duplicate``, ``skipped``)."""
+        claimed = claims.routes.get(_at(rec)) if claims is not None else None
+        handler, dedupe, envelope = claimed or self.route(rec)
         if handler is None:
             return "skipped"
         # a span per handled record, child of the record's trace (a new one without);
@@ -68,14 +123,19 @@ class Inbox:
             span(f"{self.group} {rec.topic}", parent, {"paysaga.dedupe_key": dedupe}) as tp,
             bound(**log_fields(rec, envelope), trace_id=trace_id_of(tp)),
         ):
-            inserted = await conn.execute(
-                pg_insert(inbox)
-                .values(consumer_group=self.group, dedupe_key=dedupe)
-                .on_conflict_do_nothing()
-                .returning(inbox.c.dedupe_key)
-            )
-            if inserted.first() is None:
-                return "duplicate"
+            if claimed is not None:
+                assert claims is not None
+                if not claims.take(dedupe):
+                    return "duplicate"
+            else:
+                inserted = await conn.execute(
+                    pg_insert(inbox)
+                    .values(consumer_group=self.group, dedupe_key=dedupe)
+                    .on_conflict_do_nothing()
+                    .returning(inbox.c.dedupe_key)
+                )
+                if inserted.first() is None:
+                    return "duplicate"
             now = datetime.now(UTC)
             ctx = Context(conn=conn, record=rec, envelope=envelope, now=now, traceparent=tp)
             written = conn.info.get(OUTBOX_ROWS, 0)

@@ -146,3 +146,42 @@ def test_relay_prunes_sent_outbox_rows_and_old_inbox_rows(ledger: Ledger) -> Non
         return inbox == {"recent"} and outbox == {b"recent"}
 
     wait_for(pruned, what="old inbox and sent outbox rows pruned")
+
+
+def test_a_batchs_inbox_keys_are_claimed_for_the_records_it_applies_and_no_others(
+    ledger: Ledger,
+) -> None:
+    """A batch enters the inbox keys of its records in one statement before applying
+    them: the first copy of an event is applied and its second copy in the same batch
+    is a duplicate; a record of a blocked key is parked with no inbox key entered (its
+    release applies it later); an event type the group ignores enters none."""
+    b = ledger.infra.bootstrap
+    asyncio.run(produce(b, ledger.in_topic, [("k3", b"{not json")], partition=0))
+    first = ledger.process("first").start()
+    wait_for(lambda: asyncio.run(read_all(b, f"{ledger.group}.dlq")), what="k3 dead-lettered")
+    first.stop()
+
+    twice = envelope("Credit", {"account": "k1", "amount": 1, "seq": 1}, event_id="ev-twice")
+    behind = envelope("Credit", {"account": "k3", "amount": 1, "seq": 7}, event_id="ev-behind")
+    ignored = envelope("Noise", {"account": "k2"}, event_id="ev-ignored")
+    after = envelope("Credit", {"account": "k1", "amount": 1, "seq": 2}, event_id="ev-after")
+    batch = [("k3", behind), ("k1", twice), ("k2", ignored), ("k1", twice), ("k1", after)]
+    asyncio.run(produce(b, ledger.in_topic, batch, partition=0))
+    ledger.process("again").start()
+    wait_for(lambda: ("k1", 2) in [(a, s) for a, s, _ in ledger.applied()], what="k1 applied")
+    assert [(a, s, e) for a, s, e in ledger.applied()] == [
+        ("k1", 1, "ev-twice"),
+        ("k1", 2, "ev-after"),
+    ]
+    entered = query(
+        ledger.conninfo,
+        "SELECT dedupe_key FROM inbox WHERE consumer_group = %s ORDER BY 1",
+        ledger.group,
+    )
+    assert entered == [("ev-after",), ("ev-twice",)]
+    parked = query(
+        ledger.conninfo,
+        "SELECT order_key, count(*) FROM parked WHERE consumer_group = %s GROUP BY 1",
+        ledger.group,
+    )
+    assert parked == [("k3", 1)]

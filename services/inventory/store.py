@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.inventory.domain import Line, ReservationState, StockLevel
+from services.runtime.outbox import savepoint as outbox_savepoint
 
 metadata = MetaData()
 
@@ -137,7 +138,7 @@ async def reserve(
     if claimed.first() is None:
         return None
     short: list[str] = []
-    async with conn.begin_nested() as savepoint:
+    async with outbox_savepoint(conn) as savepoint:
         for line in lines:
             held = await conn.execute(
                 update(stock)

@@ -1,6 +1,6 @@
 """``make demo``: bring up the local stack, push one hand-made order through each path of
 the saga (a table with each order's history and gateway ledger), then a load of a small
-conference's ticket sales through every path at once (``DEMO_ORDERS``, default 240;
+conference's ticket sales through every path at once (``DEMO_ORDERS``, default 200;
 quotas that sell out) with a progress bar, and print what it did: outcomes by path,
 tickets sold against their quotas, rejected confirmations by reason, dead letters,
 end-to-end latency and ``paysaga reconcile``. Exits non-zero if any check fails. Stops
@@ -21,7 +21,7 @@ from services.devclient import DevClient
 from services.runtime.terminal import make_console
 
 console = make_console()
-DEFAULT_ORDERS = 240
+DEFAULT_ORDERS = 200
 
 
 def load_phase(client: DevClient, n: int) -> bool:

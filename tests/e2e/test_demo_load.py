@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_load_ends_every_order_as_its_path_expects(stack: Stack) -> None:
-    done = demo_load.run(stack, 30)
+    done = demo_load.run(stack, 24)  # two orders per path
 
     assert {o.path for o in done.orders} == set(demo_load.PATHS)
     for o in done.orders:

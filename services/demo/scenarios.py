@@ -1,19 +1,14 @@
-"""``make demo``: bring up the local stack, push a mixed batch of orders through every
-path of the saga, print each order's outcome with the gateway ledger, and stop what it
-started (a stack already running from ``make up`` is left running). With ``KEEP=1`` the
-stack stays up and the operator console's address is printed last."""
+"""The demo's first part: one hand-made order per path of the saga, each printed with
+its status history and the gateway's ledger."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from collections.abc import Callable
 
 from rich.table import Table
 
-from services import devstack
 from services.devclient import DevClient, new_id
 from services.runtime.terminal import make_console
 
@@ -142,39 +137,3 @@ def _summary(client: DevClient) -> bool:
         )
     console.print(table)
     return ok
-
-
-def main() -> None:
-    started = time.monotonic()
-    profile = devstack.PROFILES["dev"]
-    was_running = devstack.status("dev").get("orders", "").startswith("running")
-    keep = os.environ.get("KEEP", "") not in ("", "0")
-    env = devstack.stack_env(profile)
-    ok = False
-    try:
-        devstack.up("dev")
-        console.print(
-            f"stack ready in {time.monotonic() - started:.1f}s; running {len(SCENARIOS)} orders"
-        )
-        client = DevClient(env["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"], env["PAYSAGA_DATABASE_URL"], env)
-        ok = run(client)
-    except devstack.StackError as exc:  # one sentence saying why, not a traceback
-        console.print(f"[red]{exc}[/red]")
-        sys.exit(1)
-    finally:
-        if not was_running and not keep:
-            devstack.down("dev")
-    console.print(
-        f"{'all' if ok else 'NOT all'} orders reached their expected outcome "
-        f"({time.monotonic() - started:.1f}s in all)"
-    )
-    if keep:
-        console.print(
-            f"the stack stays up (make down stops it); operator console:"
-            f" http://127.0.0.1:{env['PAYSAGA_ORDERS_PORT']}/console/"
-        )
-    sys.exit(0 if ok else 1)
-
-
-if __name__ == "__main__":
-    main()

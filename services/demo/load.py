@@ -24,11 +24,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from services.devclient import DevClient, envelope, order_placed, wait_for
 from services.runtime.kafka import client_options
-from services.runtime.topics import partitions_of
+from services.runtime.topics import PAYMENT_REQUESTS_TOPIC as REQUESTS_TOPIC
+from services.runtime.topics import STATUS_TOPIC, partitions_of
 
 PAID, FAILED, REFUNDED = "PAID_CONFIRMED", "PAYMENT_FAILED", "REFUNDED"
 FINAL = (PAID, FAILED, REFUNDED, "NEEDS_RECONCILIATION")
-STATUS_TOPIC, REQUESTS_TOPIC = "orders.status.v1", "payments.requests.v1"
 #: orders started per second, and at most this many under way (the saga does ~5/s here)
 RATE, IN_FLIGHT = 5.0, 16
 WAIT_S = 90.0  # for one status of one order

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 from rich.table import Table
 
+from services.demo.load import FINAL
 from services.devclient import DevClient, new_id
 from services.runtime.terminal import make_console
 
 console = make_console()
-FINAL = {"PAID_CONFIRMED", "PAYMENT_FAILED", "REFUNDED", "NEEDS_RECONCILIATION"}
 
 
 @dataclasses.dataclass

@@ -105,7 +105,11 @@ def build() -> Service:
                 batch=settings.payments_request_concurrency,
             )  # fmt: skip
             loop = WorkLoop(
-                "payments", libpq_conninfo(url), request_store.REQUEST_CHANNEL, rounds.tick
+                "payments",
+                libpq_conninfo(url),
+                request_store.REQUEST_CHANNEL,
+                rounds.tick,
+                drain=rounds.drain,
             )
             await loop.run(stop)
 

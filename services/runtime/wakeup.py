@@ -44,12 +44,25 @@ class WorkLoop:
         tick: Callable[[], Awaitable[bool]],
         poll_s: float = 0.5,
         backoff_max_s: float = 10.0,
+        drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.name, self.conninfo, self.channel = name, conninfo, channel
         self.tick, self.poll_s, self.backoff_max_s = tick, poll_s, backoff_max_s
+        #: on stop, waits for the work ``tick`` started to end (intent rounds in flight)
+        self.drain = drain
         self._rng = random.Random()
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            if self.drain is not None:
+                try:
+                    await self.drain()
+                except Exception as exc:  # noqa: BLE001 - stopping: its row is reclaimed after the lease
+                    log.warning("%s worker: a round ended in %s", self.name, said(exc))
+
+    async def _run(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
             try:

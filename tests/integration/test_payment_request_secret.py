@@ -82,8 +82,9 @@ async def test_a_failed_outbox_write_of_payment_requested_names_no_client_secret
         lease=timedelta(seconds=30),
     )  # fmt: skip
     try:
+        assert await worker.tick()  # the round started
         with pytest.raises(DBAPIError, match="could not serialize") as failed:
-            await worker.tick()
+            await worker.drain()  # and ended in the error
     finally:
         await gateway.aclose()
         await engine.dispose()

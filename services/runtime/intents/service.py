@@ -81,7 +81,10 @@ def intent_service(
                 engine, gateway, policy, metrics,
                 lease=timedelta(seconds=own.lease_s), batch=own.concurrency,
             )  # fmt: skip
-            await WorkLoop(name, libpq_conninfo(url), channel, rounds.tick, own.poll_s).run(stop)
+            loop = WorkLoop(
+                name, libpq_conninfo(url), channel, rounds.tick, own.poll_s, drain=rounds.drain
+            )
+            await loop.run(stop)
 
     return Service(
         name=name,

@@ -73,6 +73,8 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         self.engine, self.gateway, self.policy, self.metrics = engine, gateway, policy, metrics
         self.lease, self.batch, self.clock = lease, batch, clock
         self.rng = rng or random.Random()
+        #: the rounds in flight (``tick``)
+        self._rounds: set[asyncio.Task[None]] = set()
         self.round_budget_s = lease.total_seconds() * 0.8
         self.log = logging.getLogger(f"paysaga.{type(self).__name__}")
 
@@ -91,8 +93,8 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
     def report(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
         """Metrics and a log line for a finished round."""
 
-    async def claim_due(self) -> list[Claimed[ClaimT]]:
-        return await self.intents.claim_due(self.engine, self.clock(), self.batch, self.lease)
+    async def claim_due(self, limit: int) -> list[Claimed[ClaimT]]:
+        return await self.intents.claim_due(self.engine, self.clock(), limit, self.lease)
 
     async def resolve(self, claimed: Claimed[ClaimT], resolution: ResolutionT) -> bool:
         """Transaction B; False when the claim was lost (another worker took the row)."""
@@ -102,17 +104,37 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         )
 
     async def tick(self) -> bool:
-        """Run one round for each due intent (concurrently); False if none was due."""
-        claimed = await self.claim_due()
-        if not claimed:
-            return False
-        results = await asyncio.gather(*(self._round(c) for c in claimed), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        """Keep up to ``batch`` rounds in flight: start one for each due intent while a
+        slot is free; a round that ends frees its slot at once, so one slow gateway call
+        holds up no other. With every slot taken, wait for one to free. False when no
+        slot was taken up and nothing more is due (the loop waits for a notification).
+        A round's error is raised by the tick after it ended (its row stays in_flight
+        and is reclaimed after the lease)."""
+        self._reap()
+        free = self.batch - len(self._rounds)
+        claimed = await self.claim_due(free) if free > 0 else []
+        for c in claimed:
+            self._rounds.add(asyncio.create_task(self._round(c)))
+        if len(self._rounds) >= self.batch:
+            await asyncio.wait(self._rounds, return_when=asyncio.FIRST_COMPLETED)
+            self._reap()
+            return True
+        return bool(claimed)
+
+    async def drain(self) -> None:
+        """Wait for the rounds in flight to end (a graceful stop); raise the first error."""
+        if self._rounds:
+            await asyncio.wait(self._rounds)
+        self._reap()
+
+    def _reap(self) -> None:
+        done = [t for t in self._rounds if t.done()]
+        self._rounds.difference_update(done)
+        errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
         for error in errors[1:]:
             self.log.error("round failed", exc_info=error)
         if errors:
-            raise errors[0]  # its row stays in_flight and is reclaimed after the lease
-        return True
+            raise errors[0]
 
     async def _round(self, claimed: Claimed[ClaimT]) -> None:
         # a span per round, in the trace of the record that recorded the intent: its

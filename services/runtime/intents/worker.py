@@ -93,8 +93,10 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
     def report(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
         """Metrics and a log line for a finished round."""
 
-    async def claim_due(self, limit: int) -> list[Claimed[ClaimT]]:
-        return await self.intents.claim_due(self.engine, self.clock(), limit, self.lease)
+    async def claim_due(self, limit: int | None = None) -> list[Claimed[ClaimT]]:
+        """Claim up to ``limit`` due intents (``batch`` by default)."""
+        n = self.batch if limit is None else limit
+        return await self.intents.claim_due(self.engine, self.clock(), n, self.lease)
 
     async def resolve(self, claimed: Claimed[ClaimT], resolution: ResolutionT) -> bool:
         """Transaction B; False when the claim was lost (another worker took the row)."""

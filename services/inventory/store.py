@@ -30,7 +30,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.inventory.domain import Line, ReservationState, StockLevel
-from services.runtime.outbox import savepoint as outbox_savepoint
 
 metadata = MetaData()
 
@@ -138,7 +137,7 @@ async def reserve(
     if claimed.first() is None:
         return None
     short: list[str] = []
-    async with outbox_savepoint(conn) as savepoint:
+    async with conn.begin_nested() as savepoint:
         for line in lines:
             held = await conn.execute(
                 update(stock)

@@ -23,7 +23,6 @@ from services.runtime.logs import bound
 from services.runtime.member import Member
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics, track_steps
-from services.runtime.outbox import buffered
 from services.runtime.positions import save_position, save_positions
 
 log = logging.getLogger("paysaga.consumer")
@@ -67,7 +66,7 @@ class BatchProcessor:
         if len(work) > 1:
             try:
                 outcomes: list[tuple[str, str]] = []
-                async with self.engine.begin() as conn, buffered(conn):
+                async with self.engine.begin() as conn:
                     steps = track_steps(conn)
                     keys = await self.blocking.load(conn, [r for _, rs in work for r in rs])
                     for _, records in work:
@@ -98,7 +97,7 @@ class BatchProcessor:
         self.metrics.batch_size.labels(self.service).observe(len(records))
         outcomes: list[tuple[str, str]] = []
         try:
-            async with self.engine.begin() as conn, buffered(conn):
+            async with self.engine.begin() as conn:
                 steps = track_steps(conn)
                 keys = await self.blocking.load(conn, records)
                 for rec in records:
@@ -134,7 +133,7 @@ class BatchProcessor:
             # fails transiently instead of failing as a whole
             last_attempt = time.monotonic() - started >= self.retry_budget_s
             try:
-                async with self.engine.begin() as conn, buffered(conn):
+                async with self.engine.begin() as conn:
                     steps = track_steps(conn)
                     keys = self.blocking.open(conn, last_attempt=last_attempt)
                     outcome = await keys.apply(rec)

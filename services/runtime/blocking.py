@@ -27,7 +27,6 @@ from services.runtime.inbox import Claims, Inbox
 from services.runtime.locks import xact_lock
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics
-from services.runtime.outbox import savepoint
 from services.runtime.tables import blocked_records, dead_letters
 from services.runtime.topics import load_specs
 from services.runtime.tracing import TRACEPARENT, span
@@ -336,7 +335,7 @@ class BlockedKeys:
                 timestamp_ms=row.timestamp_ms,
             )
             try:
-                async with savepoint(conn):  # a failure undoes this record only
+                async with conn.begin_nested():  # a failure undoes this record only
                     await b.inbox.handle(conn, rec)
             except Exception as exc:
                 if is_transient(exc) and not self.last_attempt:

@@ -6,22 +6,19 @@ model of ``schemas.events`` / ``schemas.contract`` (its class name is its event 
 ``write_event`` builds its validated envelope (``schemas.envelope.new_envelope``) from
 the ``Cause`` — causation id, ``saga_seq``, correlation id, traceparent — and writes
 the row. ``write_raw`` is for records that are not events of ours (a dead letter's
-replay keeps the bytes it had). A consumer's batch writes its rows in one statement at
-its end (``buffered``).
+replay keeps the bytes it had).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.envelope import dump, event_type_of, new_envelope
 from services.runtime import tracing
@@ -32,8 +29,6 @@ from services.runtime.wakeup import notify
 OUTBOX_CHANNEL = "paysaga_outbox"
 #: ``conn.info`` key: outbox rows written on the connection so far (step latency)
 OUTBOX_ROWS = "paysaga_outbox_rows"
-#: ``conn.info`` key: the rows a ``buffered`` block holds, not inserted yet
-_PENDING = "paysaga_outbox_pending"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,39 +53,6 @@ class Cause:
         return dataclasses.replace(self, saga_seq=None)
 
 
-@contextlib.asynccontextmanager
-async def buffered(conn: AsyncConnection) -> AsyncIterator[None]:
-    """Keep the outbox rows written in the block in memory and insert them in one
-    statement at its end, in ``conn``'s transaction (a batch of records: one round trip
-    for its events, not one per event). An error in the block drops them, as the
-    transaction's rollback does the rest. Savepoints flush first (``savepoint``)."""
-    conn.info[_PENDING] = []
-    try:
-        yield
-        await flush(conn)
-    finally:
-        del conn.info[_PENDING]
-
-
-@contextlib.asynccontextmanager
-async def savepoint(conn: AsyncConnection) -> AsyncIterator[AsyncTransaction]:
-    """``conn.begin_nested()``, the rows a ``buffered`` block holds inserted first: a
-    rollback to the savepoint must not undo them, and rows keep the order written. The
-    one way paysaga code enters a savepoint."""
-    await flush(conn)
-    async with conn.begin_nested() as nested:
-        yield nested
-
-
-async def flush(conn: AsyncConnection) -> None:
-    """Insert the rows a ``buffered`` block holds, in the order written."""
-    pending: list[dict[str, Any]] | None = conn.info.get(_PENDING)
-    if pending:
-        rows = pending[:]
-        pending.clear()
-        await conn.execute(insert(outbox).values(rows))
-
-
 async def write_raw(
     conn: AsyncConnection,
     topic: str,
@@ -98,14 +60,9 @@ async def write_raw(
     value: bytes,
     headers: Sequence[tuple[str, str]] = (),
 ) -> None:
-    row = {"topic": topic, "key": key, "value": value, "headers": [list(h) for h in headers]}
-    pending: list[dict[str, Any]] | None = conn.info.get(_PENDING)
-    if pending is not None and not conn.in_nested_transaction():
-        pending.append(row)
-    else:
-        # in a savepoint (entered by ``savepoint``: nothing held) or unbuffered: now
-        assert not pending, "a savepoint entered without outbox.savepoint"
-        await conn.execute(insert(outbox).values(row))
+    await conn.execute(
+        insert(outbox).values(topic=topic, key=key, value=value, headers=[list(h) for h in headers])
+    )
     conn.info[OUTBOX_ROWS] = conn.info.get(OUTBOX_ROWS, 0) + 1
     # delivered at commit, and only if the transaction commits; once per transaction
     transaction = conn.get_transaction()

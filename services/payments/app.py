@@ -7,6 +7,7 @@ import hashlib
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.payments import request_store, unmatched_store
@@ -46,7 +47,7 @@ class PaymentsSettings(BaseSettings):
     payments_request_retry_base_s: float = 1.0
     payments_request_retry_max_s: float = 60.0
     payments_request_lease_s: float = 120.0
-    payments_request_concurrency: int = 8
+    payments_request_concurrency: int = Field(8, ge=1)
 
 
 def confirmation_dedupe_key(rec: Record) -> str:

@@ -57,7 +57,7 @@ def check(
         return exc.reason
     try:
         raw = json.loads(rec.value)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, nesting
         return "invalid_body"
     # every key/value pair of the raw bytes: json.loads kept only the last of a
     # repeated key, behind which card data could hide

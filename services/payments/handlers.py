@@ -114,6 +114,6 @@ def _flags_its_order(rec: Record) -> bool:
         return False
     try:
         envelope = json.loads(rec.value)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, nesting
         return False
     return isinstance(envelope, dict) and envelope.get("event_type") == event_type_of(OrderPlaced)

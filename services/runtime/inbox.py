@@ -197,7 +197,7 @@ def parse_envelope(value: bytes) -> dict[str, Any]:
     """Decode and minimally check an envelope; payloads are validated by handlers."""
     try:
         doc = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting
         raise PermanentError("invalid_json", str(exc)) from exc
     if not isinstance(doc, dict):
         raise PermanentError("invalid_envelope", "record value is not a JSON object")

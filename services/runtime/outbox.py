@@ -68,7 +68,9 @@ async def write_raw(
     transaction = conn.get_transaction()
     if conn.info.get("outbox_notified") is not transaction:
         await notify(conn, OUTBOX_CHANNEL)
-        conn.info["outbox_notified"] = transaction
+        # a NOTIFY in a savepoint that is rolled back is undone with it: said again
+        if not conn.in_nested_transaction():
+            conn.info["outbox_notified"] = transaction
 
 
 async def write_event(

@@ -157,6 +157,9 @@ class _Executed:
     def get_transaction(self) -> object:
         return self
 
+    def in_nested_transaction(self) -> bool:
+        return False
+
 
 class Noted(BaseModel):
     order_id: str

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.runtime.gateway_client import GatewayClient
@@ -40,7 +41,8 @@ class IntentServiceSettings(BaseSettings):
     #: client's PAYSAGA_GATEWAY_MAX_ATTEMPTS x PAYSAGA_GATEWAY_TIMEOUT_S plus backoff)
     lease_s: float = 120.0
     poll_s: float = 0.5
-    concurrency: int = 8
+    #: gateway rounds in flight at most
+    concurrency: int = Field(8, ge=1)
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

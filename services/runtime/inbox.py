@@ -85,10 +85,9 @@ class Inbox:
 
     async def claim(self, conn: AsyncConnection, records: Sequence[Record]) -> Claims:
         """Enter the inbox keys of ``records`` that this group handles, in one statement
-        (sorted: two members claiming overlapping keys wait in one order), in ``conn``'s
-        transaction — which then applies every one of them or rolls back. A record that
-        does not route (``handle`` raises its error) or that the group ignores is not
-        claimed."""
+        (``enter``), in ``conn``'s transaction — which then applies every one of them or
+        rolls back. A record that does not route (``handle`` raises its error) or that the
+        group ignores is not claimed."""
         claims = Claims()
         for rec in records:
             try:
@@ -97,15 +96,7 @@ class Inbox:
                 continue
             if routed[0] is not None:
                 claims.routes[_at(rec)] = routed
-        keys = sorted({dedupe for _, dedupe, _ in claims.routes.values()})
-        if keys:
-            entered = await conn.execute(
-                pg_insert(inbox)
-                .values([{"consumer_group": self.group, "dedupe_key": k} for k in keys])
-                .on_conflict_do_nothing()
-                .returning(inbox.c.dedupe_key)
-            )
-            claims.entered = set(entered.scalars())
+        claims.entered = await self.enter(conn, {d for _, d, _ in claims.routes.values()})
         return claims
 
     async def handle(self, conn: AsyncConnection, rec: Record, claims: Claims | None = None) -> str:
@@ -127,15 +118,8 @@ class Inbox:
                 assert claims is not None
                 if not claims.take(dedupe):
                     return "duplicate"
-            else:
-                inserted = await conn.execute(
-                    pg_insert(inbox)
-                    .values(consumer_group=self.group, dedupe_key=dedupe)
-                    .on_conflict_do_nothing()
-                    .returning(inbox.c.dedupe_key)
-                )
-                if inserted.first() is None:
-                    return "duplicate"
+            elif not await self.enter(conn, {dedupe}):
+                return "duplicate"
             now = datetime.now(UTC)
             ctx = Context(conn=conn, record=rec, envelope=envelope, now=now, traceparent=tp)
             written = conn.info.get(OUTBOX_ROWS, 0)
@@ -168,15 +152,20 @@ class Inbox:
         )
         return found.first() is not None
 
-    async def enter(self, conn: AsyncConnection, keys: set[str]) -> None:
-        """Enter inbox keys without applying their records (resolved dead letters):
-        their other copies are duplicates from now on."""
-        if keys:
-            await conn.execute(
-                pg_insert(inbox)
-                .values([{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)])
-                .on_conflict_do_nothing()
-            )
+    async def enter(self, conn: AsyncConnection, keys: set[str]) -> set[str]:
+        """Enter inbox keys in one statement (sorted: two members entering overlapping
+        keys wait in one order), in ``conn``'s transaction; the keys that were new. The
+        one insert into the inbox: a record's own key, a batch's claim, the keys of
+        resolved dead letters (their other copies are duplicates from then on)."""
+        if not keys:
+            return set()
+        entered = await conn.execute(
+            pg_insert(inbox)
+            .values([{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)])
+            .on_conflict_do_nothing()
+            .returning(inbox.c.dedupe_key)
+        )
+        return set(entered.scalars())
 
 
 def log_fields(rec: Record, envelope: dict[str, Any] | None) -> dict[str, str | None]:

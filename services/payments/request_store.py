@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, update
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.contract import PaymentRequested
@@ -18,7 +18,6 @@ from services.payments.domain import Order
 from services.payments.store import orders, payment_requests
 from services.runtime.intents.store import Claimed, IntentStore, unsettled_values
 from services.runtime.outbox import Cause, write_event
-from services.runtime.tables import outbox
 from services.runtime.topics import PAYMENT_REQUESTS_TOPIC
 from services.runtime.wakeup import notify
 
@@ -124,14 +123,3 @@ async def record_request(conn: AsyncConnection, order: Order, cause: Cause, now:
     if recorded:
         await notify(conn, REQUEST_CHANNEL)
     return recorded
-
-
-async def forget_sent_requests(conn: AsyncConnection) -> int:
-    """Delete PaymentRequested rows the relay has published: the client secret stays in
-    the outbox only until Kafka has it, not for the outbox's retention."""
-    result = await conn.execute(
-        delete(outbox).where(
-            outbox.c.topic == PAYMENT_REQUESTS_TOPIC, outbox.c.sent_at.is_not(None)
-        )
-    )
-    return result.rowcount or 0

@@ -10,8 +10,8 @@ payment intent and — for a created payment — PaymentRequested with the clien
 after the lease and sent again under the same key.
 
 The client secret lives in this process's memory during the round, then in the outbox
-row until the relay has published it; the worker deletes such rows once they are sent
-(``request_store.forget_sent_requests``). It is never logged
+row until the relay has published it; the relay deletes such rows once Kafka has them
+(``relay.FORGOTTEN_ONCE_SENT``). It is never logged
 (``requests.Requested.__repr__``).
 """
 
@@ -117,10 +117,3 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
         return requests.retry_or_fail(
             claimed.claim.round, error, self.clock(), self.policy, self.rng.random()
         )
-
-    async def tick(self) -> bool:
-        """A round for each due request, then drop the published PaymentRequested rows."""
-        worked = await super().tick()
-        async with self.engine.begin() as conn:
-            await request_store.forget_sent_requests(conn)
-        return worked

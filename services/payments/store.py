@@ -126,7 +126,8 @@ unmatched = Table(
     Column("failure_message", Text, nullable=True),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: parked | matched | resolved_order | refund_pending | resolved_refund | rejected;
-    #: only ``parked`` is ever matched (``unmatched_store.load_unmatched_of``)
+    #: only ``parked`` is ever matched (``unmatched_store.load_unmatched_of``, which also
+    #: reads the intent's given-back payments: the index serves every state)
     Column("state", String(16), nullable=False, server_default="parked"),
     Column("resolution", Text, nullable=True),
     Column("resolved_at", DateTime(timezone=True), nullable=True),
@@ -135,7 +136,7 @@ unmatched = Table(
     Column("refund_key", Text, nullable=True),
     Column("refund_requested_at", DateTime(timezone=True), nullable=True),
     UniqueConstraint("transaction_id", "type", name="uq_unmatched_txn_type"),
-    Index("ix_unmatched_intent", "payment_intent_id", postgresql_where="state = 'parked'"),
+    Index("ix_unmatched_intent", "payment_intent_id"),
 )
 
 #: every signature-verified gateway event id: the contract's first duplicate rule

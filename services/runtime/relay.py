@@ -21,7 +21,9 @@ Guarantees:
   fault; any other failure stands the relay down to retry the pass later.
 * Woken by LISTEN/NOTIFY when a handler commits outbox rows; a slow poll is the
   fallback when a notification is missed.
-* Sent rows and inbox rows past their retention are pruned.
+* Sent rows and inbox rows past their retention are pruned; a row of a topic in
+  ``FORGOTTEN_ONCE_SENT`` (the payment requests, which carry the gateway's client
+  secret) is deleted instead of marked sent, by its id, in the same statement.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ from services.runtime.kafka import client_options
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
 from services.runtime.tables import dead_letters, inbox, outbox
+from services.runtime.topics import PAYMENT_REQUESTS_TOPIC
 from services.runtime.wakeup import listen, wait_for_notification
 
 log = logging.getLogger("paysaga.relay")
+
+#: topics whose outbox rows are deleted once Kafka has them, not kept for the retention:
+#: a PaymentRequested carries the gateway's client secret (docs/contract.md §3.7)
+FORGOTTEN_ONCE_SENT = frozenset({PAYMENT_REQUESTS_TOPIC})
 
 
 class RelaySettings(BaseSettings):
@@ -163,7 +170,7 @@ class OutboxRelay:
                 )
             ).all()
             blocked: set[bytes] = set()  # keys of rows set aside during this pass
-            sent: list[int] = []
+            sent: list[Row[Any]] = []
             try:
                 for wave in _waves(rows):
                     await self._publish_wave(
@@ -175,13 +182,17 @@ class OutboxRelay:
         return len(rows) == self.settings.batch
 
     async def _publish_wave(
-        self, conn: AsyncConnection, wave: list[Row[Any]], blocked: set[bytes], sent: list[int]
+        self,
+        conn: AsyncConnection,
+        wave: list[Row[Any]],
+        blocked: set[bytes],
+        sent: list[Row[Any]],
     ) -> None:
         """Send rows of distinct keys without waiting for each ack (the idempotent
         producer keeps the order per partition); the acknowledged ones join ``sent``."""
         results = await self._send(wave)
         fault_point("relay_after_send_before_mark")
-        sent += [r.id for r, exc in zip(wave, results, strict=True) if exc is None]
+        sent += [r for r, exc in zip(wave, results, strict=True) if exc is None]
         failed = [r for r, exc in zip(wave, results, strict=True) if exc is not None]
         if not failed:
             return
@@ -192,7 +203,7 @@ class OutboxRelay:
         for r in failed:
             [exc] = await self._send([r])
             if exc is None:
-                sent.append(r.id)
+                sent.append(r)
             elif refused_by_kafka(exc):
                 await self._mark_dead(conn, r, exc)
                 if r.key is not None:
@@ -218,13 +229,19 @@ class OutboxRelay:
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         return [o if isinstance(o, BaseException) else None for o in outcomes]
 
-    async def _mark_sent(self, conn: AsyncConnection, ids: list[int]) -> None:
-        if not ids:
+    async def _mark_sent(self, conn: AsyncConnection, rows: list[Row[Any]]) -> None:
+        """Mark the acknowledged ``rows`` sent — or delete those of a topic in
+        ``FORGOTTEN_ONCE_SENT`` — in one statement."""
+        if not rows:
             return
-        await conn.execute(
-            update(outbox).where(outbox.c.id.in_(ids)).values(sent_at=datetime.now(UTC))
-        )
-        self.metrics.outbox_published.labels(self.service).inc(len(ids))
+        keep = [r.id for r in rows if r.topic not in FORGOTTEN_ONCE_SENT]
+        forget = [r.id for r in rows if r.topic in FORGOTTEN_ONCE_SENT]
+        marked = update(outbox).where(outbox.c.id.in_(keep)).values(sent_at=datetime.now(UTC))
+        if forget:  # a data-modifying CTE: both in one statement, or neither
+            forgotten = delete(outbox).where(outbox.c.id.in_(forget)).returning(outbox.c.id)
+            marked = marked.add_cte(forgotten.cte("forgotten"))
+        await conn.execute(marked)
+        self.metrics.outbox_published.labels(self.service).inc(len(rows))
 
     async def _mark_dead(self, conn: AsyncConnection, r: Row[Any], exc: BaseException) -> None:
         """Set the row aside with its error; said once, here, not on every pass."""

@@ -36,14 +36,23 @@ def create_runtime_db(infra: Infra, dbname: str) -> str:
     return infra.db_url(dbname)
 
 
+def refunds_db(
+    infra: Infra, prefix: str
+) -> contextlib.AbstractAsyncContextManager[tuple[AsyncEngine, str]]:
+    """A fresh database at the refunds schema (intents, inbox, outbox)."""
+    return service_db(infra, "refunds", prefix)
+
+
 @contextlib.asynccontextmanager
-async def refunds_db(infra: Infra, prefix: str) -> AsyncIterator[tuple[AsyncEngine, str]]:
-    """A fresh database at the refunds schema (intents, inbox, outbox): engine, conninfo;
-    dropped afterwards."""
+async def service_db(
+    infra: Infra, service: str, prefix: str
+) -> AsyncIterator[tuple[AsyncEngine, str]]:
+    """A fresh database at ``service``'s schema (its migrations at head): engine,
+    conninfo; dropped afterwards."""
     dbname = f"paysaga_{prefix}_{uid()}"
     with psycopg.connect(infra.conninfo("postgres"), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{dbname}"')
-    migrate.upgrade("refunds", infra.db_url(dbname))
+    migrate.upgrade(service, infra.db_url(dbname))
     engine = make_engine(infra.db_url(dbname))
     try:
         yield engine, infra.conninfo(dbname)

@@ -234,6 +234,8 @@ class BlockedKeys:
         if release:
             await self.release(key, "purged")
             return "released"
+        if not control and b.inbox.ignores(rec):
+            return "skipped"  # nothing to apply in order behind a dead letter either
         if not replay and (self.known is None or key in self.known):
             blocked_as = await self._block(key, rec)
             if blocked_as is not None:

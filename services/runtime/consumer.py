@@ -13,6 +13,12 @@ Guarantees:
   writes its inbox row (dedupe), its outbox rows (emitted events) and the consumer
   position. State, emitted events and position commit together or not at all; the
   Kafka offset commit afterwards is informational (lag tooling).
+* A batch of records the group ignores, every one (event types it does not consume),
+  has nothing to write but the position: it is taken without a transaction, and the
+  positions past such batches are stored in one write within
+  ``skipped_position_every_s`` (or with the partition's next applied batch). A crash
+  meanwhile re-reads them, to be ignored again; a partition the group never stored a
+  position for stores it at once.
 * On assignment the consumer seeks to the position stored in the database, so a crash
   at any point re-delivers only records whose transaction did not commit.
 * A duplicate (same dedupe key for this consumer group) is acknowledged and changes
@@ -65,7 +71,7 @@ from services.runtime.inbox import Inbox
 from services.runtime.kafka import client_options
 from services.runtime.messages import Record, Route
 from services.runtime.metrics import RuntimeMetrics
-from services.runtime.positions import Positions
+from services.runtime.positions import Positions, save_positions
 from services.runtime.retry import backoff_s
 
 __all__ = ["ConsumerRuntime", "RuntimeSettings"]
@@ -91,6 +97,9 @@ class RuntimeSettings(BaseSettings):
     heartbeat_interval_ms: int = 3_000
     #: not ready when records wait (lag > 0) and no stored position advanced for this long
     stall_after_s: float = 120.0
+    #: how long the stored position of a partition may stay behind records the group
+    #: ignores (``ConsumerRuntime._skip``): they are stored in one write at most this often
+    skipped_position_every_s: float = 1.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -107,6 +116,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         # retries and dead letter stop at the next check (``owns``).
         for tp in revoked:
             self.runtime.positions.revoked(tp)
+            self.runtime.skipped.pop(tp, None)
             self.runtime.revocations[tp] = self.runtime.revocations.get(tp, 0) + 1
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -177,6 +187,10 @@ class ConsumerRuntime:
         #: no longer this member's to retry or dead-letter
         self.revocations: dict[TopicPartition, int] = {}
         self.last_progress = 0.0
+        #: partitions whose last batches were only records the group ignores: the next
+        #: offset, stored in one write per ``skipped_position_every_s`` (``_skip``)
+        self.skipped: dict[TopicPartition, int] = {}
+        self._skipped_since: float | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
 
@@ -216,13 +230,55 @@ class ConsumerRuntime:
                 for tp, messages in batch.items():
                     records = [Record.from_kafka(m) for m in messages]
                     records = await self.positions.in_position(tp, records)
-                    if records:
+                    if records and not self._skip(tp, records):
                         placed.append((tp, records))
                 await self._process_lanes(lanes_of(placed, self.lanes), fetched)
+                await self._store_skipped()
                 await self._update_lag()
         finally:
+            await self._store_skipped(now=True)
             await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
             self._consumer = None
+
+    def _skip(self, tp: TopicPartition, records: list[Record]) -> bool:
+        """Take a batch of records that the group ignores, every one (``Inbox.ignores``),
+        without a transaction: applying it would change nothing but the stored position,
+        which follows within ``skipped_position_every_s`` (``_store_skipped``). Until it
+        does, a restart re-reads them and ignores them again. Only where the group has a
+        stored position already: a partition without one must get it at once, or a
+        restart would take Kafka's committed offset for lost positions."""
+        if not isinstance(self.positions.expected.get(tp), int):
+            return False
+        if tp.topic == self.blocking.control_topic or not all(map(self.inbox.ignores, records)):
+            return False
+        self.skipped[tp] = self.positions.expected[tp] = records[-1].offset + 1
+        if self._skipped_since is None:
+            self._skipped_since = time.monotonic()
+        self.metrics.records.labels(self.service, tp.topic, "skipped").inc(len(records))
+        self._progress()
+        return True
+
+    async def _store_skipped(self, *, now: bool = False) -> None:
+        """Store the positions past skipped batches (``_skip``) in one write, once the
+        oldest waited ``skipped_position_every_s`` (``now``: at once, when stopping); then
+        commit them to Kafka. A failed write is tried again on the next round."""
+        since = self._skipped_since
+        if since is None or not (
+            now or time.monotonic() - since >= self.settings.skipped_position_every_s
+        ):
+            return
+        positions = dict(self.skipped)
+        try:
+            async with self.engine.begin() as conn:
+                await save_positions(conn, self.group, positions)
+        except Exception as exc:
+            log.info("%s positions past skipped records not stored yet: %s", self.group, said(exc))
+            return
+        for tp, nxt in positions.items():
+            if self.skipped.get(tp) == nxt:
+                del self.skipped[tp]
+        self._skipped_since = time.monotonic() if self.skipped else None
+        await self._commit_kafka(positions)
 
     async def _process_lanes(
         self,
@@ -249,6 +305,8 @@ class ConsumerRuntime:
 
         moved: dict[TopicPartition, int] = {}
         outcomes = await asyncio.gather(*(lane(w) for w in lanes), return_exceptions=True)
+        for tp in moved:  # stored with the batch past the skipped records
+            self.skipped.pop(tp, None)
         await self._commit_kafka(moved)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

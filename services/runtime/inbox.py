@@ -76,6 +76,15 @@ class Inbox:
         envelope = parse_envelope(rec.value)
         return route.handlers.get(str(envelope["event_type"])), str(envelope["event_id"]), envelope
 
+    def ignores(self, rec: Record) -> bool:
+        """Whether this group ignores ``rec``: it routes, to no handler (an event type
+        of the topic that the group does not consume). Such a record changes nothing —
+        not the inbox, not behind a dead letter — only the position moves past it."""
+        try:
+            return self.route(rec)[0] is None
+        except Exception:
+            return False  # it is handled as what it is: invalid, dead-lettered
+
     def dedupe_key(self, rec: Record) -> str | None:
         """The inbox key of a record, None if it has none (it is not even an envelope)."""
         try:

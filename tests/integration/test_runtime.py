@@ -185,3 +185,42 @@ def test_a_batchs_inbox_keys_are_claimed_for_the_records_it_applies_and_no_other
         ledger.group,
     )
     assert parked == [("k3", 1)]
+
+
+def test_records_the_group_ignores_move_the_stored_position_and_change_nothing_else(
+    ledger: Ledger,
+) -> None:
+    """A batch of event types the group does not consume is taken without a transaction
+    of its own: the stored position follows within PAYSAGA_SKIPPED_POSITION_EVERY_S. No
+    inbox key is entered for them, and one of a blocked key is not stored behind its dead
+    letter (its release would only skip it)."""
+    b = ledger.infra.bootstrap
+    credit = envelope("Credit", {"account": "k1", "amount": 1, "seq": 1}, event_id="ev-credit")
+    asyncio.run(produce(b, ledger.in_topic, [("k3", b"{not json"), ("k1", credit)], partition=0))
+    ledger.process().start()
+    wait_for(lambda: ledger.applied() == [("k1", 1, "ev-credit")], what="k1 applied")
+    wait_for(lambda: asyncio.run(read_all(b, f"{ledger.group}.dlq")), what="k3 dead-lettered")
+
+    noise = [(f"k{i % 4}", envelope("Noise", {"account": f"k{i % 4}"})) for i in range(40)]
+    asyncio.run(produce(b, ledger.in_topic, noise, partition=0))
+
+    def stored() -> int:
+        rows = query(
+            ledger.conninfo,
+            "SELECT next_offset FROM consumer_positions"
+            " WHERE consumer_group = %s AND topic = %s AND partition = 0",
+            ledger.group,
+            ledger.in_topic,
+        )
+        return int(rows[0][0]) if rows else -1
+
+    wait_for(lambda: stored() == 42, what="the stored position past the ignored records")
+    assert ledger.applied() == [("k1", 1, "ev-credit")]
+    entered = query(
+        ledger.conninfo, "SELECT dedupe_key FROM inbox WHERE consumer_group = %s", ledger.group
+    )
+    assert entered == [("ev-credit",)]
+    parked = query(
+        ledger.conninfo, "SELECT count(*) FROM parked WHERE consumer_group = %s", ledger.group
+    )
+    assert parked == [(0,)]  # k3's Noise records are not kept behind its dead letter

@@ -440,6 +440,11 @@ def test_a_deployment_per_service_with_probes_ports_settings_and_secrets() -> No
     }
     for name, dep in deployments.items():
         service = name.removeprefix("paysaga-")
+        if service == "monitor":  # one member of its group only: never two pods at once
+            assert dep["spec"]["replicas"] == 1
+            assert dep["spec"]["strategy"] == {"type": "Recreate"}
+        else:
+            assert dep["spec"]["replicas"] == 2, name
         [c] = dep["spec"]["template"]["spec"]["containers"]
         assert c["ports"] == [{"name": "http", "containerPort": ports[service]}]
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}

@@ -40,6 +40,7 @@ from services.monitor import domain
 from services.monitor.domain import Deadlines, Saga, StatusChange
 from services.monitor.stall_check import StallCheck
 from services.monitor.web import MonitorMetrics, add_pages
+from services.runtime import tracing
 from services.runtime.kafka import client_options
 from services.runtime.service import configure_logging
 from services.runtime.settings import KafkaSettings
@@ -95,8 +96,11 @@ def broker_credentials(settings: KafkaSettings) -> Any:
     return faust.SSLCredentials(ssl_context) if ssl_context is not None else None
 
 
-def status_change(key: bytes | None, value: bytes | None) -> StatusChange:
-    """The monitor's view of one status record; raises ValueError on a malformed one."""
+def status_change(
+    key: bytes | None, value: bytes | None, trace: bytes | None = None
+) -> StatusChange:
+    """The monitor's view of one status record (``trace``: its ``traceparent`` header);
+    raises ValueError on a malformed one."""
     if value is None:
         raise ValueError("tombstone")
     env = Envelope.model_validate_json(value)
@@ -113,6 +117,7 @@ def status_change(key: bytes | None, value: bytes | None) -> StatusChange:
         event_id=env.event_id,
         correlation_id=env.correlation_id,
         saga_seq=env.saga_seq,
+        traceparent=trace.decode() if trace is not None and tracing.parse(trace) else None,
     )
 
 
@@ -183,8 +188,9 @@ class Monitor:
             yield None
 
     def on_status(self, key: bytes | None, value: bytes | None, message: Any) -> None:
+        headers = dict(message.headers or ())  # faust gives a list of pairs or a mapping
         try:
-            change = status_change(key, value)
+            change = status_change(key, value, headers.get(tracing.TRACEPARENT))
         except ValueError as exc:
             self.metrics.records.labels("invalid").inc()
             log.error(

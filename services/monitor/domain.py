@@ -89,6 +89,8 @@ class StatusChange:
     event_id: str
     correlation_id: str | None = None
     saga_seq: int | None = None
+    #: the record's ``traceparent`` header, if it carried a valid one
+    traceparent: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +104,11 @@ class Saga:
     started: float | None = None
     #: statuses of this attempt already reported as stalled
     alerted: tuple[OrderStatus, ...] = ()
-    #: the status event, for the SagaStalled envelope's causation and correlation
+    #: the status event, for the SagaStalled envelope's causation, correlation and trace
     event_id: str = ""
     correlation_id: str | None = None
     saga_seq: int | None = None
+    traceparent: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +120,7 @@ class Saga:
             "event_id": self.event_id,
             "correlation_id": self.correlation_id,
             "saga_seq": self.saga_seq,
+            "traceparent": self.traceparent,
         }
 
     @classmethod
@@ -130,6 +134,7 @@ class Saga:
             event_id=str(d.get("event_id") or ""),
             correlation_id=d.get("correlation_id"),
             saga_seq=d.get("saga_seq"),
+            traceparent=d.get("traceparent"),  # absent in rows written before it was kept
         )
 
     def with_alerted(self) -> Saga:
@@ -163,6 +168,7 @@ def note_status(saga: Saga | None, change: StatusChange) -> tuple[Saga | None, O
         event_id=change.event_id,
         correlation_id=change.correlation_id,
         saga_seq=change.saga_seq,
+        traceparent=change.traceparent,
     )
     outcome = None
     if is_final(change.status) and (saga is None or not is_final(saga.status)):

@@ -2,7 +2,12 @@
 sagas. Each order that needs an alert gets one ``SagaStalled``, sent and acknowledged
 *before* the table records the report (so a crash in between re-sends it once, with the
 same event id — never loses it); the pass also sets ``paysaga_sagas_stalled{status}``
-from the table, so the gauge falls at the next check after an order moves on."""
+from the table, so the gauge falls at the next check after an order moves on.
+
+A ``SagaStalled`` is an effect of the order's last status record: its envelope comes
+from that record's ``Cause`` (causation, correlation, ``saga_seq``) as every outbox
+event's does, and it carries a ``traceparent`` of its own span in the order's trace
+(a new trace if the status record carried none)."""
 
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ from typing import Any
 
 import faust
 
-from schemas.envelope import dump, new_envelope
+from schemas.envelope import dump, event_type_of, new_envelope
 from schemas.events import SagaStalled
 from services.monitor import domain
 from services.monitor.domain import Deadlines, Saga
 from services.monitor.web import MonitorMetrics
+from services.runtime import tracing
+from services.runtime.outbox import Cause
 
 log = logging.getLogger("paysaga.monitor")
 
@@ -72,18 +79,25 @@ class StallCheck:
             stalled_for_seconds=int(waited),
             deadline_seconds=self.deadlines.for_status(saga.status),
         )
+        cause = Cause(saga.event_id, saga.saga_seq, saga.correlation_id, saga.traceparent)
         envelope = new_envelope(
-            "SagaStalled",
+            event_type_of(SagaStalled),
             event,
             now=datetime.fromtimestamp(now, UTC),
             event_id=domain.stalled_event_id(order_id, saga),
-            correlation_id=saga.correlation_id,
-            causation_id=saga.event_id or None,
-            saga_seq=(saga.saga_seq or 0) + 1,
+            correlation_id=cause.correlation_id,
+            causation_id=cause.event_id or None,
+            saga_seq=cause.next_seq,
         )
         try:
-            sent = await self.topic.send(key=order_id.encode(), value=dump(envelope))
-            await sent
+            attributes = {"paysaga.order_id": order_id}
+            with tracing.span("monitor SagaStalled", cause.traceparent, attributes) as tp:
+                sent = await self.topic.send(
+                    key=order_id.encode(),
+                    value=dump(envelope),
+                    headers=[(tracing.TRACEPARENT, tp.encode())],
+                )
+                await sent
         except Exception as exc:  # noqa: BLE001 -- retried at the next check
             self.send_failed = True
             log.warning("SagaStalled for order %s not sent, retrying: %r", order_id, exc)

@@ -1,5 +1,5 @@
-"""gateway.confirmations.v1: the gateway's webhooks, raw (UC-35: store the payment
-confirmation).
+"""gateway.confirmations.v1: the gateway's webhooks, raw (docs/contract.md §2.2: store
+the payment confirmation).
 
 A confirmation is checked in this order, each failure a rejection with a reason code
 that is logged (security/validation), audited and counted — and never changes a status:

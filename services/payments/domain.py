@@ -1,5 +1,5 @@
-"""Pure decisions of the payments service (UC-35): register orders, accept retries and
-decide what a gateway confirmation means.
+"""Pure decisions of the payments service (docs/contract.md §2.1, §2.2): register orders,
+accept retries and decide what a gateway confirmation means.
 
 Guarantees: no I/O, no clock, no randomness (callers pass `now`); every function maps a
 loaded state plus one input to a `Decision` that the handler saves, emits (outbox) and

@@ -1,7 +1,8 @@
-"""payments handlers (UC-35: store payment confirmation and record registration status),
-one module per input: ``confirmations.py`` (gateway.confirmations.v1), ``orders.py``
-(OrderPlaced, PaymentIntentCreated), ``retries.py`` (PaymentRetryRequested,
-OrderStatusChanged). Here: their routes, and the dead-letter hook.
+"""payments handlers (store the payment confirmation and record the order's status:
+docs/contract.md §2.1, §2.2), one module per input: ``confirmations.py``
+(gateway.confirmations.v1), ``orders.py`` (OrderPlaced, PaymentIntentCreated),
+``retries.py`` (PaymentRetryRequested, OrderStatusChanged). Here: their routes, and
+the dead-letter hook.
 
 Every handler runs inside the consumed record's transaction (services/runtime): the
 order state, stored confirmation, emitted saga events, audit events and the consumer

@@ -35,7 +35,8 @@ class Positions:
     """The stored positions of one consumer group's partitions, as this member knows
     them: ``expected`` (the next offset to process; absent = not loaded yet, None = the
     group never processed the partition) and ``alarms`` (partitions whose stored position
-    was beyond the log end, until they caught up: ``/readyz``)."""
+    was beyond the log end, or missing while Kafka had a committed offset, until they
+    caught up: ``/readyz``)."""
 
     def __init__(
         self,
@@ -53,8 +54,9 @@ class Positions:
         self.member = member
         #: next offset to process per partition, from the database; absent = not loaded
         self.expected: dict[TopicPartition, int | None] = {}
-        #: partitions re-reading what a stored position beyond the log end hid: the log
-        #: end they had then, and what ``/readyz`` says about them until they reach it
+        #: partitions whose position did not fit the log (beyond its end, or lost while
+        #: Kafka had a committed offset): the log end they had then, and what
+        #: ``/readyz`` says about them until they reach it
         self.alarms: dict[TopicPartition, tuple[int, str]] = {}
 
     def forget(self, tp: TopicPartition) -> None:
@@ -67,7 +69,9 @@ class Positions:
 
     def problems(self) -> list[str]:
         """What makes positions not ready (``/readyz``): partitions whose stored position
-        was beyond the log end, until they caught up with it (``_beyond_log_end``)."""
+        was beyond the log end (``_beyond_log_end``) or missing while Kafka had a
+        committed offset (``_no_stored_position``), until they caught up with the log end
+        they had then."""
         return sorted(reason for _, reason in self.alarms.values())
 
     async def check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
@@ -117,13 +121,15 @@ class Positions:
         the group's committed offset in Kafka, else at the log start (a partition new to
         the group). A committed offset without a stored position means this database
         lost positions that Kafka remembers (recreated, or restored without them): the
-        records below that offset are not read — a warning, counted."""
+        records below that offset are not read — a warning, counted, and ``/readyz`` red
+        until the partition has caught up with the log end it had then."""
         consumer = self.member.consumer
         assert consumer is not None
         at = records[0].offset if records else "?"
         where = f"{self.group} {tp.topic}/{tp.partition}: no stored position"
         try:
             committed = await consumer.committed(tp)
+            end = (await consumer.end_offsets([tp]))[tp] if committed is not None else 0
         except KafkaError as exc:
             log.warning("%s, consuming from offset %s (committed offset: %s)", where, at, said(exc))
             return
@@ -143,6 +149,12 @@ class Positions:
             where,
             committed,
             at,
+        )
+        self.alarms[tp] = (
+            end,
+            f"{tp.topic}/{tp.partition}: no stored position, but the group's committed offset"
+            f" in Kafka is {committed}: records below it are not read (the database lost its"
+            " consumer_positions?)",
         )
 
     async def _beyond_log_end(self, tp: TopicPartition, expected: int) -> bool:

@@ -110,7 +110,8 @@ class Service:
         stored position advanced for ``stall_after_s`` (a stuck partition, an endless
         retry, aiokafka#1154 after a broker restart) turn this red — and its positions
         fitting the log: red while a partition whose stored position was beyond the log
-        end re-reads it (the reasons are in ``/readyz``'s ``reasons``)."""
+        end re-reads it, or one that had no stored position but a Kafka-committed offset
+        catches up (the reasons are in ``/readyz``'s ``reasons``)."""
         db = True
         try:
             async with self.engine.connect() as conn:

@@ -80,7 +80,7 @@ PATHS = (
     _p("retry", "_capture_declined", "authorize", True, PAID, retry=True),
     _p("requested", "", "authorize", True, PAID, requested=True),
 )
-#: the gateway does the work and its answer is lost (CONTRACT §4: looked up, not redone)
+#: the gateway does the work and its answer is lost (docs/contract.md §4: looked up, not redone)
 LOST_PATHS = (
     _p("capture_lost", "_capture_lost", "authorize", True, PAID),
     _p("void_lost", "_void_lost", "authorize", False, FAILED),

@@ -1,6 +1,6 @@
-"""UC-35 end to end: a gateway confirms a payment; the order's status is recorded
-accurately, durably and retrievably — and every failure branch changes nothing it must
-not. Driven through the contract only."""
+"""A payment confirmation end to end (docs/contract.md §2.2): a gateway confirms a
+payment; the order's status is recorded accurately, durably and retrievably — and every
+failure branch changes nothing it must not. Driven through the contract only."""
 
 from __future__ import annotations
 

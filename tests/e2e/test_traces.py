@@ -15,6 +15,7 @@ import pytest
 from services.devclient import order_placed, read_all, wait_for
 from services.runtime import topics, tracing
 from tests.e2e.conftest import Stack, new_id
+from tests.e2e.test_payment_requests import order_without_intent
 
 pytestmark = pytest.mark.e2e
 
@@ -144,3 +145,27 @@ def test_a_payment_request_continues_the_orders_trace(stack: Stack) -> None:
         "payments", "SELECT traceparent FROM payment_requests WHERE order_id=%s", order_id
     )
     assert tracing.trace_id_of(row[0]) == trace
+
+
+def test_a_stalled_sagas_report_continues_the_orders_trace(stack: Stack) -> None:
+    """The monitor's SagaStalled (saga.stalled.v1) carries a traceparent: a child span
+    in the trace of the status record it reports on."""
+    order_id, _ = order_without_intent(stack, "_request_down")
+    stack.wait_status(order_id, "NEEDS_RECONCILIATION")  # reported at once (1 s)
+
+    def of_order(topic: str) -> list[Any]:
+        recs = asyncio.run(read_all(stack.bootstrap, topic))
+        return [m for m in recs if m.key == order_id.encode()]
+
+    [report] = wait_for(lambda: of_order(topics.STALLED_TOPIC), what=f"SagaStalled of {order_id}")
+    [status] = [
+        m
+        for m in of_order(topics.STATUS_TOPIC)
+        if json.loads(m.value)["payload"]["status"] == "NEEDS_RECONCILIATION"
+    ]
+    [trace] = trace_ids([status])
+    assert trace is not None
+    assert trace_ids([report]) == [trace]  # well-formed, in the order's trace
+    # its own span: not the status record's span id carried over
+    reported, reported_on = (dict(m.headers)["traceparent"].decode() for m in (report, status))
+    assert reported.split("-")[2] != reported_on.split("-")[2]

@@ -1,6 +1,7 @@
 """Positions that do not fit the log are said loudly (log line, metric, ``/readyz``) and
 never make records vanish: a stored position beyond the log end (a recreated topic) is
-reset to the log start, and a partition without a stored position logs where it starts.
+reset to the log start, and a partition without a stored position logs where it starts
+(and, if Kafka had a committed offset for it, ``/readyz`` says so until it caught up).
 Ledger service processes against the real Kafka and PostgreSQL."""
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def test_a_stored_position_beyond_the_log_end_is_reset_to_the_log_start_loudly(
     assert "consuming from the log start 0" in line
 
 
-def test_without_a_stored_position_the_start_point_is_logged(ledger: Ledger) -> None:
+def test_without_a_stored_position_the_start_point_is_logged_and_shown(ledger: Ledger) -> None:
     b = ledger.infra.bootstrap
     tp = TopicPartition(ledger.in_topic, 0)
     asyncio.run(produce(b, ledger.in_topic, [credit("k1", i) for i in range(3)], partition=0))
@@ -142,9 +143,24 @@ def test_without_a_stored_position_the_start_point_is_logged(ledger: Ledger) -> 
     # the database loses its positions and its inbox (restored without them, say)
     query(ledger.conninfo, "DELETE FROM consumer_positions RETURNING 1")
     query(ledger.conninfo, "DELETE FROM inbox RETURNING 1")
-    asyncio.run(produce(b, ledger.in_topic, [credit("k1", 3)], partition=0))
+    # a slow record: /readyz stays red while the partition catches up with its log end
+    asyncio.run(produce(b, ledger.in_topic, [credit("k1", 3, sleep_s=3)], partition=0))
     svc = ledger.process("again").start()
+
+    def positions_not_ready() -> tuple[int, dict[str, Any]] | None:
+        r = http(svc, "/readyz")
+        found = (r.status_code, r.json()) if r is not None else None
+        return found if found and found[1]["checks"].get("positions") is False else None
+
+    status, body = wait_for(positions_not_ready, what="/readyz failing for the lost position")
+    assert (status, body["ready"]) == (503, False)
+    [reason] = body["reasons"]
+    assert (
+        f"{ledger.in_topic}/0: no stored position, but the group's committed offset in Kafka"
+        " is 3: records below it are not read"
+    ) in reason
     wait_for(lambda: seqs_of(ledger, "k1") == [0, 1, 2, 3], what="the new record applied")
+    wait_for(lambda: r_status(svc) == 200, what="/readyz green once it caught up")
     line = next(x for x in svc.log_text().splitlines() if "no stored position" in x)
     assert json.loads(line)["level"] == "WARNING"
     assert (

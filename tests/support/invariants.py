@@ -1,6 +1,6 @@
 """The one invariant check of the chaos scenarios (tests/chaos/).
 
-``paysaga reconcile --gateway`` (services/reconcile/) checks CONTRACT §3.1 across
+``paysaga reconcile --gateway`` (services/reconcile/) checks docs/contract.md §3.1 across
 every store and the gateway's ledger; this calls its ``check`` and adds what reconcile
 cannot know, because only the scenario knows what it sent:
 
@@ -172,7 +172,7 @@ def check(client: DevClient, inputs: Inputs, log_dir: Path | None = None) -> Rep
     counts: Counter[str] = Counter()
     out: list[str] = []
     order_ids = list(inputs.orders)
-    # 1. CONTRACT §3.1 across every store and the gateway ledger: reconcile's own rules
+    # 1. docs/contract.md §3.1 across every store and the gateway ledger: reconcile's own rules
     found = reconcile.check(client.url("gatewaysim"), order_ids) if order_ids else []
     expected = {(o, r) for o, rules in inputs.expected_violations.items() for r in rules}
     met: set[tuple[str, str]] = set()
@@ -363,7 +363,7 @@ def _notification_rule(client: DevClient, inputs: Inputs, counts: Counter[str]) 
             history[order_id][kind] += 1
     # the relay publishes at least once (a crash or outage between Kafka's ack and
     # marking the row sent sends the row again): a consumer dedupes by event_id, the
-    # envelope's dedupe key (CONTRACT §1), so one notification is one event_id
+    # envelope's dedupe key (docs/contract.md §1), so one notification is one event_id
     events: dict[str, dict[str, str]] = defaultdict(dict)
     for m in asyncio.run(records_since(client.bootstrap, [NOTIFICATIONS], inputs.since_ms)):
         key = m.key.decode() if m.key else ""

@@ -243,6 +243,32 @@ def test_every_other_value_is_still_scanned(data: dict[str, Any]) -> None:
     assert find_card_data_in_bytes(json.dumps({"data": data}).encode()) == CARD_NUMBER_PRESENT
 
 
+#: another script's digits: U+0660..U+0669
+ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + d) for d in range(10)))
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        ({"order_id": "4111111111111111"}, None),
+        ({"order_id": "ord_4111111111111111"}, None),
+        ({"order_id": "4111 1111 1111 1111"}, CARD_NUMBER_PRESENT),
+        ({"order_id": "4111-1111-1111-1111"}, CARD_NUMBER_PRESENT),
+        ({"order_id": "ref 4111111111111111"}, CARD_NUMBER_PRESENT),
+        ({"order_id": "4111111111111111".translate(ARABIC_INDIC)}, CARD_NUMBER_PRESENT),
+        ({"orderId": "4111111111111111"}, CARD_NUMBER_PRESENT),
+        ({"ORDER_ID": "4111111111111111"}, CARD_NUMBER_PRESENT),
+        *(({k: "4111111111111111"}, CARD_NUMBER_PRESENT) for k in ("card_id", "pan_id")),
+        *(({k: "4111111111111111"}, CARD_NUMBER_PRESENT) for k in ("card_number_id", "cvv_id")),
+    ],
+)
+def test_the_identifier_rule_is_what_docs_contract_says(
+    data: dict[str, Any], found: str | None
+) -> None:
+    """The examples of docs/contract.md §2.2: only an opaque id is exempt."""
+    assert find_card_data(data) == found
+
+
 def test_the_audit_model_still_refuses_a_card_number_outside_its_identifiers() -> None:
     audit = {"subject": "s", "action": "a", "outcome": "o", "reason": None}
     with pytest.raises(ValidationError):

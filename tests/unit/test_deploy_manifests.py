@@ -7,6 +7,7 @@ Strimzi resources are validated against the ``openAPIV3Schema`` of Strimzi 1.0.0
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 import re
@@ -281,18 +282,23 @@ def test_every_user_has_exactly_the_access_topics_yaml_gives_it() -> None:
             assert writes == producers | {DLQ[service]}
 
 
-def test_the_acl_commands_grant_what_the_kafka_users_grant() -> None:
-    text = acl.render()
-    granted: dict[str, set[tuple[str, str]]] = {}
-    for line in text.splitlines():
+def acl_grants() -> dict[str, set[tuple[str, str, str]]]:
+    """User -> (resource type, name, operation) of ``paysaga topics render --format acl``."""
+    granted: dict[str, set[tuple[str, str, str]]] = {}
+    for line in acl.render().splitlines():
         if line.startswith("kafka-acls.sh"):
             user = re.search(r"User:(\S+)", line)
             ops = re.findall(r"--operation (\w+)", line)
             res = re.search(r"--(topic|group) (\S+)$", line)
             assert user
             assert ops
-            target = res.group(2) if res else "cluster"
-            granted.setdefault(user.group(1), set()).update((target, op) for op in ops)
+            rtype, target = (res.group(1), res.group(2)) if res else ("cluster", "cluster")
+            granted.setdefault(user.group(1), set()).update((rtype, target, op) for op in ops)
+    return granted
+
+
+def test_the_acl_commands_grant_what_the_kafka_users_grant() -> None:
+    granted = {u: {(t, op) for _, t, op in g} for u, g in acl_grants().items()}
     for name, user in by_kind(strimzi_docs(), "KafkaUser").items():
         want = {
             (rule["resource"].get("name", "cluster"), op)
@@ -300,6 +306,55 @@ def test_the_acl_commands_grant_what_the_kafka_users_grant() -> None:
             for op in rule["operations"]
         }
         assert granted[name] == want
+
+
+def readme_acl_tables() -> list[dict[str, list[str]]]:
+    """The README's ACL tables (header ``| user |`` or ``| principal |``): each row's
+    principal (its first word, without ``paysaga-``) -> its cells after the first."""
+    tables: list[dict[str, list[str]]] = []
+    rows: dict[str, list[str]] | None = None
+    for line in (render.DEPLOY.parent / "README.md").read_text(encoding="utf-8").splitlines():
+        if re.match(r"\| (user|principal) \| .*Read", line, re.I):
+            rows = {}
+            tables.append(rows)
+        elif rows is not None and line.startswith("|"):
+            first, *cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set(first) <= {"-", " "}:
+                rows[first.strip("`").split()[0].removeprefix("paysaga-")] = cells
+        else:
+            rows = None
+    return tables
+
+
+def named_topics(cell: str) -> set[str]:
+    """The topics a README cell names: backquoted names with a dot; ``*`` and
+    ``<service>`` stand for any part (``every `*.dlq```)."""
+    known = {*TOPICS, *DLQ.values()}
+    out: set[str] = set()
+    for name in re.findall(r"`([^`\s]+\.[^`\s]+)`", cell):
+        pattern = name.replace("<service>", "*")
+        out |= {t for t in known if fnmatch.fnmatchcase(t, pattern)} if "*" in pattern else {name}
+    return out
+
+
+def test_the_readme_acl_tables_are_what_topics_render_generates() -> None:
+    """An operator who sets ACLs by hand from the README gets what the generated
+    ``deploy/kafka-acls.sh`` grants: every topic read and written, and the group."""
+    want: dict[str, tuple[set[str], set[str], set[str]]] = {}
+    for user, grants in acl_grants().items():
+        topics = {(n, op) for r, n, op in grants if r == "topic"}
+        want[user.removeprefix("paysaga-")] = (
+            {n for n, op in topics if op == "Read"},
+            {n for n, op in topics if op == "Write"},
+            {n for r, n, _ in grants if r == "group"},
+        )
+    tables = readme_acl_tables()
+    assert len(tables) == 2
+    for rows in tables:
+        assert set(rows) == set(want)
+        for principal, (reads, writes, group) in rows.items():
+            got = (named_topics(reads), named_topics(writes), named_topics(group))
+            assert got == want[principal], principal
 
 
 def test_topics_render_prints_each_format() -> None:
@@ -385,6 +440,11 @@ def test_a_deployment_per_service_with_probes_ports_settings_and_secrets() -> No
     }
     for name, dep in deployments.items():
         service = name.removeprefix("paysaga-")
+        if service == "monitor":  # one member of its group only: never two pods at once
+            assert dep["spec"]["replicas"] == 1
+            assert dep["spec"]["strategy"] == {"type": "Recreate"}
+        else:
+            assert dep["spec"]["replicas"] == 2, name
         [c] = dep["spec"]["template"]["spec"]["containers"]
         assert c["ports"] == [{"name": "http", "containerPort": ports[service]}]
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}

@@ -188,3 +188,40 @@ def test_a_status_record_is_read_with_the_time_it_happened() -> None:
         status_change(b"ord_2", value)
     with pytest.raises(ValueError, match="tombstone"):
         status_change(b"ord_1", None)
+
+
+def test_a_status_records_trace_is_kept_for_its_stalled_report() -> None:
+    """The monitor keeps the status record's traceparent (a valid one only) in its table,
+    so the SagaStalled it may send continues the order's trace."""
+    payload = {
+        "order_id": "ord_1",
+        "status": "PENDING_PAYMENT",
+        "previous_status": None,
+        "reason": None,
+        "payment_intent_id": "pi_1",
+        "transaction_id": None,
+        "amount": 1500,
+        "currency": "EUR",
+        "version": 1,
+    }
+    at = datetime.fromtimestamp(T0, UTC)
+    value = dump(
+        new_envelope(
+            "OrderStatusChanged",
+            OrderStatusChanged.model_validate(payload),
+            now=at,
+            event_id="e1",
+        )
+    )
+    tp = f"00-{'a' * 32}-{'b' * 16}-01"
+    got = status_change(b"ord_1", value, tp.encode())
+    assert got.traceparent == tp
+    assert status_change(b"ord_1", value, b"00-not-a-trace").traceparent is None
+    assert status_change(b"ord_1", value).traceparent is None
+    saga, _ = domain.note_status(None, got)
+    assert saga is not None
+    assert saga.traceparent == tp
+    assert Saga.from_dict(saga.to_dict()) == saga
+    # a table row written before the trace was kept reads as one without a trace
+    old_row = {k: v for k, v in saga.to_dict().items() if k != "traceparent"}
+    assert Saga.from_dict(old_row).traceparent is None

@@ -7,7 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from services.devstack.profiles import SERVICE_PROCESSES
-from services.runtime.render.model import CLUSTER, EXPOSED, REPLICAS, dump, header, user_of
+from services.runtime.render.model import (
+    CLUSTER,
+    EXPOSED,
+    MONITOR,
+    REPLICAS,
+    dump,
+    header,
+    user_of,
+)
 from services.runtime.settings import SERVICES
 
 #: settings of the secure Kafka client (SASL_SSL + SCRAM-SHA-512)
@@ -76,12 +84,19 @@ def _deployment(name: str, module: str, port: int) -> dict[str, Any]:
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
         "volumeMounts": [{"name": "kafka-ca", "mountPath": CA_DIR, "readOnly": True}],
     }
+    # two members of every process, except the monitor: it assumes it is the only member
+    # of its group (its in-memory table keeps the rows of a partition revoked from it, so
+    # two members could both report a stalled order and double paysaga_sagas_stalled).
+    # One replica, replaced by stopping the old pod first (Recreate): never two at once.
+    replicas = (
+        {"replicas": 1, "strategy": {"type": "Recreate"}} if name == MONITOR else {"replicas": 2}
+    )
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": f"paysaga-{name}", "labels": labels},
         "spec": {
-            "replicas": 2,
+            **replicas,
             "selector": {"matchLabels": {"app.kubernetes.io/name": f"paysaga-{name}"}},
             "template": {
                 "metadata": {

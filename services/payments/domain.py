@@ -234,9 +234,15 @@ def mirror_status(order: Order, saga_status: str) -> Order:
     """The order as a status that orders published for its current attempt leaves it:
     PAYMENT_FAILED fails an accepted (or flagged) attempt — a capture decline or an
     out-of-stock void — so that a retry can be accepted."""
-    if saga_status == "PAYMENT_FAILED" and order.status in ("accepted", "flagged"):
+    if mirror_may_change(saga_status) and order.status in ("accepted", "flagged"):
         return replace(order, status="failed")
     return order
+
+
+def mirror_may_change(saga_status: str) -> bool:
+    """Whether mirroring ``saga_status`` may change an order (``mirror_status``): only
+    PAYMENT_FAILED does; any other status is recorded and nothing else."""
+    return saga_status == "PAYMENT_FAILED"
 
 
 def _known(payment_intent_id: str | None) -> tuple[str, ...]:

@@ -64,6 +64,11 @@ async def on_status_changed(ctx: Context, metrics: Metrics, window: timedelta) -
     attempt went on to NEEDS_RECONCILIATION, to accept a retry only when orders will.
     A pending retry is decided again on it."""
     status = validated(OrderStatusChanged, ctx.payload)
+    saga_status = status.status.value
+    if not domain.mirror_may_change(saga_status) and await store.record_saga_status(
+        ctx.conn, status.order_id, status.version, status.payment_intent_id, saga_status
+    ):
+        return  # recorded in one statement: nothing else to decide
     row = await store.load_order(ctx.conn, status.order_id)
     if row is None or status.version <= row.saga_version:
         return
@@ -72,7 +77,6 @@ async def on_status_changed(ctx: Context, metrics: Metrics, window: timedelta) -
         # about an earlier attempt
         await store.set_order_fields(ctx.conn, order.order_id, saga_version=status.version)
         return
-    saga_status = status.status.value
     mirrored = domain.mirror_status(order, saga_status)
     pending = row.pending_retry
     decision = (

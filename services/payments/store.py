@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     func,
     select,
     update,
@@ -231,6 +232,25 @@ async def save_order(conn: AsyncConnection, order: Order, **fields: Any) -> None
         .where(orders.c.order_id == order.order_id)
         .values(**order_values(order), **fields)
     )
+
+
+async def record_saga_status(
+    conn: AsyncConnection, order_id: str, version: int, payment_intent_id: str | None, status: str
+) -> bool:
+    """One statement for a published status that changes nothing but the mirror: a
+    newer ``version`` of an order with no pending retry is recorded — with its status if
+    it is about the current attempt (``payment_intent_id``). False (nothing written)
+    when the order is unknown, the version not newer, or a retry pending: then the
+    status is decided on the loaded order. The row lock is taken as ``load_order``'s."""
+    c = orders.c
+    current = c.payment_intent_id.is_not_distinct_from(payment_intent_id)
+    result = await conn.execute(
+        update(orders)
+        .where(c.order_id == order_id, c.saga_version < version, c.pending_retry.is_(None))
+        .values(saga_version=version, saga_status=case((current, status), else_=c.saga_status))
+        .returning(c.order_id)
+    )
+    return result.first() is not None
 
 
 async def set_order_fields(conn: AsyncConnection, order_id: str, **fields: Any) -> None:

@@ -8,6 +8,7 @@ together in one transaction (``process_lane``).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from datetime import UTC, datetime
@@ -29,6 +30,10 @@ log = logging.getLogger("paysaga.consumer")
 
 #: the outcome of a record whose partition was revoked while it was retried
 REVOKED = "revoked"
+
+
+def _written_at(rec: Record) -> int:
+    return rec.timestamp_ms
 
 
 class BatchProcessor:
@@ -59,7 +64,8 @@ class BatchProcessor:
         self, work: list[tuple[TopicPartition, list[Record]]], fetched: dict[TopicPartition, int]
     ) -> dict[TopicPartition, bool]:
         """Apply the partition batches of one lane (``consumer.lanes_of``) in one
-        transaction — their records, then every partition's position — and each
+        transaction — their records, interleaved by the time they were written, then
+        every partition's position — and each
         partition's outcome as ``process`` gives it. If that transaction fails, each
         partition's batch goes through ``process`` on its own (its own transaction, then
         one record at a time)."""
@@ -69,9 +75,11 @@ class BatchProcessor:
                 async with self.engine.begin() as conn:
                     steps = track_steps(conn)
                     keys = await self.blocking.load(conn, [r for _, rs in work for r in rs])
-                    for _, records in work:
-                        for rec in records:
-                            outcomes.append((rec.topic, await keys.apply(rec)))
+                    # the partitions' records interleaved in the order they were written
+                    # (each partition's own order kept): an effect on another topic
+                    # rarely comes before its cause, which a projection must hold back
+                    for rec in heapq.merge(*(rs for _, rs in work), key=_written_at):
+                        outcomes.append((rec.topic, await keys.apply(rec)))
                     nxt = {tp: records[-1].offset + 1 for tp, records in work}
                     await save_positions(conn, self.group, nxt)
                 self.metrics.observe_steps(self.service, steps)

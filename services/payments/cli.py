@@ -25,7 +25,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from schemas.events import AuditRecorded, parse_payload
+from schemas.events import AuditRecorded
 from services.payments import confirmation_store, domain, store, unmatched_store
 from services.refunds.domain import Action, compensation_key
 from services.runtime.errors import describe
@@ -148,8 +148,7 @@ async def _attach(
     closing = confirmation_store.Closing("resolved_order", f"order {order_id}", now)
     await confirmation_store.save_confirmation(conn, c, decision, closing)
     cause = Cause(c.gateway_event_id, None, order.correlation_id)
-    for event_type, payload in decision.events:
-        event = parse_payload(event_type, payload)
+    for event in decision.events:
         await write_event(conn, PAYMENTS_TOPIC, event, key=order_id, now=now, cause=cause)
     await _audit(conn, c, "resolved_order", order_id, now)
     return f"payment {c.transaction_id} attached to order {order_id}: {decision.outcome}"

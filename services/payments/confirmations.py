@@ -24,9 +24,10 @@ from pydantic import ValidationError
 
 from schemas.carddata import find_card_data_in_bytes
 from schemas.contract import GatewayWebhook
+from schemas.events import AuditRecorded
 from services.payments import confirmation_store, domain
 from services.payments.domain import Confirmation
-from services.payments.effects import audit_entry, emit_audit, emit_decision
+from services.payments.effects import emit_audit, emit_decision
 from services.payments.metrics import Metrics
 from services.runtime import signature
 from services.runtime.messages import Context, Record
@@ -117,7 +118,7 @@ async def on_confirmation(
             c.transaction_id,
         )
     metrics.confirmations.labels(decision.outcome, decision.reason or "none").inc()
-    await emit_decision(ctx, decision, subject="gateway_confirmation", causation=gateway_event_id)
+    await emit_decision(ctx, decision, causation=gateway_event_id)
 
 
 async def _reject(ctx: Context, reason: str, metrics: Metrics) -> None:
@@ -131,10 +132,12 @@ async def _reject(ctx: Context, reason: str, metrics: Metrics) -> None:
     )
     metrics.confirmations.labels("rejected", reason).inc()
     key = rec.key_str or f"{rec.topic}/{rec.partition}/{rec.offset}"
-    audit = audit_entry("confirmation", "rejected", reason, None)
-    # the key the bridge gave the record (unverified, so not claimed as the order id)
-    audit["details"] = {
-        "record": f"{rec.topic}/{rec.partition}/{rec.offset}",
-        "record_key": rec.key_str,
-    }
-    await emit_audit(ctx, "gateway_confirmation", audit, key)
+    audit = AuditRecorded(
+        subject="gateway_confirmation",
+        action="confirmation",
+        outcome="rejected",
+        reason=reason,
+        # the key the bridge gave the record (unverified, so not claimed as the order id)
+        details={"record": f"{rec.topic}/{rec.partition}/{rec.offset}", "record_key": rec.key_str},
+    )
+    await emit_audit(ctx, audit, key)

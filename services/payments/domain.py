@@ -3,8 +3,9 @@ accept retries and decide what a gateway confirmation means.
 
 Guarantees: no I/O, no clock, no randomness (callers pass `now`); every function maps a
 loaded state plus one input to a `Decision` that the handler saves, emits (outbox) and
-audits in one transaction. A rejection never changes state. Emitted payloads follow
-docs/saga-events.md; audit entries never carry card data.
+audits in one transaction. A rejection never changes state. Events and audit entries
+are their `schemas.events` models (docs/saga-events.md), built here: validated when the
+decision is made, emitted as they are; audit entries never carry card data.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 from schemas.contract import reason_code
+from schemas.events import (
+    AuditRecorded,
+    OrderRegistered,
+    PaymentAccepted,
+    PaymentDeclined,
+    PaymentRetryAccepted,
+    StockItem,
+)
 
 __all__ = [
     "SETTLED_NOT_FAILED",
@@ -43,7 +52,16 @@ DecisionOutcome = Literal[
     "retry_accepted",
     "held",
 ]
-Payload = dict[str, Any]
+#: what a decision emits on payments.events.v1
+PaymentsEvent = OrderRegistered | PaymentRetryAccepted | PaymentAccepted | PaymentDeclined
+Action = Literal["order_placed", "payment_retry", "confirmation", "unmatched_matched"]
+#: the audit `subject` of each decided action
+_SUBJECTS: dict[Action, str] = {
+    "order_placed": "order",
+    "payment_retry": "payment_retry",
+    "confirmation": "gateway_confirmation",
+    "unmatched_matched": "unmatched_payment",
+}
 
 #: orders' published statuses in which an attempt is settled for good: no retry
 SETTLED_NOT_FAILED = frozenset({"PAID_CONFIRMED", "REFUNDED", "NEEDS_RECONCILIATION"})
@@ -102,32 +120,32 @@ class Confirmation:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What to do: save `order` when not None, emit `events` (event_type, payload) in
-    order, and record `audit` entries ({action, outcome, reason, order_id, transaction_id,
-    gateway_event_id})."""
+    """What to do: save `order` when not None, emit `events` in order (on
+    payments.events.v1), and record the `audit` entries (on audit.events.v1)."""
 
     outcome: DecisionOutcome
     reason: str | None = None
     order: Order | None = None
-    events: tuple[tuple[str, Payload], ...] = ()
-    audit: tuple[Payload, ...] = ()
+    events: tuple[PaymentsEvent, ...] = ()
+    audit: tuple[AuditRecorded, ...] = ()
 
 
 def _audit(
-    action: str,
+    action: Action,
     outcome: DecisionOutcome,
     reason: str | None,
     order_id: str | None,
     confirmation: Confirmation | None = None,
-) -> Payload:
-    return {
-        "action": action,
-        "outcome": outcome,
-        "reason": reason,
-        "order_id": order_id,
-        "transaction_id": confirmation.transaction_id if confirmation else None,
-        "gateway_event_id": confirmation.gateway_event_id if confirmation else None,
-    }
+) -> AuditRecorded:
+    return AuditRecorded(
+        subject=_SUBJECTS[action],
+        action=action,
+        outcome=outcome,
+        reason=reason,
+        order_id=order_id,
+        transaction_id=confirmation.transaction_id if confirmation else None,
+        gateway_event_id=confirmation.gateway_event_id if confirmation else None,
+    )
 
 
 def decide_order_placed(existing: Order | None, incoming: Order) -> Decision:
@@ -148,17 +166,14 @@ def decide_order_placed(existing: Order | None, incoming: Order) -> Decision:
             audit=(_audit("order_placed", "rejected", reason, existing.order_id),),
         )
     order = replace(incoming, attempt=1, status="pending")
-    event = (
-        "OrderRegistered",
-        {
-            "order_id": order.order_id,
-            "attempt": order.attempt,
-            "customer_id": order.customer_id,
-            "amount": order.total_amount,
-            "currency": order.currency,
-            "payment_intent_id": order.payment_intent_id,
-            **({"conference_id": order.conference_id} if order.conference_id else {}),
-        },
+    event = OrderRegistered(
+        order_id=order.order_id,
+        attempt=order.attempt,
+        customer_id=order.customer_id,
+        amount=order.total_amount,
+        currency=order.currency,
+        payment_intent_id=order.payment_intent_id,
+        conference_id=order.conference_id or None,
     )
     audit = _audit("order_placed", "registered", None, order.order_id)
     return Decision("registered", None, order, (event,), (audit,))
@@ -214,17 +229,14 @@ def decide_retry(
         status="pending",
         earlier_intents=(*order.earlier_intents, *_known(order.payment_intent_id)),
     )
-    event = (
-        "PaymentRetryAccepted",
-        {
-            "order_id": retried.order_id,
-            "attempt": retried.attempt,
-            "customer_id": retried.customer_id,
-            "amount": retried.total_amount,
-            "currency": retried.currency,
-            "payment_intent_id": retried.payment_intent_id,
-            "payment_method": retried.payment_method,
-        },
+    event = PaymentRetryAccepted(
+        order_id=retried.order_id,
+        attempt=retried.attempt,
+        customer_id=retried.customer_id,
+        amount=retried.total_amount,
+        currency=retried.currency,
+        payment_intent_id=retried.payment_intent_id,
+        payment_method=retried.payment_method,
     )
     audit = _audit("payment_retry", "retry_accepted", None, retried.order_id)
     return Decision("retry_accepted", None, retried, (event,), (audit,))
@@ -265,7 +277,10 @@ def _mismatch(order: Order, c: Confirmation, attempt_confirmed: bool) -> str | N
 
 
 def _confirm(
-    order: Order | None, c: Confirmation, action: str, attempt_confirmed: bool = True
+    order: Order | None,
+    c: Confirmation,
+    action: Literal["confirmation", "unmatched_matched"],
+    attempt_confirmed: bool = True,
 ) -> Decision:
     if order is None or (
         c.payment_intent_id != order.payment_intent_id
@@ -283,42 +298,36 @@ def _confirm(
     if c.type == "payment.failed":
         reason = reason_code(c.failure_code)
         failed = replace(order, status="failed")
-        declined = {
-            "order_id": order.order_id,
-            "attempt": order.attempt,
-            "customer_id": order.customer_id,
-            "payment_intent_id": order.payment_intent_id,
-            "transaction_id": c.transaction_id,
-            "amount": order.total_amount,
-            "currency": order.currency,
-            "failure_code": c.failure_code,
-            "failure_message": c.failure_message,
-        }
+        declined = PaymentDeclined(
+            order_id=order.order_id,
+            attempt=order.attempt,
+            customer_id=order.customer_id,
+            payment_intent_id=c.payment_intent_id,  # the order's (matched above)
+            transaction_id=c.transaction_id,
+            amount=order.total_amount,
+            currency=order.currency,
+            failure_code=c.failure_code,
+            failure_message=c.failure_message,
+        )
         audit = _audit(action, "declined", reason, order.order_id, c)
-        return Decision("declined", reason, failed, (("PaymentDeclined", declined),), (audit,))
-    accepted = {
-        "order_id": order.order_id,
-        "attempt": order.attempt,
-        "payment_intent_id": order.payment_intent_id,
-        "transaction_id": c.transaction_id,
-        "flow": "authorization" if c.type == "payment.authorized" else "sale",
-        "amount": order.total_amount,
-        "currency": order.currency,
-        "gateway": c.gateway,
-        "customer_id": order.customer_id,
-        "items": [{"sku": item.sku, "quantity": item.quantity} for item in order.items],
-        "payment_method_type": c.payment_method_type,
-        "brand": c.brand,
-        "last4": c.last4,
-    }
-    audit = _audit(action, "accepted", None, order.order_id, c)
-    return Decision(
-        "accepted",
-        None,
-        replace(order, status="accepted"),
-        (("PaymentAccepted", accepted),),
-        (audit,),
+        return Decision("declined", reason, failed, (declined,), (audit,))
+    accepted = PaymentAccepted(
+        order_id=order.order_id,
+        attempt=order.attempt,
+        payment_intent_id=c.payment_intent_id,  # the order's (matched above)
+        transaction_id=c.transaction_id,
+        flow="authorization" if c.type == "payment.authorized" else "sale",
+        amount=order.total_amount,
+        currency=order.currency,
+        gateway=c.gateway,
+        customer_id=order.customer_id,
+        items=[StockItem(sku=item.sku, quantity=item.quantity) for item in order.items],
+        payment_method_type=c.payment_method_type,
+        brand=c.brand,
+        last4=c.last4,
     )
+    audit = _audit(action, "accepted", None, order.order_id, c)
+    return Decision("accepted", None, replace(order, status="accepted"), (accepted,), (audit,))
 
 
 def decide_confirmation(

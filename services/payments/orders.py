@@ -12,10 +12,10 @@ import logging
 from datetime import timedelta
 
 from schemas.contract import OrderPlaced
-from schemas.events import PaymentIntentCreated
+from schemas.events import AuditRecorded, PaymentIntentCreated
 from services.payments import confirmation_store, domain, request_store, store, unmatched_store
 from services.payments.domain import Item, Order
-from services.payments.effects import audit_entry, emit_audit, emit_decision
+from services.payments.effects import emit_audit, emit_decision
 from services.payments.metrics import Metrics
 from services.runtime.errors import validated
 from services.runtime.messages import Context
@@ -48,7 +48,7 @@ async def on_order_placed(ctx: Context, metrics: Metrics, window: timedelta) -> 
         security_log.warning("order %s rejected: %s", placed.order_id, decision.reason)
     if decision.order is not None:
         await store.insert_order(ctx.conn, decision.order)
-    emitted = await emit_decision(ctx, decision, subject="order")
+    emitted = await emit_decision(ctx, decision)
     if decision.outcome == "registered" and decision.order is not None:
         await open_attempt(ctx, decision.order, emitted[0], metrics, window)
 
@@ -93,9 +93,7 @@ async def _match_unmatched(ctx: Context, order: Order, metrics: Metrics, window:
         metrics.confirmations.labels(outcome, decision.reason or "none").inc()
         closing = confirmation_store.Closing(outcome, decision.reason or decision.outcome, ctx.now)
         await confirmation_store.save_confirmation(ctx.conn, c, decision, closing)
-        await emit_decision(
-            ctx, decision, subject="unmatched_payment", causation=c.gateway_event_id
-        )
+        await emit_decision(ctx, decision, causation=c.gateway_event_id)
     for r in found.given_back:
         # money an operator gives back (or gave back) is never this order's payment:
         # the order stays unpaid, and the audit trail says why
@@ -106,6 +104,13 @@ async def _match_unmatched(ctx: Context, order: Order, metrics: Metrics, window:
             r.transaction_id,
             reason,
         )
-        audit = audit_entry("unmatched_matched", "not_matched", reason, order.order_id)
-        audit |= {"transaction_id": r.transaction_id, "gateway_event_id": r.gateway_event_id}
-        await emit_audit(ctx, "unmatched_payment", audit, order.order_id)
+        audit = AuditRecorded(
+            subject="unmatched_payment",
+            action="unmatched_matched",
+            outcome="not_matched",
+            reason=reason,
+            order_id=order.order_id,
+            transaction_id=r.transaction_id,
+            gateway_event_id=r.gateway_event_id,
+        )
+        await emit_audit(ctx, audit, order.order_id)

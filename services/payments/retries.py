@@ -50,7 +50,7 @@ async def on_retry_requested(ctx: Context, metrics: Metrics, window: timedelta) 
         }
         await store.set_order_fields(ctx.conn, order.order_id, pending_retry=pending_retry)
         metrics.retries.labels("held", decision.reason).inc()
-        await emit_decision(ctx, decision, subject="payment_retry")
+        await emit_decision(ctx, decision)
         return
     if decision.order is not None:
         # the new attempt has no published status yet
@@ -113,6 +113,6 @@ async def _emit_settled(
     metrics.retries.labels(decision.outcome, decision.reason or "none").inc()
     if decision.outcome == "rejected":
         security_log.warning("payment retry rejected: %s", decision.reason)
-    emitted = await emit_decision(ctx, decision, subject="payment_retry", causation=causation)
+    emitted = await emit_decision(ctx, decision, causation=causation)
     if decision.order is not None:
         await open_attempt(ctx, decision.order, emitted[0], metrics, window)

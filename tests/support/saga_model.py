@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from schemas.envelope import event_type_of
 from services.capture import domain as capture
 from services.inventory import domain as inventory
 from services.orders import domain as orders
@@ -368,9 +369,14 @@ class Payments(Service):
             self.on_retry_requested(msg)
 
     def _apply(self, decision: payments.Decision, causation: str | None) -> None:
-        for event_type, payload in decision.events:
+        for event in decision.events:
             self.emit(
-                PAYMENTS_TOPIC, event_type, payload, cause=None, saga_seq=1, causation_id=causation
+                PAYMENTS_TOPIC,
+                event_type_of(type(event)),
+                event.model_dump(mode="json"),
+                cause=None,
+                saga_seq=1,
+                causation_id=causation,
             )
 
     def on_order_placed(self, msg: Msg) -> None:

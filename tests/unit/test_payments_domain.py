@@ -13,8 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.carddata import CARD_NUMBER_PRESENT, SECURITY_CODE_PRESENT, find_card_data
+from schemas.envelope import event_type_of
 from services.payments.domain import (
     Confirmation,
+    Decision,
     Item,
     Order,
     decide_confirmation,
@@ -36,7 +38,26 @@ CONTEXT_KEYS = {
     "currency",
     "gateway",
 }
-AUDIT_KEYS = {"action", "outcome", "reason", "order_id", "transaction_id", "gateway_event_id"}
+AUDIT_KEYS = {
+    "subject",
+    "action",
+    "outcome",
+    "reason",
+    "order_id",
+    "transaction_id",
+    "gateway_event_id",
+    "details",
+}
+
+
+def emitted(decision: Decision) -> list[tuple[str, dict[str, Any]]]:
+    """The decision's events as emitted: (event type, payload JSON)."""
+    return [(event_type_of(type(e)), e.model_dump(mode="json")) for e in decision.events]
+
+
+def audited(decision: Decision) -> list[dict[str, Any]]:
+    """The decision's audit entries as emitted (JSON)."""
+    return [a.model_dump(mode="json") for a in decision.audit]
 
 
 def make_order(**changes: Any) -> Order:
@@ -363,7 +384,7 @@ def test_new_order_is_registered_as_attempt_one_pending() -> None:
     assert decision.outcome == "registered"
     assert decision.reason is None
     assert decision.order == make_order()
-    assert decision.events == (
+    assert emitted(decision) == [
         (
             "OrderRegistered",
             {
@@ -373,19 +394,31 @@ def test_new_order_is_registered_as_attempt_one_pending() -> None:
                 "amount": 10345,
                 "currency": "EUR",
                 "payment_intent_id": "pi_1",
+                "conference_id": None,
             },
         ),
-    )
-    assert decision.audit == (
+    ]
+    assert audited(decision) == [
         {
+            "subject": "order",
             "action": "order_placed",
             "outcome": "registered",
             "reason": None,
             "order_id": "ord_1",
             "transaction_id": None,
             "gateway_event_id": None,
+            "details": {},
         },
-    )
+    ]
+
+
+@pytest.mark.parametrize(("conference_id", "emitted_as"), [("conf_9", "conf_9"), ("", None)])
+def test_order_registered_carries_the_conference_id_if_any(
+    conference_id: str, emitted_as: str | None
+) -> None:
+    decision = decide_order_placed(None, make_order(conference_id=conference_id))
+    [(_, payload)] = emitted(decision)
+    assert payload["conference_id"] == emitted_as
 
 
 def test_same_order_again_is_a_duplicate_no_op() -> None:
@@ -394,7 +427,7 @@ def test_same_order_again_is_a_duplicate_no_op() -> None:
     assert decision.outcome == "duplicate"
     assert decision.order is None
     assert decision.events == ()
-    assert decision.audit[0]["outcome"] == "duplicate"
+    assert decision.audit[0].outcome == "duplicate"
 
 
 def test_same_order_id_with_different_content_is_rejected() -> None:
@@ -403,7 +436,7 @@ def test_same_order_id_with_different_content_is_rejected() -> None:
     assert decision.reason == "order_conflict"
     assert decision.order is None
     assert decision.events == ()
-    assert decision.audit[0]["reason"] == "order_conflict"
+    assert decision.audit[0].reason == "order_conflict"
 
 
 # --- decide_retry ----------------------------------------------------------------
@@ -419,7 +452,7 @@ def test_retry_of_a_failed_order_opens_the_next_attempt() -> None:
         status="pending",
         earlier_intents=("pi_1",),
     )
-    assert decision.events == (
+    assert emitted(decision) == [
         (
             "PaymentRetryAccepted",
             {
@@ -429,12 +462,13 @@ def test_retry_of_a_failed_order_opens_the_next_attempt() -> None:
                 "amount": 10345,
                 "currency": "EUR",
                 "payment_intent_id": "pi_2",
+                "conference_id": None,
                 "payment_method": "wallet",
             },
         ),
-    )
-    assert decision.audit[0]["action"] == "payment_retry"
-    assert decision.audit[0]["outcome"] == "retry_accepted"
+    ]
+    assert decision.audit[0].action == "payment_retry"
+    assert decision.audit[0].outcome == "retry_accepted"
 
 
 def test_retries_count_attempts() -> None:
@@ -454,7 +488,7 @@ def test_retry_of_an_unknown_order_is_rejected() -> None:
         None,
         (),
     )
-    assert decision.audit[0]["order_id"] is None
+    assert decision.audit[0].order_id is None
 
 
 @pytest.mark.parametrize(
@@ -497,7 +531,7 @@ def test_retry_is_held_while_the_attempt_may_still_fail(status: Any, saga_status
         None,
         (),
     )
-    assert decision.audit[0]["outcome"] == "held"
+    assert decision.audit[0].outcome == "held"
 
 
 @pytest.mark.parametrize("intent", ["pi_1", "pi_0"])
@@ -519,7 +553,7 @@ def test_authorization_accepts_the_order_with_the_authorization_flow() -> None:
     assert decision.outcome == "accepted"
     assert decision.reason is None
     assert decision.order == make_order(status="accepted")
-    [(event_type, payload)] = decision.events
+    [(event_type, payload)] = emitted(decision)
     assert event_type == "PaymentAccepted"
     assert payload == {
         "order_id": "ord_1",
@@ -537,16 +571,18 @@ def test_authorization_accepts_the_order_with_the_authorization_flow() -> None:
         "last4": "4242",
     }
     assert set(payload) >= CONTEXT_KEYS
-    assert decision.audit == (
+    assert audited(decision) == [
         {
+            "subject": "gateway_confirmation",
             "action": "confirmation",
             "outcome": "accepted",
             "reason": None,
             "order_id": "ord_1",
             "transaction_id": "txn_1",
             "gateway_event_id": "evt_1",
+            "details": {},
         },
-    )
+    ]
 
 
 def test_captured_sale_is_accepted_with_the_sale_flow() -> None:
@@ -555,7 +591,7 @@ def test_captured_sale_is_accepted_with_the_sale_flow() -> None:
     )
     decision = decide_confirmation(make_order(attempt=2), confirmation)
     assert decision.outcome == "accepted"
-    [(event_type, payload)] = decision.events
+    [(event_type, payload)] = emitted(decision)
     assert event_type == "PaymentAccepted"
     assert (payload["flow"], payload["attempt"], payload["payment_method_type"]) == (
         "sale",
@@ -576,7 +612,7 @@ def test_failed_payment_declines_the_order() -> None:
     assert decision.outcome == "declined"
     assert decision.reason == "card_declined"
     assert decision.order == make_order(status="failed")
-    assert decision.events == (
+    assert emitted(decision) == [
         (
             "PaymentDeclined",
             {
@@ -591,9 +627,9 @@ def test_failed_payment_declines_the_order() -> None:
                 "failure_message": "The card was declined.",
             },
         ),
-    )
-    assert decision.audit[0]["outcome"] == "declined"
-    assert decision.audit[0]["reason"] == "card_declined"
+    ]
+    assert decision.audit[0].outcome == "declined"
+    assert decision.audit[0].reason == "card_declined"
 
 
 @pytest.mark.parametrize(
@@ -612,9 +648,9 @@ def test_gateway_failure_codes_become_snake_case_reasons(
     confirmation = make_confirmation(type="payment.failed", failure_code=failure_code)
     decision = decide_confirmation(make_order(), confirmation)
     assert decision.reason == reason
-    assert decision.audit[0]["reason"] == reason
+    assert decision.audit[0].reason == reason
     # The event keeps the gateway's own code.
-    assert decision.events[0][1]["failure_code"] == failure_code
+    assert emitted(decision)[0][1]["failure_code"] == failure_code
 
 
 def test_confirmation_without_an_order_is_parked() -> None:
@@ -625,8 +661,8 @@ def test_confirmation_without_an_order_is_parked() -> None:
         None,
         (),
     )
-    assert decision.audit[0]["outcome"] == "parked"
-    assert decision.audit[0]["gateway_event_id"] == "evt_1"
+    assert decision.audit[0].outcome == "parked"
+    assert decision.audit[0].gateway_event_id == "evt_1"
 
 
 @pytest.mark.parametrize(
@@ -655,8 +691,8 @@ def test_mismatched_confirmations_are_rejected_and_change_nothing(
         None,
         (),
     )
-    assert set(decision.audit[0]) == AUDIT_KEYS
-    assert decision.audit[0]["reason"] == reason
+    assert set(audited(decision)[0]) == AUDIT_KEYS
+    assert decision.audit[0].reason == reason
 
 
 def test_confirmation_for_a_previous_attempt_is_an_intent_mismatch() -> None:
@@ -676,8 +712,8 @@ def test_confirmation_for_an_intent_the_order_has_not_seen_is_parked(status: Any
     order = make_order(status=status)
     decision = decide_confirmation(order, make_confirmation(payment_intent_id="pi_2"))
     assert (decision.outcome, decision.order, decision.events) == ("parked", None, ())
-    assert decision.audit[0]["outcome"] == "parked"
-    assert decision.audit[0]["order_id"] == "ord_1"
+    assert decision.audit[0].outcome == "parked"
+    assert decision.audit[0].order_id == "ord_1"
 
 
 def test_parked_payment_of_a_retry_settles_the_retried_attempt() -> None:
@@ -687,8 +723,8 @@ def test_parked_payment_of_a_retry_settles_the_retried_attempt() -> None:
     assert retried is not None
     [(_, decision)] = decide_match_unmatched(retried, [payment], NOW, WINDOW)
     assert decision.outcome == "accepted"
-    assert decision.events[0][1]["attempt"] == 2
-    assert decision.events[0][1]["transaction_id"] == "txn_1"
+    assert emitted(decision)[0][1]["attempt"] == 2
+    assert emitted(decision)[0][1]["transaction_id"] == "txn_1"
 
 
 @pytest.mark.parametrize(
@@ -709,7 +745,7 @@ def test_flagged_order_without_a_stored_confirmation_is_settled_by_it(
     )
     assert decision.outcome == outcome
     assert decision.order == make_order(status="accepted" if outcome == "accepted" else "failed")
-    assert [e[0] for e in decision.events] == [event]
+    assert [event_type for event_type, _ in emitted(decision)] == [event]
 
 
 def test_flagged_order_still_checks_intent_and_amount() -> None:
@@ -754,8 +790,8 @@ def test_parked_confirmation_is_applied_when_its_order_arrives() -> None:
     assert confirmation is parked
     assert decision.outcome == "accepted"
     assert decision.order == make_order(status="accepted")
-    assert decision.events[0][0] == "PaymentAccepted"
-    assert decision.audit[0]["action"] == "unmatched_matched"
+    assert emitted(decision)[0][0] == "PaymentAccepted"
+    assert decision.audit[0].action == "unmatched_matched"
 
 
 def test_oldest_acceptable_confirmation_wins_and_the_rest_are_rejected() -> None:
@@ -818,6 +854,23 @@ def test_audit_entries_never_carry_card_details() -> None:
         decide_retry(make_order(status="failed"), "pi_2", "card", "PAYMENT_FAILED"),
     ]
     for decision in decisions:
-        for entry in decision.audit:
+        for entry in audited(decision):
             assert set(entry) == AUDIT_KEYS
+            assert entry["details"] == {}
             assert "4242" not in json.dumps(entry)
+
+
+def test_audit_entries_name_the_subject_of_their_action() -> None:
+    parked = make_confirmation(order_id=None, record_time=NOW - timedelta(hours=1))
+    [(_, matched)] = decide_match_unmatched(make_order(), [parked], NOW, WINDOW)
+    decisions = {
+        "order": decide_order_placed(None, make_order()),
+        "payment_retry": decide_retry(
+            make_order(status="failed"), "pi_2", "card", "PAYMENT_FAILED"
+        ),
+        "gateway_confirmation": decide_confirmation(make_order(), make_confirmation()),
+        "unmatched_payment": matched,
+    }
+    assert {subject: [a.subject for a in d.audit] for subject, d in decisions.items()} == {
+        subject: [subject] for subject in decisions
+    }

@@ -143,6 +143,9 @@ class Monitor:
             topic_disable_leader=True,
             table_standby_replicas=0,
             consumer_auto_offset_reset="earliest",
+            # acks=all; faust offers no idempotence but with exactly_once (transactions),
+            # so a retried send may duplicate: a report keeps its event id, a changelog
+            # record its key (README "Running on a cluster")
             producer_acks=-1,
             web_bind=settings.monitor_host,
             web_host=settings.monitor_host,

@@ -4,6 +4,7 @@ token, without the page's CSRF token, or with a wrong secret."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from services.orders.console import routes
 from services.orders.console.actions import OperatorToken
 from services.orders.console.dead_letters import DeadLetter
 from services.orders.console.order_list import OrderFilter
-from services.orders.console.order_page import compare_ledger
+from services.orders.console.order_page import compare_ledger, notifications
 from services.orders.console.scrub import scrub
 from services.reconcile import Violation
 from services.runtime.cli_dlq import Filters
@@ -198,6 +199,24 @@ def test_order_page_shows_each_step_and_the_ledger_disagreement() -> None:
     assert re.search(r'<tr class="differs"><td>txn_c1</td><td>refunded</td><td>refunded', r.text)
     assert "<script>" not in r.text
     assert client.get("/console/orders/ord_nope").status_code == 404
+
+
+def test_notifications_come_from_the_projection_with_the_times_of_rows_kept() -> None:
+    """Attempt 1's payment_failed row is pruned, attempt 2's kept: both are listed, the
+    kept row's times on the latest attempt of its kind."""
+
+    def row(kind: str, sent: datetime | None) -> dict[str, Any]:
+        value = json.dumps({"payload": {"kind": kind}}).encode()
+        return {"created_at": AT, "sent_at": sent, "value": value}
+
+    notified = [[2, "payment_failed"], [1, "payment_failed"], [3, "payment_confirmed"]]
+    listed = notifications(notified, [row("payment_failed", AT), row("payment_confirmed", None)])
+    assert [(n["attempt"], n["kind"], n["kept"], n["sent_at"]) for n in listed] == [
+        (1, "payment_failed", False, None),
+        (2, "payment_failed", True, AT),
+        (3, "payment_confirmed", True, None),
+    ]
+    assert notifications([], [row("refunded", AT)]) == []
 
 
 def test_compare_ledger_marks_only_disagreements() -> None:

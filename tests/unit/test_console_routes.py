@@ -14,6 +14,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from schemas.contract import OrderStatus
+from services.monitor.domain import Deadlines
 from services.orders.console import routes
 from services.orders.console.actions import OperatorToken
 from services.orders.console.dead_letters import DeadLetter
@@ -46,7 +48,9 @@ def _order(order_id: str = "ord_c1", status: str = "PAID_CONFIRMED") -> dict[str
 
 @dataclass
 class FakeReads:
-    stall_after_s: float = 900.0
+    deadlines: Deadlines = field(
+        default_factory=lambda: Deadlines(900, {OrderStatus.PAYMENT_AUTHORIZED: 60})
+    )
     filters: list[OrderFilter] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
 
@@ -245,7 +249,10 @@ def test_compare_ledger_marks_only_disagreements() -> None:
 
 def test_stalled_and_reconciliation_pages() -> None:
     client, _, _ = _client(None)
-    assert 'href="/console/orders/ord_stuck"' in client.get("/console/stalled").text
+    stalled = client.get("/console/stalled").text
+    assert 'href="/console/orders/ord_stuck"' in stalled
+    assert "PENDING_PAYMENT 900 s, PAYMENT_AUTHORIZED 60 s" in stalled  # the monitor's
+    assert "NEEDS_RECONCILIATION 1 s" in stalled
     r = client.get("/console/reconciliation")
     assert r.status_code == 200
     assert "compensation_failed: refund txn_c1 failed: captured" in r.text

@@ -37,7 +37,8 @@ from pydantic_settings import SettingsConfigDict
 from schemas.contract import OrderStatusChanged
 from schemas.envelope import Envelope, event_type_of
 from services.monitor import domain
-from services.monitor.domain import Deadlines, Saga, StatusChange
+from services.monitor.domain import Saga, StatusChange
+from services.monitor.settings import StallSettings
 from services.monitor.stall_check import StallCheck
 from services.monitor.web import MonitorMetrics, add_pages
 from services.runtime import tracing
@@ -53,28 +54,14 @@ SAGAS_TABLE = "sagas"
 log = logging.getLogger("paysaga.monitor")
 
 
-class MonitorSettings(KafkaSettings):
-    """``PAYSAGA_MONITOR_*``: deadlines in whole seconds (SagaStalled carries integers)."""
+class MonitorSettings(KafkaSettings, StallSettings):
+    """``PAYSAGA_MONITOR_*``; the deadlines are ``StallSettings``'."""
 
     model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
 
     monitor_host: str = "127.0.0.1"
     monitor_port: int = 8085
     monitor_check_interval_s: float = Field(1.0, gt=0)
-    monitor_stall_after_s: int = Field(900, ge=1)
-    monitor_stall_after_pending_payment_s: int | None = Field(None, ge=1)
-    monitor_stall_after_payment_authorized_s: int | None = Field(None, ge=1)
-    monitor_stall_after_inventory_reserved_s: int | None = Field(None, ge=1)
-    monitor_stall_after_refund_pending_s: int | None = Field(None, ge=1)
-    monitor_stall_after_needs_reconciliation_s: int | None = Field(None, ge=1)
-
-    def deadlines(self) -> Deadlines:
-        overrides = {
-            s: v
-            for s in domain.OPEN
-            if (v := getattr(self, f"monitor_stall_after_{s.value.lower()}_s")) is not None
-        }
-        return Deadlines(self.monitor_stall_after_s, overrides)
 
 
 def _brokers(bootstrap: str) -> list[str]:
@@ -143,6 +130,9 @@ class Monitor:
             topic_disable_leader=True,
             table_standby_replicas=0,
             consumer_auto_offset_reset="earliest",
+            # acks=all; faust offers no idempotence but with exactly_once (transactions),
+            # so a retried send may duplicate: a report keeps its event id, a changelog
+            # record its key (README "Running on a cluster")
             producer_acks=-1,
             web_bind=settings.monitor_host,
             web_host=settings.monitor_host,

@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services import reconcile
+from services.monitor.settings import StallSettings
 from services.orders import store
 from services.orders.api import create_api
 from services.orders.console import routes as console
@@ -32,7 +33,7 @@ GROUP = "paysaga.orders"
 log = logging.getLogger("paysaga.orders")
 
 
-class OrdersSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):
+class OrdersSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings, StallSettings):
     """``PAYSAGA_*`` settings; the database is ``PAYSAGA_ORDERS_DATABASE_URL``, else
     ``PAYSAGA_DATABASE_URL`` + ``/paysaga_orders``."""
 
@@ -43,8 +44,6 @@ class OrdersSettings(KafkaSettings, DatabaseSettings, GatewayClientSettings):
     orders_held_gauge_interval_s: float = 10.0
     #: ``name:secret`` of the operator allowed to act in the console; unset: read-only
     console_token: SecretStr | None = None
-    #: the monitor's deadline: a saga unchanged this long is stalled (console, monitor)
-    monitor_stall_after_s: float = 900.0
     #: the periodic reconcile (paysaga_reconcile_violations): 0 turns it off; the
     #: gateway is asked only with reconcile_gateway
     reconcile_interval_s: float = 300.0
@@ -95,7 +94,7 @@ def build(settings: OrdersSettings) -> Service:
         settings,
         settings.kafka_bootstrap_servers,
         settings,
-        settings.monitor_stall_after_s,
+        settings.deadlines(),
     )
     actions = Actions(engine, settings.kafka_bootstrap_servers)
     operator = OperatorToken.parse(token.get_secret_value() if token else None)

@@ -53,6 +53,33 @@ def test_console_finds_an_order_by_each_of_its_ids(stack: Stack) -> None:
     assert _get(stack, "/console/dead-letters").status_code == 200
 
 
+def test_console_lists_the_notifications_once_their_outbox_rows_are_pruned(
+    stack: Stack,
+) -> None:
+    """The relay prunes sent outbox rows after a day: the page's notifications come from
+    the projection, with the row's times while it is kept."""
+    order_id, intent, total = stocked_order(stack, prefix="ord_consn")
+    stack.pay(order_id, intent, total, "sale")
+    stack.wait_status(order_id, "PAID_CONFIRMED")
+    sent = "SELECT id FROM outbox WHERE topic = 'customer.notifications.v1' AND key = %s"
+    wait_for(
+        lambda: stack.db("orders", sent + " AND sent_at IS NOT NULL", order_id.encode()),
+        what="the notification published",
+    )
+    page = _get(stack, f"/console/orders/{order_id}").text
+    kept = r"payment_confirmed \(attempt 1\) requested <time>[^<]+</time>, sent <time>"
+    assert re.search(kept, page)
+    pruned = stack.db(
+        "orders",
+        sent.replace("SELECT id FROM", "DELETE FROM") + " AND sent_at IS NOT NULL RETURNING id",
+        order_id.encode(),
+    )
+    assert pruned
+    assert not stack.db("orders", sent, order_id.encode())
+    page = _get(stack, f"/console/orders/{order_id}").text
+    assert "payment_confirmed (attempt 1) requested, sent (its outbox row is pruned)" in page
+
+
 def test_console_filters_orders_by_conference(stack: Stack) -> None:
     """The checkout's conference_id reaches the projection (OrderRegistered): the
     operator finds a conference's orders, and only them."""

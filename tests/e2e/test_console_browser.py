@@ -142,11 +142,15 @@ def test_replay_a_dead_letter_from_the_console(stack: Stack, browser: Any) -> No
     stack.wait_status(order_id, "NEEDS_RECONCILIATION", timeout=120)
     ref = f"{dead.topic}:{dead.partition}:{dead.offset}"
 
-    for page in ("reconciliation", "stalled"):  # listed there at once, with its reason
-        browser.get(f"{stack.url('orders')}/console/{page}")
-        listed = browser.find_element(By.ID, page).text
-        assert order_id in listed
-        assert "record_dead_lettered" in listed
+    # listed on both with its reason (stalled once past the monitor's 1 s deadline)
+    for page in ("reconciliation", "stalled"):
+
+        def listed(d: Any, page: str = page) -> str | None:
+            d.get(f"{stack.url('orders')}/console/{page}")
+            text = str(d.find_element(By.ID, page).text)
+            return text if order_id in text else None
+
+        assert "record_dead_lettered" in _until(browser, listed, f"the order on /{page}")
     _shot(browser, "stalled")
 
     browser.get(f"{stack.url('orders')}/console/dead-letters")

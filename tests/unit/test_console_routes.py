@@ -4,6 +4,7 @@ token, without the page's CSRF token, or with a wrong secret."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,11 +14,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from schemas.contract import OrderStatus
+from services.monitor.domain import Deadlines
 from services.orders.console import routes
 from services.orders.console.actions import OperatorToken
 from services.orders.console.dead_letters import DeadLetter
 from services.orders.console.order_list import OrderFilter
-from services.orders.console.order_page import compare_ledger
+from services.orders.console.order_page import compare_ledger, notifications
 from services.orders.console.scrub import scrub
 from services.reconcile import Violation
 from services.runtime.cli_dlq import Filters
@@ -45,7 +48,9 @@ def _order(order_id: str = "ord_c1", status: str = "PAID_CONFIRMED") -> dict[str
 
 @dataclass
 class FakeReads:
-    stall_after_s: float = 900.0
+    deadlines: Deadlines = field(
+        default_factory=lambda: Deadlines(900, {OrderStatus.PAYMENT_AUTHORIZED: 60})
+    )
     filters: list[OrderFilter] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
 
@@ -200,6 +205,24 @@ def test_order_page_shows_each_step_and_the_ledger_disagreement() -> None:
     assert client.get("/console/orders/ord_nope").status_code == 404
 
 
+def test_notifications_come_from_the_projection_with_the_times_of_rows_kept() -> None:
+    """Attempt 1's payment_failed row is pruned, attempt 2's kept: both are listed, the
+    kept row's times on the latest attempt of its kind."""
+
+    def row(kind: str, sent: datetime | None) -> dict[str, Any]:
+        value = json.dumps({"payload": {"kind": kind}}).encode()
+        return {"created_at": AT, "sent_at": sent, "value": value}
+
+    notified = [[2, "payment_failed"], [1, "payment_failed"], [3, "payment_confirmed"]]
+    listed = notifications(notified, [row("payment_failed", AT), row("payment_confirmed", None)])
+    assert [(n["attempt"], n["kind"], n["kept"], n["sent_at"]) for n in listed] == [
+        (1, "payment_failed", False, None),
+        (2, "payment_failed", True, AT),
+        (3, "payment_confirmed", True, None),
+    ]
+    assert notifications([], [row("refunded", AT)]) == []
+
+
 def test_compare_ledger_marks_only_disagreements() -> None:
     t = {
         "captures": [{"transaction_id": "t", "amount": 5, "state": "captured"}],
@@ -226,7 +249,10 @@ def test_compare_ledger_marks_only_disagreements() -> None:
 
 def test_stalled_and_reconciliation_pages() -> None:
     client, _, _ = _client(None)
-    assert 'href="/console/orders/ord_stuck"' in client.get("/console/stalled").text
+    stalled = client.get("/console/stalled").text
+    assert 'href="/console/orders/ord_stuck"' in stalled
+    assert "PENDING_PAYMENT 900 s, PAYMENT_AUTHORIZED 60 s" in stalled  # the monitor's
+    assert "NEEDS_RECONCILIATION 1 s" in stalled
     r = client.get("/console/reconciliation")
     assert r.status_code == 200
     assert "compensation_failed: refund txn_c1 failed: captured" in r.text

@@ -1,6 +1,7 @@
 """Every Kafka client is built through ``client_options`` (so a secured cluster secures
 all of them), and every producer is ``acks=all`` and idempotent (no acknowledged record
-lost when a leader dies, no duplicate from a retried send)."""
+lost when a leader dies, no duplicate from a retried send), but the monitor's faust
+producer, which is ``acks=all`` only."""
 
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ def test_every_producer_waits_for_all_replicas_and_is_idempotent() -> None:
         assert acks.value == "all", where
         assert isinstance(idem, ast.Constant), where
         assert idem.value is True, where
+
+
+def test_the_monitor_producer_waits_for_all_replicas() -> None:
+    """The monitor's faust producer: what faust hands aiokafka (``_settings_default``
+    plus ``_settings_extra``, as its ``_new_producer`` does). faust turns idempotence on
+    only with ``processing_guarantee="exactly_once"`` (transactions), which the monitor
+    does not use: its producer is ``acks=all`` without idempotence, as the README says."""
+    from faust.types.enums import ProcessingGuarantee
+    from prometheus_client import CollectorRegistry
+
+    from services.monitor.app import Monitor, MonitorSettings
+
+    app = Monitor(MonitorSettings(), CollectorRegistry()).app
+    producer = app.producer
+    options = {**producer._settings_default(), **producer._settings_extra()}
+    assert options["acks"] == -1  # aiokafka's "all"
+    assert app.conf.processing_guarantee == ProcessingGuarantee.AT_LEAST_ONCE
+    assert "enable_idempotence" not in options  # if faust ever adds it, fix the README
 
 
 def test_plaintext_by_default() -> None:

@@ -4,10 +4,13 @@ context of ``services.runtime.tracing`` (docs/contract.md §3.6)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -193,34 +196,61 @@ def test_every_written_event_carries_a_traceparent() -> None:
     assert tracing.trace_id_of(fresh) != tracing.trace_id_of(TP)
 
 
-def test_with_the_sdk_the_spans_are_exported_as_children_of_the_record(
+def test_the_spans_are_exported_over_otlp_as_children_of_the_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The ``otel`` extra's path (skipped where it is not installed): the spans exported
-    (here to memory, in place of the OTLP exporter) are the ones whose traceparent the
-    records carry."""
-    pytest.importorskip("opentelemetry.sdk")
+    """With ``PAYSAGA_OTLP_ENDPOINT`` set, the spans arrive at an OTLP/HTTP receiver (a
+    local one here, decoding what it is sent), and they are the ones whose traceparent
+    the records carry. The ``otel`` extra comes with ``dev``, so this always runs."""
     from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.http import trace_exporter
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    )
 
-    exporters: dict[str, InMemorySpanExporter] = {}
+    received: list[tuple[str, ExportTraceServiceRequest]] = []
 
-    class Exporter(InMemorySpanExporter):
-        def __init__(self, endpoint: str) -> None:
-            super().__init__()
-            exporters[endpoint] = self
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            received.append((self.path, ExportTraceServiceRequest.FromString(body)))
+            reply = ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
 
-    monkeypatch.setattr(trace_exporter, "OTLPSpanExporter", Exporter)
-    monkeypatch.setenv(tracing.OTLP_ENDPOINT_ENV, "http://collector:4318/")
-    tracing.configure_tracing("unit")
-    with tracing.span("handle", TP) as outer, tracing.span("gateway", tracing.current()) as inner:
-        pass
-    trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
-    exported = exporters["http://collector:4318/v1/traces"].get_finished_spans()
-    spans = {s.name: s for s in exported}
-    assert spans["handle"].resource.attributes["service.name"] == "paysaga-unit"
-    assert tracing.parse(outer) == (TP.split("-")[1], f"{spans['handle'].context.span_id:016x}", 1)
-    assert spans["handle"].parent.span_id == int(TP.split("-")[2], 16)
-    assert spans["gateway"].parent.span_id == spans["handle"].context.span_id
-    assert tracing.trace_id_of(inner) == TP.split("-")[1]
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(tracing.OTLP_ENDPOINT_ENV, f"http://127.0.0.1:{server.server_port}/")
+    try:
+        tracing.configure_tracing("unit")
+        provider = trace.get_tracer_provider()
+        with (
+            tracing.span("handle", TP) as outer,
+            tracing.span("gateway", tracing.current()) as inner,
+        ):
+            pass
+        assert provider.force_flush()  # type: ignore[attr-defined]  # exported, answered
+        provider.shutdown()  # type: ignore[attr-defined]  # later tests export nothing
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert {path for path, _ in received} == {"/v1/traces"}
+    [resource] = [r for _, req in received for r in req.resource_spans]
+    attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
+    assert attributes["service.name"] == "paysaga-unit"
+    spans = {s.name: s for scope in resource.scope_spans for s in scope.spans}
+    assert spans.keys() == {"handle", "gateway"}
+    trace_id, parent_id = TP.split("-")[1:3]
+    assert tracing.parse(outer) == (trace_id, spans["handle"].span_id.hex(), 1)
+    assert spans["handle"].trace_id.hex() == trace_id
+    assert spans["handle"].parent_span_id.hex() == parent_id
+    assert spans["gateway"].parent_span_id == spans["handle"].span_id
+    assert tracing.parse(inner) == (trace_id, spans["gateway"].span_id.hex(), 1)

@@ -10,24 +10,25 @@ from datetime import datetime, timedelta
 import httpx
 
 from services import reconcile
+from services.monitor.domain import OPEN
 from services.orders.console.sources import Row, Sources
-from services.reconcile.rules import FINAL, Violation
+from services.reconcile.rules import Violation
 
 
 class OperatorListReads(Sources):
     """The stalled, needs-reconciliation and unmatched lists."""
 
     async def stalled(self, now: datetime) -> list[Row]:
-        """Orders not final and unchanged for ``stall_after_s`` (the monitor's
-        deadline), oldest first; NEEDS_RECONCILIATION ones at once."""
+        """Orders unchanged for their status's deadline (the monitor's ``Deadlines``),
+        oldest first."""
         return await self._all(
             "orders",
-            "SELECT order_id, customer_id, status, reason, amount, currency, updated_at"
-            " FROM orders WHERE status = 'NEEDS_RECONCILIATION'"
-            " OR (status <> ALL(:final) AND updated_at <= :before)"
-            " ORDER BY updated_at LIMIT 500",
-            final=list(FINAL),
-            before=now - timedelta(seconds=self.stall_after_s),
+            "SELECT order_id, customer_id, o.status, reason, amount, currency, updated_at"
+            " FROM orders o JOIN unnest(CAST(:statuses AS text[]),"
+            " CAST(:befores AS timestamptz[])) AS d(status, before) ON o.status = d.status"
+            " WHERE o.updated_at <= d.before ORDER BY updated_at LIMIT 500",
+            statuses=[s.value for s in OPEN],
+            befores=[now - timedelta(seconds=self.deadlines.for_status(s)) for s in OPEN],
         )
 
     async def needs_reconciliation(self) -> tuple[list[Row], list[Violation], str]:

@@ -91,7 +91,7 @@ class OrderPageReads(Sources):
             "order": found[0],
             "history": history,
             "audit": audit,
-            "notifications": [_notification(n) for n in notes],
+            "notifications": notifications(found[0]["notified"], notes),
             "confirmations": confirmations,
             "requests": requests,
             "unmatched": unmatched,
@@ -131,18 +131,27 @@ class OrderPageReads(Sources):
         return payments, status_rules([view], payments), None
 
 
-def _notification(row: Row) -> Row:
-    try:
-        envelope = json.loads(row["value"])
-        payload = envelope.get("payload", {})
-    except ValueError:
-        payload = {}
-    return {
-        "created_at": row["created_at"],
-        "sent_at": row["sent_at"],
-        "kind": payload.get("kind", "?"),
-        "attempt": payload.get("attempt"),
-    }
+def notifications(notified: list[list[Any]], rows: list[Row]) -> list[Row]:
+    """The notifications the order requested: its projection's ``notified`` ([[attempt,
+    kind], ...], kept for good), each with the times of its outbox row while the relay
+    keeps that row (it prunes sent rows). A row carries the kind, not the attempt: the
+    rows left of a kind are its latest attempts' (pruning takes the oldest first)."""
+    times: dict[str, list[Row]] = {}
+    for row in rows:
+        try:
+            kind = json.loads(row["value"])["payload"]["kind"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        times.setdefault(kind, []).append(row)
+    out: list[Row] = [
+        {"attempt": attempt, "kind": kind, "kept": False, "created_at": None, "sent_at": None}
+        for attempt, kind in sorted((int(a), str(k)) for a, k in notified)
+    ]
+    for kind, kept in times.items():
+        of_kind = [n for n in out if n["kind"] == kind]
+        for n, row in zip(reversed(of_kind), reversed(kept), strict=False):
+            n.update(created_at=row["created_at"], sent_at=row["sent_at"], kept=True)
+    return out
 
 
 def compare_ledger(

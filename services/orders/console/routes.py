@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from schemas.contract import OrderStatus
+from services.monitor.domain import OPEN
 from services.orders.console.actions import Actions, OperatorToken
 from services.orders.console.order_list import OrderFilter
 from services.orders.console.order_page import compare_ledger
@@ -132,7 +133,8 @@ def install(
     @router.get("/stalled", response_class=HTMLResponse, include_in_schema=False)
     async def stalled(request: Request) -> Response:
         rows = await reads.stalled(utcnow())
-        return page(request, "stalled.html", rows=rows, stall_after_s=reads.stall_after_s)
+        deadlines = [(s.value, reads.deadlines.for_status(s)) for s in OPEN]
+        return page(request, "stalled.html", rows=rows, deadlines=deadlines)
 
     @router.get("/reconciliation", response_class=HTMLResponse, include_in_schema=False)
     async def reconciliation(request: Request) -> Response:

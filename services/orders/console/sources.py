@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.monitor.domain import Deadlines
 from services.runtime.service import make_engine
 from services.runtime.settings import SERVICES, DatabaseSettings, GatewayClientSettings
 
@@ -28,13 +29,13 @@ class Sources:
         db: DatabaseSettings,
         bootstrap: str,
         gateway: GatewayClientSettings,
-        stall_after_s: float,
+        deadlines: Deadlines,
     ) -> None:
         self._engines: dict[str, AsyncEngine] = {"orders": orders}
         self._db = db
         self._bootstrap = bootstrap
         self._gateway = gateway
-        self.stall_after_s = stall_after_s
+        self.deadlines = deadlines
 
     @contextlib.asynccontextmanager
     async def _read(self, service: str) -> AsyncIterator[AsyncConnection]:

@@ -71,7 +71,7 @@ from services.runtime.inbox import Inbox
 from services.runtime.kafka import client_options
 from services.runtime.messages import Record, Route
 from services.runtime.metrics import RuntimeMetrics
-from services.runtime.positions import Positions, save_positions
+from services.runtime.positions import Positions
 from services.runtime.retry import backoff_s
 
 __all__ = ["ConsumerRuntime", "RuntimeSettings"]
@@ -98,7 +98,7 @@ class RuntimeSettings(BaseSettings):
     #: not ready when records wait (lag > 0) and no stored position advanced for this long
     stall_after_s: float = 120.0
     #: how long the stored position of a partition may stay behind records the group
-    #: ignores (``ConsumerRuntime._skip``): they are stored in one write at most this often
+    #: ignores (``Positions.skip``): they are stored in one write at most this often
     skipped_position_every_s: float = 1.0
 
 
@@ -116,7 +116,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         # retries and dead letter stop at the next check (``owns``).
         for tp in revoked:
             self.runtime.positions.revoked(tp)
-            self.runtime.skipped.pop(tp, None)
             self.runtime.revocations[tp] = self.runtime.revocations.get(tp, 0) + 1
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -187,10 +186,6 @@ class ConsumerRuntime:
         #: no longer this member's to retry or dead-letter
         self.revocations: dict[TopicPartition, int] = {}
         self.last_progress = 0.0
-        #: partitions whose last batches were only records the group ignores: the next
-        #: offset, stored in one write per ``skipped_position_every_s`` (``_skip``)
-        self.skipped: dict[TopicPartition, int] = {}
-        self._skipped_since: float | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
 
@@ -243,42 +238,23 @@ class ConsumerRuntime:
     def _skip(self, tp: TopicPartition, records: list[Record]) -> bool:
         """Take a batch of records that the group ignores, every one (``Inbox.ignores``),
         without a transaction: applying it would change nothing but the stored position,
-        which follows within ``skipped_position_every_s`` (``_store_skipped``). Until it
-        does, a restart re-reads them and ignores them again. Only where the group has a
-        stored position already: a partition without one must get it at once, or a
-        restart would take Kafka's committed offset for lost positions."""
+        which follows within ``skipped_position_every_s`` (``Positions.skip``). Only
+        where the group has a stored position already: a partition without one must get
+        it at once, or a restart would take Kafka's committed offset for lost positions."""
         if not isinstance(self.positions.expected.get(tp), int):
             return False
         if tp.topic == self.blocking.control_topic or not all(map(self.inbox.ignores, records)):
             return False
-        self.skipped[tp] = self.positions.expected[tp] = records[-1].offset + 1
-        if self._skipped_since is None:
-            self._skipped_since = time.monotonic()
+        self.positions.skip(tp, records[-1].offset + 1)
         self.metrics.records.labels(self.service, tp.topic, "skipped").inc(len(records))
         self._progress()
         return True
 
     async def _store_skipped(self, *, now: bool = False) -> None:
-        """Store the positions past skipped batches (``_skip``) in one write, once the
-        oldest waited ``skipped_position_every_s`` (``now``: at once, when stopping); then
-        commit them to Kafka. A failed write is tried again on the next round."""
-        since = self._skipped_since
-        if since is None or not (
-            now or time.monotonic() - since >= self.settings.skipped_position_every_s
-        ):
-            return
-        positions = dict(self.skipped)
-        try:
-            async with self.engine.begin() as conn:
-                await save_positions(conn, self.group, positions)
-        except Exception as exc:
-            log.info("%s positions past skipped records not stored yet: %s", self.group, said(exc))
-            return
-        for tp, nxt in positions.items():
-            if self.skipped.get(tp) == nxt:
-                del self.skipped[tp]
-        self._skipped_since = time.monotonic() if self.skipped else None
-        await self._commit_kafka(positions)
+        """The positions past skipped batches stored (``Positions.store_skipped``), then
+        committed to Kafka."""
+        every = 0.0 if now else self.settings.skipped_position_every_s
+        await self._commit_kafka(await self.positions.store_skipped(every))
 
     async def _process_lanes(
         self,
@@ -305,8 +281,7 @@ class ConsumerRuntime:
 
         moved: dict[TopicPartition, int] = {}
         outcomes = await asyncio.gather(*(lane(w) for w in lanes), return_exceptions=True)
-        for tp in moved:  # stored with the batch past the skipped records
-            self.skipped.pop(tp, None)
+        self.positions.saved(moved)
         await self._commit_kafka(moved)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

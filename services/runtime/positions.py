@@ -58,6 +58,43 @@ class Positions:
         #: Kafka had a committed offset): the log end they had then, and what
         #: ``/readyz`` says about them until they reach it
         self.alarms: dict[TopicPartition, tuple[int, str]] = {}
+        #: partitions whose last batches were records the group ignores, every one: the
+        #: next offset, not stored yet (``skip``, ``store_skipped``)
+        self.skipped: dict[TopicPartition, int] = {}
+        self._skipped_since: float | None = None
+
+    def skip(self, tp: TopicPartition, nxt: int) -> None:
+        """``tp``'s records below ``nxt`` were all ignored by the group: its position
+        moves there, stored later (``store_skipped``). Until it is, a restart re-reads
+        them and ignores them again."""
+        self.skipped[tp] = self.expected[tp] = nxt
+        if self._skipped_since is None:
+            self._skipped_since = time.monotonic()
+
+    def saved(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Positions stored with an applied batch, past any skipped records."""
+        for tp in positions:
+            self.skipped.pop(tp, None)
+
+    async def store_skipped(self, every_s: float) -> dict[TopicPartition, int]:
+        """Store the positions past skipped records in one write once the oldest waited
+        ``every_s``; what was stored (nothing yet, or when the write failed: tried again
+        on the next call)."""
+        since = self._skipped_since
+        if since is None or time.monotonic() - since < every_s:
+            return {}
+        positions = dict(self.skipped)
+        try:
+            async with self.engine.begin() as conn:
+                await save_positions(conn, self.group, positions)
+        except Exception as exc:
+            log.info("%s positions past skipped records not stored yet: %s", self.group, said(exc))
+            return {}
+        for tp, nxt in positions.items():
+            if self.skipped.get(tp) == nxt:
+                del self.skipped[tp]
+        self._skipped_since = time.monotonic() if self.skipped else None
+        return positions
 
     def forget(self, tp: TopicPartition) -> None:
         """Reload ``tp``'s position from the database before its next batch."""
@@ -65,6 +102,7 @@ class Positions:
 
     def revoked(self, tp: TopicPartition) -> None:
         self.expected.pop(tp, None)
+        self.skipped.pop(tp, None)
         self.alarms.pop(tp, None)
 
     def problems(self) -> list[str]:

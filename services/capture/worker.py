@@ -85,14 +85,11 @@ class CaptureWorker(
     def report(
         self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
-        claim = claimed.claim
         self.metrics.rounds.labels(_OUTCOMES[type(resolution)] if stored else "lease_lost").inc()
-        self.log.info(
-            "capture %s round %d: %s",
-            claim.transaction_id,
-            claim.attempt,
-            resolution if stored else "lease lost",
-        )
+
+    @staticmethod
+    def round_name(claim: domain.Claim) -> str:
+        return f"capture {claim.transaction_id} round {claim.attempt}"
 
     def first_step(
         self, claimed: Claimed[domain.Claim]

@@ -86,16 +86,12 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
     def report(
         self, claimed: Claimed[requests.Claim], resolution: requests.Resolution, stored: bool
     ) -> None:
-        claim = claimed.claim
         outcome = type(resolution).__name__.lower() if stored else "lease_lost"
         self.metrics.rounds.labels(outcome).inc()
-        self.log.info(
-            "payment request %s attempt %d round %d: %s",
-            claim.order_id,
-            claim.attempt,
-            claim.round,
-            resolution if stored else "lease lost",
-        )
+
+    @staticmethod
+    def round_name(claim: requests.Claim) -> str:
+        return f"payment request {claim.order_id} attempt {claim.attempt} round {claim.round}"
 
     async def call(self, claimed: Claimed[requests.Claim]) -> GatewayOutcome:
         claim = claimed.claim

@@ -95,13 +95,10 @@ class RefundsWorker(
         alarm = self.event_for(claimed, resolution)
         if stored and isinstance(alarm, events.CompensationFailed):
             self.metrics.failures.labels(claim.action, alarm.reason).inc()
-        self.log.info(
-            "%s %s round %d: %s",
-            claim.action,
-            claim.transaction_id,
-            claim.attempt,
-            resolution if stored else "lease lost",
-        )
+
+    @staticmethod
+    def round_name(claim: domain.Claim) -> str:
+        return f"{claim.action} {claim.transaction_id} round {claim.attempt}"
 
     def first_step(
         self, claimed: Claimed[domain.Claim]

@@ -121,7 +121,12 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
 
     @abc.abstractmethod
     def report(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
-        """Metrics and a log line for a finished round."""
+        """The metrics of a finished round."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def round_name(claim: ClaimT) -> str:
+        """How the log line of a round names it (``capture txn_1 round 2``)."""
 
     async def claim_due(self, limit: int | None = None) -> list[Claimed[ClaimT]]:
         """Claim up to ``limit`` due intents (``batch`` by default)."""
@@ -190,6 +195,8 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
                 fault_point("intent_after_gateway_call")  # the answer known, not stored
                 stored = await self.resolve(claimed, resolution)
                 self.report(claimed, resolution, stored)
+                outcome = resolution if stored else "lease lost"
+                self.log.info("%s: %s", self.round_name(claimed.claim), outcome)
 
 
 class LookupIntentWorker(IntentWorker[PaymentClaimT, ResolutionT, PolicyT, MetricsT]):

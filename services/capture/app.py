@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from prometheus_client import CollectorRegistry
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.capture import domain, store
+from services.capture import domain
 from services.capture.handlers import HANDLERS
 from services.capture.worker import CaptureMetrics, CaptureWorker
 from services.runtime.intents.service import IntentServiceSettings, SharedSettings, intent_service
@@ -45,17 +44,8 @@ class CaptureSettings(IntentServiceSettings):
 
 
 def build(settings: CaptureSettings, shared: SharedSettings) -> Service:
-    registry = CollectorRegistry()
     return intent_service(
-        NAME,
-        settings,
-        shared,
-        handlers=HANDLERS,
-        channel=store.CHANNEL,
-        worker=CaptureWorker,
-        policy=settings.policy(),
-        metrics=CaptureMetrics.create(registry),
-        registry=registry,
+        NAME, settings, shared, HANDLERS, CaptureWorker, settings.policy(), CaptureMetrics.create
     )
 
 

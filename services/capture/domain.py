@@ -42,10 +42,18 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from services.runtime import retry
-from services.runtime.retry import Failed, GatewayOutcome, Retry, RetryPolicy, Stalled
+from services.runtime.retry import (
+    Call,
+    Failed,
+    GatewayOutcome,
+    Lookup,
+    Retry,
+    RetryPolicy,
+    Stalled,
+)
 
 __all__ = [
-    "CallCapture",
+    "Call",
     "CaptureDeclined",
     "CapturePolicy",
     "CaptureState",
@@ -89,16 +97,6 @@ class CapturePolicy:
 
 
 # --- steps and resolutions ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """Ask the gateway for the payment before doing anything to it."""
-
-
-@dataclass(frozen=True, slots=True)
-class CallCapture:
-    """Capture with the transaction's one idempotency key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +171,10 @@ def _expired(claim: Claim, now: datetime, policy: CapturePolicy) -> bool:
     return now >= claim.authorized_at + policy.hold
 
 
-def first_step(
-    claim: Claim, now: datetime, policy: CapturePolicy
-) -> Lookup | CallCapture | Expired:
+def first_step(claim: Claim, now: datetime, policy: CapturePolicy) -> Lookup | Call | Expired:
     if claim.prior_state != "pending":
         return Lookup()  # a call may have reached the gateway: find out before anything
-    return Expired() if _expired(claim, now, policy) else CallCapture()
+    return Expired() if _expired(claim, now, policy) else Call()
 
 
 def retry_later(
@@ -214,7 +210,7 @@ def _captured(claim: Claim, captures: object) -> Captured | Failed | None:
     return Failed("amount_mismatch")
 
 
-def after_lookup(claim: Claim, payment: Mapping[str, Any]) -> CallCapture | Resolution:
+def after_lookup(claim: Claim, payment: Mapping[str, Any]) -> Call | Resolution:
     """Interpret ``GET /v1/payments/{id}`` (only rows whose capture may have been sent
     are looked up): a recorded capture of the claim's amount settles it; a payment still
     authorized is captured again under the same key — never expired, since the first
@@ -224,7 +220,7 @@ def after_lookup(claim: Claim, payment: Mapping[str, Any]) -> CallCapture | Reso
         return captured
     state = payment.get("state")
     if state == "authorized":
-        return CallCapture()
+        return Call()
     if state == "voided":
         return CaptureDeclined("authorization_voided")
     return Failed("unexpected_payment_state")

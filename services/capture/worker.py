@@ -16,9 +16,9 @@ from pydantic import BaseModel
 
 from schemas import events
 from services.capture import domain, store
-from services.runtime.gateway_client import GatewayProtocolError
+from services.runtime.gateway_client import GatewayOutcome
 from services.runtime.intents.store import Claimed
-from services.runtime.intents.worker import IntentWorker
+from services.runtime.intents.worker import LookupIntentWorker
 from services.runtime.topics import CAPTURE_TOPIC
 
 
@@ -50,14 +50,16 @@ _OUTCOMES: dict[type, str] = {
 
 
 class CaptureWorker(
-    IntentWorker[domain.Claim, domain.Resolution, domain.CapturePolicy, CaptureMetrics]
+    LookupIntentWorker[domain.Claim, domain.Resolution, domain.CapturePolicy, CaptureMetrics]
 ):
     """Capture rounds; also the capture service's janitor (expiry, reclaimed rows)."""
 
-    not_found_reason = "transaction_not_found"
-
     intents = store.INTENTS
+    channel = store.CHANNEL
     topic = CAPTURE_TOPIC
+    after_lookup = staticmethod(domain.after_lookup)
+    after_call = staticmethod(domain.after_capture)
+    retry_later = staticmethod(domain.retry_later)
 
     @staticmethod
     def event_for(
@@ -83,39 +85,22 @@ class CaptureWorker(
     def report(
         self, claimed: Claimed[domain.Claim], resolution: domain.Resolution, stored: bool
     ) -> None:
-        claim = claimed.claim
         self.metrics.rounds.labels(_OUTCOMES[type(resolution)] if stored else "lease_lost").inc()
-        self.log.info(
-            "capture %s round %d: %s",
-            claim.transaction_id,
-            claim.attempt,
-            resolution if stored else "lease lost",
-        )
 
-    async def decide(self, claimed: Claimed[domain.Claim]) -> domain.Resolution:
+    @staticmethod
+    def round_name(claim: domain.Claim) -> str:
+        return f"capture {claim.transaction_id} round {claim.attempt}"
+
+    def first_step(
+        self, claimed: Claimed[domain.Claim]
+    ) -> domain.Lookup | domain.Call | domain.Resolution:
+        return domain.first_step(claimed.claim, self.clock(), self.policy)
+
+    def not_found(self) -> domain.Resolution:
+        return domain.not_found()
+
+    async def call(self, claimed: Claimed[domain.Claim]) -> GatewayOutcome:
         claim = claimed.claim
-        first = domain.first_step(claim, self.clock(), self.policy)
-        if isinstance(first, domain.Lookup):
-            payment = await self.look_up(claimed, claim.transaction_id)
-            if isinstance(payment, domain.Failed):  # 404: the gateway does not know it
-                return domain.not_found()
-            if not isinstance(payment, dict):
-                return payment
-            step = domain.after_lookup(claim, payment)
-        else:
-            step = first
-        if not isinstance(step, domain.CallCapture):
-            return step
-        try:
-            outcome = await self.gateway.capture(
-                claim.transaction_id, claim.amount, claim.currency, claimed.idempotency_key
-            )
-        except GatewayProtocolError as exc:
-            # outside the contract (e.g. 409): the look-up next round tells what happened
-            return self.retry(claimed, f"http_{exc.status_code}")
-        return domain.after_capture(claim, outcome, self.clock(), self.policy, self.rng.random())
-
-    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Stalled:
-        return domain.retry_later(
-            claimed.claim, error, self.clock(), self.policy, self.rng.random()
+        return await self.gateway.capture(
+            claim.transaction_id, claim.amount, claim.currency, claimed.idempotency_key
         )

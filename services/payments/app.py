@@ -10,16 +10,15 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.payments import request_store, unmatched_store
+from services.payments import unmatched_store
 from services.payments.handlers import PaymentsHandlers
 from services.payments.metrics import Metrics
 from services.payments.request_worker import RequestMetrics, RequestWorker
-from services.runtime.gateway_client import GatewayClient
+from services.runtime.intents.service import intent_rounds
 from services.runtime.messages import Record, Route, routes_of
-from services.runtime.metrics import GatewayMetrics
 from services.runtime.periodic import every
 from services.runtime.retry import RetryPolicy
-from services.runtime.service import Service, libpq_conninfo, make_engine, run_service
+from services.runtime.service import Service, make_engine, run_service
 from services.runtime.settings import (
     DatabaseSettings,
     GatewayClientSettings,
@@ -27,7 +26,6 @@ from services.runtime.settings import (
     KafkaSettings,
 )
 from services.runtime.topics import CONFIRMATIONS_TOPIC
-from services.runtime.wakeup import WorkLoop
 
 
 class PaymentsSettings(BaseSettings):
@@ -83,36 +81,18 @@ def build() -> Service:
         for state, n in counts.items():
             metrics.unmatched_open.labels(state).set(n)
 
-    gateway = GatewayClientSettings()
     policy = RetryPolicy(
         settings.payments_request_max_attempts,
         settings.payments_request_retry_base_s,
         settings.payments_request_retry_max_s,
     )
-    request_metrics = RequestMetrics.create(registry)
-    gateway_metrics = GatewayMetrics.create(registry)
-
-    async def request_payments(stop: asyncio.Event) -> None:
-        """The payment request worker (docs/contract.md §3.7): payments owns payment attempts."""
-        async with GatewayClient(
-            gateway.gateway_url,
-            timeout_s=gateway.gateway_timeout_s,
-            max_attempts=gateway.gateway_max_attempts,
-            metrics=gateway_metrics,
-        ) as client:
-            rounds = RequestWorker(
-                engine, client, policy, request_metrics,
-                lease=timedelta(seconds=settings.payments_request_lease_s),
-                batch=settings.payments_request_concurrency,
-            )  # fmt: skip
-            loop = WorkLoop(
-                "payments",
-                libpq_conninfo(url),
-                request_store.REQUEST_CHANNEL,
-                rounds.tick,
-                drain=rounds.drain,
-            )
-            await loop.run(stop)
+    # the payment request worker (docs/contract.md §3.7): payments owns payment attempts
+    request_payments = intent_rounds(
+        "payments", url, engine, GatewayClientSettings(), registry,
+        RequestWorker, policy, RequestMetrics.create(registry),
+        lease_s=settings.payments_request_lease_s,
+        concurrency=settings.payments_request_concurrency,
+    )  # fmt: skip
 
     # the gateway's webhook bodies are not envelopes: a raw route, deduped by digest
     confirmations = Route(

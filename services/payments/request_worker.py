@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from schemas import events
 from services.payments import request_store, requests
 from services.runtime.faults import fault_point
-from services.runtime.gateway_client import GatewayProtocolError
+from services.runtime.gateway_client import GatewayOutcome
 from services.runtime.intents.store import Claimed
 from services.runtime.intents.worker import IntentWorker
 from services.runtime.retry import RetryPolicy
@@ -53,7 +53,9 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
     """Payment request rounds."""
 
     intents = request_store.REQUESTS
+    channel = request_store.REQUEST_CHANNEL
     topic = PAYMENTS_TOPIC
+    after_call = staticmethod(requests.after_call)
 
     @staticmethod
     def event_for(
@@ -84,32 +86,24 @@ class RequestWorker(IntentWorker[requests.Claim, requests.Resolution, RetryPolic
     def report(
         self, claimed: Claimed[requests.Claim], resolution: requests.Resolution, stored: bool
     ) -> None:
-        claim = claimed.claim
         outcome = type(resolution).__name__.lower() if stored else "lease_lost"
         self.metrics.rounds.labels(outcome).inc()
-        self.log.info(
-            "payment request %s attempt %d round %d: %s",
-            claim.order_id,
-            claim.attempt,
-            claim.round,
-            resolution if stored else "lease lost",
-        )
 
-    async def decide(self, claimed: Claimed[requests.Claim]) -> requests.Resolution:
+    @staticmethod
+    def round_name(claim: requests.Claim) -> str:
+        return f"payment request {claim.order_id} attempt {claim.attempt} round {claim.round}"
+
+    async def call(self, claimed: Claimed[requests.Claim]) -> GatewayOutcome:
         claim = claimed.claim
-        try:
-            outcome = await self.gateway.create_payment_intent(
-                claim.order_id,
-                claim.amount,
-                claim.currency,
-                claim.payment_method,
-                claimed.idempotency_key,
-            )
-        except GatewayProtocolError as exc:
-            # outside the contract (a 4xx without an error body): replayed next round
-            return self.retry(claimed, f"http_{exc.status_code}")
+        outcome = await self.gateway.create_payment_intent(
+            claim.order_id,
+            claim.amount,
+            claim.currency,
+            claim.payment_method,
+            claimed.idempotency_key,
+        )
         fault_point("payment_request_after_gateway_call")
-        return requests.after_call(claim, outcome, self.clock(), self.policy, self.rng.random())
+        return outcome
 
     def retry(
         self, claimed: Claimed[requests.Claim], error: str

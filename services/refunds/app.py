@@ -17,10 +17,8 @@ cannot fulfil.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
 from pydantic_settings import SettingsConfigDict
 
-from services.refunds import store
 from services.refunds.handlers import HANDLERS
 from services.refunds.worker import RefundsMetrics, RefundsWorker
 from services.runtime.intents.service import IntentServiceSettings, SharedSettings, intent_service
@@ -36,17 +34,14 @@ class RefundsSettings(IntentServiceSettings):
 
 
 def build(settings: RefundsSettings, shared: SharedSettings) -> Service:
-    registry = CollectorRegistry()
     return intent_service(
         NAME,
         settings,
         shared,
-        handlers=HANDLERS,
-        channel=store.CHANNEL,
-        worker=RefundsWorker,
-        policy=settings.retry_policy(),
-        metrics=RefundsMetrics.create(registry),
-        registry=registry,
+        HANDLERS,
+        RefundsWorker,
+        settings.retry_policy(),
+        RefundsMetrics.create,
     )
 
 

@@ -26,8 +26,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from services.runtime.retry import (
+    Call,
     Failed,
     GatewayOutcome,
+    Lookup,
     Retry,
     RetryPolicy,
     Stalled,
@@ -101,16 +103,6 @@ class Claim:
     prior_state: CompensationState
     attempt: int
     alerted: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """Call void/refund with the compensation's one idempotency key."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ from pydantic import BaseModel
 
 from schemas import events
 from services.refunds import domain, store
-from services.runtime.gateway_client import GatewayOutcome, GatewayProtocolError
+from services.runtime.gateway_client import GatewayOutcome
 from services.runtime.intents.store import Claimed
-from services.runtime.intents.worker import IntentWorker
+from services.runtime.intents.worker import LookupIntentWorker
 from services.runtime.topics import REFUNDS_TOPIC
 
 
@@ -50,12 +50,16 @@ class RefundsMetrics:
 
 
 class RefundsWorker(
-    IntentWorker[domain.Claim, domain.Resolution, domain.RetryPolicy, RefundsMetrics]
+    LookupIntentWorker[domain.Claim, domain.Resolution, domain.RetryPolicy, RefundsMetrics]
 ):
     """Void and refund rounds."""
 
     intents = store.INTENTS
+    channel = store.CHANNEL
     topic = REFUNDS_TOPIC
+    after_lookup = staticmethod(domain.after_lookup)
+    after_call = staticmethod(domain.after_call)
+    retry_later = staticmethod(domain.retry_later)
 
     @staticmethod
     def event_for(
@@ -91,42 +95,23 @@ class RefundsWorker(
         alarm = self.event_for(claimed, resolution)
         if stored and isinstance(alarm, events.CompensationFailed):
             self.metrics.failures.labels(claim.action, alarm.reason).inc()
-        self.log.info(
-            "%s %s round %d: %s",
-            claim.action,
-            claim.transaction_id,
-            claim.attempt,
-            resolution if stored else "lease lost",
-        )
 
-    async def decide(self, claimed: Claimed[domain.Claim]) -> domain.Resolution:
-        claim = claimed.claim
-        first = domain.first_step(claim)
-        if isinstance(first, domain.Lookup):
-            payment = await self.look_up(claimed, claim.transaction_id)
-            if not isinstance(payment, dict):
-                return payment
-            step = domain.after_lookup(claim, payment)
-        else:
-            step = first
-        if not isinstance(step, domain.Call):
-            return step
-        try:
-            outcome = await self._call(claimed)
-        except GatewayProtocolError as exc:
-            # outside the contract (e.g. 409): the look-up next round tells what happened
-            return self.retry(claimed, f"http_{exc.status_code}")
-        return domain.after_call(claim, outcome, self.clock(), self.policy, self.rng.random())
+    @staticmethod
+    def round_name(claim: domain.Claim) -> str:
+        return f"{claim.action} {claim.transaction_id} round {claim.attempt}"
 
-    async def _call(self, claimed: Claimed[domain.Claim]) -> GatewayOutcome:
+    def first_step(
+        self, claimed: Claimed[domain.Claim]
+    ) -> domain.Lookup | domain.Call | domain.Resolution:
+        return domain.first_step(claimed.claim)
+
+    def not_found(self) -> domain.Resolution:
+        return domain.Failed("not_found")
+
+    async def call(self, claimed: Claimed[domain.Claim]) -> GatewayOutcome:
         claim, key = claimed.claim, claimed.idempotency_key
         if claim.action == "void":
             return await self.gateway.void(claim.transaction_id, key)
         return await self.gateway.refund(
             claim.transaction_id, claim.amount, claim.currency, claim.reason, key
-        )
-
-    def retry(self, claimed: Claimed[domain.Claim], error: str) -> domain.Retry | domain.Stalled:
-        return domain.retry_later(
-            claimed.claim, error, self.clock(), self.policy, self.rng.random()
         )

@@ -22,6 +22,7 @@ from services.runtime.relay import event_type_of
 from services.runtime.service import libpq_conninfo
 from services.runtime.settings import SERVICES, DatabaseSettings
 from services.runtime.terminal import make_console
+from services.runtime.wakeup import notify_statement
 
 app = typer.Typer(no_args_is_help=True, help="Outbox rows Kafka refused for good")
 console = make_console()
@@ -111,7 +112,7 @@ def retry(
                 (all_, ids or []),
             )
         ]
-        conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")  # wake the relay
+        conn.execute(notify_statement(OUTBOX_CHANNEL))  # wake the relay
     for id_ in sorted(retried):
         console.print(f"retry: {service} outbox row {id_} goes back to the relay")
     if all_ and not retried:

@@ -203,11 +203,6 @@ class GatewayClient:
             )
         return outcome
 
-    async def get_payment_intent(self, payment_intent_id: str) -> dict[str, Any]:
-        """A requested payment (``GET /v1/payment_intents/{id}``); raises as ``get_payment``."""
-        url = f"/v1/payment_intents/{quote(payment_intent_id, safe='')}"
-        return await self._timed("payment_intent_lookup", self._get(url))
-
     async def get_payment(self, transaction_id: str) -> dict[str, Any]:
         """The gateway's view of a transaction (``GET /v1/payments/{id}``). Safe to
         repeat, so timeouts are retried too. Raises ``GatewayNotFoundError`` (404),

@@ -159,7 +159,7 @@ class GatewayMetrics:
             calls=Histogram(
                 "paysaga_gateway_call_seconds",
                 "Gateway calls, their retries included, by operation (capture, void, refund, "
-                "lookup, payment_intent, payment_intent_lookup) and outcome (succeeded, "
+                "lookup, payment_intent) and outcome (succeeded, "
                 "declined, not_found, unknown, unavailable, protocol_error, error)",
                 ["operation", "outcome"],
                 buckets=GATEWAY_BUCKETS,

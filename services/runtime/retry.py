@@ -13,7 +13,8 @@ This is the one runtime module a service's ``domain.py`` may import (a unit test
   never final: once the rounds are spent the alarm is raised once (``Stalled``) and the
   intent is still looked up, at a capped interval, until the gateway's answer settles
   it.
-* ``GatewayOutcome``: what a mutating gateway call answered, which the domains decide
+* ``Lookup`` / ``Call``: a round's next step at the gateway, as a domain names it;
+  ``GatewayOutcome``: what a mutating gateway call answered, which the domains decide
   on.
 """
 
@@ -24,8 +25,10 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 __all__ = [
+    "Call",
     "Failed",
     "GatewayOutcome",
+    "Lookup",
     "OutcomeKind",
     "Retry",
     "RetryPolicy",
@@ -113,6 +116,16 @@ def retry_later(
     slow = RetryPolicy(policy.max_attempts, policy.base_s, policy.stalled_max_s)
     at = now + timedelta(seconds=slow.delay_s(claim.attempt, jitter))
     return Retry(at, error) if claim.alerted else Stalled(now, at, error)
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Ask the gateway for the payment before doing anything to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Call the gateway with the intent's one idempotency key."""
 
 
 OutcomeKind = Literal["succeeded", "declined", "not_found", "unknown"]

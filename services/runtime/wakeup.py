@@ -26,9 +26,15 @@ from services.runtime.retry import backoff_s
 log = logging.getLogger("paysaga.work_loop")
 
 
+def notify_statement(channel: str) -> str:
+    """The statement that wakes the workers listening on ``channel`` once the
+    transaction it runs in commits (for a plain psycopg connection, as in the CLI)."""
+    return f"NOTIFY {channel}"
+
+
 async def notify(conn: AsyncConnection, channel: str) -> None:
     """Wake the workers listening on ``channel`` once ``conn``'s transaction commits."""
-    await conn.execute(text(f"NOTIFY {channel}"))
+    await conn.execute(text(notify_statement(channel)))
 
 
 class WorkLoop:

@@ -666,7 +666,7 @@ class Capture(Worker):
             step = capture.after_lookup(claim, payment)
         else:
             step = first
-        if not isinstance(step, capture.CallCapture):
+        if not isinstance(step, capture.Call):
             return step
         try:
             outcome = gw.operate("capture", txn, capture.capture_key(txn),

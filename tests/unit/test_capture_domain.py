@@ -48,7 +48,7 @@ def test_authorized_at_is_never_in_the_future() -> None:
 
 
 def test_a_pending_intent_is_captured_within_the_hold_and_expired_after() -> None:
-    assert domain.first_step(claim(), NOW, POLICY) == domain.CallCapture()
+    assert domain.first_step(claim(), NOW, POLICY) == domain.Call()
     old = claim(age=timedelta(days=6))
     assert domain.first_step(old, NOW, POLICY) == domain.Expired()
 
@@ -66,7 +66,7 @@ CAP_1 = {"capture_id": "cap_1", "amount": 1250, "currency": "EUR"}
     [
         ({"state": "captured", "captures": [CAP_1]}, 0, domain.Captured("cap_1")),
         ({"state": "captured", "captures": [CAP_1]}, 9, domain.Captured("cap_1")),
-        ({"state": "authorized", "captures": []}, 0, domain.CallCapture()),
+        ({"state": "authorized", "captures": []}, 0, domain.Call()),
         ({"state": "voided", "captures": []}, 0, domain.CaptureDeclined("authorization_voided")),
         ({"state": "captured", "captures": []}, 0, domain.Failed("unexpected_payment_state")),
         ({"state": "failed"}, 0, domain.Failed("unexpected_payment_state")),
@@ -203,7 +203,7 @@ def test_capture_failed_is_emitted_once_per_transaction() -> None:
 def test_an_authorized_lookup_past_the_hold_resends_the_capture(prior: str) -> None:
     c = claim(prior, attempt=2, age=timedelta(days=9))
     authorized = {"state": "authorized", "captures": []}
-    assert domain.after_lookup(c, authorized) == domain.CallCapture()
+    assert domain.after_lookup(c, authorized) == domain.Call()
 
 
 def test_only_a_capture_never_sent_expires() -> None:

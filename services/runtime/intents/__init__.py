@@ -11,9 +11,12 @@ its event.
   the ``Cause`` the row stored (causation = its event id, ``saga_seq`` = its + 1,
   correlation propagated; its ``traceparent`` is the round's span, a child of the
   one the row stored).
-* ``worker.py`` — ``IntentWorker``: the rounds (claim → gateway → resolve).
-* ``service.py`` — ``intent_service``: wires a service of them (its consumer, whose
-  handlers record intents and NOTIFY, and a ``WorkLoop`` of worker rounds).
+* ``worker.py`` — ``IntentWorker``: the rounds (claim → gateway call → resolve), each
+  worker naming only its call and its domain's rules; ``LookupIntentWorker`` adds the
+  look-up first of the workers that act on an existing payment (capture, refunds).
+* ``service.py`` — ``intent_rounds``: a service's worker task (a gateway client and a
+  ``WorkLoop`` of worker rounds); ``intent_service`` wires a whole service of them (its
+  consumer, whose handlers record intents and NOTIFY, and its ``intent_rounds``).
 
 The retry rules of a round (``RetryPolicy``, ``retry_later``) are pure:
 ``services.runtime.retry``; waking the workers: ``services.runtime.wakeup``.

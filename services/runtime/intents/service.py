@@ -1,22 +1,25 @@
 """Wiring a gateway-intent service: its consumer and its worker rounds
-(``services.runtime.intents``)."""
+(``services.runtime.intents``). ``intent_service`` wires capture and refunds whole;
+payments, whose consumer does more, adds ``intent_rounds`` to its own."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.gateway_client import GatewayClient
 from services.runtime.intents.worker import IntentWorker
 from services.runtime.messages import Handlers, routes_of
 from services.runtime.metrics import GatewayMetrics
 from services.runtime.retry import RetryPolicy
-from services.runtime.service import Service, libpq_conninfo, make_engine
+from services.runtime.service import Service, Worker, libpq_conninfo, make_engine
 from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
 from services.runtime.wakeup import WorkLoop
 
@@ -58,36 +61,20 @@ def intent_service(
     name: str,
     own: IntentServiceSettings,
     shared: SharedSettings,
-    *,
     handlers: Handlers,
-    channel: str,
     worker: type[IntentWorker[Any, Any, PolicyT, MetricsT]],
     policy: PolicyT,
-    metrics: MetricsT,
-    registry: CollectorRegistry,
+    metrics: Callable[[CollectorRegistry], MetricsT],
 ) -> Service:
     """Wire a gateway-intent service: its consumer (``handlers`` record intents in
-    transaction A and NOTIFY ``channel``) and one ``WorkLoop`` running ``worker`` rounds."""
+    transaction A and NOTIFY the worker's channel) and its ``worker`` rounds."""
     url = shared.url_for(name)
     engine = make_engine(url, pool_size=own.concurrency + 2)
-    gateway_metrics = GatewayMetrics.create(registry)
-
-    async def work(stop: asyncio.Event) -> None:
-        async with GatewayClient(
-            shared.gateway_url,
-            timeout_s=shared.gateway_timeout_s,
-            max_attempts=shared.gateway_max_attempts,
-            metrics=gateway_metrics,
-        ) as gateway:
-            rounds = worker(
-                engine, gateway, policy, metrics,
-                lease=timedelta(seconds=own.lease_s), batch=own.concurrency,
-            )  # fmt: skip
-            loop = WorkLoop(
-                name, libpq_conninfo(url), channel, rounds.tick, own.poll_s, drain=rounds.drain
-            )
-            await loop.run(stop)
-
+    registry = CollectorRegistry()
+    rounds = intent_rounds(
+        name, url, engine, shared, registry, worker, policy, metrics(registry),
+        lease_s=own.lease_s, concurrency=own.concurrency, poll_s=own.poll_s,
+    )  # fmt: skip
     return Service(
         name=name,
         group=f"paysaga.{name}",
@@ -98,5 +85,44 @@ def intent_service(
         registry=registry,
         http_port=own.port,
         http_host=own.host,
-        workers=[work],
+        workers=[rounds],
     )
+
+
+def intent_rounds(
+    name: str,
+    url: str,
+    engine: AsyncEngine,
+    gateway: GatewayClientSettings,
+    registry: CollectorRegistry,
+    worker: type[IntentWorker[Any, Any, PolicyT, MetricsT]],
+    policy: PolicyT,
+    metrics: MetricsT,
+    *,
+    lease_s: float,
+    concurrency: int,
+    poll_s: float = 0.5,
+) -> Worker:
+    """A service's worker task of ``worker`` rounds: one gateway client, and a
+    ``WorkLoop`` woken on the worker's channel, with up to ``concurrency`` rounds in
+    flight, each claim leased for ``lease_s``; with nothing due it waits ``poll_s`` at
+    the most for a notification."""
+    gateway_metrics = GatewayMetrics.create(registry)
+
+    async def work(stop: asyncio.Event) -> None:
+        async with GatewayClient(
+            gateway.gateway_url,
+            timeout_s=gateway.gateway_timeout_s,
+            max_attempts=gateway.gateway_max_attempts,
+            metrics=gateway_metrics,
+        ) as client:
+            rounds = worker(
+                engine, client, policy, metrics,
+                lease=timedelta(seconds=lease_s), batch=concurrency,
+            )  # fmt: skip
+            loop = WorkLoop(
+                name, libpq_conninfo(url), worker.channel, rounds.tick, poll_s, drain=rounds.drain
+            )
+            await loop.run(stop)
+
+    return work

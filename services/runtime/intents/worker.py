@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,15 +19,25 @@ from services.runtime.faults import fault_point
 from services.runtime.gateway_client import (
     GatewayClient,
     GatewayNotFoundError,
+    GatewayOutcome,
     GatewayProtocolError,
     GatewayUnavailableError,
 )
 from services.runtime.intents.store import Claimed, IntentStore
 from services.runtime.logs import bound
-from services.runtime.retry import Failed
+from services.runtime.retry import Call, Lookup, Round
 from services.runtime.tracing import span, trace_id_of
 
+
+class PaymentRound(Round, Protocol):
+    """A claim whose round may look its payment up: the gateway's transaction id."""
+
+    @property
+    def transaction_id(self) -> str: ...
+
+
 ClaimT = TypeVar("ClaimT")
+PaymentClaimT = TypeVar("PaymentClaimT", bound=PaymentRound)
 ResolutionT = TypeVar("ResolutionT")
 PolicyT = TypeVar("PolicyT")
 MetricsT = TypeVar("MetricsT")
@@ -40,23 +50,24 @@ def utc_now() -> datetime:
 
 
 class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
-    """The rounds of a gateway-intent worker (capture, refunds).
+    """The rounds of a gateway-intent worker (payments' requests; capture and refunds
+    through ``LookupIntentWorker``).
 
-    Per round: the intent is claimed (``IntentStore.claim_due``) → ``decide`` looks the
-    payment up and/or calls the gateway with the intent's one idempotency key, no
-    transaction open → ``IntentStore.resolve`` is transaction B: the outcome, fenced by
-    the claim, and its event (``event_for``) in the outbox on ``topic``. A round must
-    end well inside its lease, or another worker could reclaim the row while this one
-    still calls the gateway: a round over budget becomes a retry (which looks the
-    payment up first). Rows of a worker that died mid-call are reclaimed after their
-    lease, and looked up first.
+    Per round: the intent is claimed (``IntentStore.claim_due``) → ``decide`` calls the
+    gateway with the intent's one idempotency key (``call``, no transaction open) and
+    reads its answer (``after_call``) → ``IntentStore.resolve`` is transaction B: the
+    outcome, fenced by the claim, and its event (``event_for``) in the outbox on
+    ``topic``. A round must end well inside its lease, or another worker could reclaim
+    the row while this one still calls the gateway: a round over budget becomes a retry
+    (which looks the payment up first, or sends the same request again). Rows of a
+    worker that died mid-call are reclaimed after their lease, and retried the same way.
     """
 
-    #: the intent table and the topic its events go to (set by each subclass)
+    #: the intent table, the channel its recorded intents are announced on and the
+    #: topic its events go to (set by each subclass)
     intents: ClassVar[IntentStore[Any, Any]]
+    channel: ClassVar[str]
     topic: ClassVar[str]
-    #: reason of the failure when the gateway does not know the transaction
-    not_found_reason = "not_found"
 
     def __init__(
         self,
@@ -84,14 +95,38 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         """The event a resolution emits (a retry emits none)."""
 
     @abc.abstractmethod
-    async def decide(self, claimed: Claimed[ClaimT]) -> ResolutionT: ...
+    async def call(self, claimed: Claimed[ClaimT]) -> GatewayOutcome:
+        """The intent's gateway call, under ``claimed.idempotency_key``."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def after_call(
+        claim: ClaimT, outcome: GatewayOutcome, now: datetime, policy: PolicyT, jitter: float
+    ) -> ResolutionT:
+        """The domain's reading of the call's answer."""
 
     @abc.abstractmethod
-    def retry(self, claimed: Claimed[ClaimT], error: str) -> ResolutionT: ...
+    def retry(self, claimed: Claimed[ClaimT], error: str) -> ResolutionT:
+        """The round ends with its outcome unknown: the domain's retry rule."""
+
+    async def decide(self, claimed: Claimed[ClaimT]) -> ResolutionT:
+        """The round's gateway call (no transaction open) and what its answer means."""
+        try:
+            outcome = await self.call(claimed)
+        except GatewayProtocolError as exc:
+            # an answer outside the contract (e.g. a 409, a 4xx without an error body):
+            # the next round finds out what happened (a look-up, or the same key again)
+            return self.retry(claimed, f"http_{exc.status_code}")
+        return self.after_call(claimed.claim, outcome, self.clock(), self.policy, self.rng.random())
 
     @abc.abstractmethod
     def report(self, claimed: Claimed[ClaimT], resolution: ResolutionT, stored: bool) -> None:
-        """Metrics and a log line for a finished round."""
+        """The metrics of a finished round."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def round_name(claim: ClaimT) -> str:
+        """How the log line of a round names it (``capture txn_1 round 2``)."""
 
     async def claim_due(self, limit: int | None = None) -> list[Claimed[ClaimT]]:
         """Claim up to ``limit`` due intents (``batch`` by default)."""
@@ -160,14 +195,55 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
                 fault_point("intent_after_gateway_call")  # the answer known, not stored
                 stored = await self.resolve(claimed, resolution)
                 self.report(claimed, resolution, stored)
+                outcome = resolution if stored else "lease lost"
+                self.log.info("%s: %s", self.round_name(claimed.claim), outcome)
 
-    async def look_up(
-        self, claimed: Claimed[ClaimT], transaction_id: str
-    ) -> dict[str, Any] | Failed | ResolutionT:
+
+class LookupIntentWorker(IntentWorker[PaymentClaimT, ResolutionT, PolicyT, MetricsT]):
+    """The rounds of a worker that acts on an existing payment (capture, refunds): a
+    round whose last call may have reached the gateway looks the payment up first
+    (``first_step``) and acts on the gateway's answer (``after_lookup``) before it
+    calls again, under the same key."""
+
+    @abc.abstractmethod
+    def first_step(self, claimed: Claimed[PaymentClaimT]) -> Lookup | Call | ResolutionT:
+        """Look the payment up, call the gateway, or end the round at once."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def after_lookup(claim: PaymentClaimT, payment: dict[str, Any]) -> Call | ResolutionT:
+        """The domain's reading of the gateway's view of the payment."""
+
+    @abc.abstractmethod
+    def not_found(self) -> ResolutionT:
+        """How the round ends when the gateway does not know the transaction."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def retry_later(
+        claim: PaymentClaimT, error: str, now: datetime, policy: PolicyT, jitter: float
+    ) -> ResolutionT:
+        """The domain's retry rule (``services.runtime.retry.retry_later``)."""
+
+    def retry(self, claimed: Claimed[PaymentClaimT], error: str) -> ResolutionT:
+        return self.retry_later(claimed.claim, error, self.clock(), self.policy, self.rng.random())
+
+    async def decide(self, claimed: Claimed[PaymentClaimT]) -> ResolutionT:
+        step = self.first_step(claimed)
+        if isinstance(step, Lookup):
+            payment = await self.look_up(claimed)
+            if not isinstance(payment, dict):
+                return payment
+            step = self.after_lookup(claimed.claim, payment)
+        if not isinstance(step, Call):
+            return step
+        return await super().decide(claimed)
+
+    async def look_up(self, claimed: Claimed[PaymentClaimT]) -> dict[str, Any] | ResolutionT:
         """The gateway's view of the payment, or how this round ends without one."""
         try:
-            return await self.gateway.get_payment(transaction_id)
+            return await self.gateway.get_payment(claimed.claim.transaction_id)
         except GatewayNotFoundError:
-            return Failed(self.not_found_reason)
+            return self.not_found()
         except (GatewayUnavailableError, GatewayProtocolError) as exc:
             return self.retry(claimed, f"lookup: {describe(exc)}")

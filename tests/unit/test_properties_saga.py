@@ -182,11 +182,22 @@ class Faults(Schedule):
         self.saga.set_stock(skus[i % len(skus)], available)
 
 
+#: a failed attempt flagged after it failed (its void failed), or flagged first and
+#: failed once its stalled void was settled
+_FLAGGED_AROUND_FAILURE = {
+    ("PAYMENT_FAILED", "NEEDS_RECONCILIATION"),
+    ("NEEDS_RECONCILIATION", "PAYMENT_FAILED"),
+}
+
+
 def _raced_retry(saga: Saga) -> bool:
-    """A failed attempt went on to NEEDS_RECONCILIATION (its void failed): whether the
-    customer's retry came before that is a race of the customer, not of delivery."""
+    """An attempt was NEEDS_RECONCILIATION just before or after PAYMENT_FAILED: whether
+    the customer's retry reached payments before payments mirrored the status that
+    followed is a race of the customer, not of delivery. Payments refuses a retry while
+    the status it last saw is NEEDS_RECONCILIATION (docs/contract.md §2.1: accepted only
+    in PAYMENT_FAILED), and keeps the retry's payment unmatched for an operator."""
     return any(
-        (e.change.previous_status, e.change.status) == ("PAYMENT_FAILED", "NEEDS_RECONCILIATION")
+        (e.change.previous_status, e.change.status) in _FLAGGED_AROUND_FAILURE
         for emitted in saga.orders.emitted.values()
         for e in emitted
     )

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from schemas.events import PaymentContext
 from services.refunds import domain, store
@@ -136,3 +136,46 @@ async def test_an_intent_is_due_on_the_database_clock_whoever_scheduled_it(
     assert state(conninfo, txn) == ("unknown", 1)
     assert await claims_within(worker(engine, gateway), 15, "the retry due") == [txn]
     assert state(conninfo, txn) == ("in_flight", 2)
+
+
+async def test_the_claim_reads_its_partial_indexes_even_under_a_generic_plan(
+    db: tuple[AsyncEngine, str], gateway: GatewayClient
+) -> None:
+    """psycopg prepares a statement that runs often, and PostgreSQL may then plan it once
+    for any parameters: a state written as a parameter could not match the partial
+    indexes' predicates, and every claim would scan the whole intent table, which only
+    grows. Here every statement is prepared at once and planned generically."""
+    engine, conninfo = db
+    for _ in range(300):
+        await record(engine)
+    query(conninfo, "UPDATE compensations SET state = 'succeeded' RETURNING 1")  # settled
+    due = await record(engine)
+    generic = create_async_engine(
+        engine.url,
+        pool_size=1,
+        max_overflow=0,
+        connect_args={"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"},
+    )
+    try:
+        async with generic.connect() as conn:
+            await conn.exec_driver_sql("ANALYZE compensations")
+        [claimed] = await worker(generic, gateway).claim_due()
+        assert claimed.claim.transaction_id == due
+        async with generic.connect() as conn:  # the same connection: its prepared statements
+            prepared = (
+                await conn.exec_driver_sql(
+                    "SELECT name, cardinality(parameter_types) FROM pg_prepared_statements"
+                    " WHERE statement LIKE '%%WITH due AS%%'"
+                    " AND statement NOT LIKE '%%pg_prepared_statements%%'"
+                )
+            ).all()
+            assert len(prepared) == 1, prepared
+            [(name, n)] = prepared
+            nulls = ", ".join(["NULL"] * n)
+            plan = "\n".join(
+                r[0] for r in await conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({nulls})")
+            )
+    finally:
+        await generic.dispose()
+    assert "ix_compensations_due" in plan, plan
+    assert "Seq Scan on compensations" not in plan, plan

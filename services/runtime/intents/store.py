@@ -70,15 +70,19 @@ def intent_columns() -> list[Column[Any]]:
     ]
 
 
+#: the states the claim query reads, as the predicates of its partial indexes. Written
+#: as constants in the query too, never as parameters: a prepared statement's generic
+#: plan cannot match a parameter to an index predicate, and would scan the whole table
+#: (which only grows) on every claim.
+_DUE = "state IN ('pending', 'unknown')"
+_LEASED = "state = 'in_flight'"
+
+
 def intent_indexes(table: str) -> list[Index]:
     """What the claim query reads: due rows and rows whose lease may have run out."""
     return [
-        Index(
-            f"ix_{table}_due",
-            "next_attempt_at",
-            postgresql_where=text("state IN ('pending', 'unknown')"),
-        ),
-        Index(f"ix_{table}_leased", "lease_until", postgresql_where=text("state = 'in_flight'")),
+        Index(f"ix_{table}_due", "next_attempt_at", postgresql_where=text(_DUE)),
+        Index(f"ix_{table}_leased", "lease_until", postgresql_where=text(_LEASED)),
     ]
 
 
@@ -201,8 +205,8 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             select(*(c[k] for k in self.key), c.state.label("prior_state"))
             .where(
                 or_(
-                    and_(c.state.in_(("pending", "unknown")), c.next_attempt_at <= db_now),
-                    and_(c.state == "in_flight", c.lease_until <= db_now),
+                    and_(text(_DUE), c.next_attempt_at <= db_now),
+                    and_(text(_LEASED), c.lease_until <= db_now),
                 )
             )
             .order_by(c.next_attempt_at)

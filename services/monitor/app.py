@@ -6,9 +6,10 @@
   changelog is ``paysaga.monitor-sagas-changelog`` (topics.yaml): a restarted monitor
   recovers it before it judges anything, then reads the status topic on from its
   committed offsets. A new consumer group reads the compacted status topic from its start.
-- A timer (``PAYSAGA_MONITOR_CHECK_INTERVAL_S``) walks the table and reports each stalled
-  order once (``stall_check.py``). No check runs while the table is being recovered or
-  the group rebalances.
+- A timer (``PAYSAGA_MONITOR_CHECK_INTERVAL_S``) walks the open sagas (the whole table
+  now and then, to prune final markers) and reports each stalled order once
+  (``stall_check.py``). No check runs while the table is being recovered or the group
+  rebalances; the next one walks the whole table.
 - HTTP is faust's own web server (one per process): ``/healthz``, ``/readyz``,
   ``/metrics`` on ``PAYSAGA_MONITOR_PORT`` (``web.py``, with the metrics).
 
@@ -198,6 +199,7 @@ class Monitor:
             self.metrics.records.labels("ignored").inc()
             return
         self.sagas[key] = saga.to_dict()
+        self.stalls.noted(key, saga)
         self.metrics.records.labels("applied").inc()
         if outcome is not None:
             self.metrics.outcomes.labels(outcome.status.value).inc()
@@ -238,6 +240,8 @@ class Monitor:
             await self.partitioner_ready()
             if self.judging():
                 await self.stalls.run()
+            else:  # recovering or rebalancing: rows may come and go beyond ``noted``
+                self.stalls.forget_open()
         except Exception:
             log.exception("stall check failed")
 

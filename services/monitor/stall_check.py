@@ -29,9 +29,20 @@ from services.runtime.outbox import Cause
 log = logging.getLogger("paysaga.monitor")
 
 
+#: how often a pass walks the whole table, final markers included (to prune the ones past
+#: ``domain.FINAL_KEPT_S``); the passes between walk only the open sagas
+WHOLE_TABLE_EVERY_S = 300.0
+
+
 class StallCheck:
     """One pass at a time over ``sagas`` (the faust table), reporting on ``topic``;
-    ``last_check`` and ``send_failed`` tell ``/readyz`` how it goes."""
+    ``last_check`` and ``send_failed`` tell ``/readyz`` how it goes.
+
+    The table keeps a final order's marker for a day, so that a re-delivered status does
+    not reopen it: most of its rows are final. A pass walks only the open ones (``open``,
+    kept by ``noted`` as statuses are applied) and the whole table every
+    ``WHOLE_TABLE_EVERY_S``, and after the table changed under it (``forget_open``: a
+    recovery or a rebalance)."""
 
     def __init__(
         self,
@@ -50,19 +61,46 @@ class StallCheck:
         self.minutes = minutes
         self.last_check: float | None = None
         self.send_failed = False
+        #: the keys of the open sagas; None until a pass walked the whole table
+        self.open: set[bytes] | None = None
+        self._whole_walked = 0.0
+
+    def noted(self, key: bytes, saga: Saga) -> None:
+        """The table's row ``key`` is now ``saga``."""
+        if self.open is not None:
+            if domain.is_final(saga.status):
+                self.open.discard(key)
+            else:
+                self.open.add(key)
+
+    def forget_open(self) -> None:
+        """The table may have changed beyond ``noted``: the next pass walks all of it."""
+        self.open = None
 
     async def run(self) -> None:
-        """One pass over the whole table (the caller makes sure it is whole)."""
+        """One pass: over the open sagas, or the whole table (the caller makes sure it is
+        whole) once ``WHOLE_TABLE_EVERY_S`` passed or ``open`` was forgotten."""
         now = time.time()
+        whole = self.open is None or time.monotonic() - self._whole_walked >= WHOLE_TABLE_EVERY_S
+        if self.open is None:
+            self.open = set()  # ``noted`` keeps it from here on, during this pass too
+        open_keys = self.open  # ``forget_open`` during the pass leaves it to the next one
+        keys = list(self.sagas.keys()) if whole else list(open_keys)
         sagas: list[Saga] = []
-        for key, raw in list(self.sagas.items()):
-            saga = Saga.from_dict(raw)
-            if domain.prunable(saga, now):
-                del self.sagas[key]
+        for key in keys:
+            raw = self.sagas.get(key)
+            saga = None if raw is None else Saga.from_dict(raw)
+            if saga is None or domain.is_final(saga.status):
+                open_keys.discard(key)  # never stalled; a final marker is kept until prunable
+                if saga is not None and domain.prunable(saga, now):
+                    del self.sagas[key]
                 continue
+            open_keys.add(key)
             if domain.needs_alert(saga, now, self.deadlines):
                 saga = await self.report(key.decode(), saga, now)
             sagas.append(saga)
+        if whole:
+            self._whole_walked = time.monotonic()
         for status, n in domain.stalled_counts(sagas, now, self.deadlines).items():
             self.metrics.stalled.labels(status).set(n)
         for status, n in self.minutes.last_complete(now).items():

@@ -70,6 +70,29 @@ def _scanned_headers(headers: Iterable[tuple[str, bytes | str | None]]) -> list[
     return out
 
 
+def _scanned_value(value: bytes) -> bytes:
+    """A record value as a card scan reads it: a JSON value without its well-formed
+    ``traceparent`` fields (random hex ids, as in a header: the monitor's table keeps the
+    trace of each order's last status); anything else as it is."""
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return value
+
+    def drop(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: drop(v)
+                for k, v in node.items()
+                if not (k == tracing.TRACEPARENT and isinstance(v, str) and tracing.parse(v))
+            }
+        if isinstance(node, list):
+            return [drop(v) for v in node]
+        return node
+
+    return json.dumps(drop(doc)).encode() if isinstance(doc, dict | list) else value
+
+
 @dataclasses.dataclass
 class Inputs:
     """What a scenario sent and what each order may end as."""
@@ -433,7 +456,7 @@ def _card_scan(
     topics = [spec.name for spec in load_specs() if spec.name not in INPUT_TOPICS]
     for m in asyncio.run(records_since(client.bootstrap, topics, inputs.since_ms)):
         counts["records scanned"] += 1
-        parts = [m.value or b"", *_scanned_headers(m.headers)]
+        parts = [_scanned_value(m.value or b""), *_scanned_headers(m.headers)]
         if any(find_card_data_in_bytes(p) == CARD_NUMBER_PRESENT for p in parts):
             out.append(f"card number on {m.topic} {m.partition}:{m.offset}")
     if log_dir is not None:

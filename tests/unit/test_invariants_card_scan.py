@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from schemas.carddata import CARD_NUMBER_PRESENT
-from tests.support.invariants import _scan_value, _scanned_headers
+from schemas.carddata import CARD_NUMBER_PRESENT, find_card_data_in_bytes
+from tests.support.invariants import _scan_value, _scanned_headers, _scanned_value
 
 # a span id that happens to be all digits and Luhn-valid (seen in a chaos run)
 TRACEPARENT = "00-1f179ca993c03e725e8850dfdaf75588-6959472987523981-01"
@@ -50,3 +50,14 @@ def test_an_audit_rows_all_digit_record_key_is_an_order_id_not_a_card_number() -
     assert _scan_value({**row, "details": {"record_key": "4242 4242 4242 4242"}}) == (
         CARD_NUMBER_PRESENT  # digits grouped as a card number is typed: no identifier
     )
+
+
+def test_a_records_traceparent_field_with_an_all_digit_span_id_is_no_card_number() -> None:
+    """The monitor's changelog keeps each order's last trace in its row; a card number
+    elsewhere in such a record is still found, and so is a traceparent field that is not
+    one."""
+    row = {"status": "INVENTORY_RESERVED", "since": 1.5, "traceparent": TRACEPARENT}
+    assert find_card_data_in_bytes(_scanned_value(json.dumps(row).encode())) is None
+    assert find_card_data_in_bytes(_scanned_value(json.dumps({**row, "note": PAN}).encode()))
+    assert find_card_data_in_bytes(_scanned_value(json.dumps({"traceparent": PAN}).encode()))
+    assert find_card_data_in_bytes(_scanned_value(PAN.encode()))  # not JSON: as it is

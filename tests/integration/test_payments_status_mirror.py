@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.payments import store
-from services.payments.domain import Item, Order
 from tests.conftest import Infra
 from tests.integration.conftest import service_db
 from tests.support.harness import query
+from tests.support.payments import make_order
 
 pytestmark = pytest.mark.integration
 
@@ -26,30 +26,22 @@ async def db(infra: Infra) -> AsyncIterator[tuple[AsyncEngine, str]]:
         yield found
 
 
-def _order(order_id: str) -> Order:
-    return Order(
-        order_id=order_id,
-        customer_id="cus_1",
-        currency="EUR",
-        total_amount=1000,
-        payment_intent_id="pi_2",
-        payment_method="card",
-        attempt=2,
-        status="accepted",
-        items=(Item("sku_1", 1),),
-        correlation_id=None,
-        content_hash="h",
-        earlier_intents=("pi_1",),
-    )
-
-
 async def test_a_status_is_recorded_in_one_statement_only_where_nothing_else_is_to_decide(
     db: tuple[AsyncEngine, str],
 ) -> None:
     engine, conninfo = db
     async with engine.begin() as conn:
         for order_id in ("ord_a", "ord_b"):
-            assert await store.insert_order(conn, _order(order_id))
+            assert await store.insert_order(
+                conn,
+                make_order(
+                    order_id=order_id,
+                    payment_intent_id="pi_2",
+                    attempt=2,
+                    status="accepted",
+                    earlier_intents=("pi_1",),
+                ),
+            )
         await store.set_order_fields(conn, "ord_b", pending_retry={"payment_intent_id": "pi_3"})
 
     async with engine.begin() as conn:

@@ -14,10 +14,10 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.payments import unmatched_store
-from services.payments.domain import Order
 from tests.conftest import Infra
 from tests.integration.conftest import service_db
 from tests.support.harness import query
+from tests.support.payments import make_order
 
 pytestmark = pytest.mark.integration
 
@@ -33,22 +33,6 @@ _ROW = (
 async def db(infra: Infra) -> AsyncIterator[tuple[AsyncEngine, str]]:
     async with service_db(infra, "payments", "unmatched_intent") as found:
         yield found
-
-
-def _order(payment_intent_id: str) -> Order:
-    return Order(
-        order_id="ord_1",
-        customer_id="cus_1",
-        currency="EUR",
-        total_amount=1000,
-        payment_intent_id=payment_intent_id,
-        payment_method="card",
-        attempt=1,
-        status="pending",
-        items=(),
-        correlation_id=None,
-        content_hash="h",
-    )
 
 
 async def _plans(conn: AsyncConnection, statements: list[tuple[str, Any]]) -> list[str]:
@@ -76,8 +60,12 @@ async def test_opening_an_attempt_reads_its_unmatched_payments_by_intent_in_ever
             statements.append((sql, params))
 
         event.listen(conn.sync_connection, "before_cursor_execute", record)
-        parked = await unmatched_store.load_unmatched_of(conn, _order("pi_3001"))
-        refunded = await unmatched_store.load_unmatched_of(conn, _order("pi_3002"))
+        parked = await unmatched_store.load_unmatched_of(
+            conn, make_order(payment_intent_id="pi_3001")
+        )
+        refunded = await unmatched_store.load_unmatched_of(
+            conn, make_order(payment_intent_id="pi_3002")
+        )
         event.remove(conn.sync_connection, "before_cursor_execute", record)
         plans = await _plans(conn, statements)
 

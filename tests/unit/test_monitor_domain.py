@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -158,7 +159,8 @@ def test_outcomes_per_tumbling_minute_of_event_time() -> None:
     assert list(m.windows) == []
 
 
-def test_a_status_record_is_read_with_the_time_it_happened() -> None:
+def _status_record(**envelope: Any) -> bytes:
+    """An OrderStatusChanged record of ord_1 (INVENTORY_RESERVED, version 3) at T0."""
     payload = {
         "order_id": "ord_1",
         "status": "INVENTORY_RESERVED",
@@ -170,18 +172,19 @@ def test_a_status_record_is_read_with_the_time_it_happened() -> None:
         "currency": "EUR",
         "version": 3,
     }
-    at = datetime.fromtimestamp(T0, UTC)
-    value = dump(
+    return dump(
         new_envelope(
             "OrderStatusChanged",
             OrderStatusChanged.model_validate(payload),
-            now=at,
+            now=datetime.fromtimestamp(T0, UTC),
             event_id="e1",
-            causation_id="c",
-            saga_seq=4,
-            correlation_id="k",
+            **envelope,
         )
     )
+
+
+def test_a_status_record_is_read_with_the_time_it_happened() -> None:
+    value = _status_record(causation_id="c", saga_seq=4, correlation_id="k")
     got = status_change(b"ord_1", value)
     assert (got.status, got.version, got.at, got.saga_seq) == (S.INVENTORY_RESERVED, 3, T0, 4)
     with pytest.raises(ValueError, match="order_id"):
@@ -193,26 +196,7 @@ def test_a_status_record_is_read_with_the_time_it_happened() -> None:
 def test_a_status_records_trace_is_kept_for_its_stalled_report() -> None:
     """The monitor keeps the status record's traceparent (a valid one only) in its table,
     so the SagaStalled it may send continues the order's trace."""
-    payload = {
-        "order_id": "ord_1",
-        "status": "PENDING_PAYMENT",
-        "previous_status": None,
-        "reason": None,
-        "payment_intent_id": "pi_1",
-        "transaction_id": None,
-        "amount": 1500,
-        "currency": "EUR",
-        "version": 1,
-    }
-    at = datetime.fromtimestamp(T0, UTC)
-    value = dump(
-        new_envelope(
-            "OrderStatusChanged",
-            OrderStatusChanged.model_validate(payload),
-            now=at,
-            event_id="e1",
-        )
-    )
+    value = _status_record()
     tp = f"00-{'a' * 32}-{'b' * 16}-01"
     got = status_change(b"ord_1", value, tp.encode())
     assert got.traceparent == tp

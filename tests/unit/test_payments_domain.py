@@ -17,13 +17,12 @@ from schemas.envelope import event_type_of
 from services.payments.domain import (
     Confirmation,
     Decision,
-    Item,
-    Order,
     decide_confirmation,
     decide_match_unmatched,
     decide_order_placed,
     decide_retry,
 )
+from tests.support.payments import make_order
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 WINDOW = timedelta(hours=24)
@@ -58,23 +57,6 @@ def emitted(decision: Decision) -> list[tuple[str, dict[str, Any]]]:
 def audited(decision: Decision) -> list[dict[str, Any]]:
     """The decision's audit entries as emitted (JSON)."""
     return [a.model_dump(mode="json") for a in decision.audit]
-
-
-def make_order(**changes: Any) -> Order:
-    order = Order(
-        order_id="ord_1",
-        customer_id="cus_1",
-        currency="EUR",
-        total_amount=10345,
-        payment_intent_id="pi_1",
-        payment_method="card",
-        attempt=1,
-        status="pending",
-        items=(Item("TICKET-A", 2), Item("TSHIRT-M", 1)),
-        correlation_id="corr_1",
-        content_hash="hash_1",
-    )
-    return replace(order, **changes)
 
 
 def make_confirmation(**changes: Any) -> Confirmation:

@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.runtime import outbox
 from services.runtime.errors import is_transient, said
 from services.runtime.member import Member
 from services.runtime.messages import Record
@@ -341,7 +342,7 @@ async def save_positions(
     conn: AsyncConnection, group: str, positions: Mapping[TopicPartition, int]
 ) -> None:
     """Store the next offset of each partition for ``group`` in one statement, in
-    ``conn``'s transaction."""
+    ``conn``'s transaction — with the outbox rows it collected (``outbox.folded``)."""
     stmt = pg_insert(consumer_positions).values(
         [
             {
@@ -353,15 +354,14 @@ async def save_positions(
             for tp, n in sorted(positions.items())
         ]
     )
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["consumer_group", "topic", "partition"],
-            # positions only move forward, even if a revoked member commits late
-            set_={
-                "next_offset": func.greatest(
-                    consumer_positions.c.next_offset, stmt.excluded.next_offset
-                ),
-                "updated_at": datetime.now(UTC),
-            },
-        )
+    upsert = stmt.on_conflict_do_update(
+        index_elements=["consumer_group", "topic", "partition"],
+        # positions only move forward, even if a revoked member commits late
+        set_={
+            "next_offset": func.greatest(
+                consumer_positions.c.next_offset, stmt.excluded.next_offset
+            ),
+            "updated_at": datetime.now(UTC),
+        },
     )
+    await conn.execute(outbox.folded(conn, upsert))

@@ -1,0 +1,133 @@
+"""A batch's outbox rows, collected and written in one statement with its positions
+(``outbox.defer`` / ``folded``): every row committed exactly when its transaction
+commits, in the order written, never inside a savepoint that is rolled back, and the
+relay woken once — on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from aiokafka import TopicPartition
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.runtime import outbox
+from services.runtime.positions import save_positions
+from services.runtime.tables import consumer_positions
+from services.runtime.tables import outbox as outbox_table
+from tests.conftest import Infra
+from tests.integration.conftest import refunds_db
+
+pytestmark = pytest.mark.asyncio
+
+TP = TopicPartition("in.topic", 0)
+
+
+async def _rows(engine: AsyncEngine) -> list[tuple[str, bytes]]:
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            select(outbox_table.c.topic, outbox_table.c.value).order_by(outbox_table.c.id)
+        )
+        return [(r.topic, r.value) for r in found]
+
+
+async def _write(conn: AsyncConnection, *values: str) -> None:
+    for v in values:
+        await outbox.write_raw(conn, "out.topic", b"order-1", v.encode())
+
+
+async def test_collected_rows_commit_with_the_positions_in_written_order(infra: Infra) -> None:
+    async with (
+        refunds_db(infra, "collect") as (engine, conninfo),
+        await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener,
+    ):
+        await listener.execute(f"LISTEN {outbox.OUTBOX_CHANNEL}")
+        async with engine.begin() as conn:
+            outbox.defer(conn)
+            await _write(conn, "a", "b", "c")
+            # nothing written before the transaction's end
+            assert (await conn.execute(select(outbox_table.c.id))).first() is None
+            await save_positions(conn, "g", {TP: 7})
+            assert len((await conn.execute(select(outbox_table.c.id))).all()) == 3
+        assert await _rows(engine) == [
+            ("out.topic", b"a"),
+            ("out.topic", b"b"),
+            ("out.topic", b"c"),
+        ]
+        async with engine.connect() as c:
+            stored = await c.execute(select(consumer_positions.c.next_offset))
+            assert stored.scalar_one() == 7
+        notified = await _notifications(listener)
+        assert notified == [outbox.OUTBOX_CHANNEL]  # once for the transaction
+
+
+async def test_rows_collected_are_lost_with_a_rollback_only(infra: Infra) -> None:
+    async with refunds_db(infra, "collect") as (engine, _):
+
+        async def failing_batch() -> None:
+            async with engine.begin() as conn:
+                outbox.defer(conn)
+                await _write(conn, "never")
+                await save_positions(conn, "g", {TP: 1})
+                raise RuntimeError("the batch fails")
+
+        with pytest.raises(RuntimeError):
+            await failing_batch()
+        # the next transaction on the pooled connection starts clean: nothing leaks into it
+        async with engine.begin() as conn:
+            await _write(conn, "plain")
+        assert await _rows(engine) == [("out.topic", b"plain")]
+
+
+async def test_rows_left_collected_are_written_at_commit(infra: Infra) -> None:
+    """A deferring transaction that ends without storing positions still writes its rows."""
+    async with refunds_db(infra, "collect") as (engine, _):
+        async with engine.begin() as conn:
+            outbox.defer(conn)
+            await _write(conn, "x", "y")
+        assert await _rows(engine) == [("out.topic", b"x"), ("out.topic", b"y")]
+
+
+async def test_a_savepoint_rolled_back_undoes_its_rows_only(infra: Infra) -> None:
+    async with refunds_db(infra, "collect") as (engine, _):
+        async with engine.begin() as conn:
+            outbox.defer(conn)
+            await _write(conn, "before")  # collected, written as the savepoint begins
+            async with conn.begin_nested() as savepoint:
+                await _write(conn, "inside-undone")
+                await savepoint.rollback()
+            async with conn.begin_nested():
+                await _write(conn, "inside-kept")
+            await _write(conn, "after")
+            await save_positions(conn, "g", {TP: 3})
+        assert await _rows(engine) == [
+            ("out.topic", b"before"),
+            ("out.topic", b"inside-kept"),
+            ("out.topic", b"after"),
+        ]
+
+
+async def test_a_failing_collected_write_fails_the_commit(infra: Infra) -> None:
+    """An error of a collected row surfaces when it is written: the transaction does
+    not commit, its state change with it."""
+    async with refunds_db(infra, "collect") as (engine, _):
+
+        async def refused_row() -> None:
+            async with engine.begin() as conn:
+                outbox.defer(conn)
+                await conn.execute(text("CREATE TABLE marker (v int)"))
+                await conn.execute(
+                    text("ALTER TABLE outbox ADD CONSTRAINT no_bad CHECK (topic <> 'bad')")
+                )
+                await outbox.write_raw(conn, "bad", None, b"v")
+
+        with pytest.raises(Exception, match="outbox"):
+            await refused_row()
+        async with engine.connect() as c:
+            missing = await c.execute(text("SELECT to_regclass('marker')"))
+            assert missing.scalar() is None
+
+
+async def _notifications(conn: psycopg.AsyncConnection[object]) -> list[str]:
+    """The notifications that arrive within a second."""
+    return [n.channel async for n in conn.notifies(timeout=1.0)]

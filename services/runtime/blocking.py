@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime import dlq
@@ -32,6 +32,31 @@ from services.runtime.topics import load_specs
 from services.runtime.tracing import TRACEPARENT, span
 
 log = logging.getLogger("paysaga.consumer")
+
+#: A batch's blocked keys (its open dead letters' order keys) and the inbox keys of its
+#: claimable records not of a blocked key, entered — sorted: two members entering
+#: overlapping keys wait in one order. The keys that were new come back ``entered``.
+_LOAD = text(
+    """
+    WITH blocked AS (
+        SELECT DISTINCT order_key FROM dead_letters
+        WHERE consumer_group = CAST(:group AS text)
+          AND order_key = ANY(CAST(:keys AS text[]))
+          AND resolved_at IS NULL
+    ), entered AS (
+        INSERT INTO inbox (consumer_group, dedupe_key)
+        SELECT DISTINCT CAST(:group AS text), c.dedupe
+        FROM unnest(CAST(:dedupes AS text[]), CAST(:owners AS text[])) AS c(dedupe, owner)
+        WHERE c.owner NOT IN (SELECT order_key FROM blocked)
+        ORDER BY 2
+        ON CONFLICT DO NOTHING
+        RETURNING dedupe_key
+    )
+    SELECT 'blocked', order_key FROM blocked
+    UNION ALL
+    SELECT 'entered', dedupe_key FROM entered
+    """
+)
 
 #: Called in the dead-letter transaction, so a service can flag what the record was
 #: about (payments flags the order for reconciliation).
@@ -81,25 +106,34 @@ class KeyBlocking:
         return BlockedKeys(self, conn, blocked, last_attempt)
 
     async def load(self, conn: AsyncConnection, records: list[Record]) -> BlockedKeys:
-        """The view of a batch: its blocked keys, in one query instead of one per record,
-        and the inbox keys of the records that go straight to the inbox (neither control
-        records nor of a blocked key) claimed in one statement."""
-        keys = {order_key(r) for r in records}
-        rows = await conn.execute(
-            select(dead_letters.c.order_key)
-            .where(
-                dead_letters.c.consumer_group == self.group,
-                dead_letters.c.order_key.in_(keys),
-                dead_letters.c.resolved_at.is_(None),
-            )
-            .distinct()
+        """The view of a batch, in one statement instead of one per record (``_LOAD``):
+        its blocked keys, and the inbox keys of the records that go straight to the inbox
+        (neither control records nor of a blocked key) entered — their claims
+        (``Inbox.claimable``)."""
+        claims = self.inbox.claimable([r for r in records if r.topic != self.control_topic])
+        owners = {
+            at: order_key(r)
+            for r in records
+            if (at := (r.topic, r.partition, r.offset)) in claims.routes
+        }
+        claimed = sorted({(claims.routes[at][1], owner) for at, owner in owners.items()})
+        found = await conn.execute(
+            _LOAD,
+            {
+                "group": self.group,
+                "keys": sorted({order_key(r) for r in records}),
+                "dedupes": [d for d, _ in claimed],
+                "owners": [k for _, k in claimed],
+            },
         )
-        blocked = set(rows.scalars())
-        straight = [
-            r for r in records if r.topic != self.control_topic and order_key(r) not in blocked
-        ]
+        blocked: set[str] = set()
+        for kind, key in found:
+            (blocked if kind == "blocked" else claims.entered).add(key)
+        for at, owner in owners.items():
+            if owner in blocked:  # not claimed: parked behind its dead letter, or a duplicate
+                del claims.routes[at]
         view = self.open(conn, blocked)
-        view.claims = await self.inbox.claim(conn, straight)
+        view.claims = claims
         return view
 
     async def record_dead_letter(

@@ -5,7 +5,8 @@ An enveloped topic routes by ``event_type`` and dedupes by ``event_id``; a raw t
 (the gateway's webhook bodies) goes to its ``raw_handler`` and dedupes by the route's
 ``dedupe_key(record)``. A record whose inbox key is entered already for this consumer
 group changes nothing (``duplicate``). A batch enters the keys of its records in one
-statement before applying them (``claim``); a record outside a claim enters its own.
+statement before applying them (``claimable``, ``KeyBlocking.load``); a record outside
+a claim enters its own.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ Routed = tuple[Handler | None, str, dict[str, Any] | None]
 @dataclasses.dataclass
 class Claims:
     """The inbox keys of a batch's records, entered in one statement before the records
-    are applied (``Inbox.claim``), in the batch's transaction: ``entered`` the keys new
+    are applied (``KeyBlocking.load``), in the batch's transaction: ``entered`` the keys new
     to the inbox, each handed to the first record that carries it (``take``); ``routes``
     each claimed record's route, so its envelope is parsed once."""
 
@@ -92,11 +93,11 @@ class Inbox:
         except Exception:
             return None
 
-    async def claim(self, conn: AsyncConnection, records: Sequence[Record]) -> Claims:
-        """Enter the inbox keys of ``records`` that this group handles, in one statement
-        (``enter``), in ``conn``'s transaction — which then applies every one of them or
-        rolls back. A record that does not route (``handle`` raises its error) or that the
-        group ignores is not claimed."""
+    def claimable(self, records: Sequence[Record]) -> Claims:
+        """The claims of ``records`` before their keys are entered (``KeyBlocking.load``
+        enters them, in ``conn``'s transaction — which then applies every one of them or
+        rolls back): the routes of the records this group handles. A record that does not
+        route (``handle`` raises its error) or that the group ignores is not claimed."""
         claims = Claims()
         for rec in records:
             try:
@@ -105,7 +106,6 @@ class Inbox:
                 continue
             if routed[0] is not None:
                 claims.routes[_at(rec)] = routed
-        claims.entered = await self.enter(conn, {d for _, d, _ in claims.routes.values()})
         return claims
 
     async def handle(self, conn: AsyncConnection, rec: Record, claims: Claims | None = None) -> str:

@@ -153,9 +153,14 @@ class _Executed:
         self.info: dict[str, Any] = {}
 
     async def execute(self, statement: Any) -> None:
+        # the outbox row's values (named anonymously inside the statement's CTE): its
+        # headers are the one list of pairs
         params = statement.compile().params
-        if "headers" in params:
-            self.values.append(params)
+        self.values += [{"headers": v} for v in params.values() if isinstance(v, list)]
+
+    @property
+    def sync_connection(self) -> _Executed:
+        return self
 
     def get_transaction(self) -> object:
         return self
@@ -166,14 +171,6 @@ class _Executed:
 
 class Noted(BaseModel):
     order_id: str
-
-
-@pytest.fixture(autouse=True)
-def _no_notify(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def notify(*_: Any) -> None:
-        return None
-
-    monkeypatch.setattr(outbox, "notify", notify)
 
 
 def _written_header(cause: Cause) -> str:

@@ -86,17 +86,19 @@ def reconcile_gauge(metrics: OrdersMetrics, interval_s: float, gateway_url: str 
 def build(settings: OrdersSettings) -> Service:
     url = settings.url_for("orders")
     engine = make_engine(url)
+    # what answers people: its own pool, each connection tested on checkout
+    api_engine = make_engine(url, pre_ping=True)
     registry = CollectorRegistry()
     metrics = OrdersMetrics.create(registry)
     token = settings.console_token
     reads = ConsoleReads(
-        engine,
+        api_engine,
         settings,
         settings.kafka_bootstrap_servers,
         settings,
         settings.deadlines(),
     )
-    actions = Actions(engine, settings.kafka_bootstrap_servers)
+    actions = Actions(api_engine, settings.kafka_bootstrap_servers)
     operator = OperatorToken.parse(token.get_secret_value() if token else None)
     workers = [held_gauge(engine, metrics, settings.orders_held_gauge_interval_s)]
     if settings.reconcile_interval_s > 0:
@@ -112,7 +114,7 @@ def build(settings: OrdersSettings) -> Service:
         registry=registry,
         http_port=settings.orders_port,
         http_host=settings.orders_host,
-        app=create_api(engine, lambda app: console.install(app, reads, actions, operator)),
+        app=create_api(api_engine, lambda app: console.install(app, reads, actions, operator)),
         workers=workers,
     )
 

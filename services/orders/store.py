@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import AuditRecorded
 from services.orders.domain import OrderView, StatusChange
+from services.runtime import deferred
 from services.runtime.locks import xact_lock
 
 metadata = MetaData()
@@ -298,17 +299,15 @@ async def count_early(conn: AsyncConnection) -> int:
 async def append_audit(
     conn: AsyncConnection, event_id: str, occurred_at: datetime, audit: AuditRecorded, now: datetime
 ) -> None:
-    """Insert once per event id (a repeat changes nothing); rows are never changed."""
-    await conn.execute(
-        pg_insert(audit_log)
-        .values(
-            event_id=event_id,
-            occurred_at=occurred_at,
-            recorded_at=now,
-            **audit.model_dump(mode="json"),
-        )
-        .on_conflict_do_nothing(index_elements=["event_id"])
-    )
+    """Insert once per event id (a repeat changes nothing); rows are never changed.
+    Collected with the batch's other writes (``deferred``)."""
+    row = {
+        "event_id": event_id,
+        "occurred_at": occurred_at,
+        "recorded_at": now,
+        **audit.model_dump(mode="json"),
+    }
+    await deferred.insert(conn, audit_log, row, unique=["event_id"])
 
 
 # ------------------------------------------------------------------ the status API

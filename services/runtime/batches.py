@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.runtime import dlq, outbox
+from services.runtime import deferred, dlq
 from services.runtime.blocking import KeyBlocking
 from services.runtime.errors import PermanentError, is_transient, said
 from services.runtime.inbox import Inbox
@@ -73,7 +73,7 @@ class BatchProcessor:
             try:
                 outcomes: list[tuple[str, str]] = []
                 async with self.engine.begin() as conn:
-                    outbox.defer(conn)
+                    deferred.defer(conn)
                     steps = track_steps(conn)
                     keys = await self.blocking.load(conn, [r for _, rs in work for r in rs])
                     # the partitions' records interleaved in the order they were written
@@ -107,7 +107,7 @@ class BatchProcessor:
         outcomes: list[tuple[str, str]] = []
         try:
             async with self.engine.begin() as conn:
-                outbox.defer(conn)
+                deferred.defer(conn)
                 steps = track_steps(conn)
                 keys = await self.blocking.load(conn, records)
                 for rec in records:
@@ -144,7 +144,7 @@ class BatchProcessor:
             last_attempt = time.monotonic() - started >= self.retry_budget_s
             try:
                 async with self.engine.begin() as conn:
-                    outbox.defer(conn)
+                    deferred.defer(conn)
                     steps = track_steps(conn)
                     keys = self.blocking.open(conn, last_attempt=last_attempt)
                     outcome = await keys.apply(rec)

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.runtime import outbox
+from services.runtime import deferred
 from services.runtime.errors import is_transient, said
 from services.runtime.member import Member
 from services.runtime.messages import Record
@@ -342,7 +342,7 @@ async def save_positions(
     conn: AsyncConnection, group: str, positions: Mapping[TopicPartition, int]
 ) -> None:
     """Store the next offset of each partition for ``group`` in one statement, in
-    ``conn``'s transaction — with the outbox rows it collected (``outbox.folded``)."""
+    ``conn``'s transaction — with what the transaction collected (``deferred.folded``)."""
     stmt = pg_insert(consumer_positions).values(
         [
             {
@@ -364,4 +364,4 @@ async def save_positions(
             "updated_at": datetime.now(UTC),
         },
     )
-    await conn.execute(outbox.folded(conn, upsert))
+    await conn.execute(deferred.folded(conn, upsert))

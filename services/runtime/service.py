@@ -39,12 +39,17 @@ log = logging.getLogger("paysaga.service")
 Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-def make_engine(url: str, pool_size: int = 5) -> AsyncEngine:
+def make_engine(url: str, pool_size: int = 5, *, pre_ping: bool = False) -> AsyncEngine:
+    """A service's engine. ``pre_ping``: test each connection on checkout — for what
+    answers people (the status API, the console). The consumer, the relay and the
+    workers retry a transient failure instead: a connection that died (a database
+    restart) fails one transaction, SQLAlchemy then renews the pool, and the retry gets
+    a new one — where a ping on every checkout costs a round trip per transaction."""
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=5,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_timeout=10,
         connect_args={"connect_timeout": 5},
     )

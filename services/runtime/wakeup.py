@@ -17,9 +17,9 @@ import random
 from collections.abc import Awaitable, Callable
 
 import psycopg
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.runtime import deferred
 from services.runtime.errors import is_transient, said
 from services.runtime.retry import backoff_s
 
@@ -33,8 +33,9 @@ def notify_statement(channel: str) -> str:
 
 
 async def notify(conn: AsyncConnection, channel: str) -> None:
-    """Wake the workers listening on ``channel`` once ``conn``'s transaction commits."""
-    await conn.execute(text(notify_statement(channel)))
+    """Wake the workers listening on ``channel`` once ``conn``'s transaction commits
+    (said with what a batch's transaction collected, ``deferred``)."""
+    await deferred.wake(conn, channel)
 
 
 class WorkLoop:

@@ -41,7 +41,9 @@ class Sources:
     async def _read(self, service: str) -> AsyncIterator[AsyncConnection]:
         engine = self._engines.get(service)
         if engine is None:
-            engine = self._engines[service] = make_engine(self._db.url_for(service), pool_size=1)
+            engine = self._engines[service] = make_engine(
+                self._db.url_for(service), pool_size=1, pre_ping=True
+            )
         async with engine.connect() as conn:
             await conn.execute(text("SET TRANSACTION READ ONLY"))
             yield conn

@@ -1,7 +1,7 @@
-"""A batch's outbox rows, collected and written in one statement with its positions
-(``outbox.defer`` / ``folded``): every row committed exactly when its transaction
-commits, in the order written, never inside a savepoint that is rolled back, and the
-relay woken once — on a real PostgreSQL."""
+"""A batch's writes, collected and written in one statement with its positions
+(``deferred``): every row committed exactly when its transaction commits, in the order
+written, never inside a savepoint that is rolled back, and each channel woken once —
+on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiokafka import TopicPartition
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.runtime import outbox
+from services.runtime import deferred, outbox, wakeup
 from services.runtime.positions import save_positions
 from services.runtime.tables import consumer_positions
 from services.runtime.tables import outbox as outbox_table
@@ -42,11 +42,14 @@ async def test_collected_rows_commit_with_the_positions_in_written_order(infra: 
         await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener,
     ):
         await listener.execute(f"LISTEN {outbox.OUTBOX_CHANNEL}")
+        await listener.execute("LISTEN paysaga_other")
         async with engine.begin() as conn:
-            outbox.defer(conn)
+            deferred.defer(conn)
             await _write(conn, "a", "b", "c")
             # nothing written before the transaction's end
             assert (await conn.execute(select(outbox_table.c.id))).first() is None
+            await wakeup.notify(conn, "paysaga_other")
+            await wakeup.notify(conn, "paysaga_other")
             await save_positions(conn, "g", {TP: 7})
             assert len((await conn.execute(select(outbox_table.c.id))).all()) == 3
         assert await _rows(engine) == [
@@ -58,7 +61,15 @@ async def test_collected_rows_commit_with_the_positions_in_written_order(infra: 
             stored = await c.execute(select(consumer_positions.c.next_offset))
             assert stored.scalar_one() == 7
         notified = await _notifications(listener)
-        assert notified == [outbox.OUTBOX_CHANNEL]  # once for the transaction
+        # each channel once for the transaction
+        assert sorted(notified) == sorted([outbox.OUTBOX_CHANNEL, "paysaga_other"])
+        async with engine.begin() as conn:  # a transaction that does not defer: at once
+            await _write(conn, "d")
+            await wakeup.notify(conn, "paysaga_other")
+            assert len((await conn.execute(select(outbox_table.c.id))).all()) == 4
+        assert sorted(await _notifications(listener)) == sorted(
+            [outbox.OUTBOX_CHANNEL, "paysaga_other"]
+        )
 
 
 async def test_rows_collected_are_lost_with_a_rollback_only(infra: Infra) -> None:
@@ -66,7 +77,7 @@ async def test_rows_collected_are_lost_with_a_rollback_only(infra: Infra) -> Non
 
         async def failing_batch() -> None:
             async with engine.begin() as conn:
-                outbox.defer(conn)
+                deferred.defer(conn)
                 await _write(conn, "never")
                 await save_positions(conn, "g", {TP: 1})
                 raise RuntimeError("the batch fails")
@@ -83,7 +94,7 @@ async def test_rows_left_collected_are_written_at_commit(infra: Infra) -> None:
     """A deferring transaction that ends without storing positions still writes its rows."""
     async with refunds_db(infra, "collect") as (engine, _):
         async with engine.begin() as conn:
-            outbox.defer(conn)
+            deferred.defer(conn)
             await _write(conn, "x", "y")
         assert await _rows(engine) == [("out.topic", b"x"), ("out.topic", b"y")]
 
@@ -91,7 +102,7 @@ async def test_rows_left_collected_are_written_at_commit(infra: Infra) -> None:
 async def test_a_savepoint_rolled_back_undoes_its_rows_only(infra: Infra) -> None:
     async with refunds_db(infra, "collect") as (engine, _):
         async with engine.begin() as conn:
-            outbox.defer(conn)
+            deferred.defer(conn)
             await _write(conn, "before")  # collected, written as the savepoint begins
             async with conn.begin_nested() as savepoint:
                 await _write(conn, "inside-undone")
@@ -114,7 +125,7 @@ async def test_a_failing_collected_write_fails_the_commit(infra: Infra) -> None:
 
         async def refused_row() -> None:
             async with engine.begin() as conn:
-                outbox.defer(conn)
+                deferred.defer(conn)
                 await conn.execute(text("CREATE TABLE marker (v int)"))
                 await conn.execute(
                     text("ALTER TABLE outbox ADD CONSTRAINT no_bad CHECK (topic <> 'bad')")

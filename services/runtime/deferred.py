@@ -1,0 +1,161 @@
+"""Writes collected until a transaction's end: the one place that turns a batch's
+inserts (outbox rows, audit rows) and wake-ups (NOTIFY) into one statement.
+
+A transaction that applies a batch of records ``defer``s: from then on ``insert`` and
+``wake`` collect instead of making a round trip each, and ``folded`` writes everything
+collected in the statement that ends the batch (its stored positions) — data-modifying
+CTEs, one multi-row insert per table, in the order the rows were written. Whatever is
+still collected when a savepoint begins or the transaction commits is written then
+(``_write_collected``): a collected row is never lost, never lands inside a savepoint
+that is rolled back, and never commits out of order. Inside a savepoint, and in a
+transaction that does not defer, ``insert`` and ``wake`` write at once.
+
+A wake-up is said once per transaction and channel (one said in a savepoint that is
+rolled back is undone with it: said again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Executable, Insert, Table, event, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+#: ``conn.info`` keys: what a deferring transaction collected; the channels said
+_COLLECTED = "paysaga_deferred"
+_SAID = "paysaga_deferred_said"
+
+#: rows of one multi-row insert: the table, the columns whose conflict skips a row
+#: (None: none is skipped), the row's columns
+_Group = tuple[Table, tuple[str, ...] | None, tuple[str, ...]]
+
+
+@dataclasses.dataclass
+class _Collected:
+    transaction: Any
+    rows: dict[_Group, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    channels: dict[str, None] = dataclasses.field(default_factory=dict)
+
+    def take(self) -> tuple[list[Insert], list[str]]:
+        writes = [_insert(table, unique, rows) for (table, unique, _), rows in self.rows.items()]
+        channels = list(self.channels)
+        self.rows, self.channels = {}, {}
+        return writes, channels
+
+
+def defer(conn: AsyncConnection) -> None:
+    """Collect ``conn``'s transaction's inserts and wake-ups from now on."""
+    conn.info[_COLLECTED] = _Collected(_sync(conn).get_transaction())
+
+
+async def insert(
+    conn: AsyncConnection,
+    table: Table,
+    row: dict[str, Any],
+    *,
+    unique: Sequence[str] | None = None,
+    wake: str | None = None,
+) -> None:
+    """Insert ``row`` into ``table`` in ``conn``'s transaction — skipped if it conflicts
+    on ``unique`` — and wake ``wake``'s listeners at commit: collected if the
+    transaction defers, else at once."""
+    sync = _sync(conn)
+    collected = _collected(sync)
+    if collected is None:
+        stmt = _statement(sync, [_insert(table, unique, [row])], [wake] if wake else [])
+        assert stmt is not None
+        await conn.execute(stmt)
+        return
+    group = (table, tuple(unique) if unique else None, tuple(row))
+    collected.rows.setdefault(group, []).append(row)
+    if wake:
+        collected.channels[wake] = None
+
+
+async def wake(conn: AsyncConnection, channel: str) -> None:
+    """Wake the workers listening on ``channel`` once ``conn``'s transaction commits."""
+    sync = _sync(conn)
+    collected = _collected(sync)
+    if collected is not None:
+        collected.channels[channel] = None
+        return
+    stmt = _statement(sync, [], [channel])
+    if stmt is not None:
+        await conn.execute(stmt)
+
+
+def folded(conn: AsyncConnection, stmt: Insert) -> Executable:
+    """``stmt`` (the write that ends a batch: its stored positions), with what the
+    transaction collected written in the same statement."""
+    sync = _sync(conn)
+    collected = _collected(sync)
+    if collected is None:
+        return stmt
+    writes, channels = collected.take()
+    folded_stmt = _statement(sync, [*writes, stmt], channels)
+    assert folded_stmt is not None
+    return folded_stmt
+
+
+def _sync(conn: AsyncConnection) -> Connection:
+    sync = conn.sync_connection
+    assert sync is not None, "the connection is started"
+    return sync
+
+
+def _collected(sync: Connection) -> _Collected | None:
+    """What ``sync``'s transaction collects; None if it does not defer, or inside a
+    savepoint (written at once there)."""
+    collected = sync.info.get(_COLLECTED)
+    transaction = sync.get_transaction()  # the root one, inside a savepoint too
+    if (
+        collected is None
+        or transaction is None
+        or collected.transaction is not transaction
+        or sync.in_nested_transaction()
+    ):
+        return None
+    assert isinstance(collected, _Collected)
+    return collected
+
+
+def _insert(table: Table, unique: Sequence[str] | None, rows: list[dict[str, Any]]) -> Insert:
+    stmt = pg_insert(table).values(rows)
+    return stmt.on_conflict_do_nothing(index_elements=list(unique)) if unique else stmt
+
+
+def _statement(sync: Connection, writes: list[Insert], channels: list[str]) -> Executable | None:
+    """``writes`` as one statement (data-modifying CTEs), saying the ``channels`` not
+    said yet in this transaction; None if there is nothing to do."""
+    transaction = sync.get_transaction()
+    said: tuple[Any, set[str]] | None = sync.info.get(_SAID)
+    if said is None or said[0] is not transaction:
+        said = (transaction, set())
+        sync.info[_SAID] = said
+    new = [c for c in channels if c not in said[1]]
+    if not sync.in_nested_transaction():
+        said[1].update(new)
+    ctes = [w.cte(f"write_{i}") for i, w in enumerate(writes)]
+    if new:
+        return select(*(func.pg_notify(c, "") for c in new)).add_cte(*ctes)
+    if not writes:
+        return None
+    main, *rest = writes
+    return main.add_cte(*ctes[1:]) if rest else main
+
+
+@event.listens_for(Engine, "savepoint")
+@event.listens_for(Engine, "commit")
+def _write_collected(sync: Connection, *_: Any) -> None:
+    """What is still collected when a savepoint begins (before it: a rollback to it must
+    not undo it) or when the transaction commits is written then."""
+    collected = _collected(sync)
+    if collected is None:
+        return
+    stmt = _statement(sync, *collected.take())
+    if stmt is not None:
+        sync.execute(stmt)

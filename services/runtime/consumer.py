@@ -12,7 +12,10 @@ Guarantees:
 * Every record is handled inside one transaction of the service's database that also
   writes its inbox row (dedupe), its outbox rows (emitted events) and the consumer
   position. State, emitted events and position commit together or not at all; the
-  Kafka offset commit afterwards is informational (lag tooling).
+  Kafka offset commit afterwards is informational (lag tooling): the offsets moved are
+  committed together at most every ``commit_every_s`` (idle polls included), at once
+  for partitions being revoked and on shutdown. It never runs ahead of the stored
+  positions; lagging, it only costs a re-read that the stored position drops.
 * A batch of records the group ignores, every one (event types it does not consume),
   has nothing to write but the position: it is taken without a transaction, and the
   positions past such batches are stored in one write within
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -100,12 +104,17 @@ class RuntimeSettings(BaseSettings):
     #: how long the stored position of a partition may stay behind records the group
     #: ignores (``Positions.skip``): they are stored in one write at most this often
     skipped_position_every_s: float = 1.0
+    #: how often the offsets moved are committed to Kafka, in one commit: informational
+    #: (lag tooling), the database holds the positions; a commit per poll costs a round trip
+    commit_every_s: float = 1.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Only bookkeeping here: no locks and no awaits (aiokafka documents a deadlock, and
-    it may hand out records before this listener returns). The processing loop checks
-    every batch against the position stored in the database instead."""
+    """Only bookkeeping here, no locks (aiokafka documents a deadlock, and it may hand
+    out records before this listener returns): the processing loop checks every batch
+    against the position stored in the database instead. One await: the Kafka commit of
+    the revoked partitions' offsets not committed yet, as aiokafka's own auto-commit
+    does before a rebalance, so the next owner's lag tooling starts from them."""
 
     def __init__(self, runtime: ConsumerRuntime) -> None:
         self.runtime = runtime
@@ -117,6 +126,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in revoked:
             self.runtime.positions.revoked(tp)
             self.runtime.revocations[tp] = self.runtime.revocations.get(tp, 0) + 1
+        await self.runtime.commit_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -186,6 +196,9 @@ class ConsumerRuntime:
         #: no longer this member's to retry or dead-letter
         self.revocations: dict[TopicPartition, int] = {}
         self.last_progress = 0.0
+        #: next offsets stored in the database, not committed to Kafka yet (``_commit_kafka``)
+        self.uncommitted: dict[TopicPartition, int] = {}
+        self._committed_at = -math.inf
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
 
@@ -229,9 +242,11 @@ class ConsumerRuntime:
                         placed.append((tp, records))
                 await self._process_lanes(lanes_of(placed, self.lanes), fetched)
                 await self._store_skipped()
+                await self._commit_kafka()
                 await self._update_lag()
         finally:
             await self._store_skipped(now=True)
+            await self._commit_kafka(now=True)
             await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
             self._consumer = None
 
@@ -251,10 +266,10 @@ class ConsumerRuntime:
         return True
 
     async def _store_skipped(self, *, now: bool = False) -> None:
-        """The positions past skipped batches stored (``Positions.store_skipped``), then
-        committed to Kafka."""
+        """The positions past skipped batches stored (``Positions.store_skipped``), to be
+        committed to Kafka with the others (``_commit_kafka``)."""
         every = 0.0 if now else self.settings.skipped_position_every_s
-        await self._commit_kafka(await self.positions.store_skipped(every))
+        self.uncommitted.update(await self.positions.store_skipped(every))
 
     async def _process_lanes(
         self,
@@ -262,8 +277,8 @@ class ConsumerRuntime:
         fetched: dict[TopicPartition, int],
     ) -> None:
         """Apply the lanes side by side, each lane's partition batches in one
-        transaction on its own connection (``BatchProcessor.process_lane``); then one
-        Kafka offset commit for every partition that moved."""
+        transaction on its own connection (``BatchProcessor.process_lane``); the
+        partitions that moved are committed to Kafka later (``_commit_kafka``)."""
 
         async def lane(work: list[tuple[TopicPartition, list[Record]]]) -> None:
             started = time.perf_counter()
@@ -282,7 +297,7 @@ class ConsumerRuntime:
         moved: dict[TopicPartition, int] = {}
         outcomes = await asyncio.gather(*(lane(w) for w in lanes), return_exceptions=True)
         self.positions.saved(moved)
-        await self._commit_kafka(moved)
+        self.uncommitted.update(moved)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -348,8 +363,26 @@ class ConsumerRuntime:
         finally:
             consumer.resume(*consumer.assignment())
 
-    async def _commit_kafka(self, offsets: dict[TopicPartition, int]) -> None:
-        """One commit for the partitions of a poll that are still this member's."""
+    async def _commit_kafka(self, *, now: bool = False) -> None:
+        """The stored positions not committed to Kafka yet, in one commit, once
+        ``commit_every_s`` passed since the last one (or ``now``). The latest per
+        partition: positions only move forward, but for a reset (``Positions``)."""
+        if not self.uncommitted:
+            return
+        if not now and time.monotonic() - self._committed_at < self.settings.commit_every_s:
+            return
+        offsets, self.uncommitted = self.uncommitted, {}
+        self._committed_at = time.monotonic()
+        await self._commit(offsets)
+
+    async def commit_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Commit the revoked partitions' offsets not committed yet, before they go."""
+        offsets = {tp: self.uncommitted.pop(tp) for tp in revoked if tp in self.uncommitted}
+        await self._commit(offsets)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """One commit for the partitions that are still this member's; the others are
+        dropped (their new owner commits its own)."""
         consumer = self._consumer
         if consumer is None:
             return
@@ -360,7 +393,9 @@ class ConsumerRuntime:
         try:
             await consumer.commit(offsets)
         except Exception as exc:  # informational only: the database holds the position
-            log.info("%s kafka commit of %s skipped: %s", self.group, sorted(offsets), said(exc))
+            log.info("%s kafka commit of %s deferred: %s", self.group, sorted(offsets), said(exc))
+            for tp, nxt in offsets.items():  # tried again with the next commit, unless moved on
+                self.uncommitted.setdefault(tp, nxt)
 
     async def _update_lag(self) -> None:
         consumer = self._consumer

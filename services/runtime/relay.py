@@ -21,6 +21,10 @@ Guarantees:
   fault; any other failure stands the relay down to retry the pass later.
 * Woken by LISTEN/NOTIFY when a handler commits outbox rows; a slow poll is the
   fallback when a notification is missed.
+* The gauges (backlog, oldest age, stuck rows, open dead letters: one aggregate over
+  the outbox) are read at most every ``stats_every_s``, not on every pass: at once on
+  taking the lead and after a pass that set a row aside, and within ``stats_every_s``
+  after the last pass of a burst, notification or not.
 * Sent rows and inbox rows past their retention are pruned; a row of a topic in
   ``FORGOTTEN_ONCE_SENT`` (the payment requests, which carry the gateway's client
   secret) is deleted instead of marked sent, by its id, in the same statement.
@@ -73,6 +77,9 @@ class RelaySettings(BaseSettings):
     #: at least the longest redelivery window (Kafka retention of the saga topics)
     inbox_retention_days: float = 7.0
     prune_every_s: float = 300.0
+    #: how often the gauges are read from the outbox (an aggregate: once per pass, a
+    #: busy relay would run it on every wake-up); a row set aside shows at once
+    stats_every_s: float = 1.0
 
 
 class OutboxRelay:
@@ -90,6 +97,9 @@ class OutboxRelay:
         self.bootstrap, self.metrics, self.settings = bootstrap, metrics, settings
         self.lock_key = zlib.crc32(f"paysaga-relay:{service}".encode())
         self.active = False
+        #: when the gauges were last read (``_update_backlog``), and whether a pass ran since
+        self._stats_at = -math.inf
+        self._stats_stale = False
         #: started when the relay takes the lead (see _lead)
         self._producer: AIOKafkaProducer
 
@@ -131,10 +141,21 @@ class OutboxRelay:
                     if time.monotonic() - last_prune > self.settings.prune_every_s:
                         await self._prune()
                         last_prune = time.monotonic()
-                    await wait_for_notification(conn, self.settings.poll_s)
+                    await wait_for_notification(conn, self._wait_s())
             finally:
                 self.active = False
                 await self._producer.stop()
+
+    def _stats_due(self) -> bool:
+        return time.monotonic() - self._stats_at >= self.settings.stats_every_s
+
+    def _wait_s(self) -> float:
+        """How long to wait for a notification: ``poll_s``, or until the gauges are due
+        if a pass ran since they were read (so they settle when the relay goes idle)."""
+        if not self._stats_stale:
+            return self.settings.poll_s
+        due_in = self._stats_at + self.settings.stats_every_s - time.monotonic()
+        return max(0.01, min(self.settings.poll_s, due_in))
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
@@ -152,7 +173,7 @@ class OutboxRelay:
         """Publish up to ``batch`` unsent rows, in waves; True if there may be more.
 
         One pooled connection in autocommit serves the pass — the read, one UPDATE
-        marking every acknowledged row, the gauges — instead of a transaction per
+        marking every acknowledged row, the gauges when due — instead of a transaction per
         statement (each a checkout, BEGIN and COMMIT: round trips that cost more than
         the rows). Marking once after the waves keeps the guarantee: a row is marked
         only after its acknowledgement, and a crash before the mark re-publishes rows
@@ -178,7 +199,10 @@ class OutboxRelay:
                     )
             finally:
                 await self._mark_sent(conn, sent)
-            await self._update_backlog(conn)
+            if self._stats_due():
+                await self._update_backlog(conn)
+            else:
+                self._stats_stale = True
         return len(rows) == self.settings.batch
 
     async def _publish_wave(
@@ -244,12 +268,14 @@ class OutboxRelay:
         self.metrics.outbox_published.labels(self.service).inc(len(rows))
 
     async def _mark_dead(self, conn: AsyncConnection, r: Row[Any], exc: BaseException) -> None:
-        """Set the row aside with its error; said once, here, not on every pass."""
+        """Set the row aside with its error; said once, here, not on every pass; the
+        gauges show it at the end of the pass."""
         await conn.execute(
             update(outbox)
             .where(outbox.c.id == r.id, outbox.c.sent_at.is_(None))
             .values(dead_at=func.now(), dead_error=said(exc))
         )
+        self._stats_at = -math.inf
         log.error(
             "%s outbox row %s refused by Kafka for good, set aside (dead): topic %s, event %s,"
             " key %s, %d bytes: %s. Later rows of its key wait; fix the cause, then"
@@ -292,6 +318,7 @@ class OutboxRelay:
         self.metrics.outbox_oldest_age.labels(self.service).set(age)
         self.metrics.outbox_stuck.labels(self.service, "dead").set(dead)
         self.metrics.outbox_stuck.labels(self.service, "blocked").set(blocked)
+        self._stats_at, self._stats_stale = time.monotonic(), False
         return int(dead)
 
     async def _prune(self) -> None:

@@ -3,12 +3,13 @@ partition log (no broker, no database)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from services.runtime.consumer import ConsumerRuntime, RuntimeSettings, lanes_of
+from services.runtime.consumer import ConsumerRuntime, RuntimeSettings, _Listener, lanes_of
 from services.runtime.messages import Record
 from services.runtime.metrics import RuntimeMetrics
 
@@ -146,3 +147,49 @@ def test_one_orders_partitions_share_a_lane_in_fetch_order() -> None:
         [("b", 1), ("a", 4)],
     ]
     assert lanes_of(fetched, 1) == [fetched]  # one lane: everything as fetched
+
+
+class CommittingConsumer(FakeConsumer):
+    """Holds ``assigned``; records each Kafka offset commit."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        super().__init__([0], position=0, high=0)
+        self.assigned, self.commits = assigned, list[dict[TopicPartition, int]]()
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+async def test_kafka_commits_are_merged_and_made_at_most_every_commit_every_s() -> None:
+    tp1 = TopicPartition("t", 1)
+    consumer = CommittingConsumer({TP, tp1})
+    rt = runtime(consumer, stored=None)
+    rt.settings.commit_every_s = 0.3
+    for nxt in range(1, 21):  # twenty polls in a row, both partitions moving
+        rt.uncommitted.update({TP: nxt, tp1: 100 + nxt})
+        await rt._commit_kafka()
+    assert consumer.commits == [{TP: 1, tp1: 101}]  # the first at once, the rest wait
+    deadline = time.monotonic() + 10
+    while len(consumer.commits) < 2:  # idle polls: the rest once due
+        assert time.monotonic() < deadline, "the pending offsets were never committed"
+        await asyncio.sleep(0.02)
+        await rt._commit_kafka()
+    assert consumer.commits[1] == {TP: 20, tp1: 120}
+    assert rt.uncommitted == {}
+    rt.uncommitted[TP] = 21
+    await rt._commit_kafka(now=True)  # shutdown: not waiting
+    assert consumer.commits[2] == {TP: 21}
+
+
+async def test_revoked_partitions_are_committed_at_once_and_the_others_wait() -> None:
+    tp1, tp2 = TopicPartition("t", 1), TopicPartition("t", 2)
+    consumer = CommittingConsumer({TP, tp1})  # tp2 is no longer this member's
+    rt = runtime(consumer, stored=None)
+    rt.settings.commit_every_s = 3600
+    rt.uncommitted.update({TP: 5, tp1: 7, tp2: 9})
+    await _Listener(rt).on_partitions_revoked({TP, tp2})
+    assert consumer.commits == [{TP: 5}]  # tp2 dropped: its new owner commits its own
+    assert rt.uncommitted == {tp1: 7}

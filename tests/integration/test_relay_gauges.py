@@ -71,14 +71,19 @@ async def until(check: Callable[[], bool], what: str, timeout: float = 30) -> No
         await asyncio.sleep(0.01)
 
 
-def counted(relay: OutboxRelay, name: str) -> list[float]:
-    """When ``relay``'s method ``name`` was called."""
+def counted(relay: OutboxRelay, name: str, *, done: bool = False) -> list[float]:
+    """When ``relay``'s method ``name`` was called (``done``: when each call returned)."""
     calls: list[float] = []
     method: Callable[..., Awaitable[object]] = getattr(relay, name)
 
     async def wrapped(*args: object) -> object:
-        calls.append(time.monotonic())
-        return await method(*args)
+        if not done:
+            calls.append(time.monotonic())
+        try:
+            return await method(*args)
+        finally:
+            if done:
+                calls.append(time.monotonic())
 
     setattr(relay, name, wrapped)
     return calls
@@ -94,7 +99,9 @@ async def test_a_burst_takes_many_passes_and_few_gauge_reads_and_the_gauges_sett
         write_row(conninfo, topic)
     # no fallback poll within the test: only notifications and the gauges wake it
     relay = relay_of(infra, db, poll_s=600, stats_every_s=1.0)
-    passes, reads = counted(relay, "_publish_batch"), counted(relay, "_update_backlog")
+    # a read counts once it returned: its gauges are set then
+    passes = counted(relay, "_publish_batch")
+    reads = counted(relay, "_update_backlog", done=True)
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
     try:

@@ -47,11 +47,13 @@ def query(conninfo: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int = 3) -> None:
+async def create_topic(
+    bootstrap: str, name: str, partitions: int = 3, configs: dict[str, str] | None = None
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
     finally:
         await admin.close()
 

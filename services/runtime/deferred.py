@@ -17,10 +17,28 @@ rolled back is undone with it: said again).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Executable, Insert, Table, event, func, select
+from sqlalchemy import (
+    JSON,
+    BindParameter,
+    Column,
+    ColumnElement,
+    Connection,
+    Executable,
+    Insert,
+    Select,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -123,8 +141,32 @@ def _collected(sync: Connection) -> _Collected | None:
     return collected
 
 
+def unnested(table: Table, rows: Sequence[dict[str, Any]]) -> Select[Any]:
+    """``rows`` (of ``table``, all with the same columns) as a select of unnested arrays,
+    in their order: one statement SQLAlchemy caches and PostgreSQL prepares, whatever
+    their number (a multi-row ``VALUES`` is compiled anew on every call)."""
+    columns = list(rows[0])
+    arrays = [_array(table.c[c], [r[c] for r in rows]) for c in columns]
+    source = func.unnest(*arrays).table_valued(*columns, with_ordinality="ord").render_derived()
+    return select(*(_typed(table.c[c], source.c[c]) for c in columns)).order_by(source.c.ord)
+
+
+def _array(column: Column[Any], values: list[Any]) -> BindParameter[Any]:
+    """A column's values as one array parameter. JSON documents go as text (a document
+    that is itself a list would make the array multi-dimensional), cast back in ``_typed``."""
+    if isinstance(column.type, JSON):
+        # None as the column type stores it: SQL NULL or the JSON null
+        texts = [None if v is None and column.type.none_as_null else json.dumps(v) for v in values]
+        return bindparam(column.name, texts, type_=ARRAY(Text), unique=True)
+    return bindparam(column.name, values, type_=ARRAY(column.type), unique=True)
+
+
+def _typed(column: Column[Any], value: ColumnElement[Any]) -> ColumnElement[Any]:
+    return cast(value, column.type) if isinstance(column.type, JSON) else value
+
+
 def _insert(table: Table, unique: Sequence[str] | None, rows: list[dict[str, Any]]) -> Insert:
-    stmt = pg_insert(table).values(rows)
+    stmt = pg_insert(table).from_select(list(rows[0]), unnested(table, rows))
     return stmt.on_conflict_do_nothing(index_elements=list(unique)) if unique else stmt
 
 

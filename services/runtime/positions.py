@@ -343,16 +343,12 @@ async def save_positions(
 ) -> None:
     """Store the next offset of each partition for ``group`` in one statement, in
     ``conn``'s transaction — with what the transaction collected (``deferred.folded``)."""
-    stmt = pg_insert(consumer_positions).values(
-        [
-            {
-                "consumer_group": group,
-                "topic": tp.topic,
-                "partition": tp.partition,
-                "next_offset": n,
-            }
-            for tp, n in sorted(positions.items())
-        ]
+    rows = [
+        {"consumer_group": group, "topic": tp.topic, "partition": tp.partition, "next_offset": n}
+        for tp, n in sorted(positions.items())
+    ]
+    stmt = pg_insert(consumer_positions).from_select(
+        list(rows[0]), deferred.unnested(consumer_positions, rows)
     )
     upsert = stmt.on_conflict_do_update(
         index_elements=["consumer_group", "topic", "partition"],

@@ -91,12 +91,22 @@ async def test_rows_collected_are_lost_with_a_rollback_only(infra: Infra) -> Non
 
 
 async def test_rows_left_collected_are_written_at_commit(infra: Infra) -> None:
-    """A deferring transaction that ends without storing positions still writes its rows."""
+    """A deferring transaction that ends without storing positions still writes its
+    rows — each column as it was given (a keyless row, headers that are a JSON list)."""
     async with refunds_db(infra, "collect") as (engine, _):
         async with engine.begin() as conn:
             deferred.defer(conn)
-            await _write(conn, "x", "y")
+            await _write(conn, "x")
+            await outbox.write_raw(conn, "out.topic", None, b"y", [("traceparent", "tp-1")])
         assert await _rows(engine) == [("out.topic", b"x"), ("out.topic", b"y")]
+        async with engine.connect() as c:
+            stored = await c.execute(
+                select(outbox_table.c.key, outbox_table.c.headers).order_by(outbox_table.c.id)
+            )
+            assert [tuple(r) for r in stored] == [
+                (b"order-1", []),
+                (None, [["traceparent", "tp-1"]]),
+            ]
 
 
 async def test_a_savepoint_rolled_back_undoes_its_rows_only(infra: Infra) -> None:

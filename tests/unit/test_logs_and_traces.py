@@ -153,10 +153,11 @@ class _Executed:
         self.info: dict[str, Any] = {}
 
     async def execute(self, statement: Any) -> None:
-        # the outbox row's values (named anonymously inside the statement's CTE): its
-        # headers are the one list of pairs
+        # the outbox rows' values, one array per column (``deferred.unnested``): the
+        # headers go as JSON text
         params = statement.compile().params
-        self.values += [{"headers": v} for v in params.values() if isinstance(v, list)]
+        headers = next(v for k, v in params.items() if k.startswith("headers"))
+        self.values += [{"headers": json.loads(h)} for h in headers]
 
     @property
     def sync_connection(self) -> _Executed:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from sqlalchemy import and_, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.runtime import dlq
+from services.runtime import deferred, dlq
 from services.runtime.errors import describe, is_transient, said
 from services.runtime.inbox import Claims, Inbox
 from services.runtime.locks import xact_lock
@@ -34,8 +34,9 @@ from services.runtime.tracing import TRACEPARENT, span
 log = logging.getLogger("paysaga.consumer")
 
 #: A batch's blocked keys (its open dead letters' order keys) and the inbox keys of its
-#: claimable records not of a blocked key, entered — sorted: two members entering
-#: overlapping keys wait in one order. The keys that were new come back ``entered``.
+#: claimable records not of a blocked key, entered — sorted by code point, as
+#: ``Inbox.enter`` sorts: two members entering overlapping keys wait in one order. The
+#: keys that were new come back ``entered``.
 _LOAD = text(
     """
     WITH blocked AS (
@@ -45,7 +46,7 @@ _LOAD = text(
           AND resolved_at IS NULL
     ), entered AS (
         INSERT INTO inbox (consumer_group, dedupe_key)
-        SELECT DISTINCT CAST(:group AS text), c.dedupe
+        SELECT DISTINCT CAST(:group AS text), c.dedupe COLLATE "C"
         FROM unnest(CAST(:dedupes AS text[]), CAST(:owners AS text[])) AS c(dedupe, owner)
         WHERE c.owner NOT IN (SELECT order_key FROM blocked)
         ORDER BY 2
@@ -359,6 +360,9 @@ class BlockedKeys:
                 .with_for_update()
             )
         ).all()
+        # what the batch collected before is written first: its failure is not a
+        # released record's (which would be dead-lettered for it)
+        await deferred.write_now(conn)
         done: list[int] = []
         for row in rows:
             rec = Record(

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Executable,
     Insert,
     Select,
+    String,
     Table,
     Text,
     bindparam,
@@ -106,6 +107,16 @@ async def wake(conn: AsyncConnection, channel: str) -> None:
         await conn.execute(stmt)
 
 
+async def write_now(conn: AsyncConnection) -> None:
+    """Write what ``conn``'s transaction collected so far, now: before a step whose
+    failure must be its own (a savepoint begun would write it inside its ``try``)."""
+    sync = _sync(conn)
+    collected = _collected(sync)
+    stmt = _statement(sync, *collected.take()) if collected is not None else None
+    if stmt is not None:
+        await conn.execute(stmt)
+
+
 def folded(conn: AsyncConnection, stmt: Insert) -> Executable:
     """``stmt`` (the write that ends a batch: its stored positions), with what the
     transaction collected written in the same statement."""
@@ -153,11 +164,15 @@ def unnested(table: Table, rows: Sequence[dict[str, Any]]) -> Select[Any]:
 
 def _array(column: Column[Any], values: list[Any]) -> BindParameter[Any]:
     """A column's values as one array parameter. JSON documents go as text (a document
-    that is itself a list would make the array multi-dimensional), cast back in ``_typed``."""
+    that is itself a list would make the array multi-dimensional), cast back in
+    ``_typed``; strings as text, whatever the column's length: the insert's assignment
+    refuses a value too long, where a cast to ``varchar(n)[]`` would cut it short."""
     if isinstance(column.type, JSON):
         # None as the column type stores it: SQL NULL or the JSON null
         texts = [None if v is None and column.type.none_as_null else json.dumps(v) for v in values]
         return bindparam(column.name, texts, type_=ARRAY(Text), unique=True)
+    if isinstance(column.type, String):
+        return bindparam(column.name, values, type_=ARRAY(Text), unique=True)
     return bindparam(column.name, values, type_=ARRAY(column.type), unique=True)
 
 

@@ -152,3 +152,19 @@ async def test_a_failing_collected_write_fails_the_commit(infra: Infra) -> None:
 async def _notifications(conn: psycopg.AsyncConnection[object]) -> list[str]:
     """The notifications that arrive within a second."""
     return [n.channel async for n in conn.notifies(timeout=1.0)]
+
+
+async def test_a_collected_value_too_long_is_refused_not_cut_short(infra: Infra) -> None:
+    """A collected string longer than its column fails the transaction, as a plain insert
+    does — never stored cut to the column's length."""
+    async with refunds_db(infra, "collect") as (engine, _):
+
+        async def too_long() -> None:
+            async with engine.begin() as conn:
+                deferred.defer(conn)
+                await outbox.write_raw(conn, "t" * 300, None, b"v")  # topic: varchar(249)
+                await save_positions(conn, "g", {TP: 1})
+
+        with pytest.raises(Exception, match="too long"):
+            await too_long()
+        assert await _rows(engine) == []

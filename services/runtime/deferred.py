@@ -110,9 +110,7 @@ async def wake(conn: AsyncConnection, channel: str) -> None:
 async def write_now(conn: AsyncConnection) -> None:
     """Write what ``conn``'s transaction collected so far, now: before a step whose
     failure must be its own (a savepoint begun would write it inside its ``try``)."""
-    sync = _sync(conn)
-    collected = _collected(sync)
-    stmt = _statement(sync, *collected.take()) if collected is not None else None
+    stmt = _collected_statement(_sync(conn))
     if stmt is not None:
         await conn.execute(stmt)
 
@@ -210,9 +208,13 @@ def _statement(sync: Connection, writes: list[Insert], channels: list[str]) -> E
 def _write_collected(sync: Connection, *_: Any) -> None:
     """What is still collected when a savepoint begins (before it: a rollback to it must
     not undo it) or when the transaction commits is written then."""
-    collected = _collected(sync)
-    if collected is None:
-        return
-    stmt = _statement(sync, *collected.take())
+    stmt = _collected_statement(sync)
     if stmt is not None:
         sync.execute(stmt)
+
+
+def _collected_statement(sync: Connection) -> Executable | None:
+    """What ``sync``'s transaction collected so far, taken, as one statement; None if
+    nothing is."""
+    collected = _collected(sync)
+    return _statement(sync, *collected.take()) if collected is not None else None

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.runtime import deferred
 from services.runtime.errors import PermanentError
 from services.runtime.faults import fault_point
 from services.runtime.logs import bound
@@ -163,14 +164,16 @@ class Inbox:
 
     async def enter(self, conn: AsyncConnection, keys: set[str]) -> set[str]:
         """Enter inbox keys in one statement (sorted: two members entering overlapping
-        keys wait in one order), in ``conn``'s transaction; the keys that were new. The
-        one insert into the inbox: a record's own key, a batch's claim, the keys of
-        resolved dead letters (their other copies are duplicates from then on)."""
+        keys wait in one order), in ``conn``'s transaction; the keys that were new: a
+        record's own key, the keys of resolved dead letters (their other copies are
+        duplicates from then on). A batch's claim enters its keys in the statement that
+        reads its blocked keys (``KeyBlocking.load``), in the same order."""
         if not keys:
             return set()
+        rows = [{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)]
         entered = await conn.execute(
             pg_insert(inbox)
-            .values([{"consumer_group": self.group, "dedupe_key": k} for k in sorted(keys)])
+            .from_select(list(rows[0]), deferred.unnested(inbox, rows))
             .on_conflict_do_nothing()
             .returning(inbox.c.dedupe_key)
         )

@@ -104,13 +104,15 @@ def build(settings: OrdersSettings) -> Service:
     if settings.reconcile_interval_s > 0:
         gateway_url = settings.gateway_url if settings.reconcile_gateway else None
         workers.append(reconcile_gauge(metrics, settings.reconcile_interval_s, gateway_url))
+    projection = Projection(metrics)
     return Service(
         name="orders",
         group=GROUP,
         engine=engine,
         database_url=url,
         bootstrap=settings.kafka_bootstrap_servers,
-        routes=routes_of(Projection(metrics).handlers()),
+        routes=routes_of(projection.handlers()),
+        prepare_batch=projection.prepare,
         registry=registry,
         http_port=settings.orders_port,
         http_host=settings.orders_host,

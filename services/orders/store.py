@@ -7,8 +7,8 @@ set, held events, the history and the outbox rows commit together or not at all.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -117,16 +117,6 @@ audit_log = Table(
 # ------------------------------------------------------------------ the projection
 
 
-async def lock_order(conn: AsyncConnection, order_id: str) -> None:
-    """Serialize the handling of one order until the transaction ends.
-
-    The four saga topics are co-partitioned, but the group's assignor may give the same
-    partition number of two topics to different members, so one order's events can be
-    handled concurrently. Without this, an event could be held by one transaction while
-    its cause is applied (and held events released) by another that cannot see it."""
-    await xact_lock(conn, f"orders:{order_id}")
-
-
 @dataclass(frozen=True)
 class OrderState:
     """What applying an event to an order starts from, read under the order's lock:
@@ -134,22 +124,84 @@ class OrderState:
     whether events of it are held."""
 
     view: OrderView | None
-    applied: set[str]
+    applied: frozenset[str]
     has_early: bool
 
 
-#: one round trip for the view, the applied-event set and the held flag (a row even for
-#: an order without a view: it may have applied events all the same)
-_LOAD_STATE = text(
-    "SELECT ARRAY(SELECT a.event_id FROM applied_events a WHERE a.order_id = :order_id)"
-    " AS applied_ids,"
-    " EXISTS (SELECT 1 FROM held_events h WHERE h.order_id = :order_id) AS has_early, o.*"
-    " FROM (SELECT 1) AS one LEFT JOIN orders o ON o.order_id = :order_id"
+@dataclass
+class _Known:
+    """The orders a deferring transaction locked, and the states it read of them
+    (``deferred.scoped``) — kept true by every write of this module, whose writes to
+    the projection's tables are collected (``deferred``): read again from the database,
+    a state would miss them."""
+
+    locked: set[str] = field(default_factory=set)
+    states: dict[str, OrderState] = field(default_factory=dict)
+
+
+_LOCK_NAME = "orders:{}"
+#: the orders' locks, taken in the order of the array (sorted: two members locking
+#: overlapping orders wait in one order)
+_LOCK_ALL = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))"
+    " FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS l(n, ord) ORDER BY ord"
+)
+#: one round trip for the views, the applied-event sets and the held flags of orders
+#: (a row even for an order without a view: it may have applied events all the same)
+_LOAD_STATES = text(
+    "SELECT k.id AS state_of,"
+    " ARRAY(SELECT a.event_id FROM applied_events a WHERE a.order_id = k.id) AS applied_ids,"
+    " EXISTS (SELECT 1 FROM held_events h WHERE h.order_id = k.id) AS has_early, o.*"
+    " FROM unnest(CAST(:ids AS text[])) AS k(id) LEFT JOIN orders o ON o.order_id = k.id"
 )
 
 
+async def prefetch(conn: AsyncConnection, order_ids: Iterable[str]) -> None:
+    """Lock and read the orders a batch's events are about, in two statements for the
+    batch instead of two per event: ``lock_order`` and ``load_state`` then answer from
+    what the transaction knows. Nothing where writes go at once (``deferred.scoped``)."""
+    known = deferred.scoped(conn, _Known)
+    if known is None:
+        return
+    ids = sorted(set(order_ids) - known.locked)  # code point order, as every member sorts
+    if not ids:
+        return
+    await conn.execute(_LOCK_ALL, {"names": [_LOCK_NAME.format(i) for i in ids]})
+    known.locked.update(ids)
+    # after the locks, in a statement of its own: its snapshot sees what the orders'
+    # previous holders committed
+    for row in await conn.execute(_LOAD_STATES, {"ids": ids}):
+        known.states[row.state_of] = _state_of(row)
+
+
+async def lock_order(conn: AsyncConnection, order_id: str) -> None:
+    """Serialize the handling of one order until the transaction ends.
+
+    The four saga topics are co-partitioned, but the group's assignor may give the same
+    partition number of two topics to different members, so one order's events can be
+    handled concurrently. Without this, an event could be held by one transaction while
+    its cause is applied (and held events released) by another that cannot see it."""
+    known = deferred.scoped(conn, _Known)
+    if known is not None and order_id in known.locked:
+        return
+    await xact_lock(conn, _LOCK_NAME.format(order_id))
+    if known is not None:
+        known.locked.add(order_id)
+
+
 async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
-    row = (await conn.execute(_LOAD_STATE, {"order_id": order_id})).one()
+    """The order's state, read under its lock (``lock_order``)."""
+    known = deferred.scoped(conn, _Known)
+    if known is not None and order_id in known.states:
+        return known.states[order_id]
+    row = (await conn.execute(_LOAD_STATES, {"ids": [order_id]})).one()
+    state = _state_of(row)
+    if known is not None:
+        known.states[order_id] = state
+    return state
+
+
+def _state_of(row: Any) -> OrderState:
     view = None
     if row.order_id is not None:
         view = OrderView(
@@ -166,37 +218,20 @@ async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
             notified=frozenset((int(a), str(k)) for a, k in row.notified),
             conference_id=row.conference_id,
         )
-    return OrderState(view, set(row.applied_ids), bool(row.has_early))
+    return OrderState(view, frozenset(row.applied_ids), bool(row.has_early))
 
 
-_VIEW_COLUMNS = (
-    "customer_id", "status", "reason", "attempt", "amount", "currency", "payment_intent_id",
-    "transaction_id", "conference_id", "version", "notified", "updated_at",
-)  # fmt: skip
-_APPLIED = (
-    "INSERT INTO applied_events (order_id, event_id) VALUES (:order_id, :event_id)"
-    " ON CONFLICT DO NOTHING"
-)
-_VIEW = (  # noqa: S608 (column names of this module; the values are parameters)
-    "INSERT INTO orders (order_id, created_at, {cols}) VALUES (:order_id, :now, {vals})"
-    " ON CONFLICT (order_id) DO UPDATE SET {sets}"
-).format(
-    cols=", ".join(_VIEW_COLUMNS),
-    vals=", ".join(
-        "CAST(:notified AS jsonb)" if c == "notified" else f":{c}" for c in _VIEW_COLUMNS
-    ),
-    sets=", ".join(f"{c} = excluded.{c}" for c in _VIEW_COLUMNS),
-)
-_HISTORY = (
-    "INSERT INTO order_history (order_id, version, status, reason, at)"
-    " VALUES (:order_id, :h_version, :h_status, :h_reason, :now)"
-)
-#: the writes of one applied event, each variant one statement (data-modifying CTEs)
-_SAVE = {
-    (False, False): text(_APPLIED),
-    (True, False): text(f"WITH applied AS ({_APPLIED}) {_VIEW}"),
-    (True, True): text(f"WITH applied AS ({_APPLIED}), saved AS ({_VIEW}) {_HISTORY}"),
-}
+def _learn(
+    conn: AsyncConnection, order_id: str, change: Callable[[OrderState], OrderState]
+) -> None:
+    """Tell what the transaction knows of an order a write of this module changed."""
+    known = deferred.scoped(conn, _Known)
+    if known is None:
+        return
+    state = known.states.get(order_id)
+    # the write may be collected: a read of the database would miss it from now on
+    assert state is not None, "an order is read (load_state) before it is written"
+    known.states[order_id] = change(state)
 
 
 async def save_applied(
@@ -207,11 +242,19 @@ async def save_applied(
     view: OrderView | None = None,
     change: StatusChange | None = None,
 ) -> None:
-    """Record ``event_id`` as applied to the order and — in the same statement — save
-    its new ``view`` and, for a status ``change``, its history row."""
-    params: dict[str, Any] = {"order_id": order_id, "event_id": event_id, "now": now}
+    """Record ``event_id`` as applied to the order, save its new ``view`` and, for a
+    status ``change``, its history row — collected with the batch's other writes
+    (``deferred``)."""
+    await deferred.insert(
+        conn,
+        applied_events,
+        {"order_id": order_id, "event_id": event_id},
+        unique=["order_id", "event_id"],
+    )
     if view is not None:
-        params |= {
+        row = {
+            "order_id": order_id,
+            "created_at": now,
             "customer_id": view.customer_id,
             "status": view.status,
             "reason": view.reason,
@@ -222,17 +265,25 @@ async def save_applied(
             "transaction_id": view.transaction_id,
             "conference_id": view.conference_id,
             "version": view.version,
-            "notified": json.dumps(sorted([a, k] for a, k in view.notified)),
+            "notified": sorted([a, k] for a, k in view.notified),
             "updated_at": now,
         }
+        await deferred.upsert(conn, orders, row, key=["order_id"], insert_only=["created_at"])
     if change is not None:
         assert view is not None, "a status change saves the view"
-        params |= {
-            "h_version": change.version,
-            "h_status": change.status,
-            "h_reason": change.reason,
+        history = {
+            "order_id": order_id,
+            "version": change.version,
+            "status": change.status,
+            "reason": change.reason,
+            "at": now,
         }
-    await conn.execute(_SAVE[view is not None, change is not None], params)
+        await deferred.insert(conn, order_history, history)
+    _learn(
+        conn,
+        order_id,
+        lambda s: replace(s, view=s.view if view is None else view, applied=s.applied | {event_id}),
+    )
 
 
 @dataclass(frozen=True)
@@ -264,6 +315,7 @@ async def keep_early(
         )
         .on_conflict_do_nothing()
     )
+    _learn(conn, order_id, lambda s: replace(s, has_early=True))
 
 
 async def early_events_of(conn: AsyncConnection, order_id: str) -> list[EarlyEvent]:
@@ -281,12 +333,17 @@ async def early_events_of(conn: AsyncConnection, order_id: str) -> list[EarlyEve
     return [EarlyEvent(r.saga_seq, r.event_id, r.causation_id, r.envelope) for r in rows]
 
 
-async def drop_early(conn: AsyncConnection, order_id: str, event_ids: list[str]) -> None:
+async def drop_early(
+    conn: AsyncConnection, order_id: str, event_ids: list[str], *, others_held: bool
+) -> None:
+    """Drop the order's held events ``event_ids``; ``others_held``: whether it still
+    has held events besides them."""
     await conn.execute(
         delete(held_events).where(
             and_(held_events.c.order_id == order_id, held_events.c.event_id.in_(event_ids))
         )
     )
+    _learn(conn, order_id, lambda s: replace(s, has_early=others_held))
 
 
 async def count_early(conn: AsyncConnection) -> int:

@@ -14,15 +14,15 @@ import time
 from datetime import UTC, datetime
 
 from aiokafka import TopicPartition
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import deferred, dlq
-from services.runtime.blocking import KeyBlocking
+from services.runtime.blocking import BlockedKeys, KeyBlocking
 from services.runtime.errors import PermanentError, is_transient, said
 from services.runtime.inbox import Inbox
 from services.runtime.logs import bound
 from services.runtime.member import Member
-from services.runtime.messages import Record
+from services.runtime.messages import BatchHook, Record
 from services.runtime.metrics import RuntimeMetrics, track_steps
 from services.runtime.positions import save_position, save_positions
 
@@ -52,10 +52,12 @@ class BatchProcessor:
         metrics: RuntimeMetrics,
         retry_budget_s: float,
         member: Member,
+        prepare: BatchHook | None = None,
     ) -> None:
         self.group, self.service, self.engine = group, service, engine
         self.inbox, self.blocking, self.producer = inbox, blocking, producer
         self.metrics, self.retry_budget_s, self.member = metrics, retry_budget_s, member
+        self.prepare = prepare
         #: the one-at-a-time path pauses and polls the consumer while it backs off: one
         #: lane at a time (``consumer.lanes_of``)
         self._one_at_a_time = asyncio.Lock()
@@ -75,7 +77,7 @@ class BatchProcessor:
                 async with self.engine.begin() as conn:
                     deferred.defer(conn)
                     steps = track_steps(conn)
-                    keys = await self.blocking.load(conn, [r for _, rs in work for r in rs])
+                    keys = await self._load(conn, [r for _, rs in work for r in rs])
                     # the partitions' records interleaved in the order they were written
                     # (each partition's own order kept): an effect on another topic
                     # rarely comes before its cause, which a projection must hold back
@@ -109,7 +111,7 @@ class BatchProcessor:
             async with self.engine.begin() as conn:
                 deferred.defer(conn)
                 steps = track_steps(conn)
-                keys = await self.blocking.load(conn, records)
+                keys = await self._load(conn, records)
                 for rec in records:
                     outcomes.append((rec.topic, await keys.apply(rec)))
                 await save_position(conn, self.group, tp, records[-1].offset + 1)
@@ -132,6 +134,14 @@ class BatchProcessor:
         for topic, outcome in outcomes:
             self.metrics.records.labels(self.service, topic, outcome).inc()
         return outcomes[-1][1] != REVOKED
+
+    async def _load(self, conn: AsyncConnection, records: list[Record]) -> BlockedKeys:
+        """The batch's view of its blocked keys and its claims (``KeyBlocking.load``),
+        then the service's ``prepare`` for the records its handlers will be given."""
+        keys = await self.blocking.load(conn, records)
+        if self.prepare is not None and keys.claims is not None:
+            await self.prepare(conn, keys.claims.fresh(records))
+        return keys
 
     async def _process_one(self, tp: TopicPartition, rec: Record, fetched: int) -> str:
         attempt, first_failure, started = 0, datetime.now(UTC), time.monotonic()

@@ -73,7 +73,7 @@ from services.runtime.errors import said
 from services.runtime.faults import fault_point
 from services.runtime.inbox import Inbox
 from services.runtime.kafka import client_options
-from services.runtime.messages import Record, Route
+from services.runtime.messages import BatchHook, Record, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.positions import Positions
 from services.runtime.retry import backoff_s
@@ -157,6 +157,7 @@ class ConsumerRuntime:
         client_id: str | None = None,
         inbox_retention: timedelta = timedelta(days=7),
         lanes: int = 1,
+        prepare_batch: BatchHook | None = None,
     ) -> None:
         self.service, self.group = service, group
         #: partition batches of one poll applied side by side (``lanes_of``)
@@ -191,6 +192,7 @@ class ConsumerRuntime:
             metrics=metrics,
             retry_budget_s=settings.retry_budget_s,
             member=self,
+            prepare=prepare_batch,
         )
         #: revocations seen per partition: records fetched under an earlier count are
         #: no longer this member's to retry or dead-letter

@@ -10,6 +10,11 @@ still collected when a savepoint begins or the transaction commits is written th
 that is rolled back, and never commits out of order. Inside a savepoint, and in a
 transaction that does not defer, ``insert`` and ``wake`` write at once.
 
+An ``upsert`` is collected once per row key, the last written winning (its
+``insert_only`` columns kept from the first). What a deferring transaction knows of the
+rows it locked and read can live beside what it collected (``scoped``), so that reads
+its own collected writes would make stale are never sent.
+
 A wake-up is said once per transaction and channel (one said in a savepoint that is
 rolled back is undone with it: said again).
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -51,18 +56,33 @@ _SAID = "paysaga_deferred_said"
 #: rows of one multi-row insert: the table, the columns whose conflict skips a row
 #: (None: none is skipped), the row's columns
 _Group = tuple[Table, tuple[str, ...] | None, tuple[str, ...]]
+#: rows of one multi-row upsert: the table, its key columns, the columns a conflict
+#: leaves as they are, the row's columns
+_Upserts = tuple[Table, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
 class _Collected:
     transaction: Any
     rows: dict[_Group, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    #: by row key, the last written (dicts keep the order keys were first written in)
+    upserts: dict[_Upserts, dict[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(
+        default_factory=dict
+    )
     channels: dict[str, None] = dataclasses.field(default_factory=dict)
+    #: ``scoped``: by kind
+    known: dict[type[Any], Any] = dataclasses.field(default_factory=dict)
 
     def take(self) -> tuple[list[Insert], list[str]]:
         writes = [_insert(table, unique, rows) for (table, unique, _), rows in self.rows.items()]
+        writes += [
+            _upsert(table, key, insert_only, list(rows.values()))
+            for (table, key, insert_only, _), rows in self.upserts.items()
+        ]
         channels = list(self.channels)
-        self.rows, self.channels = {}, {}
+        self.rows, self.upserts, self.channels = {}, {}, {}
         return writes, channels
 
 
@@ -93,6 +113,45 @@ async def insert(
     collected.rows.setdefault(group, []).append(row)
     if wake:
         collected.channels[wake] = None
+
+
+async def upsert(
+    conn: AsyncConnection,
+    table: Table,
+    row: dict[str, Any],
+    *,
+    key: Sequence[str],
+    insert_only: Sequence[str] = (),
+) -> None:
+    """Insert ``row`` into ``table`` or, where its ``key`` exists, update the row's other
+    columns but ``insert_only``: collected if the transaction defers — a later upsert of
+    the same key replacing it, its ``insert_only`` values kept — else at once."""
+    sync = _sync(conn)
+    collected = _collected(sync)
+    if collected is None:
+        await conn.execute(_upsert(table, tuple(key), tuple(insert_only), [row]))
+        return
+    group = (table, tuple(key), tuple(insert_only), tuple(row))
+    rows = collected.upserts.setdefault(group, {})
+    at = tuple(row[c] for c in key)
+    first = rows.get(at)
+    rows[at] = row if first is None else row | {c: first[c] for c in insert_only}
+
+
+def scoped(conn: AsyncConnection, kind: type[T]) -> T | None:
+    """The ``kind()`` that lives as long as ``conn``'s deferring transaction — for what
+    it knows of rows it locked and read, kept true by writing through it — or None where
+    writes go at once (a transaction that does not defer, a savepoint). Forgotten when a
+    savepoint begins (a rollback to it would undo what it was told), after what was
+    collected is written: the database then answers."""
+    collected = _collected(_sync(conn))
+    if collected is None:
+        return None
+    known = collected.known.get(kind)
+    if known is None:
+        known = collected.known[kind] = kind()
+    assert isinstance(known, kind)
+    return known
 
 
 async def wake(conn: AsyncConnection, channel: str) -> None:
@@ -183,6 +242,17 @@ def _insert(table: Table, unique: Sequence[str] | None, rows: list[dict[str, Any
     return stmt.on_conflict_do_nothing(index_elements=list(unique)) if unique else stmt
 
 
+def _upsert(
+    table: Table, key: tuple[str, ...], insert_only: tuple[str, ...], rows: list[dict[str, Any]]
+) -> Insert:
+    stmt = pg_insert(table).from_select(list(rows[0]), unnested(table, rows))
+    kept = {*key, *insert_only}
+    return stmt.on_conflict_do_update(
+        index_elements=list(key),
+        set_={c: stmt.excluded[c] for c in rows[0] if c not in kept},
+    )
+
+
 def _statement(sync: Connection, writes: list[Insert], channels: list[str]) -> Executable | None:
     """``writes`` as one statement (data-modifying CTEs), saying the ``channels`` not
     said yet in this transaction; None if there is nothing to do."""
@@ -207,10 +277,15 @@ def _statement(sync: Connection, writes: list[Insert], channels: list[str]) -> E
 @event.listens_for(Engine, "commit")
 def _write_collected(sync: Connection, *_: Any) -> None:
     """What is still collected when a savepoint begins (before it: a rollback to it must
-    not undo it) or when the transaction commits is written then."""
-    stmt = _collected_statement(sync)
+    not undo it) or when the transaction commits is written then; what the transaction
+    knew (``scoped``) is forgotten."""
+    collected = _collected(sync)
+    if collected is None:
+        return
+    stmt = _statement(sync, *collected.take())
     if stmt is not None:
         sync.execute(stmt)
+    collected.known.clear()
 
 
 def _collected_statement(sync: Connection) -> Executable | None:

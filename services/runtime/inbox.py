@@ -46,6 +46,15 @@ class Claims:
     routes: dict[tuple[str, int, int], Routed] = dataclasses.field(default_factory=dict)
     entered: set[str] = dataclasses.field(default_factory=set)
 
+    def fresh(self, records: Sequence[Record]) -> list[Record]:
+        """Those of ``records`` that go to their handler: claimed, and new to the inbox
+        (before any is applied)."""
+        return [
+            r
+            for r in records
+            if (at := _at(r)) in self.routes and self.routes[at][1] in self.entered
+        ]
+
     def take(self, key: str) -> bool:
         """Whether a claimed record with ``key`` is the first with it, new to the inbox:
         apply it; every other copy is a duplicate."""

@@ -5,7 +5,7 @@ to Kafka)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -103,6 +103,11 @@ def _record_id(record: Record) -> str:
 
 
 Handler = Callable[[Context], Awaitable[None]]
+
+#: Called in a batch's transaction before its records are handled, with the records
+#: its handlers will be given: a service reads (and locks) in one statement what they
+#: are about, where each handler would read its own (``services/orders/store.py``)
+BatchHook = Callable[[AsyncConnection, Sequence[Record]], Awaitable[None]]
 
 
 @dataclasses.dataclass(frozen=True)

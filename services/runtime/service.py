@@ -27,7 +27,7 @@ from services.runtime.blocking import DeadLetterHook
 from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
 from services.runtime.dlq import DeadLetterProducer
 from services.runtime.logs import configure_logging
-from services.runtime.messages import Route
+from services.runtime.messages import BatchHook, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.probes import add_probes
 from services.runtime.relay import OutboxRelay, RelaySettings
@@ -83,6 +83,8 @@ class Service:
     http_port: int
     http_host: str = "127.0.0.1"
     on_dead_letter: DeadLetterHook | None = None
+    #: reads what a batch's records are about, before its handlers (``BatchHook``)
+    prepare_batch: BatchHook | None = None
     workers: Sequence[Worker] = ()
     app: FastAPI | None = None
     runtime_settings: RuntimeSettings = dataclasses.field(default_factory=RuntimeSettings)
@@ -144,6 +146,7 @@ class Service:
             metrics=self.metrics,
             settings=self.runtime_settings,
             on_dead_letter=self.on_dead_letter,
+            prepare_batch=self.prepare_batch,
             inbox_retention=timedelta(days=self.relay_settings.inbox_retention_days),
             lanes=self.partition_lanes or self.runtime_settings.partition_lanes,
         )

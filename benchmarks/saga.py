@@ -1038,7 +1038,7 @@ def _print_ladder(ladder: dict[str, Any]) -> None:
             "p50",
             "p95",
             "p99 ms",
-            title=f"per step at {ref['offered_per_s']:g}/s, {_of(ladder['instances'])}",
+            title=f"per step at {ref['offered_per_s']:g}/s ({ladder['instances']} inst.)",
         )
         for name, x in ref["steps_ms"].items():
             t.add_row(name, f"{x['p50']}", f"{x['p95']}", f"{x['p99']}")

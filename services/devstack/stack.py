@@ -133,10 +133,10 @@ def services_down(p: Profile) -> None:
             say(f"stopped {inst.name}")
 
 
-def up(profile: str = "dev", instances: int = 1) -> None:
+def up(profile: str = "dev") -> None:
     p = PROFILES[profile]
     env = infra_up(p)
-    services_up(p, env, instances)
+    services_up(p, env)
     say(f"stack '{profile}' is up (logs in {(p.root / 'logs').relative_to(REPO)})")
 
 

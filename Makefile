@@ -52,7 +52,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $@
 
-bench: $(VENV)/.bench-installed  ## the saga benchmark (~10 min; BENCH_ARGS=--quick: ~1 min)
+bench: $(VENV)/.bench-installed  ## the saga benchmark, 1 then 2 instances of each service (~15 min; BENCH_ARGS=--quick: ~1 min)
 	$(BIN)/python -m benchmarks.saga $(BENCH_ARGS)
 
 clean: down         ## stop every profile; remove .local and PostgreSQL data kept outside it

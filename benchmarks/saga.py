@@ -1,8 +1,9 @@
 """``make bench``: the saga measured as a user sees it, beside the limits of its
 machinery, in one run on one machine.
 
-``python -m benchmarks.saga [--quick] [--p99-ms 250]`` brings up its own stack (profile
-``bench``: own ports and folders; ``PAYSAGA_BENCH_PORT_SHIFT`` moves them), then:
+``python -m benchmarks.saga [--quick] [--p99-ms 250] [--instances N …]`` brings up its
+own stack (profile ``bench``: own ports and folders; ``PAYSAGA_BENCH_PORT_SHIFT`` moves
+them), then:
 
 1. **Limits.** (a) a raw aiokafka chain of ``HOPS`` consume → produce processes — one
    per hop an order takes — passing saga-sized records with ``acks=all`` and batching;
@@ -14,14 +15,19 @@ machinery, in one run on one machine.
    a payment the gateway simulator knows, so captures are real gateway calls; one in
    five a sale), until a step's p99 passes the limit or its backlog keeps growing.
    Latency end to end (confirmation record → ``PAID_CONFIRMED`` on ``orders.status.v1``)
-   and per step, from record timestamps; CPU per order by process from /proc.
+   and per step, from record timestamps; CPU per order by process from /proc. One
+   ladder per ``--instances`` entry (default 1 then 2; ``--quick``: 1): the services
+   restarted with that many instances of each consuming service (payments, inventory,
+   capture, refunds, orders: members of the same consumer groups), the first step only
+   once every group is stable with all its members assigned partitions; a service's CPU
+   is the sum of its instances.
 3. **Ratios**: saga orders/s ÷ each limit's orders/s.
 4. **Bridge ingest**: signed webhooks over HTTP to Kafka (``acks=all``), bounded
    concurrency; webhooks/s and p99.
 
 Prints a table; saves ``benchmarks/results/<date>.json`` (``<date>-quick.json``) and a
-PNG plot beside it. Everything is bounded in count and time: ~10 minutes, ``--quick``
-about one.
+PNG plot beside it (a series per ladder). Everything is bounded in count and time:
+~15 minutes, ``--quick`` about one (two with ``--instances 1 2``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import psycopg
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from rich.table import Table
 
 from benchmarks import stats
@@ -109,6 +116,8 @@ FINAL = {"PAID_CONFIRMED", "PAYMENT_FAILED", "REFUNDED", "NEEDS_RECONCILIATION"}
 CONFIRM_AFTER_S = 1.0  # the customer pays a second after the checkout placed the order
 SALE_EVERY = 5  # one order in five is a sale (already captured by the gateway)
 SKUS = [f"bench-sku-{i}" for i in range(8)]
+#: how long the services' consumer groups may take to settle before the first step
+GROUPS_SETTLE_S = 120.0
 AMOUNT = 1500
 
 
@@ -155,13 +164,16 @@ def postgres_cpu_s(postmaster: int) -> float:
 
 
 def stack_processes(p: devstack.Profile) -> dict[str, Callable[[], float]]:
-    """CPU probes of every process of the bench stack: each service, PostgreSQL,
-    Kafka's JVM."""
+    """CPU probes of every process of the bench stack: each service (the sum of its
+    running instances), PostgreSQL, Kafka's JVM."""
     probes: dict[str, Callable[[], float]] = {}
-    for sp in devstack.SERVICE_PROCESSES:
-        pid = devstack.running_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}")
+    pids: dict[str, list[int]] = {}
+    for inst in devstack.instances_on_disk(p):
+        pid = devstack.running_pid(inst.pidfile(p), inst.marker)
         if pid is not None:
-            probes[sp.name] = lambda pid=pid: cpu_s(pid)
+            pids.setdefault(inst.service.name, []).append(pid)
+    for name, of in pids.items():
+        probes[name] = lambda of=of: sum(cpu_s(pid) for pid in of)
     pg_pidfile = devstack.pg_home(p) / "data" / "postmaster.pid"
     with contextlib.suppress(OSError, ValueError):
         postmaster = int(pg_pidfile.read_text().split()[0])
@@ -748,11 +760,59 @@ async def bridge_ingest(saga: Saga, probes: dict[str, Callable[[], float]]) -> d
 # ----------------------------------------------------------------------------- main
 
 
+async def groups_settled(bootstrap: str, instances: int) -> None:
+    """Wait until the consumer group of each service that scales out is stable with
+    ``instances`` members, every one of them with partitions assigned: the first step
+    must not pay for members still joining (a rebalance). A poll with a deadline."""
+    groups = {f"paysaga.{sp.name}" for sp in devstack.SERVICE_PROCESSES if sp.scales_out}
+    admin = await _admin(bootstrap)
+    try:
+        deadline = time.monotonic() + GROUPS_SETTLE_S
+        while True:
+            seen: dict[str, tuple[int, str, list[int]]] = {}
+            for group in sorted(groups):
+                # one group a request: aiokafka (0.14) reads DescribeGroups v3 answers
+                # with v2's layout, which lacks each group's trailing authorized
+                # operations, so a second group in one answer would be misread
+                (response,) = await admin.describe_consumer_groups([group])
+                # (error_code, group, state, protocol_type, protocol, members, …); a
+                # member: (member_id, client_id, client_host, metadata, assignment)
+                for g in response.get_item("groups"):
+                    seen[g[1]] = (g[0], g[2], [_assigned(m[4]) for m in g[5]])
+            waiting = {
+                g: seen.get(g) for g in groups if not stats.group_settled(seen.get(g), instances)
+            }
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise devstack.StackError(
+                    f"consumer groups not settled with {instances} member(s) each within "
+                    f"{GROUPS_SETTLE_S:.0f}s: {waiting} (error, state, partitions per member)"
+                )
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
+def _assigned(member_assignment: bytes) -> int:
+    """Partitions in a group member's assignment (0 before the group assigned any)."""
+    if not member_assignment:
+        return 0
+    return len(ConsumerProtocolMemberAssignment.decode(member_assignment).partitions())
+
+
 async def saga_ladder(
-    env: dict[str, str], probes: dict[str, Callable[[], float]], p99_limit: float
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    env: dict[str, str],
+    probes: dict[str, Callable[[], float]],
+    p99_limit: float,
+    instances: int,
+    with_bridge: bool,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The open-loop ladder on a stack of ``instances`` of each service that scales out;
+    the bridge's ingest after it when ``with_bridge`` (one bridge either way)."""
     saga = Saga(env, probes)
     await saga.start()
+    bridge = None
     try:
         seconds, drain = mode(quick=10, full=30), mode(quick=10, full=20)
         idle_s = mode(quick=3, full=5)
@@ -768,7 +828,7 @@ async def saga_ladder(
         for rate in rates:
             if time.monotonic() > budget:
                 break
-            console.print(f"saga: {rate:g} orders/s for {seconds}s …")
+            console.print(f"saga ({instances} instance(s)): {rate:g} orders/s for {seconds}s …")
             step = await saga.step(rate, seconds, drain)
             steps.append(step)
             e = step["end_to_end_ms"]
@@ -790,9 +850,10 @@ async def saga_ladder(
         }
         busiest = max(services, key=lambda k: services[k]) if services else "orders"
         profile: dict[str, Any] = {"service": busiest, "offered_per_s": best}
-        module = next(sp.module for sp in devstack.SERVICE_PROCESSES if sp.name == busiest)
-        root = devstack.PROFILES[PROFILE].root
-        pid = devstack.running_pid(root / "pids" / f"{busiest}.pid", f"-m {module}")
+        first = devstack.ServiceInstance(
+            next(sp for sp in devstack.SERVICE_PROCESSES if sp.name == busiest)
+        )  # its first instance, when there are several
+        pid = devstack.running_pid(first.pidfile(devstack.PROFILES[PROFILE]), first.marker)
         if _pyspy() and pid:
             spy_s = mode(quick=6, full=20)
             console.print(f"py-spy: {busiest} (pid {pid}) at {best:g} orders/s for {spy_s}s …")
@@ -800,32 +861,66 @@ async def saga_ladder(
             profile |= step.get("profile", {})
         else:
             profile["error"] = "py-spy not installed (pip install py-spy)"
-        console.print("bridge ingest …")
-        bridge = await bridge_ingest(saga, probes)
+        if with_bridge:
+            console.print("bridge ingest …")
+            bridge = await bridge_ingest(saga, probes)
     finally:
         await saga.stop()
-    return {"idle_utilisation": idle, "warmup": warm, "steps": steps, "profile": profile}, bridge
+    ladder = {
+        "instances": instances,
+        "idle_utilisation": idle,
+        "warmup": warm,
+        "steps": steps,
+        "profile": profile,
+    }
+    return ladder | stats.best_rates(steps, p99_limit), bridge
 
 
-def run(p99_limit: float) -> dict[str, Any]:
+def run(p99_limit: float, instances: list[int]) -> dict[str, Any]:
+    """The limits, then one saga ladder per entry of ``instances`` (the services
+    restarted with that many instances of each; Kafka and PostgreSQL stay up)."""
     p = devstack.PROFILES[PROFILE]
     env = devstack.infra_up(p)
-    devstack.services_up(p, env)
-    probes = stack_processes(p)
-    console.print(f"stack '{PROFILE}' up; processes measured: {', '.join(probes)}")
+    bootstrap = env["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"]
+
+    def services(n: int) -> dict[str, Callable[[], float]]:
+        devstack.services_down(p)  # none left from the last ladder (or a --keep-up run)
+        devstack.services_up(p, env, n)
+        asyncio.run(groups_settled(bootstrap, n))
+        probes = stack_processes(p)
+        console.print(
+            f"stack '{PROFILE}' up, {n} instance(s) of each service, groups settled; "
+            f"processes measured: {', '.join(probes)}"
+        )
+        return probes
+
+    probes = services(instances[0])
     console.print("limit (a): raw aiokafka chain …")
-    chain = asyncio.run(kafka_chain(env["PAYSAGA_KAFKA_BOOTSTRAP_SERVERS"], probes.get("kafka")))
+    chain = asyncio.run(kafka_chain(bootstrap, probes.get("kafka")))
     console.print("limit (b): raw psycopg step transactions …")
     pg = asyncio.run(psycopg_step(env["PAYSAGA_DATABASE_URL"], probes.get("postgresql")))
-    saga, bridge = asyncio.run(saga_ladder(env, probes, p99_limit))
-    best = stats.best_rates(saga["steps"], p99_limit)
-    saga |= best
-    ref = next((s for s in saga["steps"] if s["offered_per_s"] == best["sustained_per_s"]), None)
-    rec = (ref or saga["warmup"])["records_per_order"]
-    saga["consumes_per_order"] = consumes_per_order(rec)
-    if saga["consumes_per_order"]:
-        pg["orders_per_s"] = round(pg["events_per_s"] / saga["consumes_per_order"], 1)
+    ladders: list[dict[str, Any]] = []
+    bridge: dict[str, Any] | None = None
+    for i, n in enumerate(instances):
+        if i:
+            probes = services(n)
+        ladder, got = asyncio.run(saga_ladder(env, probes, p99_limit, n, bridge is None))
+        bridge = bridge or got
+        ref = next(
+            (s for s in ladder["steps"] if s["offered_per_s"] == ladder["sustained_per_s"]), None
+        )
+        ladder["consumes_per_order"] = consumes_per_order(
+            (ref or ladder["warmup"])["records_per_order"]
+        )
+        ladders.append(ladder)
+    consumes = ladders[0]["consumes_per_order"]
+    if consumes:
+        pg["orders_per_s"] = round(pg["events_per_s"] / consumes, 1)
     limits = {"kafka_chain": chain, "psycopg_step": pg}
+    for ladder in ladders:
+        ladder["ratios"] = stats.ratios(
+            ladder["sustained_per_s"], {k: v["orders_per_s"] for k, v in limits.items()}
+        )
     return {
         "benchmark": "saga",
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -838,12 +933,13 @@ def run(p99_limit: float) -> dict[str, Any]:
             "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         },
         "limits": limits,
-        "saga": saga,
-        "ratios": stats.ratios(
-            best["sustained_per_s"], {k: v["orders_per_s"] for k, v in limits.items()}
-        ),
+        "saga": ladders,
         "bridge": bridge,
     }
+
+
+def _of(n: int) -> str:
+    return f"{n} instance{'s' if n > 1 else ''} of each service"
 
 
 def print_table(doc: dict[str, Any]) -> None:
@@ -861,6 +957,51 @@ def print_table(doc: dict[str, Any]) -> None:
             f"{x['cpu_ms_per_event']['total']:g}",
         )
     console.print(t)
+    for ladder in doc["saga"]:
+        _print_ladder(ladder)
+    t = Table(
+        "instances",
+        "sustained/s",
+        f"within p99 {doc['p99_limit_ms']:g} ms",
+        "p50 / p99 ms there",
+        "CPU ms/order there",
+        "ratios to the limits",
+        title="highest sustained rate, by instances of each service",
+    )
+    for ladder in doc["saga"]:
+        ref = _best_step(ladder)
+        e = ref["end_to_end_ms"] if ref else {}
+        t.add_row(
+            f"{ladder['instances']}",
+            f"{ladder['sustained_per_s']}",
+            f"{ladder['sustained_p99_within_limit_per_s']}",
+            f"{e.get('p50')} / {e.get('p99')}",
+            f"{ref['cpu_ms_per_order']['total']:g}" if ref else "-",
+            ", ".join(f"{k} {v}" for k, v in ladder["ratios"].items()),
+        )
+    console.print(t)
+    b = doc["bridge"]
+    console.print(
+        f"bridge ingest: {b['webhooks_per_s']} webhooks/s, p50 {b['latency_ms']['p50']} ms,"
+        f" p99 {b['latency_ms']['p99']} ms (concurrency {b['concurrency']}, {b['statuses']})"
+    )
+    for ladder in doc["saga"]:
+        prof = ladder["profile"]
+        for f, pct in prof.get("own_pct", [])[:8]:
+            console.print(
+                f"  py-spy {prof['service']} ({_of(ladder['instances'])}): {pct:5.1f}% own  {f}"
+            )
+
+
+def _best_step(ladder: dict[str, Any]) -> dict[str, Any] | None:
+    return next(
+        (s for s in ladder["steps"] if s["offered_per_s"] == ladder["sustained_per_s"]), None
+    )
+
+
+def _print_ladder(ladder: dict[str, Any]) -> None:
+    """One ladder's steps (CPU by process: each service's instances summed) and its
+    per-step latencies at the highest sustained rate."""
     t = Table(
         "offered/s",
         "achieved/s",
@@ -871,9 +1012,9 @@ def print_table(doc: dict[str, Any]) -> None:
         "sustained",
         "CPU ms/order",
         "by process (ms/order)",
-        title="saga, open loop",
+        title=f"saga, open loop, {_of(ladder['instances'])}",
     )
-    for s in doc["saga"]["steps"]:
+    for s in ladder["steps"]:
         e, cpu = s["end_to_end_ms"], s["cpu_ms_per_order"]
         split = " ".join(
             f"{k} {v:g}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if k != "total"
@@ -890,42 +1031,44 @@ def print_table(doc: dict[str, Any]) -> None:
             split,
         )
     console.print(t)
-    ref = next(
-        (s for s in doc["saga"]["steps"] if s["offered_per_s"] == doc["saga"]["sustained_per_s"]),
-        None,
-    )
+    ref = _best_step(ladder)
     if ref:
-        t = Table("step", "p50", "p95", "p99 ms", title=f"per step at {ref['offered_per_s']:g}/s")
+        t = Table(
+            "step",
+            "p50",
+            "p95",
+            "p99 ms",
+            title=f"per step at {ref['offered_per_s']:g}/s ({ladder['instances']} inst.)",
+        )
         for name, x in ref["steps_ms"].items():
             t.add_row(name, f"{x['p50']}", f"{x['p95']}", f"{x['p99']}")
         console.print(t)
-    b = doc["bridge"]
-    console.print(
-        f"highest sustained: {doc['saga']['sustained_per_s']} orders/s "
-        f"(within p99 {doc['p99_limit_ms']:g} ms: "
-        f"{doc['saga']['sustained_p99_within_limit_per_s']}); ratios to the limits: "
-        + ", ".join(f"{k} {v}" for k, v in doc["ratios"].items())
-    )
-    console.print(
-        f"bridge ingest: {b['webhooks_per_s']} webhooks/s, p50 {b['latency_ms']['p50']} ms,"
-        f" p99 {b['latency_ms']['p99']} ms (concurrency {b['concurrency']}, {b['statuses']})"
-    )
-    prof = doc["saga"]["profile"]
-    for f, pct in prof.get("own_pct", [])[:8]:
-        console.print(f"  py-spy {prof['service']}: {pct:5.1f}% own  {f}")
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
+    """Throughput and latency against the offered rate: one series per ladder (1
+    instance of each service: solid; more: dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = doc["saga"]["steps"]
-    offered = [s["offered_per_s"] for s in steps]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.plot(offered, [s["achieved_per_s"] for s in steps], "o-", label="saga (achieved)")
-    top = max(offered, default=1)
+    top = 1.0
+    for ladder in doc["saga"]:
+        steps, n = ladder["steps"], ladder["instances"]
+        offered = [s["offered_per_s"] for s in steps]
+        top = max(top, *offered)
+        style = "o-" if n == 1 else "s--"
+        a.plot(offered, [s["achieved_per_s"] for s in steps], style, label=f"saga, {n} inst.")
+        for q, color in (("p50", "C0"), ("p95", "C1"), ("p99", "C2")):
+            b.plot(
+                offered,
+                [s["end_to_end_ms"][q] for s in steps],
+                style,
+                color=color,
+                label=f"{q}, {n} inst.",
+            )
     a.plot([0, top], [0, top], ":", color="grey", label="offered")
     for name, style in (("kafka_chain", "--"), ("psycopg_step", "-.")):
         limit = doc["limits"][name]["orders_per_s"]
@@ -938,8 +1081,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         title=f"throughput (limits: kafka chain {chain}/s, psycopg {pg}/s)",
     )
     a.legend(fontsize=8)
-    for q in ("p50", "p95", "p99"):
-        b.plot(offered, [s["end_to_end_ms"][q] for s in steps], "o-", label=q)
     b.axhline(doc["p99_limit_ms"], ls="--", color="red", label="p99 limit")
     b.set(
         xlabel="offered orders/s",
@@ -967,12 +1108,26 @@ def main() -> None:
         help="stop the ladder after a step whose p99 passes this",
     )
     parser.add_argument("--start-rate", type=float, default=2.0, help="the first step's orders/s")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="one saga ladder per N, with N instances of each consuming service"
+        " (default: 1 2; with --quick: 1)",
+    )
     parser.add_argument("--keep-up", action="store_true", help="leave the bench stack running")
     global ARGS
     ARGS = parser.parse_args()
+    ARGS.instances = ARGS.instances or mode(quick=[1], full=[1, 2])
+    for n in ARGS.instances:
+        try:
+            devstack.service_instances(n)
+        except ValueError as exc:
+            parser.error(str(exc))
     started = time.monotonic()
     try:
-        doc = run(ARGS.p99_ms)
+        doc = run(ARGS.p99_ms, ARGS.instances)
     except devstack.StackError as exc:
         console.print(f"[red]{exc}[/red]")
         sys.exit(1)

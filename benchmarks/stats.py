@@ -17,7 +17,15 @@ MIN_COMPLETED = 0.99
 MAX_BACKLOG_GROWTH = 0.05
 
 #: keys every result document has (checked before it is saved, and by the unit test)
-RESULT_KEYS = ("benchmark", "date", "quick", "machine", "limits", "saga", "ratios", "bridge")
+RESULT_KEYS = ("benchmark", "date", "quick", "machine", "limits", "saga", "bridge")
+#: keys of each saga ladder (``saga`` is a list of them: one per instance count)
+LADDER_KEYS = (
+    "instances",
+    "steps",
+    "sustained_per_s",
+    "sustained_p99_within_limit_per_s",
+    "ratios",
+)
 STEP_KEYS = (
     "offered_per_s",
     "orders",
@@ -134,12 +142,28 @@ def ratios(saga_per_s: float | None, limits: Mapping[str, float | None]) -> dict
     }
 
 
+def group_settled(described: tuple[int, str, Sequence[int]] | None, members: int) -> bool:
+    """Whether a consumer group, as described (error code, state, partitions assigned
+    to each member), is stable with ``members`` members, each with partitions."""
+    if described is None:
+        return False
+    error, state, assigned = described
+    return error == 0 and state == "Stable" and len(assigned) == members and all(assigned)
+
+
 def check_result(doc: Mapping[str, Any]) -> None:
     """Raise ValueError unless ``doc`` has the result document's shape."""
     missing = [k for k in RESULT_KEYS if k not in doc]
     if missing:
         raise ValueError(f"result lacks {missing}")
-    for step in doc["saga"]["steps"]:
+    ladders = doc["saga"]
+    if not isinstance(ladders, list) or not ladders:
+        raise ValueError("saga must be a list of ladders, one per instance count")
+    for ladder in ladders:
+        lacking = [k for k in LADDER_KEYS if k not in ladder]
+        if lacking:
+            raise ValueError(f"saga ladder lacks {lacking}")
+    for step in (s for ladder in ladders for s in ladder["steps"]):
         lacking = [k for k in STEP_KEYS if k not in step]
         if lacking:
             raise ValueError(f"saga step lacks {lacking}")

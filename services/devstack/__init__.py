@@ -16,7 +16,8 @@ and command line both say they are ours.
 
 One module per concern, each re-exported here (``from services import devstack``):
 
-- ``profiles.py``  the profiles and their ports, Kafka nodes, service processes
+- ``profiles.py``  the profiles and their ports, Kafka nodes, service processes and
+                   their instances (a second member of a service's consumer groups)
 - ``processes.py`` pid files, spawn, stop, ports, waiting until ready
 - ``kafka.py``     the broker: jars, nodes, TLS and SCRAM, up and down
 - ``postgres.py``  PostgreSQL: its folder, initdb, up and down, the databases
@@ -38,9 +39,12 @@ from services.devstack.profiles import (
     SERVICE_PROCESSES,
     KafkaNode,
     Profile,
+    ServiceInstance,
     ServiceProcess,
     StackError,
+    instances_on_disk,
     kafka_nodes,
+    service_instances,
 )
 from services.devstack.stack import (
     clean,
@@ -60,12 +64,14 @@ __all__ = [
     "SERVICE_PROCESSES",
     "KafkaNode",
     "Profile",
+    "ServiceInstance",
     "ServiceProcess",
     "StackError",
     "clean",
     "down",
     "ensure_databases",
     "infra_up",
+    "instances_on_disk",
     "kafka_down",
     "kafka_nodes",
     "kafka_up",
@@ -79,6 +85,7 @@ __all__ = [
     "run_tests",
     "running_pid",
     "secure_client_env",
+    "service_instances",
     "services_down",
     "services_up",
     "spawn",

@@ -137,6 +137,9 @@ class ServiceProcess:
     module: str
     #: offset from the profile's http_base, except the contract's fixed ports (dev)
     port: int
+    #: a consuming service that may run as several members of its consumer groups
+    #: (``services_up(instances=n)``); the others stay one process
+    scales_out: bool = False
 
 
 #: Each service runs as its own process. Contract ports (dev): status API 8080,
@@ -144,14 +147,77 @@ class ServiceProcess:
 SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
     ServiceProcess("gatewaysim", "services.gatewaysim.app", 8090),
     ServiceProcess("bridge", "services.bridge.app", 8070),
-    ServiceProcess("payments", "services.payments.app", 8081),
-    ServiceProcess("inventory", "services.inventory.app", 8082),
-    ServiceProcess("capture", "services.capture.app", 8083),
-    ServiceProcess("refunds", "services.refunds.app", 8084),
-    ServiceProcess("orders", "services.orders.app", 8080),
+    ServiceProcess("payments", "services.payments.app", 8081, scales_out=True),
+    ServiceProcess("inventory", "services.inventory.app", 8082, scales_out=True),
+    ServiceProcess("capture", "services.capture.app", 8083, scales_out=True),
+    ServiceProcess("refunds", "services.refunds.app", 8084, scales_out=True),
+    ServiceProcess("orders", "services.orders.app", 8080, scales_out=True),
     ServiceProcess("monitor", "services.monitor.app", 8085),
 )
 
 
 def service_port(p: Profile, sp: ServiceProcess) -> int:
     return sp.port + p.service_shift
+
+
+#: instance ``i`` of a service listens ``(i - 1) * INSTANCE_PORT_STEP`` above the first,
+#: clear of every other service's port and of the next profile shift (+1000)
+INSTANCE_PORT_STEP = 100
+MAX_INSTANCES = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceInstance:
+    """One process of a service. The first keeps the service's name, port, pid file and
+    log (``pids/payments.pid``); instance ``i`` ≥ 2 is ``<name>-<i>`` (``payments-2``:
+    ``pids/payments-2.pid``, ``logs/payments-2.log``) on its own port, another member of
+    the same consumer groups."""
+
+    service: ServiceProcess
+    number: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.service.name if self.number == 1 else f"{self.service.name}-{self.number}"
+
+    @property
+    def marker(self) -> str:
+        """What its command line has (``running_pid``)."""
+        return f"-m {self.service.module}"
+
+    def port(self, first: int) -> int:
+        """Its port, given the first instance's."""
+        return first + INSTANCE_PORT_STEP * (self.number - 1)
+
+    def pidfile(self, p: Profile) -> Path:
+        return p.root / "pids" / f"{self.name}.pid"
+
+    def log(self, p: Profile) -> Path:
+        return p.root / "logs" / f"{self.name}.log"
+
+
+def service_instances(instances: int = 1) -> list[ServiceInstance]:
+    """The processes of a stack with ``instances`` of each service that scales out (one
+    of every other), in start order."""
+    if not 1 <= instances <= MAX_INSTANCES:
+        raise ValueError(f"instances must be within 1..{MAX_INSTANCES}")
+    return [
+        ServiceInstance(sp, i)
+        for sp in SERVICE_PROCESSES
+        for i in range(1, (instances if sp.scales_out else 1) + 1)
+    ]
+
+
+def instances_on_disk(p: Profile) -> list[ServiceInstance]:
+    """Every instance of ``p`` that has a pid file (the first of each service always):
+    what ``down`` and ``status`` look at, however many ``up`` started."""
+    pids = p.root / "pids"
+    found = []
+    for sp in SERVICE_PROCESSES:
+        numbers = {1}
+        for pidfile in pids.glob(f"{sp.name}-*.pid"):
+            number = pidfile.stem.removeprefix(f"{sp.name}-")
+            if number.isdigit() and int(number) > 1:
+                numbers.add(int(number))
+        found += [ServiceInstance(sp, i) for i in sorted(numbers)]
+    return found

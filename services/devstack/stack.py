@@ -30,7 +30,15 @@ from services.devstack.processes import (
     stop_pid,
     wait_until,
 )
-from services.devstack.profiles import PROFILES, REPO, SERVICE_PROCESSES, Profile, service_port
+from services.devstack.profiles import (
+    PROFILES,
+    REPO,
+    SERVICE_PROCESSES,
+    Profile,
+    instances_on_disk,
+    service_instances,
+    service_port,
+)
 
 
 def stack_env(p: Profile) -> dict[str, str]:
@@ -88,19 +96,26 @@ def infra_up(p: Profile) -> dict[str, str]:
     return env
 
 
-def services_up(p: Profile, env: Mapping[str, str]) -> None:
-    """Start every service process not already running; wait until each answers."""
+def services_up(p: Profile, env: Mapping[str, str], instances: int = 1) -> None:
+    """Start every service process not already running — ``instances`` of each service
+    that scales out (``ServiceInstance``: own port, pid file and log) — and wait until
+    each answers."""
     import httpx
 
-    logs = p.root / "logs"
-    for sp in SERVICE_PROCESSES:
-        pidfile = p.root / "pids" / f"{sp.name}.pid"
-        if running_pid(pidfile, f"-m {sp.module}") is not None:
+    for inst in service_instances(instances):
+        if running_pid(inst.pidfile(p), inst.marker) is not None:
             continue
-        claim_port(int(env.get(f"PAYSAGA_{sp.name.upper()}_PORT", service_port(p, sp))), sp.name)
-        say(f"starting {sp.name}")
-        pid = spawn([sys.executable, "-m", sp.module], logs / f"{sp.name}.log", pidfile, env)
-        url = f"http://127.0.0.1:{service_port(p, sp)}/healthz"
+        var = f"PAYSAGA_{inst.service.name.upper()}_PORT"
+        port = inst.port(int(env.get(var, service_port(p, inst.service))))
+        claim_port(port, inst.name)
+        say(f"starting {inst.name}")
+        pid = spawn(
+            [sys.executable, "-m", inst.service.module],
+            inst.log(p),
+            inst.pidfile(p),
+            {**env, var: str(port)},
+        )
+        url = f"http://127.0.0.1:{port}/healthz"
 
         def answers(url: str = url) -> bool:
             try:
@@ -108,13 +123,14 @@ def services_up(p: Profile, env: Mapping[str, str]) -> None:
             except httpx.HTTPError:
                 return False
 
-        wait_until(sp.name, answers, functools.partial(pid_running, pid), timeout=60)
+        wait_until(inst.name, answers, functools.partial(pid_running, pid), timeout=60)
 
 
 def services_down(p: Profile) -> None:
-    for sp in reversed(SERVICE_PROCESSES):
-        if stop_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}"):
-            say(f"stopped {sp.name}")
+    """Stop every instance of every service (however many were started)."""
+    for inst in reversed(instances_on_disk(p)):
+        if stop_pid(inst.pidfile(p), inst.marker):
+            say(f"stopped {inst.name}")
 
 
 def up(profile: str = "dev") -> None:
@@ -149,9 +165,11 @@ def status(profile: str = "dev") -> dict[str, str]:
         "postgresql": ("running" if pg_accepts(p) else "stopped")
         + ("" if home == p.root / "pg" else f" (data in {home})"),
     }
-    for sp in SERVICE_PROCESSES:
-        pid = running_pid(p.root / "pids" / f"{sp.name}.pid", f"-m {sp.module}")
-        out[sp.name] = f"running (pid {pid}, port {service_port(p, sp)})" if pid else "stopped"
+    for inst in instances_on_disk(p):
+        pid = running_pid(inst.pidfile(p), inst.marker)
+        port = inst.port(service_port(p, inst.service))
+        if pid or inst.number == 1:
+            out[inst.name] = f"running (pid {pid}, port {port})" if pid else "stopped"
     return out
 
 

@@ -49,12 +49,10 @@ class Stack:
 
     # ---------------------------------------------------------------- processes
     def pidfile(self, name: str, instance: int = 1) -> Path:
-        suffix = "" if instance == 1 else f"-{instance}"
-        return self.profile.root / "pids" / f"{name}{suffix}.pid"
+        return devstack.ServiceInstance(BY_NAME[name], instance).pidfile(self.profile)
 
     def log(self, name: str, instance: int = 1) -> Path:
-        suffix = "" if instance == 1 else f"-{instance}"
-        return self.profile.root / "logs" / f"{name}{suffix}.log"
+        return devstack.ServiceInstance(BY_NAME[name], instance).log(self.profile)
 
     def pid(self, name: str, instance: int = 1) -> int | None:
         return devstack.running_pid(self.pidfile(name, instance), f"-m {BY_NAME[name].module}")
@@ -166,11 +164,7 @@ class Stack:
                 self.start(sp.name, **overrides)
 
     def down(self) -> None:
-        devstack.services_down(self.profile)
-        for pidfile in (self.profile.root / "pids").glob("*-*.pid"):  # extra instances
-            name = pidfile.stem.rsplit("-", 1)[0]
-            if name in BY_NAME:
-                devstack.stop_pid(pidfile, f"-m {BY_NAME[name].module}")
+        devstack.services_down(self.profile)  # every instance, the extra ones too
 
     # ---------------------------------------------------------------- infrastructure
     def kafka_pid(self) -> int | None:

@@ -74,20 +74,38 @@ def test_best_rates_ratios_and_the_result_shape() -> None:
         "psycopg_step": None,
     }
     limit = {"events_per_s": 1.0, "orders_per_s": 1.0, "cpu_ms_per_event": {"total": 1.0}}
+    ladders = [
+        {"instances": n, "steps": steps, **stats.best_rates(steps), "ratios": {}} for n in (1, 2)
+    ]
     doc = {
         "benchmark": "saga",
         "date": "2026-01-01T00:00:00Z",
         "quick": True,
         "machine": {},
         "limits": {"kafka_chain": limit, "psycopg_step": limit},
-        "saga": {"steps": steps},
-        "ratios": {},
+        "saga": ladders,
         "bridge": {},
     }
     stats.check_result(doc)
     broken = copy.deepcopy(doc)
-    del broken["saga"]["steps"][0]["end_to_end_ms"]
+    del broken["saga"][1]["steps"][0]["end_to_end_ms"]
     with pytest.raises(ValueError, match="end_to_end_ms"):
         stats.check_result(broken)
+    broken = copy.deepcopy(doc)
+    del broken["saga"][1]["instances"]
+    with pytest.raises(ValueError, match="instances"):
+        stats.check_result(broken)
+    with pytest.raises(ValueError, match="list of ladders"):
+        stats.check_result(doc | {"saga": {"steps": steps}})
     with pytest.raises(ValueError, match="bridge"):
         stats.check_result({k: v for k, v in doc.items() if k != "bridge"})
+
+
+def test_a_group_is_settled_once_every_member_has_partitions() -> None:
+    assert stats.group_settled((0, "Stable", [9, 9]), members=2)
+    assert not stats.group_settled((0, "Stable", [18]), members=2)  # the second not joined
+    assert not stats.group_settled((0, "CompletingRebalance", [9, 9]), members=2)
+    assert not stats.group_settled((0, "Stable", [18, 0]), members=2)  # nothing assigned yet
+    assert not stats.group_settled((16, "Stable", [9, 9]), members=2)  # NOT_COORDINATOR
+    assert not stats.group_settled(None, members=1)  # not described at all
+    assert stats.group_settled((0, "Stable", [18]), members=1)

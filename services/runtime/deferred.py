@@ -1,14 +1,15 @@
 """Writes collected until a transaction's end: the one place that turns a batch's
-inserts (outbox rows, audit rows) and wake-ups (NOTIFY) into one statement.
+inserts (outbox rows, audit rows, the orders projection's rows) and wake-ups (NOTIFY)
+into one statement.
 
-A transaction that applies a batch of records ``defer``s: from then on ``insert`` and
-``wake`` collect instead of making a round trip each, and ``folded`` writes everything
-collected in the statement that ends the batch (its stored positions) — data-modifying
-CTEs, one multi-row insert per table, in the order the rows were written. Whatever is
-still collected when a savepoint begins or the transaction commits is written then
-(``_write_collected``): a collected row is never lost, never lands inside a savepoint
-that is rolled back, and never commits out of order. Inside a savepoint, and in a
-transaction that does not defer, ``insert`` and ``wake`` write at once.
+A transaction that applies a batch of records ``defer``s: from then on ``insert``,
+``upsert`` and ``wake`` collect instead of making a round trip each, and ``folded``
+writes everything collected in the statement that ends the batch (its stored
+positions) — data-modifying CTEs, one multi-row insert per table, in the order the rows
+were written. Whatever is still collected when a savepoint begins or the transaction
+commits is written then (``_write_collected``): a collected row is never lost, never
+lands inside a savepoint that is rolled back, and never commits out of order. Inside a
+savepoint, and in a transaction that does not defer, they write at once.
 
 An ``upsert`` is collected once per row key, the last written winning (its
 ``insert_only`` columns kept from the first). What a deferring transaction knows of the
@@ -17,14 +18,20 @@ its own collected writes would make stale are never sent.
 
 A wake-up is said once per transaction and channel (one said in a savepoint that is
 rolled back is undone with it: said again).
+
+Each statement is built and compiled once per shape — its writes' tables, columns and
+conflicts, and its number of channels (``Rows``, ``_sql``) — and sent as driver SQL
+with one array parameter per column: building a statement, and its cache key, on every
+call cost more than the round trip it replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -32,8 +39,6 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Connection,
-    Executable,
-    Insert,
     Select,
     String,
     Table,
@@ -42,47 +47,91 @@ from sqlalchemy import (
     cast,
     event,
     func,
+    literal_column,
     select,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 #: ``conn.info`` keys: what a deferring transaction collected; the channels said
 _COLLECTED = "paysaga_deferred"
 _SAID = "paysaga_deferred_said"
 
-#: rows of one multi-row insert: the table, the columns whose conflict skips a row
-#: (None: none is skipped), the row's columns
-_Group = tuple[Table, tuple[str, ...] | None, tuple[str, ...]]
-#: rows of one multi-row upsert: the table, its key columns, the columns a conflict
-#: leaves as they are, the row's columns
-_Upserts = tuple[Table, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
-
 T = TypeVar("T")
+
+
+class Conflict(Protocol):
+    """What a row that conflicts does: applied to the insert of a ``Rows``; hashable
+    (a statement is compiled once per shape)."""
+
+    def __call__(self, stmt: Insert, columns: tuple[str, ...]) -> Insert: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A row that conflicts on ``unique`` is skipped."""
+
+    unique: tuple[str, ...]
+
+    def __call__(self, stmt: Insert, columns: tuple[str, ...]) -> Insert:
+        return stmt.on_conflict_do_nothing(index_elements=list(self.unique))
+
+
+@dataclasses.dataclass(frozen=True)
+class Replace:
+    """A row whose ``key`` exists updates the other columns but ``insert_only``."""
+
+    key: tuple[str, ...]
+    insert_only: tuple[str, ...] = ()
+
+    def __call__(self, stmt: Insert, columns: tuple[str, ...]) -> Insert:
+        kept = {*self.key, *self.insert_only}
+        return stmt.on_conflict_do_update(
+            index_elements=list(self.key),
+            set_={c: stmt.excluded[c] for c in columns if c not in kept},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The shape of a multi-row insert: its table, its rows' columns and what a row
+    that conflicts does (None: the insert fails)."""
+
+    table: Table
+    columns: tuple[str, ...]
+    conflict: Conflict | None = None
+
+    def insert(self, prefix: str) -> Insert:
+        """The insert, its columns bound as arrays named ``prefix + column``."""
+        stmt = pg_insert(self.table).from_select(
+            list(self.columns), _unnested(self.table, self.columns, prefix)
+        )
+        return self.conflict(stmt, self.columns) if self.conflict is not None else stmt
+
+    def params(self, prefix: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {prefix + c: _values(self.table.c[c], [r[c] for r in rows]) for c in self.columns}
 
 
 @dataclasses.dataclass
 class _Collected:
     transaction: Any
-    rows: dict[_Group, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
-    #: by row key, the last written (dicts keep the order keys were first written in)
-    upserts: dict[_Upserts, dict[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(
+    #: by shape, the rows in the order written — by key for a ``Replace``, the last
+    #: written (a dict keeps the order keys were first written in)
+    rows: dict[Rows, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    replaced: dict[Rows, dict[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(
         default_factory=dict
     )
     channels: dict[str, None] = dataclasses.field(default_factory=dict)
     #: ``scoped``: by kind
     known: dict[type[Any], Any] = dataclasses.field(default_factory=dict)
 
-    def take(self) -> tuple[list[Insert], list[str]]:
-        writes = [_insert(table, unique, rows) for (table, unique, _), rows in self.rows.items()]
-        writes += [
-            _upsert(table, key, insert_only, list(rows.values()))
-            for (table, key, insert_only, _), rows in self.upserts.items()
-        ]
+    def take(self) -> tuple[list[tuple[Rows, Sequence[dict[str, Any]]]], list[str]]:
+        writes: list[tuple[Rows, Sequence[dict[str, Any]]]] = list(self.rows.items())
+        writes += [(shape, list(rows.values())) for shape, rows in self.replaced.items()]
         channels = list(self.channels)
-        self.rows, self.upserts, self.channels = {}, {}, {}
+        self.rows, self.replaced, self.channels = {}, {}, {}
         return writes, channels
 
 
@@ -102,15 +151,13 @@ async def insert(
     """Insert ``row`` into ``table`` in ``conn``'s transaction — skipped if it conflicts
     on ``unique`` — and wake ``wake``'s listeners at commit: collected if the
     transaction defers, else at once."""
+    shape = Rows(table, tuple(row), Skip(tuple(unique)) if unique else None)
     sync = _sync(conn)
     collected = _collected(sync)
     if collected is None:
-        stmt = _statement(sync, [_insert(table, unique, [row])], [wake] if wake else [])
-        assert stmt is not None
-        await conn.execute(stmt)
+        await _execute(conn, sync, [(shape, [row])], [wake] if wake else [])
         return
-    group = (table, tuple(unique) if unique else None, tuple(row))
-    collected.rows.setdefault(group, []).append(row)
+    collected.rows.setdefault(shape, []).append(row)
     if wake:
         collected.channels[wake] = None
 
@@ -126,13 +173,13 @@ async def upsert(
     """Insert ``row`` into ``table`` or, where its ``key`` exists, update the row's other
     columns but ``insert_only``: collected if the transaction defers — a later upsert of
     the same key replacing it, its ``insert_only`` values kept — else at once."""
+    shape = Rows(table, tuple(row), Replace(tuple(key), tuple(insert_only)))
     sync = _sync(conn)
     collected = _collected(sync)
     if collected is None:
-        await conn.execute(_upsert(table, tuple(key), tuple(insert_only), [row]))
+        await _execute(conn, sync, [(shape, [row])], [])
         return
-    group = (table, tuple(key), tuple(insert_only), tuple(row))
-    rows = collected.upserts.setdefault(group, {})
+    rows = collected.replaced.setdefault(shape, {})
     at = tuple(row[c] for c in key)
     first = rows.get(at)
     rows[at] = row if first is None else row | {c: first[c] for c in insert_only}
@@ -161,30 +208,25 @@ async def wake(conn: AsyncConnection, channel: str) -> None:
     if collected is not None:
         collected.channels[channel] = None
         return
-    stmt = _statement(sync, [], [channel])
-    if stmt is not None:
-        await conn.execute(stmt)
+    await _execute(conn, sync, [], [channel])
 
 
 async def write_now(conn: AsyncConnection) -> None:
     """Write what ``conn``'s transaction collected so far, now: before a step whose
     failure must be its own (a savepoint begun would write it inside its ``try``)."""
-    stmt = _collected_statement(_sync(conn))
-    if stmt is not None:
-        await conn.execute(stmt)
-
-
-def folded(conn: AsyncConnection, stmt: Insert) -> Executable:
-    """``stmt`` (the write that ends a batch: its stored positions), with what the
-    transaction collected written in the same statement."""
     sync = _sync(conn)
     collected = _collected(sync)
-    if collected is None:
-        return stmt
-    writes, channels = collected.take()
-    folded_stmt = _statement(sync, [*writes, stmt], channels)
-    assert folded_stmt is not None
-    return folded_stmt
+    if collected is not None:
+        await _execute(conn, sync, *collected.take())
+
+
+async def folded(conn: AsyncConnection, shape: Rows, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` (the write that ends a batch: its stored positions) and — in the
+    same statement — what the transaction collected."""
+    sync = _sync(conn)
+    collected = _collected(sync)
+    writes, channels = collected.take() if collected is not None else ([], [])
+    await _execute(conn, sync, [*writes, (shape, rows)], channels)
 
 
 def _sync(conn: AsyncConnection) -> Connection:
@@ -211,51 +253,70 @@ def _collected(sync: Connection) -> _Collected | None:
 
 def unnested(table: Table, rows: Sequence[dict[str, Any]]) -> Select[Any]:
     """``rows`` (of ``table``, all with the same columns) as a select of unnested arrays,
-    in their order: one statement SQLAlchemy caches and PostgreSQL prepares, whatever
-    their number (a multi-row ``VALUES`` is compiled anew on every call)."""
-    columns = list(rows[0])
-    arrays = [_array(table.c[c], [r[c] for r in rows]) for c in columns]
+    in their order, its values bound: one statement SQLAlchemy caches and PostgreSQL
+    prepares, whatever their number (a multi-row ``VALUES`` is compiled anew on every
+    call). For a statement of its own; the writes here bind theirs at execution."""
+    columns = tuple(rows[0])
+    params = Rows(table, columns).params("", rows)
+    return _unnested(table, columns, "").params(params)
+
+
+def _unnested(table: Table, columns: tuple[str, ...], prefix: str) -> Select[Any]:
+    arrays = [_array(table.c[c], prefix + c) for c in columns]
     source = func.unnest(*arrays).table_valued(*columns, with_ordinality="ord").render_derived()
     return select(*(_typed(table.c[c], source.c[c]) for c in columns)).order_by(source.c.ord)
 
 
-def _array(column: Column[Any], values: list[Any]) -> BindParameter[Any]:
+def _array(column: Column[Any], name: str) -> BindParameter[Any]:
     """A column's values as one array parameter. JSON documents go as text (a document
     that is itself a list would make the array multi-dimensional), cast back in
     ``_typed``; strings as text, whatever the column's length: the insert's assignment
     refuses a value too long, where a cast to ``varchar(n)[]`` would cut it short."""
+    if isinstance(column.type, JSON | String):
+        return bindparam(name, type_=ARRAY(Text))
+    return bindparam(name, type_=ARRAY(column.type))
+
+
+def _values(column: Column[Any], values: list[Any]) -> list[Any]:
     if isinstance(column.type, JSON):
         # None as the column type stores it: SQL NULL or the JSON null
-        texts = [None if v is None and column.type.none_as_null else json.dumps(v) for v in values]
-        return bindparam(column.name, texts, type_=ARRAY(Text), unique=True)
-    if isinstance(column.type, String):
-        return bindparam(column.name, values, type_=ARRAY(Text), unique=True)
-    return bindparam(column.name, values, type_=ARRAY(column.type), unique=True)
+        return [None if v is None and column.type.none_as_null else json.dumps(v) for v in values]
+    return values
 
 
 def _typed(column: Column[Any], value: ColumnElement[Any]) -> ColumnElement[Any]:
     return cast(value, column.type) if isinstance(column.type, JSON) else value
 
 
-def _insert(table: Table, unique: Sequence[str] | None, rows: list[dict[str, Any]]) -> Insert:
-    stmt = pg_insert(table).from_select(list(rows[0]), unnested(table, rows))
-    return stmt.on_conflict_do_nothing(index_elements=list(unique)) if unique else stmt
+@functools.lru_cache(maxsize=512)
+def _sql(dialect: Dialect, shapes: tuple[Rows, ...], channels: int) -> str:
+    """The statement of writes of ``shapes`` (data-modifying CTEs) that says
+    ``channels`` channels, compiled: the ``i``-th write's columns bound as ``w{i}_…``,
+    the channels as ``n0``, ``n1``…"""
+    writes = [shape.insert(f"w{i}_") for i, shape in enumerate(shapes)]
+    ctes = [w.cte(f"write_{i}") for i, w in enumerate(writes)]
+    if channels:
+        notify = (
+            func.pg_notify(bindparam(f"n{j}", type_=Text), literal_column("''"))
+            for j in range(channels)
+        )
+        stmt: Any = select(*notify).add_cte(*ctes)
+    else:
+        main, *rest = writes
+        stmt = main.add_cte(*ctes[1:]) if rest else main
+    compiled = stmt.compile(dialect=dialect)
+    # every parameter is one the caller binds: none took a value when it was built
+    bound = {f"n{j}" for j in range(channels)}
+    bound |= {f"w{i}_{c}" for i, shape in enumerate(shapes) for c in shape.columns}
+    assert set(compiled.params) == bound, compiled.params
+    return str(compiled)
 
 
-def _upsert(
-    table: Table, key: tuple[str, ...], insert_only: tuple[str, ...], rows: list[dict[str, Any]]
-) -> Insert:
-    stmt = pg_insert(table).from_select(list(rows[0]), unnested(table, rows))
-    kept = {*key, *insert_only}
-    return stmt.on_conflict_do_update(
-        index_elements=list(key),
-        set_={c: stmt.excluded[c] for c in rows[0] if c not in kept},
-    )
-
-
-def _statement(sync: Connection, writes: list[Insert], channels: list[str]) -> Executable | None:
-    """``writes`` as one statement (data-modifying CTEs), saying the ``channels`` not
-    said yet in this transaction; None if there is nothing to do."""
+def _statement(
+    sync: Connection, writes: list[tuple[Rows, Sequence[dict[str, Any]]]], channels: list[str]
+) -> tuple[str, dict[str, Any]] | None:
+    """``writes`` as one statement and its parameters, saying the ``channels`` not said
+    yet in this transaction; None if there is nothing to do."""
     transaction = sync.get_transaction()
     said: tuple[Any, set[str]] | None = sync.info.get(_SAID)
     if said is None or said[0] is not transaction:
@@ -264,13 +325,23 @@ def _statement(sync: Connection, writes: list[Insert], channels: list[str]) -> E
     new = [c for c in channels if c not in said[1]]
     if not sync.in_nested_transaction():
         said[1].update(new)
-    ctes = [w.cte(f"write_{i}") for i, w in enumerate(writes)]
-    if new:
-        return select(*(func.pg_notify(c, "") for c in new)).add_cte(*ctes)
-    if not writes:
+    if not writes and not new:
         return None
-    main, *rest = writes
-    return main.add_cte(*ctes[1:]) if rest else main
+    params: dict[str, Any] = {f"n{j}": c for j, c in enumerate(new)}
+    for i, (shape, rows) in enumerate(writes):
+        params |= shape.params(f"w{i}_", rows)
+    return _sql(sync.dialect, tuple(shape for shape, _ in writes), len(new)), params
+
+
+async def _execute(
+    conn: AsyncConnection,
+    sync: Connection,
+    writes: list[tuple[Rows, Sequence[dict[str, Any]]]],
+    channels: list[str],
+) -> None:
+    stmt = _statement(sync, writes, channels)
+    if stmt is not None:
+        await conn.exec_driver_sql(*stmt)
 
 
 @event.listens_for(Engine, "savepoint")
@@ -284,12 +355,5 @@ def _write_collected(sync: Connection, *_: Any) -> None:
         return
     stmt = _statement(sync, *collected.take())
     if stmt is not None:
-        sync.execute(stmt)
+        sync.exec_driver_sql(*stmt)
     collected.known.clear()
-
-
-def _collected_statement(sync: Connection) -> Executable | None:
-    """What ``sync``'s transaction collected so far, taken, as one statement; None if
-    nothing is."""
-    collected = _collected(sync)
-    return _statement(sync, *collected.take()) if collected is not None else None

@@ -8,6 +8,7 @@ and only ever moved forward — except by the reset of a position beyond the log
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import deferred
@@ -347,17 +348,25 @@ async def save_positions(
         {"consumer_group": group, "topic": tp.topic, "partition": tp.partition, "next_offset": n}
         for tp, n in sorted(positions.items())
     ]
-    stmt = pg_insert(consumer_positions).from_select(
-        list(rows[0]), deferred.unnested(consumer_positions, rows)
-    )
-    upsert = stmt.on_conflict_do_update(
-        index_elements=["consumer_group", "topic", "partition"],
-        # positions only move forward, even if a revoked member commits late
-        set_={
-            "next_offset": func.greatest(
-                consumer_positions.c.next_offset, stmt.excluded.next_offset
-            ),
-            "updated_at": datetime.now(UTC),
-        },
-    )
-    await conn.execute(deferred.folded(conn, upsert))
+    await deferred.folded(conn, _POSITIONS, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+    """A stored position only moves forward, even if a revoked member commits late."""
+
+    def __call__(self, stmt: Insert, columns: tuple[str, ...]) -> Insert:
+        return stmt.on_conflict_do_update(
+            index_elements=["consumer_group", "topic", "partition"],
+            set_={
+                "next_offset": func.greatest(
+                    consumer_positions.c.next_offset, stmt.excluded.next_offset
+                ),
+                "updated_at": func.now(),
+            },
+        )
+
+
+_POSITIONS = deferred.Rows(
+    consumer_positions, ("consumer_group", "topic", "partition", "next_offset"), _Forward()
+)

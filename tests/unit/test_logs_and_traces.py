@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
 from services.runtime import outbox, tracing
 from services.runtime.logs import JsonFormatter, TextFormatter, bound, configure_logging
@@ -148,15 +149,18 @@ def test_a_handled_records_cause_carries_its_span() -> None:
 
 
 class _Executed:
+    """A connection outside a deferring transaction: ``deferred`` writes at once."""
+
+    dialect = psycopg_dialect()
+
     def __init__(self) -> None:
         self.values: list[dict[str, Any]] = []
         self.info: dict[str, Any] = {}
 
-    async def execute(self, statement: Any) -> None:
-        # the outbox rows' values, one array per column (``deferred.unnested``): the
-        # headers go as JSON text
-        params = statement.compile().params
-        headers = next(v for k, v in params.items() if k.startswith("headers"))
+    async def exec_driver_sql(self, _sql: str, params: dict[str, Any]) -> None:
+        # the outbox rows' values, one array per column (``deferred.Rows``): the headers
+        # go as JSON text
+        headers = next(v for k, v in params.items() if k.endswith("_headers"))
         self.values += [{"headers": json.loads(h)} for h in headers]
 
     @property

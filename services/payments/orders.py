@@ -41,13 +41,16 @@ async def on_order_placed(ctx: Context, metrics: Metrics, window: timedelta) -> 
         content_hash=store.content_hash(ctx.payload),
         conference_id=placed.conference_id,
     )
-    row = await store.load_order(ctx.conn, placed.order_id)
-    decision = domain.decide_order_placed(store.order_from_row(row) if row else None, incoming)
+    # a new order, as a rule: inserted at once, and decided on the stored one only if
+    # it is known already (an earlier or a concurrent OrderPlaced: the insert waits for it)
+    decision = domain.decide_order_placed(None, incoming)
+    assert decision.order is not None
+    if not await store.insert_order(ctx.conn, decision.order):
+        row = await store.load_order(ctx.conn, placed.order_id)
+        decision = domain.decide_order_placed(store.order_from_row(row) if row else None, incoming)
     metrics.orders.labels(decision.outcome).inc()
     if decision.outcome == "rejected":
         security_log.warning("order %s rejected: %s", placed.order_id, decision.reason)
-    if decision.order is not None:
-        await store.insert_order(ctx.conn, decision.order)
     emitted = await emit_decision(ctx, decision)
     if decision.outcome == "registered" and decision.order is not None:
         await open_attempt(ctx, decision.order, emitted[0], metrics, window)

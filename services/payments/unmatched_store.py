@@ -14,7 +14,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Order
@@ -44,7 +44,7 @@ def confirmation_from_unmatched(row: Any) -> Confirmation:
 class UnmatchedOf:
     """The unmatched payments of an order's intent: those still matchable (state
     ``parked``, locked, oldest first) and those an operator is giving back or gave back
-    (never this order's payment)."""
+    (never this order's payment; locked too: one read under the intent's lock)."""
 
     matchable: list[Confirmation]
     given_back: list[Any]
@@ -55,26 +55,29 @@ async def load_unmatched_of(conn: AsyncConnection, order: Order) -> UnmatchedOf:
     a statement of its own: see ``store.load_for_confirmation``)."""
     assert order.payment_intent_id is not None
     await lock_intent(conn, order.payment_intent_id)
-    of_intent = unmatched.c.payment_intent_id == order.payment_intent_id
-    matchable = await conn.execute(
-        select(unmatched)
-        .where(unmatched.c.state == "parked", of_intent)
-        .order_by(unmatched.c.received_at, unmatched.c.id)
-        .with_for_update()
-    )
-    # naming no order, or this one; a failed payment so resolved took no money, so
-    # gave none back
-    given_back = await conn.execute(
+    c = unmatched.c
+    found = await conn.execute(
         select(unmatched)
         .where(
-            unmatched.c.state.in_(("refund_pending", "resolved_refund")),
-            unmatched.c.type != "payment.failed",
-            of_intent,
-            or_(unmatched.c.order_id.is_(None), unmatched.c.order_id == order.order_id),
+            c.payment_intent_id == order.payment_intent_id,
+            or_(
+                c.state == "parked",
+                # given back, naming no order or this one; a failed payment so resolved
+                # took no money, so gave none back
+                and_(
+                    c.state.in_(("refund_pending", "resolved_refund")),
+                    c.type != "payment.failed",
+                    or_(c.order_id.is_(None), c.order_id == order.order_id),
+                ),
+            ),
         )
-        .order_by(unmatched.c.id)
+        .order_by(c.received_at, c.id)
+        .with_for_update()
     )
-    return UnmatchedOf([confirmation_from_unmatched(r) for r in matchable], list(given_back))
+    rows = found.all()
+    matchable = [r for r in rows if r.state == "parked"]
+    given_back = sorted((r for r in rows if r.state != "parked"), key=lambda r: r.id)
+    return UnmatchedOf([confirmation_from_unmatched(r) for r in matchable], given_back)
 
 
 #: the states of an unmatched payment that wait (for its order, or for an operator)

@@ -116,8 +116,8 @@ async def reserve(
     The reservation row is claimed first (``ON CONFLICT DO NOTHING``), so a duplicate —
     even one running concurrently — changes nothing. Each line is one conditional
     ``UPDATE … WHERE available - reserved - sold >= q`` (never read-then-write), in the
-    caller's SKU order; all of them run in a savepoint that is rolled back if any line
-    is short. A SKU that was never stocked has no row and is therefore short. Every line
+    caller's SKU order; those of several lines run in a savepoint that is rolled back if
+    any line is short (one line needs none: its update holds it or nothing). A SKU that was never stocked has no row and is therefore short. Every line
     is tried, so ``short_skus`` names all of them, not just the first.
     """
     claimed = await conn.execute(
@@ -137,27 +137,37 @@ async def reserve(
     if claimed.first() is None:
         return None
     short: list[str] = []
-    async with conn.begin_nested() as savepoint:
-        for line in lines:
-            held = await conn.execute(
-                update(stock)
-                .where(
-                    stock.c.sku == line.sku,
-                    stock.c.available - stock.c.reserved - stock.c.sold >= line.quantity,
-                )
-                .values(reserved=stock.c.reserved + line.quantity, updated_at=now)
-                .returning(stock.c.sku)
-            )
-            if held.first() is None:
-                short.append(line.sku)
-        if short:
-            await savepoint.rollback()  # also releases the row locks taken after it
+    if len(lines) == 1:  # one conditional update: it holds the line, or nothing
+        short = await _hold(conn, lines, now)
+    else:
+        async with conn.begin_nested() as savepoint:
+            short = await _hold(conn, lines, now)
+            if short:
+                await savepoint.rollback()  # also releases the row locks taken after it
     if short:
         await conn.execute(
             update(reservations)
             .where(reservations.c.order_id == order_id, reservations.c.attempt == attempt)
             .values(state="failed", short_skus=short, updated_at=now)
         )
+    return short
+
+
+async def _hold(conn: AsyncConnection, lines: Sequence[Line], now: datetime) -> list[str]:
+    """Reserve each line that fits, in the caller's order; the SKUs that did not."""
+    short: list[str] = []
+    for line in lines:
+        held = await conn.execute(
+            update(stock)
+            .where(
+                stock.c.sku == line.sku,
+                stock.c.available - stock.c.reserved - stock.c.sold >= line.quantity,
+            )
+            .values(reserved=stock.c.reserved + line.quantity, updated_at=now)
+            .returning(stock.c.sku)
+        )
+        if held.first() is None:
+            short.append(line.sku)
     return short
 
 
@@ -212,18 +222,23 @@ async def settle(
     now: datetime,
 ) -> None:
     """Move a locked, held reservation to ``committed`` (reserved → sold) or ``released``
-    (reserved → sellable again), line by line in SKU order."""
-    for line in lines:
-        values: dict[str, Any] = {"reserved": stock.c.reserved - line.quantity, "updated_at": now}
-        if target == "committed":
-            values["sold"] = stock.c.sold + line.quantity
-        done = await conn.execute(
-            update(stock).where(stock.c.sku == line.sku).values(**values).returning(stock.c.sku)
-        )
-        if done.first() is None:
-            raise RuntimeError(f"stock row {line.sku!r} of a held reservation is missing")
-    await conn.execute(
+    (reserved → sellable again), line by line in SKU order — the reservation's own row
+    in the statement of its first line."""
+    settled = (
         update(reservations)
         .where(reservations.c.order_id == order_id, reservations.c.attempt == attempt)
         .values(state=target, updated_at=now)
     )
+    if not lines:
+        await conn.execute(settled)
+        return
+    for i, line in enumerate(lines):
+        values: dict[str, Any] = {"reserved": stock.c.reserved - line.quantity, "updated_at": now}
+        if target == "committed":
+            values["sold"] = stock.c.sold + line.quantity
+        stmt = update(stock).where(stock.c.sku == line.sku).values(**values)
+        if i == 0:
+            stmt = stmt.add_cte(settled.cte("settled"))
+        done = await conn.execute(stmt.returning(stock.c.sku))
+        if done.first() is None:
+            raise RuntimeError(f"stock row {line.sku!r} of a held reservation is missing")

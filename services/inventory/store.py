@@ -117,8 +117,9 @@ async def reserve(
     even one running concurrently — changes nothing. Each line is one conditional
     ``UPDATE … WHERE available - reserved - sold >= q`` (never read-then-write), in the
     caller's SKU order; those of several lines run in a savepoint that is rolled back if
-    any line is short (one line needs none: its update holds it or nothing). A SKU that was never stocked has no row and is therefore short. Every line
-    is tried, so ``short_skus`` names all of them, not just the first.
+    any line is short (one line needs none: its update holds it or nothing). A SKU that
+    was never stocked has no row and is therefore short. Every line is tried, so
+    ``short_skus`` names all of them, not just the first.
     """
     claimed = await conn.execute(
         pg_insert(reservations)

@@ -107,6 +107,10 @@ class RuntimeSettings(BaseSettings):
     #: how often the offsets moved are committed to Kafka, in one commit: informational
     #: (lag tooling), the database holds the positions; a commit per poll costs a round trip
     commit_every_s: float = 1.0
+    #: a fetch waits at the broker until this many bytes are there, or ``fetch_max_wait_ms``:
+    #: under load, fewer and fuller fetches (and batches); idle, a record waits that long
+    fetch_min_bytes: int = 1
+    fetch_max_wait_ms: int = 500
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -224,6 +228,8 @@ class ConsumerRuntime:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_records=s.max_batch,
+            fetch_min_bytes=s.fetch_min_bytes,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             # saga topics are co-partitioned by order id: the range assignor gives one
             # member partition N of every topic, so one order's events meet in one process
             partition_assignment_strategy=(RangePartitionAssignor,),

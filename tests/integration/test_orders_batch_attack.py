@@ -1,11 +1,10 @@
 """Attacks on the orders projection's batch state (``store.prefetch``, ``deferred``):
-keys that are not their events' order ids, a savepoint rolled back inside a batch, and
-hostile values through the collected writes — each stored as one event at a time
-stores it. On a real PostgreSQL, through the projection's handlers."""
+keys that are not their events' order ids, and hostile values through the collected
+writes — each stored as one event at a time stores it (a savepoint rolled back inside a
+batch: ``test_orders_batch_state.py``). On a real PostgreSQL, through the projection's handlers."""
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,38 +52,6 @@ async def test_events_keyed_by_another_order_store_what_one_at_a_time_stores(
         assert result == await stored(single)
     assert sorted(r[2] for r in result["orders"]) == ["PAID_CONFIRMED"] * 2
     assert result["held"] == []
-
-
-async def test_a_savepoint_rolled_back_in_a_batch_leaves_the_order_as_the_database_has_it(
-    infra: Infra,
-) -> None:
-    """A blocked record applied in a savepoint that fails (a release dead-letters it):
-    what it wrote and told the transaction is undone with it, and the batch's next
-    event applies to the order as stored before it (its cause undone: held)."""
-    saga = Saga()
-    registered, accepted, reserved, *_ = records(*authorization_path(saga))
-    applier = Applier()
-    async with service_db(infra, "orders", "rolledback") as (engine, _):
-        async with engine.begin() as conn:
-            deferred.defer(conn)
-            await applier.projection.prepare(conn, [registered, accepted, reserved])
-            await applier.apply(conn, registered)
-            with contextlib.suppress(_Failed):  # as a release catches it
-                async with conn.begin_nested():
-                    await applier.apply(conn, accepted)
-                    raise _Failed("the released record fails after its writes")
-            await applier.apply(conn, reserved)  # its cause was rolled back: held
-            await save_positions(conn, "orders", {TP: 3})
-        result = await stored(engine)
-    assert [r[2] for r in result["history"]] == ["PENDING_PAYMENT"]
-    assert [r[2] for r in result["orders"]] == ["PENDING_PAYMENT"]
-    assert result["applied"] == [(saga.order_id, saga.ids["OrderRegistered"])]
-    assert result["held"] == [(saga.order_id, saga.ids["StockReserved"])]
-    assert [e[2]["status"] for e in result["emitted"]] == ["PENDING_PAYMENT"]
-
-
-class _Failed(Exception):
-    pass
 
 
 HOSTILE: list[dict[str, Any]] = [

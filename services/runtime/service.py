@@ -44,7 +44,8 @@ def make_engine(url: str, pool_size: int = 5, *, pre_ping: bool = False) -> Asyn
     answers people (the status API, the console). The consumer, the relay and the
     workers retry a transient failure instead: a connection that died (a database
     restart) fails one transaction, SQLAlchemy then renews the pool, and the retry gets
-    a new one — where a ping on every checkout costs a round trip per transaction."""
+    a new one — where a ping on every checkout costs a round trip per transaction. A
+    failed statement's error never shows its parameters."""
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -52,6 +53,9 @@ def make_engine(url: str, pool_size: int = 5, *, pre_ping: bool = False) -> Asyn
         pool_pre_ping=pre_ping,
         pool_timeout=10,
         connect_args={"connect_timeout": 5},
+        # a failed statement's error never carries its parameters: an outbox row's value
+        # may hold a payment's client secret (docs/contract.md §3.7), and errors are logged
+        hide_parameters=True,
     )
 
 

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from schemas.events import AuditRecorded
 from services.orders.domain import OrderView, StatusChange
 from services.runtime import deferred
-from services.runtime.locks import xact_lock
+from services.runtime.locks import xact_lock, xact_locks
 
 metadata = MetaData()
 
@@ -140,12 +140,6 @@ class _Known:
 
 
 _LOCK_NAME = "orders:{}"
-#: the orders' locks, taken in the order of the array (sorted: two members locking
-#: overlapping orders wait in one order)
-_LOCK_ALL = text(
-    "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))"
-    " FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS l(n, ord) ORDER BY ord"
-)
 #: one round trip for the views, the applied-event sets and the held flags of orders
 #: (a row even for an order without a view: it may have applied events all the same)
 _LOAD_STATES = text(
@@ -163,10 +157,10 @@ async def prefetch(conn: AsyncConnection, order_ids: Iterable[str]) -> None:
     known = deferred.scoped(conn, _Known)
     if known is None:
         return
-    ids = sorted(set(order_ids) - known.locked)  # code point order, as every member sorts
+    ids = sorted(set(order_ids) - known.locked)
     if not ids:
         return
-    await conn.execute(_LOCK_ALL, {"names": [_LOCK_NAME.format(i) for i in ids]})
+    await xact_locks(conn, [_LOCK_NAME.format(i) for i in ids])
     known.locked.update(ids)
     # after the locks, in a statement of its own: its snapshot sees what the orders'
     # previous holders committed

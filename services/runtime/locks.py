@@ -4,14 +4,31 @@ until the transaction ends (re-entrant within it). Names carry their own namespa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+#: a name's lock key (the one hash, whichever statement takes the lock)
+_KEY = "hashtextextended({}, 0)"
+
 #: the lock as an SQL expression, for a statement that takes it among other work: the
 #: name is bound as ``:lock_name``
-XACT_LOCK_SQL = "pg_advisory_xact_lock(hashtextextended(:lock_name, 0))"
+XACT_LOCK_SQL = f"pg_advisory_xact_lock({_KEY.format(':lock_name')})"
+
+#: several locks in one statement, in the order of the array
+_XACT_LOCKS = text(
+    f"SELECT pg_advisory_xact_lock({_KEY.format('n')})"  # noqa: S608 (constants; names bound)
+    " FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS l(n, ord) ORDER BY ord"
+)
 
 
 async def xact_lock(conn: AsyncConnection, name: str) -> None:
     """Wait for, then hold until commit or rollback, the lock called ``name``."""
     await conn.execute(text(f"SELECT {XACT_LOCK_SQL}"), {"lock_name": name})
+
+
+async def xact_locks(conn: AsyncConnection, names: Iterable[str]) -> None:
+    """Wait for, then hold, the locks called ``names`` — in one statement, taken in
+    code point order: two transactions locking overlapping names wait in one order."""
+    await conn.execute(_XACT_LOCKS, {"names": sorted(set(names))})

@@ -110,6 +110,7 @@ def build() -> Service:
         http_port=settings.payments_port,
         http_host=settings.payments_host,
         on_dead_letter=h.flag_dead_letter,
+        prepare_batch=h.prepare,
         workers=[
             request_payments,
             every(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -70,6 +71,10 @@ class PaymentsHandlers:
 
     async def on_retry_requested(self, ctx: Context) -> None:
         await retries.on_retry_requested(ctx, self.metrics, self.unmatched_window)
+
+    async def prepare(self, conn: AsyncConnection, records: Sequence[Record]) -> None:
+        """Before a batch's records are applied: its statuses recorded at once."""
+        await retries.record_batch_statuses(conn, records)
 
     async def on_status_changed(self, ctx: Context) -> None:
         await retries.on_status_changed(ctx, self.metrics, self.unmatched_window)

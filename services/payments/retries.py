@@ -10,17 +10,26 @@ one update and emits it (``effects``), in the record's transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from schemas.contract import OrderStatusChanged, PaymentRetryRequested
+from schemas.envelope import event_type_of
 from services.payments import domain, store
 from services.payments.domain import Decision
 from services.payments.effects import emit_decision
 from services.payments.metrics import Metrics
 from services.payments.orders import open_attempt
-from services.runtime.errors import validated
-from services.runtime.messages import Context
+from services.runtime import deferred
+from services.runtime.errors import PermanentError, validated
+from services.runtime.inbox import parse_envelope
+from services.runtime.messages import Context, Record
+from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, STATUS_TOPIC
 
 security_log = logging.getLogger("paysaga.payments.security")
 
@@ -63,6 +72,9 @@ async def on_status_changed(ctx: Context, metrics: Metrics, window: timedelta) -
     a capture decline or an out-of-stock void failed the attempt, and that a failed
     attempt went on to NEEDS_RECONCILIATION, to accept a retry only when orders will.
     A pending retry is decided again on it."""
+    recorded = deferred.scoped(ctx.conn, _Recorded)
+    if recorded is not None and _at(ctx.record) in recorded.records:
+        return  # recorded with the batch's other statuses (``record_batch_statuses``)
     status = validated(OrderStatusChanged, ctx.payload)
     saga_status = status.status.value
     if not domain.mirror_may_change(saga_status) and await store.record_saga_status(
@@ -99,6 +111,73 @@ async def on_status_changed(ctx: Context, metrics: Metrics, window: timedelta) -
     if decision is not None and decision.outcome != "held":
         assert pending is not None
         await _emit_settled(ctx, decision, metrics, window, causation=pending["event_id"])
+
+
+@dataclasses.dataclass
+class _Recorded:
+    """The status records of a batch recorded before it is applied, by (topic, partition,
+    offset): their handler has nothing left to do."""
+
+    records: set[tuple[str, int, int]] = dataclasses.field(default_factory=set)
+
+
+def _at(rec: Record) -> tuple[str, int, int]:
+    return rec.topic, rec.partition, rec.offset
+
+
+_STATUS_CHANGED = event_type_of(OrderStatusChanged)
+_INT4_MAX = 2**31 - 1  # saga_version's column
+
+
+async def record_batch_statuses(conn: AsyncConnection, records: Sequence[Record]) -> None:
+    """Record a batch's published statuses that change nothing but the mirror in one
+    statement (``store.record_saga_statuses``), before its records are applied one by one,
+    instead of one statement each. The result is what applying them in turn gives:
+    - an order's statuses are taken up to its first that may change it (PAYMENT_FAILED)
+      or does not parse: that one and those after it are decided one by one, in order;
+    - an order with a checkout record in the batch (a retry, whose decision reads the
+      mirror) is left to one by one altogether;
+    - an order unknown or with a retry pending is not settled by the statement: its
+      statuses are decided one by one too.
+    Other records neither read nor write the mirror. Nothing where writes go at once."""
+    recorded = deferred.scoped(conn, _Recorded)
+    if recorded is None:
+        return
+    left = {r.key_str for r in records if r.topic == CHECKOUT_ORDERS_TOPIC}
+    taken: list[tuple[Record, OrderStatusChanged]] = []
+    for rec in records:
+        if rec.topic != STATUS_TOPIC:
+            continue
+        try:
+            status = _status_of(rec)
+        except (PermanentError, ValidationError):
+            left.add(rec.key_str)  # its handler rejects it
+            continue
+        if status is None:
+            continue  # an event type the group ignores
+        if {rec.key_str, status.order_id} & left or not _mirror_only(status):
+            left.update((rec.key_str, status.order_id))
+            continue
+        taken.append((rec, status))
+    settled = await store.record_saga_statuses(
+        conn,
+        [(s.order_id, s.version, s.payment_intent_id, s.status.value) for _, s in taken],
+    )
+    recorded.records.update(_at(r) for r, s in taken if s.order_id in settled)
+
+
+def _status_of(rec: Record) -> OrderStatusChanged | None:
+    """The record's status, as its handler reads it; None for an event type the group
+    ignores. Raises what its handler would."""
+    envelope = parse_envelope(rec.value)
+    if envelope["event_type"] != _STATUS_CHANGED:
+        return None
+    return OrderStatusChanged.model_validate(envelope["payload"])
+
+
+def _mirror_only(status: OrderStatusChanged) -> bool:
+    """Whether recording ``status`` is all its handler may do (``record_saga_status``)."""
+    return not domain.mirror_may_change(status.status.value) and status.version <= _INT4_MAX
 
 
 async def _emit_settled(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -31,6 +32,7 @@ from sqlalchemy import (
     case,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -251,6 +253,42 @@ async def record_saga_status(
         .returning(c.order_id)
     )
     return result.first() is not None
+
+
+#: ``record_saga_status`` for a batch's statuses at once: the orders without a pending
+#: retry locked (in order id order), each recorded at its newest version with the status
+#: of its newest one about the current attempt — what the statuses one after another
+#: leave. The orders locked are returned: every given status of theirs is recorded or
+#: stale; the others' (unknown, or a retry pending) are decided one by one.
+_RECORD_SAGA_STATUSES = text(
+    "WITH s AS (SELECT * FROM unnest(CAST(:order_ids AS text[]), CAST(:versions AS int[]),"
+    " CAST(:intents AS text[]), CAST(:statuses AS text[]))"
+    " AS s(order_id, version, intent, status)),"
+    " o AS (SELECT order_id, saga_version, payment_intent_id FROM orders"
+    " WHERE order_id IN (SELECT order_id FROM s) AND pending_retry IS NULL"
+    " ORDER BY order_id FOR UPDATE),"
+    " m AS (SELECT o.order_id, max(s.version) AS version,"
+    " (array_agg(s.status ORDER BY s.version DESC)"
+    " FILTER (WHERE s.version > o.saga_version"
+    " AND s.intent IS NOT DISTINCT FROM o.payment_intent_id))[1] AS status"
+    " FROM o JOIN s USING (order_id) GROUP BY o.order_id, o.saga_version, o.payment_intent_id),"
+    " u AS (UPDATE orders SET saga_version = m.version,"
+    " saga_status = COALESCE(m.status, orders.saga_status)"
+    " FROM m WHERE orders.order_id = m.order_id AND orders.saga_version < m.version)"
+    " SELECT order_id FROM o"
+)
+
+
+async def record_saga_statuses(
+    conn: AsyncConnection, statuses: Sequence[tuple[str, int, str | None, str]]
+) -> set[str]:
+    """``record_saga_status`` for many (order id, version, payment intent id, status) in
+    one statement (``_RECORD_SAGA_STATUSES``): the orders whose statuses it settled."""
+    if not statuses:
+        return set()
+    order_ids, versions, intents, names = (list(c) for c in zip(*statuses, strict=True))
+    params = {"order_ids": order_ids, "versions": versions, "intents": intents, "statuses": names}
+    return set((await conn.execute(_RECORD_SAGA_STATUSES, params)).scalars())
 
 
 async def set_order_fields(conn: AsyncConnection, order_id: str, **fields: Any) -> None:

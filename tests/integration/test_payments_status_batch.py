@@ -1,0 +1,277 @@
+"""Payments records a batch's published statuses in one statement before the batch is
+applied (``PaymentsHandlers.prepare``, ``store.record_saga_statuses``): the same orders
+and the same emitted records as one status at a time — for the statuses that change
+nothing but the mirror, up to an order's first that may change more (PAYMENT_FAILED),
+never for an order with a retry in the batch or pending, or unknown.
+
+Real PostgreSQL: two databases at the payments schema, through the payments handlers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from schemas.contract import OrderStatus, OrderStatusChanged, PaymentRetryRequested
+from schemas.envelope import dump, new_envelope
+from services.payments import store
+from services.payments.handlers import PaymentsHandlers
+from services.payments.metrics import Metrics
+from services.runtime import deferred
+from services.runtime.messages import Context, Record, routes_of
+from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, STATUS_TOPIC
+from tests.conftest import Infra
+from tests.integration.conftest import service_db
+from tests.support.payments import make_order
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+_ids = itertools.count()
+
+
+def status(order_id: str, version: int, name: str, intent: str | None) -> tuple[str, str, bytes]:
+    changed = OrderStatusChanged(
+        order_id=order_id,
+        status=OrderStatus(name),
+        previous_status=None,
+        reason=None,
+        payment_intent_id=intent,
+        transaction_id=None,
+        amount=10345,
+        currency="EUR",
+        version=version,
+    )
+    envelope = new_envelope("OrderStatusChanged", changed, now=NOW, event_id=f"ev_{next(_ids)}")
+    return STATUS_TOPIC, order_id, dump(envelope)
+
+
+def retry(order_id: str, intent: str) -> tuple[str, str, bytes]:
+    asked = PaymentRetryRequested(
+        order_id=order_id, payment_intent_id=intent, payment_method="card"
+    )
+    envelope = new_envelope("PaymentRetryRequested", asked, now=NOW, event_id=f"ev_{next(_ids)}")
+    return CHECKOUT_ORDERS_TOPIC, order_id, dump(envelope)
+
+
+def records(*events: tuple[str, str, bytes]) -> list[Record]:
+    return [
+        Record(topic, 0, i, key.encode(), value, (), 1_700_000_000_000 + i)
+        for i, (topic, key, value) in enumerate(events)
+    ]
+
+
+class Applier:
+    """The payments handlers, called as the runtime calls them."""
+
+    def __init__(self) -> None:
+        self.handlers = PaymentsHandlers(
+            secrets={},
+            tolerance_s=300,
+            unmatched_window=timedelta(days=1),
+            metrics=Metrics.create(CollectorRegistry()),
+        )
+        self.routes = {r.topic: r for r in routes_of(self.handlers.handlers())}
+
+    async def apply(self, conn: AsyncConnection, rec: Record) -> None:
+        envelope = json.loads(rec.value)
+        handler = self.routes[rec.topic].handlers[envelope["event_type"]]
+        await handler(Context(conn=conn, record=rec, envelope=envelope, now=NOW))
+
+    async def batch(self, engine: AsyncEngine, batch: list[Record]) -> None:
+        async with engine.begin() as conn:
+            deferred.defer(conn)
+            await self.handlers.prepare(conn, batch)
+            for rec in batch:
+                await self.apply(conn, rec)
+
+    async def one_at_a_time(self, engine: AsyncEngine, batch: list[Record]) -> None:
+        for rec in batch:
+            async with engine.begin() as conn:
+                deferred.defer(conn)
+                await self.apply(conn, rec)
+
+
+async def seed(engine: AsyncEngine) -> None:
+    """Orders in the states the scenarios start from."""
+    async with engine.begin() as conn:
+        for order in (
+            make_order(order_id="ord_a", payment_intent_id="pi_a", status="accepted"),
+            make_order(
+                order_id="ord_b",
+                payment_intent_id="pi_b2",
+                attempt=2,
+                status="accepted",
+                earlier_intents=("pi_b1",),
+            ),
+            make_order(order_id="ord_c", payment_intent_id="pi_c", status="accepted"),
+            make_order(order_id="ord_d", payment_intent_id="pi_d", status="accepted"),
+            make_order(order_id="ord_e", payment_intent_id="pi_e", status="failed"),
+            make_order(order_id="ord_f", payment_intent_id="pi_f", status="accepted"),
+        ):
+            assert await store.insert_order(conn, order)
+        await store.set_order_fields(conn, "ord_b", saga_version=2, saga_status="PENDING_PAYMENT")
+        pending = {"payment_intent_id": "pi_c2", "payment_method": "card", "event_id": "ev_held"}
+        await store.set_order_fields(conn, "ord_c", pending_retry=pending)
+        await store.set_order_fields(conn, "ord_e", saga_version=3, saga_status="PAYMENT_FAILED")
+
+
+def scenario() -> list[tuple[str, str, bytes]]:
+    return [
+        # ord_a: the happy path, and a stale copy of a status
+        status("ord_a", 1, "PENDING_PAYMENT", "pi_a"),
+        status("ord_a", 2, "PAYMENT_AUTHORIZED", "pi_a"),
+        status("ord_c", 1, "PAYMENT_AUTHORIZED", "pi_c"),  # a retry pending: one by one
+        status("ord_a", 3, "INVENTORY_RESERVED", "pi_a"),
+        status("ord_a", 2, "PAYMENT_AUTHORIZED", "pi_a"),
+        status("ord_a", 4, "PAID_CONFIRMED", "pi_a"),
+        # ord_b: stale, then an earlier attempt's (its version only), then the current's
+        status("ord_b", 1, "PENDING_PAYMENT", "pi_b2"),
+        status("ord_b", 3, "REFUNDED", "pi_b1"),
+        status("ord_b", 4, "PAYMENT_AUTHORIZED", "pi_b2"),
+        # ord_c: failed, so the pending retry is accepted: a new attempt
+        status("ord_c", 2, "PAYMENT_FAILED", "pi_c"),
+        # ord_d: recorded up to its PAYMENT_FAILED; that one and the next one by one
+        status("ord_d", 1, "PAYMENT_AUTHORIZED", "pi_d"),
+        status("ord_d", 2, "PAYMENT_FAILED", "pi_d"),
+        status("ord_d", 3, "REFUND_PENDING", "pi_d"),
+        # ord_e: a retry in the batch, accepted; then a status of the attempt before it
+        # (recorded before the retry, it would hold the retry instead)
+        retry("ord_e", "pi_e2"),
+        status("ord_e", 4, "REFUND_PENDING", "pi_e"),
+        # ord_f: a status that does not parse leaves the next one to one by one
+        (STATUS_TOPIC, "ord_f", b'{"event_id": "ev_bad", "event_type": "OrderStatusChanged"}'),
+        status("ord_f", 1, "PAYMENT_AUTHORIZED", "pi_f"),
+        # an order payments does not know
+        status("ord_x", 1, "PAYMENT_AUTHORIZED", "pi_x"),
+    ]
+
+
+_MALFORMED = "ev_bad"
+
+
+def applicable(batch: list[Record]) -> list[Record]:
+    """The batch without the record its handler rejects (the runtime dead-letters it)."""
+    return [r for r in batch if _MALFORMED.encode() not in r.value]
+
+
+@contextlib.contextmanager
+def counted(engine: AsyncEngine) -> Iterator[list[str]]:
+    sent: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", note)
+    try:
+        yield sent
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", note)
+
+
+_ORDERS = (
+    "SELECT order_id, attempt, payment_intent_id, status, saga_status, saga_version,"
+    " pending_retry FROM orders ORDER BY order_id"
+)
+
+
+async def stored(engine: AsyncEngine) -> dict[str, list[Any]]:
+    async with engine.connect() as conn:
+        orders = [tuple(r) for r in await conn.execute(text(_ORDERS))]
+        emitted = await conn.execute(text("SELECT topic, key, value FROM outbox ORDER BY id"))
+        out = [(r.topic, r.key, json.loads(r.value)["payload"]) for r in emitted]
+    return {"orders": orders, "emitted": out}
+
+
+async def test_the_statuses_recorded_at_once_leave_what_one_at_a_time_leaves(
+    infra: Infra,
+) -> None:
+    batch = records(*scenario())
+    async with (
+        service_db(infra, "payments", "sbatch") as (batched, _),
+        service_db(infra, "payments", "ssingle") as (single, _),
+    ):
+        await seed(batched)
+        await seed(single)
+        with counted(batched) as sent:
+            await Applier().batch(batched, applicable(batch))
+        with counted(single) as sent_singly:
+            await Applier().one_at_a_time(single, applicable(batch))
+        result = await stored(batched)
+        assert result == await stored(single)
+    orders = {r[0]: r[1:] for r in result["orders"]}
+    assert orders["ord_a"] == (1, "pi_a", "accepted", "PAID_CONFIRMED", 4, None)
+    assert orders["ord_b"] == (2, "pi_b2", "accepted", "PAYMENT_AUTHORIZED", 4, None)
+    assert orders["ord_c"] == (2, "pi_c2", "pending", None, 2, None)  # the retry accepted
+    assert orders["ord_d"] == (1, "pi_d", "failed", "REFUND_PENDING", 3, None)
+    assert orders["ord_e"] == (2, "pi_e2", "pending", None, 4, None)
+    assert orders["ord_f"] == (1, "pi_f", "accepted", "PAYMENT_AUTHORIZED", 1, None)
+    assert "ord_x" not in orders
+    # one at a time, a statement per status that may change nothing but the mirror (all
+    # but the two PAYMENT_FAILED); in the batch, one for ord_a's five, ord_b's three,
+    # ord_d's first and ord_f's, and one each for the four it leaves (ord_c's with a retry
+    # pending, ord_d's after its PAYMENT_FAILED, ord_e's beside a retry, ord_x's)
+    assert sum(map(_records_one_status, sent_singly)) == 14
+    assert sum(map(_records_one_status, sent)) == 4
+    assert sum("unnest(CAST(%(order_ids)s" in s for s in sent) == 1
+
+
+def _records_one_status(statement: str) -> bool:
+    """``store.record_saga_status``'s statement."""
+    return statement.startswith("UPDATE orders SET saga_status=CASE WHEN")
+
+
+async def test_the_statement_before_the_batch_records_only_what_it_may(infra: Infra) -> None:
+    """What ``prepare`` alone leaves (the handlers not run): an order recorded up to its
+    first status that may change more, and nothing of an order it must leave."""
+    async with service_db(infra, "payments", "sprep") as (engine, _):
+        await seed(engine)
+        async with engine.begin() as conn:
+            deferred.defer(conn)
+            await Applier().handlers.prepare(conn, records(*scenario()))
+        found = {r[0]: r[1:] for r in (await stored(engine))["orders"]}
+    assert found["ord_a"][3:5] == ("PAID_CONFIRMED", 4)
+    assert found["ord_b"][3:5] == ("PAYMENT_AUTHORIZED", 4)
+    assert found["ord_c"][3:5] == (None, 0)  # a retry pending
+    assert found["ord_d"][3:5] == ("PAYMENT_AUTHORIZED", 1)  # up to its PAYMENT_FAILED
+    assert found["ord_e"][3:5] == ("PAYMENT_FAILED", 3)  # a retry in the batch
+    assert found["ord_f"][3:5] == (None, 0)  # after a status that does not parse
+    assert "ord_x" not in found
+
+
+async def test_the_store_settles_what_one_status_at_a_time_settles(infra: Infra) -> None:
+    """``record_saga_statuses`` against ``record_saga_status`` in turn, on the same rows:
+    the same rows, and settled exactly the orders where each status was recorded or
+    stale."""
+    statuses = [
+        ("ord_a", 3, "pi_a", "INVENTORY_RESERVED"),
+        ("ord_a", 2, "pi_a", "PAYMENT_AUTHORIZED"),
+        ("ord_a", 5, "pi_old", "REFUNDED"),
+        ("ord_b", 1, "pi_b2", "PENDING_PAYMENT"),  # stale: settled, nothing written
+        ("ord_c", 1, "pi_c", "PAYMENT_AUTHORIZED"),  # a retry pending
+        ("ord_x", 1, "pi_x", "PAYMENT_AUTHORIZED"),  # unknown
+    ]
+    async with (
+        service_db(infra, "payments", "sstore") as (batched, _),
+        service_db(infra, "payments", "sturn") as (single, _),
+    ):
+        await seed(batched)
+        await seed(single)
+        async with batched.begin() as conn:
+            settled = await store.record_saga_statuses(conn, statuses)
+        async with single.begin() as conn:
+            for s in statuses:
+                await store.record_saga_status(conn, *s)
+        assert (await stored(batched))["orders"] == (await stored(single))["orders"]
+        found = {r[0]: r[1:] for r in (await stored(batched))["orders"]}
+    assert settled == {"ord_a", "ord_b"}
+    assert found["ord_a"][3:5] == ("INVENTORY_RESERVED", 5)
+    assert found["ord_b"][3:5] == ("PENDING_PAYMENT", 2)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -29,7 +31,12 @@ from services.runtime import deferred
 from services.runtime.errors import PermanentError, validated
 from services.runtime.inbox import parse_envelope
 from services.runtime.messages import Context, Record
-from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, STATUS_TOPIC
+from services.runtime.topics import (
+    CHECKOUT_ORDERS_TOPIC,
+    CONFIRMATIONS_TOPIC,
+    PAYMENTS_TOPIC,
+    STATUS_TOPIC,
+)
 
 security_log = logging.getLogger("paysaga.payments.security")
 
@@ -133,29 +140,53 @@ async def record_batch_statuses(conn: AsyncConnection, records: Sequence[Record]
     """Record a batch's published statuses that change nothing but the mirror in one
     statement (``store.record_saga_statuses``), before its records are applied one by one,
     instead of one statement each. The result is what applying them in turn gives:
-    - an order's statuses are taken up to its first that may change it (PAYMENT_FAILED)
-      or does not parse: that one and those after it are decided one by one, in order;
+    - an order's statuses are taken up to its first that may change it (PAYMENT_FAILED),
+      does not parse, shares its event id with another record of the batch (one of them
+      is a duplicate) or names another order than its key (the order's records may then
+      be on several partitions, applied in the order they were written, not as listed
+      here): that one and those after it are decided one by one, in order;
     - an order with a checkout record in the batch (a retry, whose decision reads the
-      mirror) is left to one by one altogether;
+      mirror) is left to one by one altogether, as is an order with a record that takes
+      a payment intent's lock (PaymentIntentCreated, a confirmation): that lock is taken
+      before the order's row, never after it (a confirmation applied meanwhile takes
+      them in that order);
     - an order unknown or with a retry pending is not settled by the statement: its
       statuses are decided one by one too.
     Other records neither read nor write the mirror. Nothing where writes go at once."""
     recorded = deferred.scoped(conn, _Recorded)
     if recorded is None:
         return
-    left = {r.key_str for r in records if r.topic == CHECKOUT_ORDERS_TOPIC}
-    taken: list[tuple[Record, OrderStatusChanged]] = []
+    left: set[str | None] = set()
+    event_ids: Counter[str] = Counter()
+    statuses: list[tuple[Record, dict[str, Any] | None]] = []
     for rec in records:
-        if rec.topic != STATUS_TOPIC:
+        if rec.topic == CONFIRMATIONS_TOPIC:
+            left.add(rec.key_str)  # the order id, else the payment intent id
             continue
-        try:
-            status = _status_of(rec)
-        except (PermanentError, ValidationError):
-            left.add(rec.key_str)  # its handler rejects it
+        if rec.topic not in (STATUS_TOPIC, CHECKOUT_ORDERS_TOPIC, PAYMENTS_TOPIC):
             continue
-        if status is None:
+        envelope = _envelope_of(rec)
+        if envelope is not None:
+            event_ids[str(envelope["event_id"])] += 1
+        if rec.topic == STATUS_TOPIC:
+            statuses.append((rec, envelope))
+        else:
+            left.update((rec.key_str, _order_of(envelope)))
+    taken: list[tuple[Record, OrderStatusChanged]] = []
+    for rec, envelope in statuses:
+        if envelope is not None and envelope["event_type"] != _STATUS_CHANGED:
             continue  # an event type the group ignores
-        if {rec.key_str, status.order_id} & left or not _mirror_only(status):
+        status = _status_of(envelope)
+        if envelope is None or status is None:
+            left.add(rec.key_str)  # its handler rejects it (the batch fails)
+            continue
+        ours = {rec.key_str, status.order_id, status.payment_intent_id} - {None}
+        if (
+            ours & left
+            or not _mirror_only(status)
+            or rec.key_str != status.order_id
+            or event_ids[str(envelope["event_id"])] > 1
+        ):
             left.update((rec.key_str, status.order_id))
             continue
         taken.append((rec, status))
@@ -166,13 +197,28 @@ async def record_batch_statuses(conn: AsyncConnection, records: Sequence[Record]
     recorded.records.update(_at(r) for r, s in taken if s.order_id in settled)
 
 
-def _status_of(rec: Record) -> OrderStatusChanged | None:
-    """The record's status, as its handler reads it; None for an event type the group
-    ignores. Raises what its handler would."""
-    envelope = parse_envelope(rec.value)
-    if envelope["event_type"] != _STATUS_CHANGED:
+def _envelope_of(rec: Record) -> dict[str, Any] | None:
+    """The record's envelope, None if it has none (its handler rejects it)."""
+    try:
+        return parse_envelope(rec.value)
+    except PermanentError:
         return None
-    return OrderStatusChanged.model_validate(envelope["payload"])
+
+
+def _order_of(envelope: dict[str, Any] | None) -> str | None:
+    order_id = envelope["payload"].get("order_id") if envelope is not None else None
+    return order_id if isinstance(order_id, str) else None
+
+
+def _status_of(envelope: dict[str, Any] | None) -> OrderStatusChanged | None:
+    """The status of a status record's envelope as its handler reads it; None where its
+    handler rejects it."""
+    if envelope is None:
+        return None
+    try:
+        return OrderStatusChanged.model_validate(envelope["payload"])
+    except ValidationError:
+        return None
 
 
 def _mirror_only(status: OrderStatusChanged) -> bool:

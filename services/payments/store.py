@@ -256,22 +256,29 @@ async def record_saga_status(
 
 
 #: ``record_saga_status`` for a batch's statuses at once: the orders without a pending
-#: retry locked (in order id order), each recorded at its newest version with the status
-#: of its newest one about the current attempt — what the statuses one after another
-#: leave. The orders locked are returned: every given status of theirs is recorded or
-#: stale; the others' (unknown, or a retry pending) are decided one by one.
+#: retry locked (in order id order), each recorded as the statuses one after another
+#: leave it. A status is recorded in its turn only if its version is newer than the
+#: stored one and than every one before it (``before``: else it is stale by then, though
+#: the newer one was about an earlier attempt); of those recorded, the newest version
+#: stays, with the status of the newest one about the current attempt. The orders locked
+#: are returned: every given status of theirs is recorded or stale; the others'
+#: (unknown, or a retry pending) are decided one by one.
 _RECORD_SAGA_STATUSES = text(
     "WITH s AS (SELECT * FROM unnest(CAST(:order_ids AS text[]), CAST(:versions AS int[]),"
-    " CAST(:intents AS text[]), CAST(:statuses AS text[]))"
-    " AS s(order_id, version, intent, status)),"
+    " CAST(:intents AS text[]), CAST(:statuses AS text[])) WITH ORDINALITY"
+    " AS s(order_id, version, intent, status, ord)),"
     " o AS (SELECT order_id, saga_version, payment_intent_id FROM orders"
     " WHERE order_id IN (SELECT order_id FROM s) AND pending_retry IS NULL"
     " ORDER BY order_id FOR UPDATE),"
-    " m AS (SELECT o.order_id, max(s.version) AS version,"
-    " (array_agg(s.status ORDER BY s.version DESC)"
-    " FILTER (WHERE s.version > o.saga_version"
-    " AND s.intent IS NOT DISTINCT FROM o.payment_intent_id))[1] AS status"
-    " FROM o JOIN s USING (order_id) GROUP BY o.order_id, o.saga_version, o.payment_intent_id),"
+    " t AS (SELECT o.order_id, o.saga_version AS stored, o.payment_intent_id AS current,"
+    " s.version, s.intent, s.status, max(s.version) OVER (PARTITION BY s.order_id"
+    " ORDER BY s.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before"
+    " FROM o JOIN s USING (order_id)),"
+    " m AS (SELECT order_id, max(version) AS version,"
+    " (array_agg(status ORDER BY version DESC)"
+    " FILTER (WHERE intent IS NOT DISTINCT FROM current))[1] AS status"
+    " FROM t WHERE version > stored AND (before IS NULL OR version > before)"
+    " GROUP BY order_id),"
     " u AS (UPDATE orders SET saga_version = m.version,"
     " saga_status = COALESCE(m.status, orders.saga_status)"
     " FROM m WHERE orders.order_id = m.order_id AND orders.saga_version < m.version)"

@@ -8,26 +8,34 @@ Real PostgreSQL: two databases at the payments schema, through the payments hand
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.contract import OrderStatus, OrderStatusChanged, PaymentRetryRequested
 from schemas.envelope import dump, new_envelope
+from schemas.events import PaymentIntentCreated
 from services.payments import store
 from services.payments.handlers import PaymentsHandlers
 from services.payments.metrics import Metrics
-from services.runtime import deferred
+from services.runtime import deferred, dlq
+from services.runtime.batches import BatchProcessor
+from services.runtime.blocking import KeyBlocking
+from services.runtime.inbox import Inbox
 from services.runtime.messages import Context, Record, routes_of
-from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, STATUS_TOPIC
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, PAYMENTS_TOPIC, STATUS_TOPIC
 from tests.conftest import Infra
 from tests.integration.conftest import service_db
 from tests.support.payments import make_order
@@ -38,7 +46,15 @@ NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 _ids = itertools.count()
 
 
-def status(order_id: str, version: int, name: str, intent: str | None) -> tuple[str, str, bytes]:
+def status(
+    order_id: str,
+    version: int,
+    name: str,
+    intent: str | None,
+    *,
+    key: str | None = None,
+    event_id: str | None = None,
+) -> tuple[str, str, bytes]:
     changed = OrderStatusChanged(
         order_id=order_id,
         status=OrderStatus(name),
@@ -50,16 +66,26 @@ def status(order_id: str, version: int, name: str, intent: str | None) -> tuple[
         currency="EUR",
         version=version,
     )
-    envelope = new_envelope("OrderStatusChanged", changed, now=NOW, event_id=f"ev_{next(_ids)}")
-    return STATUS_TOPIC, order_id, dump(envelope)
+    event_id = event_id or f"ev_{next(_ids)}"
+    envelope = new_envelope("OrderStatusChanged", changed, now=NOW, event_id=event_id)
+    return STATUS_TOPIC, key or order_id, dump(envelope)
 
 
-def retry(order_id: str, intent: str) -> tuple[str, str, bytes]:
+def retry(
+    order_id: str, intent: str, *, key: str | None = None, event_id: str | None = None
+) -> tuple[str, str, bytes]:
     asked = PaymentRetryRequested(
         order_id=order_id, payment_intent_id=intent, payment_method="card"
     )
-    envelope = new_envelope("PaymentRetryRequested", asked, now=NOW, event_id=f"ev_{next(_ids)}")
-    return CHECKOUT_ORDERS_TOPIC, order_id, dump(envelope)
+    event_id = event_id or f"ev_{next(_ids)}"
+    envelope = new_envelope("PaymentRetryRequested", asked, now=NOW, event_id=event_id)
+    return CHECKOUT_ORDERS_TOPIC, key or order_id, dump(envelope)
+
+
+def intent_created(order_id: str, intent: str) -> tuple[str, str, bytes]:
+    created = PaymentIntentCreated(order_id=order_id, attempt=1, payment_intent_id=intent)
+    envelope = new_envelope("PaymentIntentCreated", created, now=NOW, event_id=f"ev_{next(_ids)}")
+    return PAYMENTS_TOPIC, order_id, dump(envelope)
 
 
 def records(*events: tuple[str, str, bytes]) -> list[Record]:
@@ -275,3 +301,182 @@ async def test_the_store_settles_what_one_status_at_a_time_settles(infra: Infra)
     assert settled == {"ord_a", "ord_b"}
     assert found["ord_a"][3:5] == ("INVENTORY_RESERVED", 5)
     assert found["ord_b"][3:5] == ("PENDING_PAYMENT", 2)
+
+
+async def test_statuses_out_of_version_order_leave_what_one_at_a_time_leaves(
+    infra: Infra,
+) -> None:
+    """A status whose version is not newer than one before it in the batch is stale when
+    its turn comes, even if it is newer than the stored one: not recorded — though the
+    newer one before it was about an earlier attempt, or had the same version."""
+    first = records(
+        # ord_b: the current attempt's 4, an earlier attempt's 6, a stale current 5
+        status("ord_b", 4, "PAYMENT_AUTHORIZED", "pi_b2"),
+        status("ord_b", 6, "REFUNDED", "pi_b1"),
+        status("ord_b", 5, "NEEDS_RECONCILIATION", "pi_b2"),
+        # ord_a: two statuses of one version, the first one is recorded
+        status("ord_a", 1, "PAYMENT_AUTHORIZED", "pi_a"),
+        status("ord_a", 1, "NEEDS_RECONCILIATION", "pi_a"),
+    )
+    # then the customers retry: held (the attempts are in flight), not refused
+    then = records(retry("ord_b", "pi_b3"), retry("ord_a", "pi_a2"))
+    async with (
+        service_db(infra, "payments", "sorder") as (batched, _),
+        service_db(infra, "payments", "sorder1") as (single, _),
+    ):
+        await seed(batched)
+        await seed(single)
+        for batch in (first, then):
+            await Applier().batch(batched, batch)
+            await Applier().one_at_a_time(single, batch)
+        result = await stored(batched)
+        assert result == await stored(single)
+    orders = {r[0]: r[1:] for r in result["orders"]}
+    assert orders["ord_b"][3:5] == ("PAYMENT_AUTHORIZED", 6)
+    assert orders["ord_a"][3:5] == ("PAYMENT_AUTHORIZED", 1)
+    held = [o for o, row in orders.items() if row[5] is not None]
+    assert held == ["ord_a", "ord_b", "ord_c"]  # ord_c's from before
+
+
+GROUP = "paysaga.payments"
+T = TypeVar("T")
+
+
+class _Member:
+    """A member that keeps its partitions (``BatchProcessor`` asks on retries only)."""
+
+    consumer = None
+
+    def owns(self, tp: TopicPartition, fetched: int) -> bool:
+        return True
+
+    async def backoff(self, attempt: int) -> None:
+        return None
+
+    async def until_done(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        return await step()
+
+
+def processor(engine: AsyncEngine, *, prepared: bool) -> BatchProcessor:
+    """The runtime's batch processor over the payments routes: with the handlers'
+    ``prepare``, or (``prepared=False``) applying the batch's records one after another."""
+    handlers = Applier().handlers
+    inbox = Inbox(GROUP, routes_of(handlers.handlers()), 30.0)
+    metrics = RuntimeMetrics.create(CollectorRegistry())
+    producer = cast(dlq.DeadLetterProducer, None)  # no record is dead-lettered here
+    blocking = KeyBlocking(
+        group=GROUP, service="payments", inbox=inbox, producer=producer, metrics=metrics
+    )
+    return BatchProcessor(
+        group=GROUP,
+        service="payments",
+        engine=engine,
+        inbox=inbox,
+        blocking=blocking,
+        producer=producer,
+        metrics=metrics,
+        retry_budget_s=1.0,
+        member=_Member(),
+        prepare=handlers.prepare if prepared else None,
+    )
+
+
+async def test_a_copy_of_an_event_id_is_a_duplicate_beside_the_statement_too(
+    infra: Infra,
+) -> None:
+    """Two records with one event id (one inbox key): the first is applied, the other
+    is a duplicate — whatever it says, and on whichever topic the first came."""
+    batch = records(
+        status("ord_a", 1, "PAYMENT_AUTHORIZED", "pi_a", event_id="ev_twice"),
+        status("ord_a", 2, "NEEDS_RECONCILIATION", "pi_a", event_id="ev_twice"),
+        retry("ord_e", "pi_e2", event_id="ev_shared"),
+        status("ord_f", 1, "NEEDS_RECONCILIATION", "pi_f", event_id="ev_shared"),
+    )
+    tp = TopicPartition(STATUS_TOPIC, 0)
+    async with (
+        service_db(infra, "payments", "sdup") as (batched, _),
+        service_db(infra, "payments", "sdup1") as (single, _),
+    ):
+        await seed(batched)
+        await seed(single)
+        assert await processor(batched, prepared=True).process(tp, batch, 0)
+        assert await processor(single, prepared=False).process(tp, batch, 0)
+        result = await stored(batched)
+        assert result == await stored(single)
+    orders = {r[0]: r[1:] for r in result["orders"]}
+    assert orders["ord_a"][3:5] == ("PAYMENT_AUTHORIZED", 1)
+    assert orders["ord_f"][3:5] == (None, 0)
+
+
+async def test_a_record_about_another_order_than_its_key_is_applied_in_its_turn(
+    infra: Infra,
+) -> None:
+    """A status or retry whose payload names another order than its key: the order's
+    records may then come on several partitions, applied in the order they were written
+    (a lane), not in the order the batch lists them."""
+    at = 1_700_000_000_000
+
+    def rec(event: tuple[str, str, bytes], partition: int, written: int) -> Record:
+        topic, key, value = event
+        return Record(topic, partition, 0, key.encode(), value, (), at + written)
+
+    work = [
+        # ord_a's 2 keyed by another order, on another partition, written after its 1
+        (rec(status("ord_a", 2, "INVENTORY_RESERVED", "pi_a", key="ord_k"), 0, 10)),
+        (rec(status("ord_a", 1, "PAYMENT_FAILED", "pi_a"), 1, 5)),
+        # a retry of ord_e keyed by another order, then a status of ord_e's attempt
+        (rec(retry("ord_e", "pi_e2", key="ord_k2"), 0, 1)),
+        (rec(status("ord_e", 4, "REFUND_PENDING", "pi_e"), 2, 2)),
+    ]
+    lane = [(TopicPartition(r.topic, r.partition), [r]) for r in work]
+    fetched = {tp: 0 for tp, _ in lane}
+    async with (
+        service_db(infra, "payments", "skey") as (batched, _),
+        service_db(infra, "payments", "skey1") as (single, _),
+    ):
+        await seed(batched)
+        await seed(single)
+        assert all((await processor(batched, prepared=True).process_lane(lane, fetched)).values())
+        assert all((await processor(single, prepared=False).process_lane(lane, fetched)).values())
+        result = await stored(batched)
+        assert result == await stored(single)
+    orders = {r[0]: r[1:] for r in result["orders"]}
+    assert orders["ord_a"][2:5] == ("failed", "INVENTORY_RESERVED", 2)
+    assert orders["ord_e"][:5] == (2, "pi_e2", "pending", None, 4)  # the retry accepted
+
+
+async def _waiting_for_a_lock(engine: AsyncEngine) -> None:
+    """Until a transaction in the engine's database waits for a lock."""
+    deadline = time.monotonic() + 10
+    query = text(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND database ="
+        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    while time.monotonic() < deadline:
+        async with engine.connect() as conn:
+            if (await conn.execute(query)).scalar():
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no transaction waits for a lock")
+
+
+async def test_the_batch_takes_an_intent_lock_before_its_order_row_as_one_by_one(
+    infra: Infra,
+) -> None:
+    """A record that takes an intent's lock (PaymentIntentCreated, a confirmation) and a
+    status of its order in one batch: the intent's lock is taken before the order's row,
+    as a confirmation applied meanwhile takes them — no deadlock."""
+    batch = records(
+        intent_created("ord_a", "pi_a"), status("ord_a", 1, "PAYMENT_AUTHORIZED", "pi_a")
+    )
+    async with service_db(infra, "payments", "slock") as (engine, _):
+        await seed(engine)
+        async with engine.connect() as other:
+            async with other.begin():
+                await store.lock_intent(other, "pi_a")  # a confirmation of ord_a's payment
+                applied = asyncio.create_task(Applier().batch(engine, batch))
+                await _waiting_for_a_lock(engine)  # the batch waits for the intent
+                assert await asyncio.wait_for(store.load_order(other, "ord_a"), 10) is not None
+            await asyncio.wait_for(applied, 10)
+        found = {r[0]: r[1:] for r in (await stored(engine))["orders"]}
+    assert found["ord_a"][3:5] == ("PAYMENT_AUTHORIZED", 1)

@@ -80,7 +80,7 @@ async def on_status_changed(ctx: Context, metrics: Metrics, window: timedelta) -
     attempt went on to NEEDS_RECONCILIATION, to accept a retry only when orders will.
     A pending retry is decided again on it."""
     recorded = deferred.scoped(ctx.conn, _Recorded)
-    if recorded is not None and _at(ctx.record) in recorded.records:
+    if recorded is not None and ctx.record.at in recorded.records:
         return  # recorded with the batch's other statuses (``record_batch_statuses``)
     status = validated(OrderStatusChanged, ctx.payload)
     saga_status = status.status.value
@@ -128,10 +128,6 @@ class _Recorded:
     records: set[tuple[str, int, int]] = dataclasses.field(default_factory=set)
 
 
-def _at(rec: Record) -> tuple[str, int, int]:
-    return rec.topic, rec.partition, rec.offset
-
-
 _STATUS_CHANGED = event_type_of(OrderStatusChanged)
 _INT4_MAX = 2**31 - 1  # saga_version's column
 
@@ -177,9 +173,10 @@ async def record_batch_statuses(conn: AsyncConnection, records: Sequence[Record]
         if envelope is not None and envelope["event_type"] != _STATUS_CHANGED:
             continue  # an event type the group ignores
         status = _status_of(envelope)
-        if envelope is None or status is None:
+        if status is None:
             left.add(rec.key_str)  # its handler rejects it (the batch fails)
             continue
+        assert envelope is not None
         ours = {rec.key_str, status.order_id, status.payment_intent_id} - {None}
         if (
             ours & left
@@ -194,7 +191,7 @@ async def record_batch_statuses(conn: AsyncConnection, records: Sequence[Record]
         conn,
         [(s.order_id, s.version, s.payment_intent_id, s.status.value) for _, s in taken],
     )
-    recorded.records.update(_at(r) for r, s in taken if s.order_id in settled)
+    recorded.records.update(r.at for r, s in taken if s.order_id in settled)
 
 
 def _envelope_of(rec: Record) -> dict[str, Any] | None:

@@ -112,11 +112,7 @@ class KeyBlocking:
         (neither control records nor of a blocked key) entered — their claims
         (``Inbox.claimable``)."""
         claims = self.inbox.claimable([r for r in records if r.topic != self.control_topic])
-        owners = {
-            at: order_key(r)
-            for r in records
-            if (at := (r.topic, r.partition, r.offset)) in claims.routes
-        }
+        owners = {at: order_key(r) for r in records if (at := r.at) in claims.routes}
         claimed = sorted({(claims.routes[at][1], owner) for at, owner in owners.items()})
         found = await conn.execute(
             _LOAD,

@@ -50,9 +50,7 @@ class Claims:
         """Those of ``records`` that go to their handler: claimed, and new to the inbox
         (before any is applied)."""
         return [
-            r
-            for r in records
-            if (at := _at(r)) in self.routes and self.routes[at][1] in self.entered
+            r for r in records if (at := r.at) in self.routes and self.routes[at][1] in self.entered
         ]
 
     def take(self, key: str) -> bool:
@@ -62,10 +60,6 @@ class Claims:
             self.entered.discard(key)
             return True
         return False
-
-
-def _at(rec: Record) -> tuple[str, int, int]:
-    return rec.topic, rec.partition, rec.offset
 
 
 class Inbox:
@@ -115,14 +109,14 @@ class Inbox:
             except PermanentError:
                 continue
             if routed[0] is not None:
-                claims.routes[_at(rec)] = routed
+                claims.routes[rec.at] = routed
         return claims
 
     async def handle(self, conn: AsyncConnection, rec: Record, claims: Claims | None = None) -> str:
         """Enter the record's inbox key — unless ``claims`` entered it — and run its
         handler, in ``conn``'s transaction; the outcome label (``processed``,
         ``duplicate``, ``skipped``)."""
-        claimed = claims.routes.get(_at(rec)) if claims is not None else None
+        claimed = claims.routes.get(rec.at) if claims is not None else None
         handler, dedupe, envelope = claimed or self.route(rec)
         if handler is None:
             return "skipped"

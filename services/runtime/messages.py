@@ -33,6 +33,11 @@ class Record:
         return None
 
     @property
+    def at(self) -> tuple[str, int, int]:
+        """Where the record is: (topic, partition, offset), one record of a batch."""
+        return self.topic, self.partition, self.offset
+
+    @property
     def key_str(self) -> str | None:
         return self.key.decode("utf-8", "replace") if self.key is not None else None
 

@@ -16,14 +16,9 @@ from services.runtime import deferred
 from services.runtime.positions import save_positions
 from tests.conftest import Infra
 from tests.integration.conftest import service_db
-from tests.integration.test_orders_batch_state import (
-    TP,
-    Applier,
-    authorization_path,
-    records,
-    stored,
-)
+from tests.integration.test_orders_batch_state import TP, Applier, authorization_path, stored
 from tests.integration.test_orders_projection import Saga
+from tests.support.batches import records
 
 pytestmark = pytest.mark.asyncio
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.orders.handlers import OrdersMetrics, Projection
 from services.runtime import deferred
-from services.runtime.messages import Context, Record, routes_of
+from services.runtime.messages import Record
 from services.runtime.positions import save_positions
 from tests.conftest import Infra
 from tests.integration.conftest import service_db
 from tests.integration.test_orders_projection import CAPTURE, INVENTORY, PAYMENTS, Saga
+from tests.support.batches import Routed, counted, records
 
 pytestmark = pytest.mark.asyncio
 
@@ -33,17 +33,12 @@ NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 TP = TopicPartition(PAYMENTS, 0)
 
 
-class Applier:
+class Applier(Routed):
     """The projection's handlers, called as the runtime calls them."""
 
     def __init__(self) -> None:
         self.projection = Projection(OrdersMetrics.create(CollectorRegistry()))
-        self.routes = {r.topic: r for r in routes_of(self.projection.handlers())}
-
-    async def apply(self, conn: AsyncConnection, rec: Record) -> None:
-        envelope = json.loads(rec.value)
-        handler = self.routes[rec.topic].handlers[envelope["event_type"]]
-        await handler(Context(conn=conn, record=rec, envelope=envelope, now=NOW))
+        super().__init__(self.projection.handlers(), NOW)
 
     async def batch(self, engine: AsyncEngine, records: list[Record]) -> None:
         """All of them in one deferring transaction, prepared, as a batch is."""
@@ -62,13 +57,6 @@ class Applier:
                 await save_positions(conn, "orders", {TP: rec.offset + 1})
 
 
-def records(*events: tuple[str, str, bytes]) -> list[Record]:
-    return [
-        Record(topic, 0, i, key.encode(), value, (), 1_700_000_000_000 + i)
-        for i, (topic, key, value) in enumerate(events)
-    ]
-
-
 def authorization_path(saga: Saga, *, reserved_first: bool = False) -> list[tuple[str, str, bytes]]:
     key = saga.order_id
     registered, accepted = (PAYMENTS, key, saga.registered()), (PAYMENTS, key, saga.accepted())
@@ -77,21 +65,6 @@ def authorization_path(saga: Saga, *, reserved_first: bool = False) -> list[tupl
     if reserved_first:  # before its cause: held, then released by it
         return [registered, reserved, accepted, *rest]
     return [registered, accepted, reserved, *rest]
-
-
-@contextlib.contextmanager
-def counted(engine: AsyncEngine) -> Iterator[list[str]]:
-    """The statements ``engine`` sends meanwhile."""
-    sent: list[str] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", note)
-    try:
-        yield sent
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", note)
 
 
 async def stored(engine: AsyncEngine) -> dict[str, list[Any]]:

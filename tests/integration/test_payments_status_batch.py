@@ -9,19 +9,18 @@ Real PostgreSQL: two databases at the payments schema, through the payments hand
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.contract import OrderStatus, OrderStatusChanged, PaymentRetryRequested
 from schemas.envelope import dump, new_envelope
@@ -33,11 +32,12 @@ from services.runtime import deferred, dlq
 from services.runtime.batches import BatchProcessor
 from services.runtime.blocking import KeyBlocking
 from services.runtime.inbox import Inbox
-from services.runtime.messages import Context, Record, routes_of
+from services.runtime.messages import Record, routes_of
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.topics import CHECKOUT_ORDERS_TOPIC, PAYMENTS_TOPIC, STATUS_TOPIC
 from tests.conftest import Infra
 from tests.integration.conftest import service_db
+from tests.support.batches import Routed, counted, records
 from tests.support.payments import make_order
 
 pytestmark = pytest.mark.integration
@@ -88,14 +88,7 @@ def intent_created(order_id: str, intent: str) -> tuple[str, str, bytes]:
     return PAYMENTS_TOPIC, order_id, dump(envelope)
 
 
-def records(*events: tuple[str, str, bytes]) -> list[Record]:
-    return [
-        Record(topic, 0, i, key.encode(), value, (), 1_700_000_000_000 + i)
-        for i, (topic, key, value) in enumerate(events)
-    ]
-
-
-class Applier:
+class Applier(Routed):
     """The payments handlers, called as the runtime calls them."""
 
     def __init__(self) -> None:
@@ -105,12 +98,7 @@ class Applier:
             unmatched_window=timedelta(days=1),
             metrics=Metrics.create(CollectorRegistry()),
         )
-        self.routes = {r.topic: r for r in routes_of(self.handlers.handlers())}
-
-    async def apply(self, conn: AsyncConnection, rec: Record) -> None:
-        envelope = json.loads(rec.value)
-        handler = self.routes[rec.topic].handlers[envelope["event_type"]]
-        await handler(Context(conn=conn, record=rec, envelope=envelope, now=NOW))
+        super().__init__(self.handlers.handlers(), NOW)
 
     async def batch(self, engine: AsyncEngine, batch: list[Record]) -> None:
         async with engine.begin() as conn:
@@ -187,20 +175,6 @@ _MALFORMED = "ev_bad"
 def applicable(batch: list[Record]) -> list[Record]:
     """The batch without the record its handler rejects (the runtime dead-letters it)."""
     return [r for r in batch if _MALFORMED.encode() not in r.value]
-
-
-@contextlib.contextmanager
-def counted(engine: AsyncEngine) -> Iterator[list[str]]:
-    sent: list[str] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", note)
-    try:
-        yield sent
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", note)
 
 
 _ORDERS = (

@@ -11,6 +11,7 @@ checked card-free, and then only its business fields (payment method brand and l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -40,8 +41,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Item, Order
+from services.runtime import deferred
 from services.runtime.intents.store import intent_columns, intent_indexes
-from services.runtime.locks import xact_lock
+from services.runtime.locks import xact_lock, xact_lock_expression
 
 metadata = MetaData()
 
@@ -198,9 +200,20 @@ def intent_lock(payment_intent_id: str) -> str:
     return f"payments:intent:{payment_intent_id}"
 
 
+@dataclasses.dataclass
+class _IntentsLocked:
+    """The intents whose lock the transaction holds (taken in a statement that did other
+    work too): ``lock_intent`` sends nothing for them."""
+
+    intents: set[str] = dataclasses.field(default_factory=set)
+
+
 async def lock_intent(conn: AsyncConnection, payment_intent_id: str) -> None:
     """Serialize, until the transaction ends, everything that keeps or matches unmatched
     payments of one payment intent (a transaction-scoped advisory lock; re-entrant)."""
+    locked = deferred.scoped(conn, _IntentsLocked)
+    if locked is not None and payment_intent_id in locked.intents:
+        return
     await xact_lock(conn, intent_lock(payment_intent_id))
 
 
@@ -216,14 +229,27 @@ async def load_order_by_intent(conn: AsyncConnection, payment_intent_id: str) ->
 
 
 async def insert_order(conn: AsyncConnection, order: Order) -> bool:
-    """False if the order id exists already (a concurrent or earlier OrderPlaced)."""
-    result = await conn.execute(
+    """False if the order id exists already (a concurrent or earlier OrderPlaced). An
+    order inserted with a payment intent holds that intent's lock too, taken by the same
+    statement once the row is in (``lock_intent``: before its unmatched payments are
+    read, in a statement of their own)."""
+    inserted = (
         pg_insert(orders)
         .values(order_id=order.order_id, **order_values(order))
         .on_conflict_do_nothing()
         .returning(orders.c.order_id)
     )
-    return result.first() is not None
+    intent = order.payment_intent_id
+    if intent is None:
+        return (await conn.execute(inserted)).first() is not None
+    row = inserted.cte("inserted")
+    locking = select(row.c.order_id, xact_lock_expression(intent_lock(intent)))
+    if (await conn.execute(locking)).first() is None:
+        return False
+    locked = deferred.scoped(conn, _IntentsLocked)
+    if locked is not None:
+        locked.intents.add(intent)
+    return True
 
 
 async def save_order(conn: AsyncConnection, order: Order, **fields: Any) -> None:

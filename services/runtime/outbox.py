@@ -18,6 +18,7 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,6 +55,13 @@ class Cause:
         return dataclasses.replace(self, saga_seq=None)
 
 
+def outbox_row(
+    topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """The outbox row of a record: what ``write_raw`` inserts."""
+    return {"topic": topic, "key": key, "value": value, "headers": [list(h) for h in headers]}
+
+
 async def write_raw(
     conn: AsyncConnection,
     topic: str,
@@ -61,23 +69,20 @@ async def write_raw(
     value: bytes,
     headers: Sequence[tuple[str, str]] = (),
 ) -> None:
-    row = {"topic": topic, "key": key, "value": value, "headers": [list(h) for h in headers]}
+    await _write(conn, outbox_row(topic, key, value, headers))
+
+
+async def _write(conn: AsyncConnection, row: dict[str, Any]) -> None:
     # delivered at commit, and only if the transaction commits
     await deferred.insert(conn, outbox, row, wake=OUTBOX_CHANNEL)
     conn.info[OUTBOX_ROWS] = conn.info.get(OUTBOX_ROWS, 0) + 1
 
 
-async def write_event(
-    conn: AsyncConnection,
-    topic: str,
-    event: BaseModel,
-    *,
-    key: str,
-    now: datetime,
-    cause: Cause,
-) -> str:
-    """Write ``event`` in its validated envelope to the outbox in ``conn``'s
-    transaction, as an effect of ``cause``; returns the new event id."""
+def event_row(
+    topic: str, event: BaseModel, *, key: str, now: datetime, cause: Cause
+) -> tuple[str, dict[str, Any]]:
+    """``event`` in its validated envelope, as an effect of ``cause``: its new event id
+    and its outbox row (``outbox_row``)."""
     event_id = uuid.uuid4().hex
     envelope = new_envelope(
         event_type_of(type(event)),
@@ -91,5 +96,20 @@ async def write_event(
     # every record carries a trace: its cause's, else the open span's, else a new one
     traceparent = cause.traceparent or tracing.current() or tracing.child_of(None)
     headers = [(tracing.TRACEPARENT, traceparent)]
-    await write_raw(conn, topic, key.encode(), dump(envelope), headers)
+    return event_id, outbox_row(topic, key.encode(), dump(envelope), headers)
+
+
+async def write_event(
+    conn: AsyncConnection,
+    topic: str,
+    event: BaseModel,
+    *,
+    key: str,
+    now: datetime,
+    cause: Cause,
+) -> str:
+    """Write ``event`` in its validated envelope to the outbox in ``conn``'s
+    transaction, as an effect of ``cause``; returns the new event id."""
+    event_id, row = event_row(topic, event, key=key, now=now, cause=cause)
+    await _write(conn, row)
     return event_id

@@ -51,6 +51,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Exists, Row, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.runtime.autocommit import autocommit
 from services.runtime.errors import refused_by_kafka, said
 from services.runtime.faults import fault_point
 from services.runtime.kafka import client_options
@@ -178,8 +179,7 @@ class OutboxRelay:
         the rows). Marking once after the waves keeps the guarantee: a row is marked
         only after its acknowledgement, and a crash before the mark re-publishes rows
         the consumers' inboxes absorb."""
-        async with self.engine.connect() as c:
-            conn = await c.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit(self.engine) as conn:
             rows = (
                 await conn.execute(
                     select(

@@ -9,6 +9,7 @@ called — the workers' claims and resolutions are driven directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,9 @@ from schemas.events import PaymentContext
 from services.refunds import domain, store
 from services.refunds.worker import RefundsMetrics, RefundsWorker
 from services.runtime.gateway_client import GatewayClient
+from services.runtime.intents.store import Claimed
 from services.runtime.outbox import Cause
+from services.runtime.topics import REFUNDS_TOPIC
 from tests.conftest import Infra
 from tests.integration.conftest import refunds_db
 from tests.support.harness import query, uid
@@ -76,13 +79,20 @@ async def record(engine: AsyncEngine, skew: timedelta = timedelta(0)) -> str:
     return txn
 
 
-async def claims_within(w: RefundsWorker, timeout: float, what: str) -> list[str]:
-    """Poll ``w``'s claim until it claims something; its transaction ids."""
+async def claimed_within(
+    w: RefundsWorker, timeout: float, what: str
+) -> list[Claimed[domain.Claim]]:
+    """Poll ``w``'s claim until it claims something."""
     deadline = time.monotonic() + timeout
     while not (claimed := await w.claim_due()):
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         await asyncio.sleep(0.1)
-    return [c.claim.transaction_id for c in claimed]
+    return claimed
+
+
+async def claims_within(w: RefundsWorker, timeout: float, what: str) -> list[str]:
+    """Poll ``w``'s claim until it claims something; its transaction ids."""
+    return [c.claim.transaction_id for c in await claimed_within(w, timeout, what)]
 
 
 def state(conninfo: str, txn: str) -> tuple[str, int]:
@@ -118,6 +128,35 @@ async def test_a_lease_that_ran_out_is_reclaimed_by_a_worker_whose_clock_runs_be
     assert await claims_within(behind, 15, "the expired lease reclaimed") == [txn]
     assert state(conninfo, txn) == ("in_flight", 2)
     assert not await dead.resolve(lost, domain.Succeeded("re_1"))  # fenced out
+
+
+async def test_a_resolution_writes_its_event_only_while_its_claim_holds(
+    db: tuple[AsyncEngine, str], gateway: GatewayClient
+) -> None:
+    """A resolution and its event are one statement in autocommit: a round fenced out
+    writes neither, the holder's writes its state and exactly one outbox row."""
+    engine, conninfo = db
+    txn = await record(engine)
+    dead = worker(engine, gateway, lease=timedelta(seconds=1))
+    [lost] = await dead.claim_due()
+    live = worker(engine, gateway)
+    [held] = await claimed_within(live, 15, "the expired lease reclaimed")
+
+    assert not await dead.resolve(lost, domain.Succeeded("re_lost"))
+    assert state(conninfo, txn) == ("in_flight", 2)
+    assert query(conninfo, "SELECT count(*) FROM outbox")[0][0] == 0
+
+    assert await live.resolve(held, domain.Succeeded("re_1"))
+    assert state(conninfo, txn) == ("succeeded", 2)
+    [(topic, key, value)] = query(conninfo, "SELECT topic, key, value FROM outbox")
+    envelope = json.loads(bytes(value))
+    assert (topic, bytes(key).decode()) == (REFUNDS_TOPIC, held.context.order_id)
+    assert envelope["event_type"] == "RefundSucceeded"
+    assert envelope["payload"]["refund_id"] == "re_1"
+    assert envelope["causation_id"] == held.cause.event_id
+    # a second resolution of the same claim is fenced: the row is final already
+    assert not await live.resolve(held, domain.Succeeded("re_2"))
+    assert query(conninfo, "SELECT count(*) FROM outbox")[0][0] == 1
 
 
 async def test_an_intent_is_due_on_the_database_clock_whoever_scheduled_it(

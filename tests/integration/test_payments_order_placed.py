@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.devclient import order_placed
 from services.payments import orders
@@ -79,3 +79,58 @@ async def test_one_order_placed_by_two_members_at_once_is_registered_once(infra:
     assert rows == [("ord_1", 5000, 1, "pending")]
     assert emitted == ["OrderRegistered"]
     assert outcomes(metrics) == {"registered": 1.0, "duplicate": 3.0}
+
+
+async def test_an_order_locks_its_intent_as_it_is_inserted_and_matches_a_payment_parked_meanwhile(
+    infra: Infra,
+) -> None:
+    """The statement that inserts an order with a payment intent takes the intent's lock
+    too (no statement of its own): a confirmation that holds the lock and parks the
+    intent's payment meanwhile is waited for, and the order's read of its unmatched
+    payments — a statement after the lock — sees it and matches it."""
+    metrics = Metrics.create(CollectorRegistry())
+    value = order_placed("ord_1", "pi_1", [("TICKET-STD", 2, 2500)])
+    async with service_db(infra, "payments", "placed_lock") as (engine, _):
+        statements: list[str] = []
+
+        def seen(_c: object, _cur: object, sql: str, *_: object) -> None:
+            statements.append(sql)
+
+        async with engine.connect() as confirmation:
+            await confirmation.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:n, 0))"),
+                {"n": "payments:intent:pi_1"},
+            )
+            await confirmation.execute(text(_PARKED))
+            event.listen(engine.sync_engine, "before_cursor_execute", seen)
+            placing = asyncio.create_task(place(engine, value, metrics))
+            deadline = asyncio.get_running_loop().time() + 10
+            while not await _waits_for_an_advisory_lock(confirmation):
+                assert asyncio.get_running_loop().time() < deadline, "no wait for the lock"
+                assert not placing.done(), "the order did not wait for the intent's lock"
+                await asyncio.sleep(0.05)
+            await confirmation.commit()
+        await asyncio.wait_for(placing, 10)
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+        rows, emitted = await stored(engine)
+        async with engine.connect() as conn:
+            states = (await conn.execute(text("SELECT state FROM unmatched_payments"))).all()
+    assert [r[0] for r in rows] == ["ord_1"]
+    assert emitted == ["OrderRegistered", "PaymentAccepted"], emitted
+    assert [s for (s,) in states] == ["matched"]
+    assert not [s for s in statements if s.lstrip().startswith("SELECT pg_advisory_xact_lock")]
+
+
+_PARKED = (
+    "INSERT INTO unmatched_payments (gateway, gateway_event_id, type, transaction_id,"
+    " payment_intent_id, order_id, amount, currency, payment_method_type, received_at, state)"
+    " VALUES ('simgw', 'evt_1', 'payment.authorized', 'txn_1', 'pi_1', 'ord_1', 5000, 'EUR',"
+    " 'card', now(), 'parked')"
+)
+
+
+async def _waits_for_an_advisory_lock(conn: AsyncConnection) -> bool:
+    waiting = await conn.scalar(
+        text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    )
+    return bool(waiting)

@@ -13,13 +13,19 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Executable,
     Index,
     Integer,
     String,
     Table,
     Text,
+    Update,
     and_,
+    exists,
     func,
+    insert,
+    literal,
+    literal_column,
     or_,
     select,
     text,
@@ -30,8 +36,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
-from services.runtime.outbox import Cause, write_event
+from services.runtime.autocommit import autocommit
+from services.runtime.outbox import OUTBOX_CHANNEL, Cause, event_row, write_event
 from services.runtime.retry import Retry, Stalled
+from services.runtime.tables import outbox
 from services.runtime.tracing import current as current_traceparent
 
 ClaimT = TypeVar("ClaimT")
@@ -215,7 +223,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             .cte("due")
         )
         token = uuid.uuid4().hex
-        async with engine.begin() as conn:
+        async with autocommit(engine) as conn:  # one statement: a transaction of its own
             rows = (
                 await conn.execute(
                     update(self.table)
@@ -257,28 +265,52 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         written — if the lease was lost and another round owns the row now (that round
         looks the payment up, so the outcome is still emitted exactly once)."""
         c = self.table.c
-        async with engine.begin() as conn:
-            updated = await conn.execute(
-                update(self.table)
-                .where(
-                    *(c[k] == getattr(claimed.claim, k) for k in self.key),
-                    c.state == "in_flight",
-                    c.claim_token == claimed.token,
-                )
-                .values(
-                    **_on_db_clock(self.values_of(resolution), now),
-                    lease_until=None,
-                    claim_token=None,
-                    updated_at=now,
-                )
-                .returning(c[self.key[0]])
+        stored = (
+            update(self.table)
+            .where(
+                *(c[k] == getattr(claimed.claim, k) for k in self.key),
+                c.state == "in_flight",
+                c.claim_token == claimed.token,
             )
-            if updated.first() is None:
+            .values(
+                **_on_db_clock(self.values_of(resolution), now),
+                lease_until=None,
+                claim_token=None,
+                updated_at=now,
+            )
+            .returning(c[self.key[0]])
+        )
+        if self.on_resolved is None:
+            # one statement, its own transaction: the outcome and, only if the claim
+            # held, its event (with the relay's wake-up)
+            async with autocommit(engine) as conn:
+                row = None if event is None else self._event_row(claimed, event, topic, now)
+                return (await conn.execute(_with_event(stored, row))).first() is not None
+        async with engine.begin() as conn:
+            if (await conn.execute(stored)).first() is None:
                 return False
             if event is not None:
                 await write_event(
                     conn, topic, event, key=claimed.context.order_id, now=now, cause=claimed.cause
                 )
-            if self.on_resolved is not None:
-                await self.on_resolved(conn, claimed, resolution, now)
+            await self.on_resolved(conn, claimed, resolution, now)
         return True
+
+    @staticmethod
+    def _event_row(
+        claimed: Claimed[Any], event: BaseModel, topic: str, now: datetime
+    ) -> dict[str, Any]:
+        key = claimed.context.order_id
+        return event_row(topic, event, key=key, now=now, cause=claimed.cause)[1]
+
+
+def _with_event(stored: Update, row: dict[str, Any] | None) -> Executable:
+    """``stored`` (an update returning the row it fenced) with, if ``row`` is given, the
+    outbox insert of ``row`` and the relay's wake-up — both only if the update stored."""
+    if row is None:
+        return stored
+    resolved = stored.cte("resolved")
+    values = select(*(literal(v, outbox.c[k].type).label(k) for k, v in row.items()))
+    written = insert(outbox).from_select(list(row), values.where(exists(select(resolved))))
+    woken = func.pg_notify(OUTBOX_CHANNEL, literal_column("''"))
+    return select(*resolved.c, woken).add_cte(written.cte("written"))

@@ -261,7 +261,8 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         now: datetime,
     ) -> bool:
         """Transaction B: store the round's resolution and, in the same transaction, write
-        its event (if any) to the outbox. Fenced by the claim token: False — nothing
+        its event (if any) to the outbox — one statement in autocommit where no
+        ``on_resolved`` runs (``_with_event``). Fenced by the claim token: False — nothing
         written — if the lease was lost and another round owns the row now (that round
         looks the payment up, so the outcome is still emitted exactly once)."""
         c = self.table.c

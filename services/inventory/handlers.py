@@ -91,17 +91,21 @@ def _settlement_handler(
 
     async def handle(ctx: Context) -> None:
         event = model.model_validate(ctx.payload)
-        held = await store.lock_reservation(ctx.conn, event.order_id, event.attempt)
-        state, lines = held if held is not None else (None, ())
-        decision = domain.decide_settlement(state, settlement)
-        if decision == "duplicate":
-            return
-        if decision == "reject":
-            raise PermanentError(
-                "reservation_not_held",
-                f"{model.__name__} for {event.order_id}#{event.attempt}: reservation is {state}",
-            )
-        await store.settle(ctx.conn, event.order_id, event.attempt, lines, target, ctx.now)
+        # a held reservation, as a rule: settled at once; else decided on its state
+        lines = await store.settle_held(ctx.conn, event.order_id, event.attempt, target, ctx.now)
+        if lines is None:
+            held = await store.lock_reservation(ctx.conn, event.order_id, event.attempt)
+            state, lines = held if held is not None else (None, ())
+            decision = domain.decide_settlement(state, settlement)
+            if decision == "duplicate":
+                return
+            if decision == "reject":
+                raise PermanentError(
+                    "reservation_not_held",
+                    f"{model.__name__} for {event.order_id}#{event.attempt}:"
+                    f" reservation is {state}",
+                )
+            await store.settle(ctx.conn, event.order_id, event.attempt, lines, target, ctx.now)
         outcome: BaseModel = (
             StockCommitted(**_context(event), items=_items(lines))
             if reason is None

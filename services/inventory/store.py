@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -214,6 +215,55 @@ async def lock_stock(conn: AsyncConnection, skus: Sequence[str]) -> None:
     )
 
 
+#: ``settle_held``: a held reservation settled and, if it has one line, that line's stock
+#: row, in one statement; a reservation not held (``state`` other than ``reserved``)
+#: returns no row and changes nothing
+_SETTLE_HELD = text(
+    "WITH settled AS (UPDATE reservations SET state = :target, updated_at = :now"
+    " WHERE order_id = :order_id AND attempt = :attempt AND state = 'reserved'"
+    " RETURNING lines),"
+    " line AS (SELECT l->>'sku' AS sku, CAST(l->>'quantity' AS bigint) AS quantity"
+    " FROM settled, jsonb_array_elements(settled.lines) AS l"
+    " WHERE jsonb_array_length(settled.lines) = 1),"
+    " held AS (UPDATE stock SET reserved = stock.reserved - line.quantity,"
+    " sold = stock.sold + CASE WHEN :sold THEN line.quantity ELSE 0 END, updated_at = :now"
+    " FROM line WHERE stock.sku = line.sku RETURNING stock.sku)"
+    " SELECT settled.lines, (SELECT count(*) FROM held) AS held FROM settled"
+)
+
+
+async def settle_held(
+    conn: AsyncConnection,
+    order_id: str,
+    attempt: int,
+    target: ReservationState,
+    now: datetime,
+) -> tuple[Line, ...] | None:
+    """``settle`` for a reservation only if it is held, without reading it first: its
+    lines, settled; None — nothing written — if it is not held (then its state decides,
+    ``lock_reservation``). One statement for a reservation of one line, its row locked
+    before its stock row as ``settle`` locks them; a larger one's lines follow one by one,
+    in SKU order."""
+    params = {
+        "order_id": order_id,
+        "attempt": attempt,
+        "target": target,
+        "now": now,
+        "sold": target == "committed",
+    }
+    row = (await conn.execute(_SETTLE_HELD, params)).first()
+    if row is None:
+        return None
+    lines = _lines(row.lines)
+    if len(lines) == 1:
+        if row.held != 1:
+            raise RuntimeError(f"stock row {lines[0].sku!r} of a held reservation is missing")
+        return lines
+    for line in lines:
+        await _settle_line(conn, line, target, now, None)
+    return lines
+
+
 async def settle(
     conn: AsyncConnection,
     order_id: str,
@@ -234,12 +284,20 @@ async def settle(
         await conn.execute(settled)
         return
     for i, line in enumerate(lines):
-        values: dict[str, Any] = {"reserved": stock.c.reserved - line.quantity, "updated_at": now}
-        if target == "committed":
-            values["sold"] = stock.c.sold + line.quantity
-        stmt = update(stock).where(stock.c.sku == line.sku).values(**values)
-        if i == 0:
-            stmt = stmt.add_cte(settled.cte("settled"))
-        done = await conn.execute(stmt.returning(stock.c.sku))
-        if done.first() is None:
-            raise RuntimeError(f"stock row {line.sku!r} of a held reservation is missing")
+        await _settle_line(conn, line, target, now, settled if i == 0 else None)
+
+
+async def _settle_line(
+    conn: AsyncConnection, line: Line, target: ReservationState, now: datetime, reservation: Any
+) -> None:
+    """One line's stock row settled (and ``reservation``, the reservation's own update, in the
+    same statement)."""
+    values: dict[str, Any] = {"reserved": stock.c.reserved - line.quantity, "updated_at": now}
+    if target == "committed":
+        values["sold"] = stock.c.sold + line.quantity
+    stmt = update(stock).where(stock.c.sku == line.sku).values(**values)
+    if reservation is not None:
+        stmt = stmt.add_cte(reservation.cte("settled"))
+    done = await conn.execute(stmt.returning(stock.c.sku))
+    if done.first() is None:
+        raise RuntimeError(f"stock row {line.sku!r} of a held reservation is missing")

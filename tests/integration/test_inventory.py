@@ -126,6 +126,47 @@ async def test_commit_sells_and_release_frees_once(engine: AsyncEngine) -> None:
         assert (await store.lock_reservation(conn, released_order, 1) or ("",))[0] == "released"
 
 
+async def test_a_held_reservation_settles_at_once_and_once_of_one_line_or_several(
+    engine: AsyncEngine,
+) -> None:
+    """``settle_held`` settles a held reservation without reading it first — one line in
+    one statement, several one by one — and writes nothing for one that is not held:
+    settled already (committed or released), failed, or unknown. Eight settlements of
+    one reservation at once settle it once."""
+    skus = await _stock(engine, a=5, b=4, c=3)
+    a, b, c = skus["a"], skus["b"], skus["c"]
+    one, several, released, failed = uid("ord"), uid("ord"), uid("ord"), uid("ord")
+    assert await _reserve(engine, [Line(a, 2)], one) == []
+    assert await _reserve(engine, merge_lines([(b, 1), (c, 2)]), several) == []
+    assert await _reserve(engine, [Line(a, 1)], released) == []
+    assert await _reserve(engine, [Line(c, 9)], failed) == [c]
+
+    async def settle(order_id: str, target: Any) -> tuple[Line, ...] | None:
+        async with engine.begin() as conn:
+            return await store.settle_held(conn, order_id, 1, target, NOW)
+
+    assert await settle(one, "committed") == (Line(a, 2),)
+    assert set(await settle(several, "committed") or ()) == {Line(b, 1), Line(c, 2)}
+    assert await settle(released, "released") == (Line(a, 1),)
+    assert [await _level(engine, sku) for sku in (a, b, c)] == [(5, 0, 2), (4, 0, 1), (3, 0, 2)]
+    for order_id in (one, several, released, failed, uid("ord")):
+        for target in ("committed", "released"):
+            assert await settle(order_id, target) is None
+    assert [await _level(engine, sku) for sku in (a, b, c)] == [(5, 0, 2), (4, 0, 1), (3, 0, 2)]
+    async with engine.connect() as conn:
+        states = [
+            (await store.lock_reservation(conn, o, 1) or ("",))[0]
+            for o in (one, several, released, failed)
+        ]
+    assert states == ["committed", "committed", "released", "failed"]
+
+    raced = uid("ord")
+    assert await _reserve(engine, [Line(a, 3)], raced) == []
+    outcomes = await asyncio.gather(*(settle(raced, "committed") for _ in range(8)))
+    assert sorted(map(bool, outcomes)) == [False] * 7 + [True]
+    assert await _level(engine, a) == (5, 0, 5)
+
+
 async def test_the_database_refuses_more_reserved_than_available(engine: AsyncEngine) -> None:
     sku = (await _stock(engine, a=3))["a"]
     with pytest.raises(sqlalchemy.exc.IntegrityError, match="ck_stock_within_available"):

@@ -55,12 +55,15 @@ async def on_stock_level_set(ctx: Context) -> None:
 
 
 async def on_payment_accepted(ctx: Context) -> None:
-    """Release what earlier attempts of the order still hold (``domain.superseded_attempts``:
-    their own release may still be on its way), then reserve all lines or none →
-    StockReserved, or StockReservationFailed{short_skus}."""
+    """Claim this attempt's reservation, with the order's others locked (one statement);
+    release what earlier attempts still hold (``domain.superseded_attempts``: their own
+    release may still be on its way); then reserve all lines or none → StockReserved, or
+    StockReservationFailed{short_skus}."""
     event = PaymentAccepted.model_validate(ctx.payload)
     lines = domain.merge_lines((item.sku, item.quantity) for item in event.items)
-    held = await store.lock_reservations(ctx.conn, event.order_id)
+    held, claimed = await store.claim_reservation(
+        ctx.conn, event.order_id, event.attempt, event.transaction_id, lines, ctx.now
+    )
     superseded = domain.superseded_attempts(
         event.attempt, ((attempt, state) for attempt, (state, _) in held.items())
     )
@@ -71,11 +74,9 @@ async def on_payment_accepted(ctx: Context) -> None:
             await store.settle(
                 ctx.conn, event.order_id, attempt, held[attempt][1], "released", ctx.now
             )
-    short = await store.reserve(
-        ctx.conn, event.order_id, event.attempt, event.transaction_id, lines, ctx.now
-    )
-    if short is None:
+    if not claimed:
         return  # this attempt was reserved (or refused) before: its event exists already
+    short = await store.hold_claimed(ctx.conn, event.order_id, event.attempt, lines, ctx.now)
     outcome: BaseModel = (
         StockReservationFailed(**_context(event), short_skus=short)
         if short

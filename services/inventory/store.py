@@ -7,6 +7,7 @@ UPDATEs below keep it, and the database refuses any write that would not.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -103,6 +104,49 @@ async def list_stock(conn: AsyncConnection, sku: str | None = None) -> list[Stoc
     return [_level(row) for row in await conn.execute(query)]
 
 
+#: ``claim_reservation``: the order's reservations locked (as they were before this
+#: statement) and this attempt's reservation claimed, in one statement
+_CLAIM = text(
+    "WITH held AS (SELECT attempt, state, lines FROM reservations WHERE order_id = :order_id"
+    " ORDER BY attempt FOR UPDATE),"
+    " claimed AS (INSERT INTO reservations"
+    " (order_id, attempt, transaction_id, state, lines, created_at, updated_at)"
+    " VALUES (:order_id, :attempt, :transaction_id, 'reserved', CAST(:lines AS jsonb), :now, :now)"
+    " ON CONFLICT DO NOTHING RETURNING 1)"
+    " SELECT held.attempt, held.state, held.lines, EXISTS (SELECT FROM claimed) AS claimed"
+    " FROM (SELECT) AS one LEFT JOIN held ON true ORDER BY held.attempt"
+)
+
+
+async def claim_reservation(
+    conn: AsyncConnection,
+    order_id: str,
+    attempt: int,
+    transaction_id: str,
+    lines: Sequence[Line],
+    now: datetime,
+) -> tuple[dict[int, tuple[ReservationState, tuple[Line, ...]]], bool]:
+    """Every reservation the order had (attempt -> state, lines), the rows locked until
+    the transaction ends like ``lock_reservation``'s; and whether (order_id, attempt)'s
+    reservation was claimed now — False if that attempt was handled before (or is being
+    handled concurrently: the claim waits for it), then nothing changes. One statement;
+    the lines are held next (``hold_claimed``)."""
+    params = {
+        "order_id": order_id,
+        "attempt": attempt,
+        "transaction_id": transaction_id,
+        "lines": json.dumps([{"sku": ln.sku, "quantity": ln.quantity} for ln in lines]),
+        "now": now,
+    }
+    rows = (await conn.execute(_CLAIM, params)).all()
+    held = {
+        r.attempt: (cast(ReservationState, r.state), _lines(r.lines))
+        for r in rows
+        if r.attempt is not None
+    }
+    return held, bool(rows[0].claimed)
+
+
 async def reserve(
     conn: AsyncConnection,
     order_id: str,
@@ -111,33 +155,27 @@ async def reserve(
     lines: Sequence[Line],
     now: datetime,
 ) -> list[str] | None:
-    """Reserve every line of (order_id, attempt), or none. Returns the short SKUs (empty:
-    all reserved), or None if that attempt was handled before (nothing changes).
+    """Claim (order_id, attempt)'s reservation and hold its lines
+    (``claim_reservation``, ``hold_claimed``): the short SKUs, or None if that attempt
+    was handled before."""
+    _, claimed = await claim_reservation(conn, order_id, attempt, transaction_id, lines, now)
+    return await hold_claimed(conn, order_id, attempt, lines, now) if claimed else None
 
-    The reservation row is claimed first (``ON CONFLICT DO NOTHING``), so a duplicate —
-    even one running concurrently — changes nothing. Each line is one conditional
-    ``UPDATE … WHERE available - reserved - sold >= q`` (never read-then-write), in the
-    caller's SKU order; those of several lines run in a savepoint that is rolled back if
-    any line is short (one line needs none: its update holds it or nothing). A SKU that
-    was never stocked has no row and is therefore short. Every line is tried, so
-    ``short_skus`` names all of them, not just the first.
+
+async def hold_claimed(
+    conn: AsyncConnection, order_id: str, attempt: int, lines: Sequence[Line], now: datetime
+) -> list[str]:
+    """Reserve every line of the claimed (order_id, attempt), or none: the short SKUs
+    (empty: all reserved).
+
+    The reservation row was claimed first (``claim_reservation``: ``ON CONFLICT DO
+    NOTHING``), so a duplicate — even one running concurrently — changes nothing. Each
+    line is one conditional ``UPDATE … WHERE available - reserved - sold >= q`` (never
+    read-then-write), in the caller's SKU order; those of several lines run in a
+    savepoint that is rolled back if any line is short (one line needs none: its update
+    holds it or nothing). A SKU that was never stocked has no row and is therefore short.
+    Every line is tried, so ``short_skus`` names all of them, not just the first.
     """
-    claimed = await conn.execute(
-        pg_insert(reservations)
-        .values(
-            order_id=order_id,
-            attempt=attempt,
-            transaction_id=transaction_id,
-            state="reserved",
-            lines=[{"sku": ln.sku, "quantity": ln.quantity} for ln in lines],
-            created_at=now,
-            updated_at=now,
-        )
-        .on_conflict_do_nothing()
-        .returning(reservations.c.order_id)
-    )
-    if claimed.first() is None:
-        return None
     short: list[str] = []
     if len(lines) == 1:  # one conditional update: it holds the line, or nothing
         short = await _hold(conn, lines, now)
@@ -188,20 +226,6 @@ async def lock_reservation(
     if row is None:
         return None
     return cast(ReservationState, row.state), _lines(row.lines)
-
-
-async def lock_reservations(
-    conn: AsyncConnection, order_id: str
-) -> dict[int, tuple[ReservationState, tuple[Line, ...]]]:
-    """Every attempt's reservation of the order (attempt -> state, lines), the rows
-    locked until the transaction ends, like ``lock_reservation``."""
-    rows = await conn.execute(
-        select(reservations.c.attempt, reservations.c.state, reservations.c.lines)
-        .where(reservations.c.order_id == order_id)
-        .order_by(reservations.c.attempt)
-        .with_for_update()
-    )
-    return {row.attempt: (cast(ReservationState, row.state), _lines(row.lines)) for row in rows}
 
 
 async def lock_stock(conn: AsyncConnection, skus: Sequence[str]) -> None:

@@ -108,6 +108,27 @@ async def test_the_same_attempt_is_reserved_once(engine: AsyncEngine) -> None:
     assert await _level(engine, sku) == (5, 2, 0)
 
 
+async def test_a_claim_returns_the_orders_reservations_as_they_were_and_claims_once(
+    engine: AsyncEngine,
+) -> None:
+    """``claim_reservation``: in one statement, the order's reservations before it (none,
+    then attempt 1's) and the claim of this attempt's — once: a second claim of the same
+    attempt claims nothing and sees it."""
+    sku = (await _stock(engine, a=5))["a"]
+    order_id = uid("ord")
+    async with engine.begin() as conn:
+        first = await store.claim_reservation(conn, order_id, 1, uid("txn"), [Line(sku, 2)], NOW)
+        assert first == ({}, True)
+        assert await store.hold_claimed(conn, order_id, 1, [Line(sku, 2)], NOW) == []
+    async with engine.begin() as conn:
+        retry = await store.claim_reservation(conn, order_id, 2, uid("txn"), [Line(sku, 1)], NOW)
+    assert retry == ({1: ("reserved", (Line(sku, 2),))}, True)
+    async with engine.begin() as conn:
+        again = await store.claim_reservation(conn, order_id, 2, uid("txn"), [Line(sku, 1)], NOW)
+    assert again == ({1: ("reserved", (Line(sku, 2),)), 2: ("reserved", (Line(sku, 1),))}, False)
+    assert await _level(engine, sku) == (5, 2, 0)
+
+
 async def test_commit_sells_and_release_frees_once(engine: AsyncEngine) -> None:
     sku = (await _stock(engine, a=5))["a"]
     sold_order, released_order = uid("ord"), uid("ord")

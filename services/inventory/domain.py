@@ -1,7 +1,7 @@
 """Pure decisions of the inventory service.
 
 Guarantees: no I/O, no clock. The reservation itself is atomic in the database
-(``store.reserve``: conditional UPDATEs in SKU order inside a savepoint, backed by the
+(``store.hold_claimed``: conditional UPDATEs in SKU order inside a savepoint, backed by the
 CHECK ``reserved + sold <= available``); this module decides what surrounds it: how an
 order's lines become one lock order, which stock levels are acceptable, and which
 settlement a reservation may still take (reserved → committed | released, once), and

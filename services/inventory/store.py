@@ -147,21 +147,6 @@ async def claim_reservation(
     return held, bool(rows[0].claimed)
 
 
-async def reserve(
-    conn: AsyncConnection,
-    order_id: str,
-    attempt: int,
-    transaction_id: str,
-    lines: Sequence[Line],
-    now: datetime,
-) -> list[str] | None:
-    """Claim (order_id, attempt)'s reservation and hold its lines
-    (``claim_reservation``, ``hold_claimed``): the short SKUs, or None if that attempt
-    was handled before."""
-    _, claimed = await claim_reservation(conn, order_id, attempt, transaction_id, lines, now)
-    return await hold_claimed(conn, order_id, attempt, lines, now) if claimed else None
-
-
 async def hold_claimed(
     conn: AsyncConnection, order_id: str, attempt: int, lines: Sequence[Line], now: datetime
 ) -> list[str]:

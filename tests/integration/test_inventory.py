@@ -54,8 +54,12 @@ async def _stock(engine: AsyncEngine, **levels: int) -> dict[str, str]:
 async def _reserve(
     engine: AsyncEngine, lines: list[Line], order_id: str | None = None
 ) -> list[str] | None:
+    """Claim an order's attempt 1 and hold its lines, as a PaymentAccepted does: the
+    short SKUs, None if it was claimed before."""
+    order_id = order_id or uid("ord")
     async with engine.begin() as conn:
-        return await store.reserve(conn, order_id or uid("ord"), 1, uid("txn"), lines, NOW)
+        _, claimed = await store.claim_reservation(conn, order_id, 1, uid("txn"), lines, NOW)
+        return await store.hold_claimed(conn, order_id, 1, lines, NOW) if claimed else None
 
 
 async def _level(engine: AsyncEngine, sku: str) -> tuple[int, int, int]:

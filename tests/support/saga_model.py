@@ -549,7 +549,7 @@ class Inventory(Service):
             r.state = "released"
         if (order_id, attempt) in self.reservations:
             return
-        # store.reserve: every line a conditional UPDATE; all or none
+        # store.hold_claimed: every line a conditional UPDATE; all or none
         short = [
             ln.sku
             for ln in lines

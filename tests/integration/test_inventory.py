@@ -126,11 +126,14 @@ async def test_a_claim_returns_the_orders_reservations_as_they_were_and_claims_o
         assert await store.hold_claimed(conn, order_id, 1, [Line(sku, 2)], NOW) == []
     async with engine.begin() as conn:
         retry = await store.claim_reservation(conn, order_id, 2, uid("txn"), [Line(sku, 1)], NOW)
-    assert retry == ({1: ("reserved", (Line(sku, 2),))}, True)
+        assert retry == ({1: ("reserved", (Line(sku, 2),))}, True)
+        # held in the claim's transaction, as a PaymentAccepted does: the database's
+        # reservations and stock agree at every commit (``paysaga reconcile`` checks it)
+        assert await store.hold_claimed(conn, order_id, 2, [Line(sku, 1)], NOW) == []
     async with engine.begin() as conn:
         again = await store.claim_reservation(conn, order_id, 2, uid("txn"), [Line(sku, 1)], NOW)
     assert again == ({1: ("reserved", (Line(sku, 2),)), 2: ("reserved", (Line(sku, 1),))}, False)
-    assert await _level(engine, sku) == (5, 2, 0)
+    assert await _level(engine, sku) == (5, 3, 0)
 
 
 async def test_commit_sells_and_release_frees_once(engine: AsyncEngine) -> None:

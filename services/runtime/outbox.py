@@ -55,7 +55,7 @@ class Cause:
         return dataclasses.replace(self, saga_seq=None)
 
 
-def outbox_row(
+def _row(
     topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, str]] = ()
 ) -> dict[str, Any]:
     """The outbox row of a record: what ``write_raw`` inserts."""
@@ -69,7 +69,7 @@ async def write_raw(
     value: bytes,
     headers: Sequence[tuple[str, str]] = (),
 ) -> None:
-    await _write(conn, outbox_row(topic, key, value, headers))
+    await _write(conn, _row(topic, key, value, headers))
 
 
 async def _write(conn: AsyncConnection, row: dict[str, Any]) -> None:
@@ -82,7 +82,7 @@ def event_row(
     topic: str, event: BaseModel, *, key: str, now: datetime, cause: Cause
 ) -> tuple[str, dict[str, Any]]:
     """``event`` in its validated envelope, as an effect of ``cause``: its new event id
-    and its outbox row (``outbox_row``)."""
+    and its outbox row."""
     event_id = uuid.uuid4().hex
     envelope = new_envelope(
         event_type_of(type(event)),
@@ -96,7 +96,7 @@ def event_row(
     # every record carries a trace: its cause's, else the open span's, else a new one
     traceparent = cause.traceparent or tracing.current() or tracing.child_of(None)
     headers = [(tracing.TRACEPARENT, traceparent)]
-    return event_id, outbox_row(topic, key.encode(), dump(envelope), headers)
+    return event_id, _row(topic, key.encode(), dump(envelope), headers)
 
 
 async def write_event(

@@ -284,9 +284,10 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         if self.on_resolved is None:
             # one statement, its own transaction: the outcome and, only if the claim
             # held, its event (with the relay's wake-up)
+            key, cause = claimed.context.order_id, claimed.cause
+            made = None if event is None else event_row(topic, event, key=key, now=now, cause=cause)
             async with autocommit(engine) as conn:
-                row = None if event is None else self._event_row(claimed, event, topic, now)
-                return (await conn.execute(_with_event(stored, row))).first() is not None
+                return (await conn.execute(_with_event(stored, made))).first() is not None
         async with engine.begin() as conn:
             if (await conn.execute(stored)).first() is None:
                 return False
@@ -297,19 +298,14 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             await self.on_resolved(conn, claimed, resolution, now)
         return True
 
-    @staticmethod
-    def _event_row(
-        claimed: Claimed[Any], event: BaseModel, topic: str, now: datetime
-    ) -> dict[str, Any]:
-        key = claimed.context.order_id
-        return event_row(topic, event, key=key, now=now, cause=claimed.cause)[1]
 
-
-def _with_event(stored: Update, row: dict[str, Any] | None) -> Executable:
-    """``stored`` (an update returning the row it fenced) with, if ``row`` is given, the
-    outbox insert of ``row`` and the relay's wake-up — both only if the update stored."""
-    if row is None:
+def _with_event(stored: Update, event: tuple[str, dict[str, Any]] | None) -> Executable:
+    """``stored`` (an update returning the row it fenced) with, if ``event`` (its id and
+    outbox row, ``outbox.event_row``) is given, the insert of its row and the relay's
+    wake-up — both only if the update stored."""
+    if event is None:
         return stored
+    _, row = event
     resolved = stored.cte("resolved")
     values = select(*(literal(v, outbox.c[k].type).label(k) for k, v in row.items()))
     written = insert(outbox).from_select(list(row), values.where(exists(select(resolved))))

@@ -13,18 +13,22 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, exists, select, text, true, update
+from sqlalchemy import bindparam, case, exists, func, select, text, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Decision, Order
 from services.payments.store import (
+    CONFIRMATION_FIELDS,
+    ORDER_FIELDS,
+    bound,
     confirmation_values,
     confirmations,
     intent_lock,
     order_from_row,
     order_values,
     orders,
+    prefixed,
     unmatched,
 )
 from services.runtime.locks import XACT_LOCK_SQL
@@ -63,6 +67,23 @@ _FIRST_SEEN = text(
 )
 
 
+def _locked_order(named: Any) -> Any:
+    """The order ``named``, locked, with whether its attempt's confirmation is stored
+    (``ConfirmationState``)."""
+    stored = exists().where(
+        confirmations.c.order_id == orders.c.order_id,
+        confirmations.c.attempt == orders.c.attempt,
+    )
+    confirmed = case((orders.c.status == "flagged", stored), else_=true())
+    return (
+        select(orders, confirmed.label("attempt_confirmed")).where(named).with_for_update(of=orders)
+    )
+
+
+_ORDER_NAMED = _locked_order(orders.c.order_id == bindparam("order_id"))
+_ORDER_OF_INTENT = _locked_order(orders.c.payment_intent_id == bindparam("intent"))
+
+
 async def load_for_confirmation(conn: AsyncConnection, c: Confirmation) -> ConfirmationState | None:
     """None for a duplicate; else the state to decide ``c`` on, loaded with the intent's
     lock held. The lock serializes keeping a payment unmatched with the registration of
@@ -82,23 +103,11 @@ async def load_for_confirmation(conn: AsyncConnection, c: Confirmation) -> Confi
     )
     if not first:
         return None
-    stored = exists().where(
-        confirmations.c.order_id == orders.c.order_id,
-        confirmations.c.attempt == orders.c.attempt,
-    )
-    confirmed = case((orders.c.status == "flagged", stored), else_=true())
-    named = (
-        orders.c.order_id == c.order_id
-        if c.order_id
-        else orders.c.payment_intent_id == c.payment_intent_id
-    )
-    row = (
-        await conn.execute(
-            select(orders, confirmed.label("attempt_confirmed"))
-            .where(named)
-            .with_for_update(of=orders)
-        )
-    ).first()
+    if c.order_id:
+        found = await conn.execute(_ORDER_NAMED, {"order_id": c.order_id})
+    else:
+        found = await conn.execute(_ORDER_OF_INTENT, {"intent": c.payment_intent_id})
+    row = found.first()
     if row is None:
         return ConfirmationState(None, True)
     return ConfirmationState(order_from_row(row), bool(row.attempt_confirmed))
@@ -121,44 +130,64 @@ async def save_confirmation(
     stored with the order's new state; a rejection stores nothing. ``closing``: ``c``
     comes from the unmatched store and leaves it, whatever the decision."""
     closed = _closed(c, closing) if closing is not None else None
-    stmt: Any
     if decision.order is not None:
         order = decision.order
-        stored = (
-            pg_insert(confirmations)
-            .values(
-                **confirmation_values(c),
-                order_id=order.order_id,
-                attempt=order.attempt,
-                outcome=decision.outcome,
-            )
-            .on_conflict_do_nothing()
-            .returning(confirmations.c.id)
-        )
-        stmt = (
-            update(orders)
-            .where(orders.c.order_id == order.order_id)
-            .values(**order_values(order))
-            .add_cte(stored.cte("stored"))
-        )
-        if closed is not None:
-            stmt = stmt.add_cte(closed.returning(unmatched.c.id).cte("closed"))
+        params = {
+            **prefixed(confirmation_values(c), "c_"),
+            **prefixed({"order_id": order.order_id, **order_values(order)}, "o_"),
+            "c_order_id": order.order_id,
+            "c_attempt": order.attempt,
+            "c_outcome": decision.outcome,
+        }
+        if closed is None:
+            await conn.execute(_SETTLED, params)
+            return
+        await conn.execute(_SETTLED.add_cte(closed.returning(unmatched.c.id).cte("closed")), params)
     elif closed is not None:
-        stmt = closed
+        await conn.execute(closed)
     elif decision.outcome == "parked":
-        stmt = (
-            pg_insert(unmatched)
-            .values(
+        params = prefixed(
+            {
                 **confirmation_values(c),
-                order_id=c.order_id,
-                failure_code=c.failure_code,
-                failure_message=c.failure_message,
-            )
-            .on_conflict_do_nothing()
+                "order_id": c.order_id,
+                "failure_code": c.failure_code,
+                "failure_message": c.failure_message,
+            },
+            "p_",
         )
-    else:
-        return
-    await conn.execute(stmt)
+        await conn.execute(_PARKED, params)
+
+
+# ``save_confirmation``'s statements, built once: each execution only binds its values
+
+#: a confirmation that settles its order (``:c_*``), stored with the order's new state
+#: (``:o_*``)
+_SETTLED = (
+    update(orders)
+    .where(orders.c.order_id == bindparam("o_order_id"))
+    .values({**bound(orders, ORDER_FIELDS, "o_"), orders.c.updated_at: func.now()})
+    .add_cte(
+        pg_insert(confirmations)
+        .values(
+            bound(confirmations, (*CONFIRMATION_FIELDS, "order_id", "attempt", "outcome"), "c_")
+        )
+        .on_conflict_do_nothing()
+        .returning(confirmations.c.id)
+        .cte("stored")
+    )
+)
+#: a payment that matched no order (``:p_*``), kept unmatched
+_PARKED = (
+    pg_insert(unmatched)
+    .values(
+        bound(
+            unmatched,
+            (*CONFIRMATION_FIELDS, "order_id", "failure_code", "failure_message"),
+            "p_",
+        )
+    )
+    .on_conflict_do_nothing()
+)
 
 
 def _closed(c: Confirmation, closing: Closing) -> Any:

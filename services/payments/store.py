@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     case,
     func,
     select,
@@ -43,7 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.payments.domain import Confirmation, Item, Order
 from services.runtime import deferred
 from services.runtime.intents.store import intent_columns, intent_indexes
-from services.runtime.locks import xact_lock, xact_lock_expression
+from services.runtime.locks import XACT_LOCK_EXPRESSION, xact_lock
 
 metadata = MetaData()
 
@@ -92,6 +93,22 @@ def _confirmation_columns() -> list[Column[Any]]:
         Column("last4", String(4), nullable=True),
         Column("received_at", DateTime(timezone=True), nullable=False),
     ]
+
+
+#: what is kept of a confirmation (``confirmation_values``)
+CONFIRMATION_FIELDS = (
+    "gateway",
+    "gateway_event_id",
+    "type",
+    "transaction_id",
+    "payment_intent_id",
+    "amount",
+    "currency",
+    "payment_method_type",
+    "brand",
+    "last4",
+    "received_at",
+)
 
 
 def confirmation_values(c: Confirmation) -> dict[str, Any]:
@@ -171,7 +188,25 @@ def order_from_row(row: Any) -> Order:
     )
 
 
+#: the columns of an order's state (``order_values``), besides its id
+ORDER_FIELDS = (
+    "customer_id",
+    "currency",
+    "total_amount",
+    "payment_intent_id",
+    "payment_method",
+    "attempt",
+    "status",
+    "items",
+    "correlation_id",
+    "content_hash",
+    "earlier_intents",
+)
+
+
 def order_values(order: Order) -> dict[str, Any]:
+    """The order's state, column by column (``ORDER_FIELDS``); a statement that stores
+    it sets ``updated_at`` too."""
     return {
         "customer_id": order.customer_id,
         "currency": order.currency,
@@ -184,8 +219,19 @@ def order_values(order: Order) -> dict[str, Any]:
         "correlation_id": order.correlation_id,
         "content_hash": order.content_hash,
         "earlier_intents": list(order.earlier_intents),
-        "updated_at": func.now(),
     }
+
+
+def bound(table: Table, names: Sequence[str], prefix: str) -> dict[Any, Any]:
+    """``table``'s columns ``names``, each set from the bound parameter ``prefix`` +
+    its name: the values of a statement built once (each execution binds them,
+    ``prefixed``). A prefix, because SQLAlchemy keeps a column's own name for itself."""
+    return {table.c[n]: bindparam(prefix + n, type_=table.c[n].type) for n in names}
+
+
+def prefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` as the parameters of a statement built with ``bound``."""
+    return {prefix + k: v for k, v in values.items()}
 
 
 def content_hash(payload: dict[str, Any]) -> str:
@@ -217,15 +263,31 @@ async def lock_intent(conn: AsyncConnection, payment_intent_id: str) -> None:
     await xact_lock(conn, intent_lock(payment_intent_id))
 
 
+# The hot path's statements are built once: each execution only binds its values.
+
+_LOAD_ORDER = select(orders).where(orders.c.order_id == bindparam("order_id")).with_for_update()
+_LOAD_ORDER_BY_INTENT = (
+    select(orders).where(orders.c.payment_intent_id == bindparam("intent")).with_for_update()
+)
+#: a new order (``:o_*``), if its id is new
+_INSERT_ORDER = (
+    pg_insert(orders)
+    .values(bound(orders, ("order_id", *ORDER_FIELDS), "o_"))
+    .on_conflict_do_nothing()
+    .returning(orders.c.order_id)
+)
+#: the same, then the lock ``:lock_name`` once the row is in
+_inserted = _INSERT_ORDER.cte("inserted")
+_INSERT_ORDER_LOCKING = select(_inserted.c.order_id, XACT_LOCK_EXPRESSION)
+
+
 async def load_order(conn: AsyncConnection, order_id: str) -> Any:
     """The order's row, locked; None if the order is unknown."""
-    stmt = select(orders).where(orders.c.order_id == order_id).with_for_update()
-    return (await conn.execute(stmt)).first()
+    return (await conn.execute(_LOAD_ORDER, {"order_id": order_id})).first()
 
 
 async def load_order_by_intent(conn: AsyncConnection, payment_intent_id: str) -> Any:
-    stmt = select(orders).where(orders.c.payment_intent_id == payment_intent_id).with_for_update()
-    return (await conn.execute(stmt)).first()
+    return (await conn.execute(_LOAD_ORDER_BY_INTENT, {"intent": payment_intent_id})).first()
 
 
 async def insert_order(conn: AsyncConnection, order: Order) -> bool:
@@ -233,18 +295,12 @@ async def insert_order(conn: AsyncConnection, order: Order) -> bool:
     order inserted with a payment intent holds that intent's lock too, taken by the same
     statement once the row is in (``lock_intent``: before its unmatched payments are
     read, in a statement of their own)."""
-    inserted = (
-        pg_insert(orders)
-        .values(order_id=order.order_id, **order_values(order))
-        .on_conflict_do_nothing()
-        .returning(orders.c.order_id)
-    )
+    params = prefixed({"order_id": order.order_id, **order_values(order)}, "o_")
     intent = order.payment_intent_id
     if intent is None:
-        return (await conn.execute(inserted)).first() is not None
-    row = inserted.cte("inserted")
-    locking = select(row.c.order_id, xact_lock_expression(intent_lock(intent)))
-    if (await conn.execute(locking)).first() is None:
+        return (await conn.execute(_INSERT_ORDER, params)).first() is not None
+    params["lock_name"] = intent_lock(intent)
+    if (await conn.execute(_INSERT_ORDER_LOCKING, params)).first() is None:
         return False
     locked = deferred.scoped(conn, _IntentsLocked)
     if locked is not None:
@@ -258,8 +314,31 @@ async def save_order(conn: AsyncConnection, order: Order, **fields: Any) -> None
     await conn.execute(
         update(orders)
         .where(orders.c.order_id == order.order_id)
-        .values(**order_values(order), **fields)
+        .values(**order_values(order), **fields, updated_at=func.now())
     )
+
+
+_c = orders.c
+#: ``record_saga_status``'s statement (``:s_*``)
+_RECORD_SAGA_STATUS = (
+    update(orders)
+    .where(
+        _c.order_id == bindparam("s_order_id"),
+        _c.saga_version < bindparam("s_version", type_=Integer),
+        _c.pending_retry.is_(None),
+    )
+    .values(
+        saga_version=bindparam("s_version", type_=Integer),
+        saga_status=case(
+            (
+                _c.payment_intent_id.is_not_distinct_from(bindparam("s_intent", type_=String)),
+                bindparam("s_status", type_=String),
+            ),
+            else_=_c.saga_status,
+        ),
+    )
+    .returning(_c.order_id)
+)
 
 
 async def record_saga_status(
@@ -270,14 +349,8 @@ async def record_saga_status(
     it is about the current attempt (``payment_intent_id``). False (nothing written)
     when the order is unknown, the version not newer, or a retry pending: then the
     status is decided on the loaded order. The row lock is taken as ``load_order``'s."""
-    c = orders.c
-    current = c.payment_intent_id.is_not_distinct_from(payment_intent_id)
-    result = await conn.execute(
-        update(orders)
-        .where(c.order_id == order_id, c.saga_version < version, c.pending_retry.is_(None))
-        .values(saga_version=version, saga_status=case((current, status), else_=c.saga_status))
-        .returning(c.order_id)
-    )
+    params = {"s_order_id": order_id, "s_version": version, "s_intent": payment_intent_id}
+    result = await conn.execute(_RECORD_SAGA_STATUS, {**params, "s_status": status})
     return result.first() is not None
 
 

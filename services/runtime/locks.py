@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import ColumnElement, Text, func, literal, text
+from sqlalchemy import Text, bindparam, func, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 #: a name's lock key (the one hash, whichever statement takes the lock)
@@ -17,10 +17,11 @@ _KEY = "hashtextextended({}, 0)"
 XACT_LOCK_SQL = f"pg_advisory_xact_lock({_KEY.format(':lock_name')})"
 
 
-def xact_lock_expression(name: str) -> ColumnElement[None]:
-    """The lock called ``name`` as a Core expression (the key of ``_KEY``), for a
-    statement that takes it after its other work."""
-    return func.pg_advisory_xact_lock(func.hashtextextended(literal(name, Text), 0))
+#: the lock as a Core expression (the key of ``_KEY``), for a statement that takes it
+#: after its other work: the name is bound as ``:lock_name``, as in ``XACT_LOCK_SQL``
+XACT_LOCK_EXPRESSION = func.pg_advisory_xact_lock(
+    func.hashtextextended(bindparam("lock_name", type_=Text), 0)
+)
 
 
 #: several locks in one statement, in the order of the array

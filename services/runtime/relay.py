@@ -48,7 +48,8 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Exists, Row, delete, exists, func, select, update
+from sqlalchemy import BigInteger, Row, any_, bindparam, delete, exists, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime.autocommit import autocommit
@@ -180,16 +181,7 @@ class OutboxRelay:
         only after its acknowledgement, and a crash before the mark re-publishes rows
         the consumers' inboxes absorb."""
         async with autocommit(self.engine) as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.value, outbox.c.headers
-                    )
-                    .where(outbox.c.sent_at.is_(None), outbox.c.dead_at.is_(None), ~_behind_dead())
-                    .order_by(outbox.c.id)
-                    .limit(self.settings.batch)
-                )
-            ).all()
+            rows = (await conn.execute(_UNSENT, {"limit": self.settings.batch})).all()
             blocked: set[bytes] = set()  # keys of rows set aside during this pass
             sent: list[Row[Any]] = []
             try:
@@ -260,11 +252,8 @@ class OutboxRelay:
             return
         keep = [r.id for r in rows if r.topic not in FORGOTTEN_ONCE_SENT]
         forget = [r.id for r in rows if r.topic in FORGOTTEN_ONCE_SENT]
-        marked = update(outbox).where(outbox.c.id.in_(keep)).values(sent_at=datetime.now(UTC))
-        if forget:  # a data-modifying CTE: both in one statement, or neither
-            forgotten = delete(outbox).where(outbox.c.id.in_(forget)).returning(outbox.c.id)
-            marked = marked.add_cte(forgotten.cte("forgotten"))
-        await conn.execute(marked)
+        params = {"keep": keep, "forget": forget, "sent_at": datetime.now(UTC)}
+        await conn.execute(_MARK_SENT_FORGET if forget else _MARK_SENT, params)
         self.metrics.outbox_published.labels(self.service).inc(len(rows))
 
     async def _mark_dead(self, conn: AsyncConnection, r: Row[Any], exc: BaseException) -> None:
@@ -307,7 +296,7 @@ class OutboxRelay:
                     func.count(),
                     func.min(outbox.c.created_at),
                     func.count().filter(outbox.c.dead_at.is_not(None)),
-                    func.count().filter(outbox.c.dead_at.is_(None), _behind_dead()),
+                    func.count().filter(outbox.c.dead_at.is_(None), _BEHIND_DEAD),
                     open_dead_letters,
                 ).where(outbox.c.sent_at.is_(None))
             )
@@ -342,15 +331,37 @@ class OutboxRelay:
 #: a dead row, as seen from the rows behind it
 _dead = outbox.alias("dead")
 
+#: An outbox row waits behind a dead row of its key (keyless rows never do).
+_BEHIND_DEAD = exists().where(
+    _dead.c.dead_at.is_not(None),
+    _dead.c.sent_at.is_(None),
+    _dead.c.key == outbox.c.key,
+    _dead.c.id < outbox.c.id,
+)
 
-def _behind_dead() -> Exists:
-    """An outbox row waits behind a dead row of its key (keyless rows never do)."""
-    return exists().where(
-        _dead.c.dead_at.is_not(None),
-        _dead.c.sent_at.is_(None),
-        _dead.c.key == outbox.c.key,
-        _dead.c.id < outbox.c.id,
-    )
+# The relay's statements, built once: each pass only binds its values.
+
+#: up to ``:limit`` rows to publish, oldest first
+_UNSENT = (
+    select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.value, outbox.c.headers)
+    .where(outbox.c.sent_at.is_(None), outbox.c.dead_at.is_(None), ~_BEHIND_DEAD)
+    .order_by(outbox.c.id)
+    .limit(bindparam("limit"))
+)
+#: the acknowledged rows ``:keep`` marked sent at ``:sent_at``
+_MARK_SENT = (
+    update(outbox)
+    .where(outbox.c.id == any_(bindparam("keep", type_=ARRAY(BigInteger))))
+    .values(sent_at=bindparam("sent_at"))
+)
+#: the same, and the rows ``:forget`` deleted, in one statement (a data-modifying CTE:
+#: both, or neither)
+_MARK_SENT_FORGET = _MARK_SENT.add_cte(
+    delete(outbox)
+    .where(outbox.c.id == any_(bindparam("forget", type_=ARRAY(BigInteger))))
+    .returning(outbox.c.id)
+    .cte("forgotten")
+)
 
 
 #: Kafka's legal topic names

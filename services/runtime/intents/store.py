@@ -16,15 +16,16 @@ from sqlalchemy import (
     Executable,
     Index,
     Integer,
+    Interval,
     String,
     Table,
     Text,
     Update,
     and_,
+    bindparam,
     exists,
     func,
     insert,
-    literal,
     literal_column,
     or_,
     select,
@@ -94,15 +95,33 @@ def intent_indexes(table: str) -> list[Index]:
     ]
 
 
-def _on_db_clock(values: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """``values`` with ``next_attempt_at`` (a time on the caller's clock, whose reading
-    is ``now``) moved to the database's clock: ``now()`` plus the same delay. Due times
-    are compared with the database's ``now()``, so they must be written on it too — a
-    host whose clock runs ahead would otherwise schedule every intent late."""
-    at = values.get("next_attempt_at")
-    if isinstance(at, datetime):
-        return {**values, "next_attempt_at": func.now() + (at - now)}
-    return values
+#: the shape of the values a statement built once sets: each column's name, and whether
+#: it is a time on the caller's clock to move to the database's (``_on_db_clock``)
+Shape = tuple[tuple[str, bool], ...]
+
+
+def _on_db_clock(values: dict[str, Any], now: datetime) -> tuple[Shape, dict[str, Any]]:
+    """``values`` as a statement built once (``_set``) binds them: their shape and
+    their parameters (``:v_<column>``), with ``next_attempt_at`` (a time on the caller's
+    clock, whose reading is ``now``) moved to the database's clock — ``now()`` plus the
+    same delay, the delay bound. Due times are compared with the database's ``now()``,
+    so they must be written on it too: a host whose clock runs ahead would otherwise
+    schedule every intent late."""
+    shape = tuple(
+        (k, k == "next_attempt_at" and isinstance(v, datetime)) for k, v in values.items()
+    )
+    params = {f"v_{k}": values[k] - now if clocked else values[k] for k, clocked in shape}
+    return shape, params
+
+
+def _set(table: Table, shape: Shape) -> dict[Any, Any]:
+    """The columns of ``shape``, each from its bound parameter (``_on_db_clock``)."""
+    return {
+        table.c[k]: func.now() + bindparam(f"v_{k}", type_=Interval)
+        if clocked
+        else bindparam(f"v_{k}", type_=table.c[k].type)
+        for k, clocked in shape
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +177,17 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
     ) -> None:
         self.table, self.key, self.claim_of, self.values_of = table, key, claim_of, values_of
         self.context_model, self.on_resolved = context_model, on_resolved
+        #: the statements built once (``_built``), by what they do and the values' shape
+        self._statements: dict[tuple[Any, ...], Any] = {}
+        self._claim = self._build_claim()
+
+    def _built(self, what: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """The statement ``what`` names, built the first time it is asked for: each
+        execution only binds its values (no statement construction per call)."""
+        stmt = self._statements.get(what)
+        if stmt is None:
+            stmt = self._statements[what] = build()
+        return stmt
 
     async def record(
         self,
@@ -170,27 +200,33 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         """Transaction A (the consumer's): insert the intent; False if the row (or its
         idempotency key) exists already — a redelivered or repeated trigger then causes
         no second gateway call."""
-        values = _on_db_clock(values, now)
-        inserted = await conn.execute(
-            pg_insert(self.table)
-            .values(
+        shape, params = _on_db_clock(
+            {
                 **self._key_values(context),
-                order_id=context.order_id,
-                amount=context.amount,
-                currency=context.currency,
-                context=context.model_dump(mode="json"),
-                cause_event_id=cause.event_id,
-                cause_saga_seq=cause.saga_seq,
-                correlation_id=cause.correlation_id,
-                traceparent=cause.traceparent or current_traceparent(),
-                created_at=now,
-                updated_at=now,
+                "order_id": context.order_id,
+                "amount": context.amount,
+                "currency": context.currency,
+                "context": context.model_dump(mode="json"),
+                "cause_event_id": cause.event_id,
+                "cause_saga_seq": cause.saga_seq,
+                "correlation_id": cause.correlation_id,
+                "traceparent": cause.traceparent or current_traceparent(),
+                "created_at": now,
+                "updated_at": now,
                 **values,
-            )
-            .on_conflict_do_nothing()
-            .returning(self.table.c[self.key[0]])
+            },
+            now,
         )
-        return inserted.first() is not None
+        inserted = self._built(
+            ("record", shape),
+            lambda: (
+                pg_insert(self.table)
+                .values(_set(self.table, shape))
+                .on_conflict_do_nothing()
+                .returning(self.table.c[self.key[0]])
+            ),
+        )
+        return (await conn.execute(inserted, params)).first() is not None
 
     def _key_values(self, context: IntentContext) -> dict[str, Any]:
         """The key columns the context has (``transaction_id``; ``attempt``), besides
@@ -198,15 +234,9 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         fields = type(context).model_fields
         return {k: getattr(context, k) for k in self.key if k in fields and k != "order_id"}
 
-    async def claim_due(
-        self, engine: AsyncEngine, now: datetime, limit: int, lease: timedelta
-    ) -> list[Claimed[ClaimT]]:
-        """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
-        or whose lease ran out (their worker died mid-call), in one short transaction:
-        ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by side, and the claim
-        commits before any gateway call, so no transaction stays open across HTTP.
-        Both, and the new lease, are judged by the database's ``now()``: a worker whose
-        clock is off cannot take a live claim over nor miss an expired one."""
+    def _build_claim(self) -> Any:
+        """``claim_due``'s statement: up to ``:limit`` rows, leased for ``:lease`` under
+        ``:token`` (``:now`` the caller's clock, for ``updated_at``)."""
         c = self.table.c
         db_now = func.now()
         due = (
@@ -218,26 +248,36 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                 )
             )
             .order_by(c.next_attempt_at)
-            .limit(limit)
+            .limit(bindparam("limit", type_=Integer))
             .with_for_update(skip_locked=True)
             .cte("due")
         )
+        return (
+            update(self.table)
+            .where(*(c[k] == due.c[k] for k in self.key))
+            .values(
+                state="in_flight",
+                attempts=c.attempts + 1,
+                lease_until=db_now + bindparam("lease", type_=Interval),
+                claim_token=bindparam("token", type_=String),
+                updated_at=bindparam("now", type_=DateTime(timezone=True)),
+            )
+            .returning(*c, due.c.prior_state)
+        )
+
+    async def claim_due(
+        self, engine: AsyncEngine, now: datetime, limit: int, lease: timedelta
+    ) -> list[Claimed[ClaimT]]:
+        """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
+        or whose lease ran out (their worker died mid-call), in one short transaction:
+        ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by side, and the claim
+        commits before any gateway call, so no transaction stays open across HTTP.
+        Both, and the new lease, are judged by the database's ``now()``: a worker whose
+        clock is off cannot take a live claim over nor miss an expired one."""
         token = uuid.uuid4().hex
+        params = {"limit": limit, "lease": lease, "token": token, "now": now}
         async with autocommit(engine) as conn:  # one statement: a transaction of its own
-            rows = (
-                await conn.execute(
-                    update(self.table)
-                    .where(*(c[k] == due.c[k] for k in self.key))
-                    .values(
-                        state="in_flight",
-                        attempts=c.attempts + 1,
-                        lease_until=db_now + lease,
-                        claim_token=token,
-                        updated_at=now,
-                    )
-                    .returning(*c, due.c.prior_state)
-                )
-            ).all()
+            rows = (await conn.execute(self._claim, params)).all()
         return [
             Claimed(
                 claim=self.claim_of(row),
@@ -265,31 +305,33 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         ``on_resolved`` runs (``_with_event``). Fenced by the claim token: False — nothing
         written — if the lease was lost and another round owns the row now (that round
         looks the payment up, so the outcome is still emitted exactly once)."""
-        c = self.table.c
-        stored = (
-            update(self.table)
-            .where(
-                *(c[k] == getattr(claimed.claim, k) for k in self.key),
-                c.state == "in_flight",
-                c.claim_token == claimed.token,
-            )
-            .values(
-                **_on_db_clock(self.values_of(resolution), now),
-                lease_until=None,
-                claim_token=None,
-                updated_at=now,
-            )
-            .returning(c[self.key[0]])
+        shape, params = _on_db_clock(
+            {
+                **self.values_of(resolution),
+                "lease_until": None,
+                "claim_token": None,
+                "updated_at": now,
+            },
+            now,
         )
+        params.update({f"k_{k}": getattr(claimed.claim, k) for k in self.key})
+        params["k_token"] = claimed.token
         if self.on_resolved is None:
             # one statement, its own transaction: the outcome and, only if the claim
             # held, its event (with the relay's wake-up)
-            key, cause = claimed.context.order_id, claimed.cause
-            made = None if event is None else event_row(topic, event, key=key, now=now, cause=cause)
+            if event is not None:
+                key, cause = claimed.context.order_id, claimed.cause
+                _, row = event_row(topic, event, key=key, now=now, cause=cause)
+                params.update({f"e_{k}": v for k, v in row.items()})
+            stmt = self._built(
+                ("resolve", shape, event is not None),
+                lambda: _with_event(self._stored(shape), with_event=event is not None),
+            )
             async with autocommit(engine) as conn:
-                return (await conn.execute(_with_event(stored, made))).first() is not None
+                return (await conn.execute(stmt, params)).first() is not None
+        stored = self._built(("resolve", shape, False), lambda: self._stored(shape))
         async with engine.begin() as conn:
-            if (await conn.execute(stored)).first() is None:
+            if (await conn.execute(stored, params)).first() is None:
                 return False
             if event is not None:
                 await write_event(
@@ -298,16 +340,34 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             await self.on_resolved(conn, claimed, resolution, now)
         return True
 
+    def _stored(self, shape: Shape) -> Update:
+        """Transaction B's update: the resolution's values (``shape``), fenced by the
+        claim (the key ``:k_<column>``, ``:k_token``); it returns the row it updated."""
+        c = self.table.c
+        return (
+            update(self.table)
+            .where(
+                *(c[k] == bindparam(f"k_{k}", type_=c[k].type) for k in self.key),
+                c.state == "in_flight",
+                c.claim_token == bindparam("k_token", type_=String),
+            )
+            .values(_set(self.table, shape))
+            .returning(c[self.key[0]])
+        )
 
-def _with_event(stored: Update, event: tuple[str, dict[str, Any]] | None) -> Executable:
-    """``stored`` (an update returning the row it fenced) with, if ``event`` (its id and
-    outbox row, ``outbox.event_row``) is given, the insert of its row and the relay's
-    wake-up — both only if the update stored."""
-    if event is None:
+
+#: the columns of an outbox row (``outbox.event_row``)
+_OUTBOX_ROW = ("topic", "key", "value", "headers")
+
+
+def _with_event(stored: Update, *, with_event: bool) -> Executable:
+    """``stored`` (an update returning the row it fenced) with, if ``with_event``, the
+    insert of an event's outbox row (``:e_<column>``) and the relay's wake-up — both
+    only if the update stored."""
+    if not with_event:
         return stored
-    _, row = event
     resolved = stored.cte("resolved")
-    values = select(*(literal(v, outbox.c[k].type).label(k) for k, v in row.items()))
-    written = insert(outbox).from_select(list(row), values.where(exists(select(resolved))))
+    values = select(*(bindparam(f"e_{k}", type_=outbox.c[k].type).label(k) for k in _OUTBOX_ROW))
+    written = insert(outbox).from_select(_OUTBOX_ROW, values.where(exists(select(resolved))))
     woken = func.pg_notify(OUTBOX_CHANNEL, literal_column("''"))
     return select(*resolved.c, woken).add_cte(written.cte("written"))

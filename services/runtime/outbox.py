@@ -55,11 +55,16 @@ class Cause:
         return dataclasses.replace(self, saga_seq=None)
 
 
+#: the columns of an outbox row as written (``_row``; a statement built once binds them)
+ROW_COLUMNS = ("topic", "key", "value", "headers")
+
+
 def _row(
     topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, str]] = ()
 ) -> dict[str, Any]:
     """The outbox row of a record: what ``write_raw`` inserts."""
-    return {"topic": topic, "key": key, "value": value, "headers": [list(h) for h in headers]}
+    values = (topic, key, value, [list(h) for h in headers])
+    return dict(zip(ROW_COLUMNS, values, strict=True))
 
 
 async def write_raw(

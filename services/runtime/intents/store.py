@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime.autocommit import autocommit
-from services.runtime.outbox import OUTBOX_CHANNEL, Cause, event_row, write_event
+from services.runtime.outbox import OUTBOX_CHANNEL, ROW_COLUMNS, Cause, event_row, write_event
 from services.runtime.retry import Retry, Stalled
 from services.runtime.tables import outbox
 from services.runtime.tracing import current as current_traceparent
@@ -356,10 +356,6 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         )
 
 
-#: the columns of an outbox row (``outbox.event_row``)
-_OUTBOX_ROW = ("topic", "key", "value", "headers")
-
-
 def _with_event(stored: Update, *, with_event: bool) -> Executable:
     """``stored`` (an update returning the row it fenced) with, if ``with_event``, the
     insert of an event's outbox row (``:e_<column>``) and the relay's wake-up — both
@@ -367,7 +363,7 @@ def _with_event(stored: Update, *, with_event: bool) -> Executable:
     if not with_event:
         return stored
     resolved = stored.cte("resolved")
-    values = select(*(bindparam(f"e_{k}", type_=outbox.c[k].type).label(k) for k in _OUTBOX_ROW))
-    written = insert(outbox).from_select(_OUTBOX_ROW, values.where(exists(select(resolved))))
+    values = select(*(bindparam(f"e_{k}", type_=outbox.c[k].type).label(k) for k in ROW_COLUMNS))
+    written = insert(outbox).from_select(ROW_COLUMNS, values.where(exists(select(resolved))))
     woken = func.pg_notify(OUTBOX_CHANNEL, literal_column("''"))
     return select(*resolved.c, woken).add_cte(written.cte("written"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,16 +15,14 @@ from hypothesis import strategies as st
 from schemas.carddata import CARD_NUMBER_PRESENT, SECURITY_CODE_PRESENT, find_card_data
 from schemas.envelope import event_type_of
 from services.payments.domain import (
-    Confirmation,
     Decision,
     decide_confirmation,
     decide_match_unmatched,
     decide_order_placed,
     decide_retry,
 )
-from tests.support.payments import make_order
+from tests.support.payments import NOW, make_confirmation, make_order
 
-NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 WINDOW = timedelta(hours=24)
 
 CONTEXT_KEYS = {
@@ -57,26 +55,6 @@ def emitted(decision: Decision) -> list[tuple[str, dict[str, Any]]]:
 def audited(decision: Decision) -> list[dict[str, Any]]:
     """The decision's audit entries as emitted (JSON)."""
     return [a.model_dump(mode="json") for a in decision.audit]
-
-
-def make_confirmation(**changes: Any) -> Confirmation:
-    confirmation = Confirmation(
-        gateway="simgw",
-        gateway_event_id="evt_1",
-        type="payment.authorized",
-        transaction_id="txn_1",
-        payment_intent_id="pi_1",
-        order_id="ord_1",
-        amount=10345,
-        currency="EUR",
-        payment_method_type="card",
-        brand="visa",
-        last4="4242",
-        failure_code=None,
-        failure_message=None,
-        record_time=NOW,
-    )
-    return replace(confirmation, **changes)
 
 
 def luhn_complete(body: str) -> str:

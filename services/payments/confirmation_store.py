@@ -21,16 +21,15 @@ from services.payments.domain import Confirmation, Decision, Order
 from services.payments.store import (
     CONFIRMATION_FIELDS,
     ORDER_FIELDS,
-    bound,
     confirmation_values,
     confirmations,
     intent_lock,
     order_from_row,
     order_values,
     orders,
-    prefixed,
     unmatched,
 )
+from services.runtime.bound import bound, prefixed
 from services.runtime.locks import XACT_LOCK_SQL
 
 

@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Item, Order
 from services.runtime import deferred
+from services.runtime.bound import bound, prefixed
 from services.runtime.intents.store import intent_columns, intent_indexes
 from services.runtime.locks import XACT_LOCK_EXPRESSION, xact_lock
 
@@ -220,18 +221,6 @@ def order_values(order: Order) -> dict[str, Any]:
         "content_hash": order.content_hash,
         "earlier_intents": list(order.earlier_intents),
     }
-
-
-def bound(table: Table, names: Sequence[str], prefix: str) -> dict[Any, Any]:
-    """``table``'s columns ``names``, each set from the bound parameter ``prefix`` +
-    its name: the values of a statement built once (each execution binds them,
-    ``prefixed``). A prefix, because SQLAlchemy keeps a column's own name for itself."""
-    return {table.c[n]: bindparam(prefix + n, type_=table.c[n].type) for n in names}
-
-
-def prefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """``values`` as the parameters of a statement built with ``bound``."""
-    return {prefix + k: v for k, v in values.items()}
 
 
 def content_hash(payload: dict[str, Any]) -> str:

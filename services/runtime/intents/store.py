@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime.autocommit import autocommit
+from services.runtime.bound import bound, prefixed
 from services.runtime.outbox import OUTBOX_CHANNEL, ROW_COLUMNS, Cause, event_row, write_event
 from services.runtime.retry import Retry, Stalled
 from services.runtime.tables import outbox
@@ -110,18 +111,17 @@ def _on_db_clock(values: dict[str, Any], now: datetime) -> tuple[Shape, dict[str
     shape = tuple(
         (k, k == "next_attempt_at" and isinstance(v, datetime)) for k, v in values.items()
     )
-    params = {f"v_{k}": values[k] - now if clocked else values[k] for k, clocked in shape}
-    return shape, params
+    moved = {k: values[k] - now if clocked else values[k] for k, clocked in shape}
+    return shape, prefixed(moved, "v_")
 
 
 def _set(table: Table, shape: Shape) -> dict[Any, Any]:
     """The columns of ``shape``, each from its bound parameter (``_on_db_clock``)."""
-    return {
-        table.c[k]: func.now() + bindparam(f"v_{k}", type_=Interval)
-        if clocked
-        else bindparam(f"v_{k}", type_=table.c[k].type)
-        for k, clocked in shape
-    }
+    values = bound(table, (k for k, clocked in shape if not clocked), "v_")
+    for k, clocked in shape:
+        if clocked:
+            values[table.c[k]] = func.now() + bindparam(f"v_{k}", type_=Interval)
+    return values
 
 
 @dataclass(frozen=True, slots=True)

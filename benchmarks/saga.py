@@ -25,7 +25,8 @@ them), then:
 4. **Bridge ingest**: signed webhooks over HTTP to Kafka (``acks=all``), bounded
    concurrency; webhooks/s and p99.
 
-Prints a table; saves ``benchmarks/results/<date>.json`` (``<date>-quick.json``) and a
+Prints a table; saves ``benchmarks/results/<date>.json`` (``<date>-quick.json``; a later
+run on the same day ``<date>b``, ``<date>c`` …: a saved run is never overwritten) and a
 PNG plot beside it (a series per ladder). Everything is bounded in count and time:
 ~15 minutes, ``--quick`` about one (two with ``--instances 1 2``).
 """
@@ -1136,7 +1137,8 @@ def main() -> None:
             devstack.down(PROFILE)
     stats.check_result(doc)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = datetime.now(UTC).strftime("%Y-%m-%d") + ("-quick" if ARGS.quick else "")
+    saved = {p.stem for p in RESULTS.glob("*.json")}
+    stem = stats.free_stem(saved, datetime.now(UTC).strftime("%Y-%m-%d"), ARGS.quick)
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     print_table(doc)
     try:

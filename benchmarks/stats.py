@@ -5,6 +5,7 @@ test (tests/unit/test_bench_stats.py) checks them without a stack."""
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -173,3 +174,14 @@ def check_result(doc: Mapping[str, Any]) -> None:
         limit = doc["limits"][name]
         if not {"events_per_s", "orders_per_s", "cpu_ms_per_event"} <= set(limit):
             raise ValueError(f"limit {name} lacks its rates")
+
+
+def free_stem(saved: set[str], day: str, quick: bool) -> str:
+    """The name a run saves under: the first of ``<day>``, ``<day>b``, ``<day>c`` …
+    (``-quick`` appended for a quick run) not among the ``saved`` ones, so a second run
+    on the same day never overwrites the first."""
+    tail = "-quick" if quick else ""
+    for suffix in ("", *string.ascii_lowercase[1:]):
+        if (stem := f"{day}{suffix}{tail}") not in saved:
+            return stem
+    raise ValueError(f"every name for {day}{tail} is taken")

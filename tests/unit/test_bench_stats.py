@@ -109,3 +109,15 @@ def test_a_group_is_settled_once_every_member_has_partitions() -> None:
     assert not stats.group_settled((16, "Stable", [9, 9]), members=2)  # NOT_COORDINATOR
     assert not stats.group_settled(None, members=1)  # not described at all
     assert stats.group_settled((0, "Stable", [18]), members=1)
+
+
+def test_a_later_run_on_the_same_day_never_overwrites_a_saved_one() -> None:
+    assert stats.free_stem(set(), "2026-12-02", quick=False) == "2026-12-02"
+    saved = {"2026-12-01", "2026-12-02", "2026-12-02b"}
+    assert stats.free_stem(saved, "2026-12-02", quick=False) == "2026-12-02c"
+    assert stats.free_stem(saved, "2026-12-01", quick=False) == "2026-12-01b"
+    assert stats.free_stem(saved, "2026-12-02", quick=True) == "2026-12-02-quick"
+    assert stats.free_stem({"2026-12-02-quick"}, "2026-12-02", quick=True) == "2026-12-02b-quick"
+    full = {"d", *(f"d{c}" for c in "bcdefghijklmnopqrstuvwxyz")}
+    with pytest.raises(ValueError, match="every name for d is taken"):
+        stats.free_stem(full, "d", quick=False)

@@ -9,8 +9,9 @@ Faults (each can be switched on and off while connections are open):
 * ``black_hole()``: connections are accepted and what they send is swallowed, nothing
   comes back (a peer that hangs: the client's timeout is the only way out);
   ``drop_rate``: that fraction of new connections is closed at once;
-* ``cut_responses(n)``: the next ``n`` answers are lost *after* the request was
-  delivered — the upstream did the work, the client sees its connection reset.
+* ``cut_responses(n, share)``: up to ``n`` answers are lost *after* the request was
+  delivered — the upstream did the work, the client sees its connection reset — each
+  with probability ``share`` (1: the next ``n``).
 
 The Kafka broker cannot be put behind it transparently: a client connects to the
 address the broker advertises (its own port), not the bootstrap address it was given.
@@ -43,7 +44,7 @@ class TcpProxy:
         self.latency_s = 0.0
         self.drop_rate = 0.0
         self._black_hole = False
-        self._cut_responses = 0
+        self._cut_responses, self._cut_share = 0, 1.0
         #: faults that struck: connections dropped, answers cut after delivery
         self.dropped = 0
         self.responses_cut = 0
@@ -94,8 +95,11 @@ class TcpProxy:
         """From now on nothing is forwarded either way, and open connections hang too."""
         self._black_hole = True
 
-    def cut_responses(self, n: int = 1) -> None:
-        self._cut_responses += n
+    def cut_responses(self, n: int = 1, share: float = 1.0) -> None:
+        """From now on up to ``n`` answers are lost, each with probability ``share``
+        (``cut_responses(0)``: none any more)."""
+        with self._lock:
+            self._cut_responses, self._cut_share = n, share
 
     def close(self) -> None:
         self.cut()
@@ -145,7 +149,7 @@ class TcpProxy:
 
     def _take_cut(self) -> bool:
         with self._lock:
-            if self._cut_responses <= 0:
+            if self._cut_responses <= 0 or self._rng.random() >= self._cut_share:
                 return False
             self._cut_responses -= 1
             self.responses_cut += 1

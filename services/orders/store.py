@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import AuditRecorded
 from services.orders.domain import OrderView, StatusChange
-from services.runtime import deferred
+from services.runtime import deferred, driver
 from services.runtime.locks import xact_lock, xact_locks
 
 metadata = MetaData()
@@ -148,6 +148,7 @@ _LOAD_STATES = text(
     " EXISTS (SELECT 1 FROM held_events h WHERE h.order_id = k.id) AS has_early, o.*"
     " FROM unnest(CAST(:ids AS text[])) AS k(id) LEFT JOIN orders o ON o.order_id = k.id"
 )
+_LOAD_STATES_SQL = driver.sql_of(_LOAD_STATES)
 
 
 async def prefetch(conn: AsyncConnection, order_ids: Iterable[str]) -> None:
@@ -164,7 +165,8 @@ async def prefetch(conn: AsyncConnection, order_ids: Iterable[str]) -> None:
     known.locked.update(ids)
     # after the locks, in a statement of its own: its snapshot sees what the orders'
     # previous holders committed
-    for row in await conn.execute(_LOAD_STATES, {"ids": ids}):
+    found = await driver.execute(conn, _LOAD_STATES_SQL, {"ids": ids})
+    for row in await found.fetchall():
         known.states[row.state_of] = _state_of(row)
 
 
@@ -188,7 +190,9 @@ async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
     known = deferred.scoped(conn, _Known)
     if known is not None and order_id in known.states:
         return known.states[order_id]
-    row = (await conn.execute(_LOAD_STATES, {"ids": [order_id]})).one()
+    found = await driver.execute(conn, _LOAD_STATES_SQL, {"ids": [order_id]})
+    row = await found.fetchone()
+    assert row is not None, "unnest of one id gives one row"
     state = _state_of(row)
     if known is not None:
         known.states[order_id] = state

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from sqlalchemy import and_, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.runtime import deferred, dlq
+from services.runtime import deferred, dlq, driver
 from services.runtime.errors import describe, is_transient, said
 from services.runtime.inbox import Claims, Inbox
 from services.runtime.locks import xact_lock
@@ -58,6 +58,7 @@ _LOAD = text(
     SELECT 'entered', dedupe_key FROM entered
     """
 )
+_LOAD_SQL = driver.sql_of(_LOAD)
 
 #: Called in the dead-letter transaction, so a service can flag what the record was
 #: about (payments flags the order for reconciliation).
@@ -114,8 +115,9 @@ class KeyBlocking:
         claims = self.inbox.claimable([r for r in records if r.topic != self.control_topic])
         owners = {at: order_key(r) for r in records if (at := r.at) in claims.routes}
         claimed = sorted({(claims.routes[at][1], owner) for at, owner in owners.items()})
-        found = await conn.execute(
-            _LOAD,
+        found = await driver.execute(
+            conn,
+            _LOAD_SQL,
             {
                 "group": self.group,
                 "keys": sorted({order_key(r) for r in records}),
@@ -124,7 +126,7 @@ class KeyBlocking:
             },
         )
         blocked: set[str] = set()
-        for kind, key in found:
+        for kind, key in await found.fetchall():
             (blocked if kind == "blocked" else claims.entered).add(key)
         for at, owner in owners.items():
             if owner in blocked:  # not claimed: parked behind its dead letter, or a duplicate

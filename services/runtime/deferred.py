@@ -55,6 +55,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.runtime import driver
+
 #: ``conn.info`` keys: what a deferring transaction collected; the channels said
 _COLLECTED = "paysaga_deferred"
 _SAID = "paysaga_deferred_said"
@@ -341,7 +343,7 @@ async def _execute(
 ) -> None:
     stmt = _statement(sync, writes, channels)
     if stmt is not None:
-        await conn.exec_driver_sql(*stmt)
+        await driver.execute(conn, *stmt)
 
 
 @event.listens_for(Engine, "savepoint")

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from sqlalchemy import Text, bindparam, func, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.runtime import driver
+
 #: a name's lock key (the one hash, whichever statement takes the lock)
 _KEY = "hashtextextended({}, 0)"
 
@@ -29,6 +31,7 @@ _XACT_LOCKS = text(
     f"SELECT pg_advisory_xact_lock({_KEY.format('n')})"  # noqa: S608 (constants; names bound)
     " FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS l(n, ord) ORDER BY ord"
 )
+_XACT_LOCKS_SQL = driver.sql_of(_XACT_LOCKS)
 
 
 async def xact_lock(conn: AsyncConnection, name: str) -> None:
@@ -39,4 +42,4 @@ async def xact_lock(conn: AsyncConnection, name: str) -> None:
 async def xact_locks(conn: AsyncConnection, names: Iterable[str]) -> None:
     """Wait for, then hold, the locks called ``names`` — in one statement, taken in
     code point order: two transactions locking overlapping names wait in one order."""
-    await conn.execute(_XACT_LOCKS, {"names": sorted(set(names))})
+    await driver.execute(conn, _XACT_LOCKS_SQL, {"names": sorted(set(names))})

@@ -48,10 +48,11 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import BigInteger, Row, any_, bindparam, delete, exists, func, select, update
+from sqlalchemy import BigInteger, any_, bindparam, delete, exists, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.runtime import driver
 from services.runtime.autocommit import autocommit
 from services.runtime.errors import refused_by_kafka, said
 from services.runtime.faults import fault_point
@@ -181,9 +182,10 @@ class OutboxRelay:
         only after its acknowledgement, and a crash before the mark re-publishes rows
         the consumers' inboxes absorb."""
         async with autocommit(self.engine) as conn:
-            rows = (await conn.execute(_UNSENT, {"limit": self.settings.batch})).all()
+            found = await driver.execute(conn, _UNSENT_SQL, {"limit": self.settings.batch})
+            rows = await found.fetchall()
             blocked: set[bytes] = set()  # keys of rows set aside during this pass
-            sent: list[Row[Any]] = []
+            sent: list[Any] = []
             try:
                 for wave in _waves(rows):
                     await self._publish_wave(
@@ -200,9 +202,9 @@ class OutboxRelay:
     async def _publish_wave(
         self,
         conn: AsyncConnection,
-        wave: list[Row[Any]],
+        wave: list[Any],
         blocked: set[bytes],
-        sent: list[Row[Any]],
+        sent: list[Any],
     ) -> None:
         """Send rows of distinct keys without waiting for each ack (the idempotent
         producer keeps the order per partition); the acknowledged ones join ``sent``."""
@@ -227,7 +229,7 @@ class OutboxRelay:
             else:
                 raise exc
 
-    async def _send(self, rows: Sequence[Row[Any]]) -> list[BaseException | None]:
+    async def _send(self, rows: Sequence[Any]) -> list[BaseException | None]:
         """Each row's outcome: None once acknowledged, else the error."""
         futures: list[asyncio.Future[Any]] = []
         for r in rows:
@@ -245,7 +247,7 @@ class OutboxRelay:
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         return [o if isinstance(o, BaseException) else None for o in outcomes]
 
-    async def _mark_sent(self, conn: AsyncConnection, rows: list[Row[Any]]) -> None:
+    async def _mark_sent(self, conn: AsyncConnection, rows: list[Any]) -> None:
         """Mark the acknowledged ``rows`` sent — or delete those of a topic in
         ``FORGOTTEN_ONCE_SENT`` — in one statement."""
         if not rows:
@@ -253,10 +255,10 @@ class OutboxRelay:
         keep = [r.id for r in rows if r.topic not in FORGOTTEN_ONCE_SENT]
         forget = [r.id for r in rows if r.topic in FORGOTTEN_ONCE_SENT]
         params = {"keep": keep, "forget": forget, "sent_at": datetime.now(UTC)}
-        await conn.execute(_MARK_SENT_FORGET if forget else _MARK_SENT, params)
+        await driver.execute(conn, _MARK_SENT_FORGET_SQL if forget else _MARK_SENT_SQL, params)
         self.metrics.outbox_published.labels(self.service).inc(len(rows))
 
-    async def _mark_dead(self, conn: AsyncConnection, r: Row[Any], exc: BaseException) -> None:
+    async def _mark_dead(self, conn: AsyncConnection, r: Any, exc: BaseException) -> None:
         """Set the row aside with its error; said once, here, not on every pass; the
         gauges show it at the end of the pass."""
         await conn.execute(
@@ -362,6 +364,9 @@ _MARK_SENT_FORGET = _MARK_SENT.add_cte(
     .returning(outbox.c.id)
     .cte("forgotten")
 )
+_UNSENT_SQL = driver.sql_of(_UNSENT)
+_MARK_SENT_SQL = driver.sql_of(_MARK_SENT)
+_MARK_SENT_FORGET_SQL = driver.sql_of(_MARK_SENT_FORGET)
 
 
 #: Kafka's legal topic names

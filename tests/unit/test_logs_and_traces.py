@@ -11,6 +11,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -157,15 +158,23 @@ class _Executed:
         self.values: list[dict[str, Any]] = []
         self.info: dict[str, Any] = {}
 
-    async def exec_driver_sql(self, _sql: str, params: dict[str, Any]) -> None:
+    async def execute(self, _sql: str, params: dict[str, Any]) -> None:
         # the outbox rows' values, one array per column (``deferred.Rows``): the headers
         # go as JSON text
         headers = next(v for k, v in params.items() if k.endswith("_headers"))
         self.values += [{"headers": json.loads(h)} for h in headers]
 
+    def cursor(self, **_: Any) -> _Executed:
+        return self
+
     @property
     def sync_connection(self) -> _Executed:
         return self
+
+    # the driver's connection under it (``services.runtime.driver``): itself, heard by
+    # no engine listener
+    connection = driver_connection = sync_connection
+    dispatch = SimpleNamespace(before_cursor_execute=[], after_cursor_execute=[])
 
     def get_transaction(self) -> object:
         return self

@@ -182,6 +182,9 @@ class _Executed:
     def in_nested_transaction(self) -> bool:
         return False
 
+    def in_transaction(self) -> bool:
+        return True
+
 
 class Noted(BaseModel):
     order_id: str

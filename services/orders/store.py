@@ -165,7 +165,8 @@ async def prefetch(conn: AsyncConnection, order_ids: Iterable[str]) -> None:
     known.locked.update(ids)
     # after the locks, in a statement of its own: its snapshot sees what the orders'
     # previous holders committed
-    for row in await driver.rows(conn, _LOAD_STATES_SQL, {"ids": ids}):
+    found = await driver.execute(conn, _LOAD_STATES_SQL, {"ids": ids})
+    for row in await found.fetchall():
         known.states[row.state_of] = _state_of(row)
 
 
@@ -189,7 +190,9 @@ async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
     known = deferred.scoped(conn, _Known)
     if known is not None and order_id in known.states:
         return known.states[order_id]
-    [row] = await driver.rows(conn, _LOAD_STATES_SQL, {"ids": [order_id]})  # unnest of one id
+    found = await driver.execute(conn, _LOAD_STATES_SQL, {"ids": [order_id]})
+    row = await found.fetchone()
+    assert row is not None, "unnest of one id gives one row"
     state = _state_of(row)
     if known is not None:
         known.states[order_id] = state

@@ -182,7 +182,8 @@ class OutboxRelay:
         only after its acknowledgement, and a crash before the mark re-publishes rows
         the consumers' inboxes absorb."""
         async with autocommit(self.engine) as conn:
-            rows = await driver.rows(conn, _UNSENT_SQL, {"limit": self.settings.batch})
+            found = await driver.execute(conn, _UNSENT_SQL, {"limit": self.settings.batch})
+            rows = await found.fetchall()
             blocked: set[bytes] = set()  # keys of rows set aside during this pass
             sent: list[Any] = []
             try:

@@ -165,8 +165,7 @@ async def prefetch(conn: AsyncConnection, order_ids: Iterable[str]) -> None:
     known.locked.update(ids)
     # after the locks, in a statement of its own: its snapshot sees what the orders'
     # previous holders committed
-    found = await driver.execute(conn, _LOAD_STATES_SQL, {"ids": ids})
-    for row in await found.fetchall():
+    for row in await driver.rows(conn, _LOAD_STATES_SQL, {"ids": ids}):
         known.states[row.state_of] = _state_of(row)
 
 
@@ -190,9 +189,7 @@ async def load_state(conn: AsyncConnection, order_id: str) -> OrderState:
     known = deferred.scoped(conn, _Known)
     if known is not None and order_id in known.states:
         return known.states[order_id]
-    found = await driver.execute(conn, _LOAD_STATES_SQL, {"ids": [order_id]})
-    row = await found.fetchone()
-    assert row is not None, "unnest of one id gives one row"
+    [row] = await driver.rows(conn, _LOAD_STATES_SQL, {"ids": [order_id]})  # unnest of one id
     state = _state_of(row)
     if known is not None:
         known.states[order_id] = state

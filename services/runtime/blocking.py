@@ -115,7 +115,7 @@ class KeyBlocking:
         claims = self.inbox.claimable([r for r in records if r.topic != self.control_topic])
         owners = {at: order_key(r) for r in records if (at := r.at) in claims.routes}
         claimed = sorted({(claims.routes[at][1], owner) for at, owner in owners.items()})
-        found = await driver.execute(
+        found = await driver.rows(
             conn,
             _LOAD_SQL,
             {
@@ -126,7 +126,7 @@ class KeyBlocking:
             },
         )
         blocked: set[str] = set()
-        for kind, key in await found.fetchall():
+        for kind, key in found:
             (blocked if kind == "blocked" else claims.entered).add(key)
         for at, owner in owners.items():
             if owner in blocked:  # not claimed: parked behind its dead letter, or a duplicate

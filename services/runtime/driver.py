@@ -83,3 +83,8 @@ async def execute(
     if heard:
         sync.dispatch.after_cursor_execute(sync, cur, sql, params, None, False)
     return cur
+
+
+async def rows(conn: AsyncConnection, sql: str, params: Mapping[str, Any]) -> list[Any]:
+    """``execute``, and the rows it returned."""
+    return await (await execute(conn, sql, params)).fetchall()

@@ -182,8 +182,7 @@ class OutboxRelay:
         only after its acknowledgement, and a crash before the mark re-publishes rows
         the consumers' inboxes absorb."""
         async with autocommit(self.engine) as conn:
-            found = await driver.execute(conn, _UNSENT_SQL, {"limit": self.settings.batch})
-            rows = await found.fetchall()
+            rows = await driver.rows(conn, _UNSENT_SQL, {"limit": self.settings.batch})
             blocked: set[bytes] = set()  # keys of rows set aside during this pass
             sent: list[Any] = []
             try:

@@ -60,8 +60,7 @@ async def test_a_driver_statement_lives_and_dies_with_the_transaction(infra: Inf
 
 async def test_a_failure_is_sqlalchemys_error_without_its_values(infra: Infra) -> None:
     async with refunds_db(infra, "drv_err") as (engine, _):
-        async with engine.begin() as conn:
-            await driver.execute(conn, _INSERT, {"group": "g", "key": "secret-value-1"})
+        await _insert(engine, "secret-value-1")
         with pytest.raises(sqlalchemy.exc.IntegrityError) as raised:
             await _insert(engine, "secret-value-1")
         assert isinstance(raised.value.orig, psycopg.errors.UniqueViolation)

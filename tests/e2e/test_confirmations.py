@@ -506,12 +506,22 @@ def test_dead_lettered_confirmation_is_accepted_on_replay(stack: Stack) -> None:
     body, _ = _signed(stack, order_id, intent, total)
     assert stack.post_webhook(body, sign("whsec_next", int(time.time()), body)).status_code == 202
     wait_audit(stack, order_id, ("confirmation", "rejected", "signature_invalid"))
+    # and payments mirrored the order's PENDING_PAYMENT: were that status record still
+    # on its way, it would be the one dead-lettered, and block the confirmation behind it
+    wait_for(
+        lambda: (
+            stack.db("payments", "SELECT saga_status FROM orders WHERE order_id=%s", order_id)
+            == [("PENDING_PAYMENT",)]
+        ),
+        what="payments mirrored PENDING_PAYMENT",
+    )
     devstack.pg_down(profile)
     try:
         txn = stack.pay(order_id, intent, total, "authorize")["transaction_id"]
         dead = wait_for(dead_letter, timeout=180, what="the confirmation dead-lettered")
     finally:
         devstack.pg_up(profile)
+    assert dict(dead.headers)["paysaga-dlq-original-topic"] == b"gateway.confirmations.v1"
     flagged = stack.wait_status(order_id, "NEEDS_RECONCILIATION", timeout=120)
     assert flagged["reason"] == "record_dead_lettered"
     assert confirmation_rows(stack, order_id) == []

@@ -9,7 +9,7 @@ Guarantees: no I/O, no clock, no randomness — callers pass ``now`` (epoch seco
   the same.
 - A change whose ``version`` is not above the saga's is a duplicate or stale record and
   changes nothing. A final order keeps a small marker (status, version) for
-  ``FINAL_KEPT_S``, so a re-delivered older record cannot reopen it and raise a false
+  ``FINAL_KEPT_S`` (a day), so a re-delivered older record cannot reopen it and raise a false
   alarm; after that ``prunable`` says it may go.
 - ``needs_alert`` is true at most once per (order, status) within one payment attempt:
   ``with_alerted`` records the report, and a new attempt (after a final status) starts
@@ -52,7 +52,12 @@ FINAL: frozenset[OrderStatus] = frozenset(
 )
 #: the statuses an order can stall in, in contract order
 OPEN: tuple[OrderStatus, ...] = tuple(s for s in OrderStatus if s not in FINAL)
-#: how long a final order's marker stays in the table (longer than any re-delivery)
+#: how long a final order's marker stays in the table: longer than any re-delivery — a
+#: restart re-reads from the offsets faust committed seconds before, but an outbox relay
+#: re-publishes the rows it had sent and not marked once its database is back, after an
+#: outage of hours, maybe. The changelog is compacted well within it (``segment.ms``,
+#: ``delete.retention.ms`` in topics.yaml), so a restarted monitor recovers about one row
+#: per order of this last day, not every status since the topic was made
 FINAL_KEPT_S = 86_400.0
 
 

@@ -13,6 +13,7 @@ from schemas.envelope import dump, new_envelope
 from services.monitor import domain
 from services.monitor.app import MonitorSettings, status_change
 from services.monitor.domain import Deadlines, MinuteOutcomes, Saga, StatusChange
+from services.runtime.topics import MONITOR_CHANGELOG_TOPIC, load_specs
 
 T0 = 1_800_000_000.0
 
@@ -97,6 +98,17 @@ def test_final_orders_are_never_stalled_and_a_stale_record_does_not_reopen_them(
     assert domain.note_status(saga, change(S.PAID_CONFIRMED, 3, T0 + 7)) == (None, None)
     assert not domain.prunable(saga, T0 + 7 + domain.FINAL_KEPT_S)
     assert domain.prunable(saga, T0 + 8 + domain.FINAL_KEPT_S)
+
+
+def test_the_changelog_is_compacted_within_the_time_a_final_marker_is_kept() -> None:
+    """What a restarted monitor recovers stays bounded: the changelog closes its segments
+    (compaction only cleans closed ones) and drops a pruned marker's tombstone within
+    FINAL_KEPT_S, so it holds about one row per order of the last day, not the history."""
+    [changelog] = [s for s in load_specs() if s.name == MONITOR_CHANGELOG_TOPIC]
+    assert changelog.configs["cleanup.policy"] == "compact"
+    kept_ms = domain.FINAL_KEPT_S * 1000
+    assert 0 < int(changelog.configs["segment.ms"]) <= kept_ms
+    assert 0 < int(changelog.configs["delete.retention.ms"]) <= kept_ms
 
 
 def test_a_retry_is_a_new_attempt_with_its_own_reports_and_duration() -> None:

@@ -13,7 +13,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, exists, func, select, text, true, update
+from sqlalchemy import bindparam, case, exists, func, literal_column, select, text, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,6 +29,7 @@ from services.payments.store import (
     orders,
     unmatched,
 )
+from services.runtime import driver
 from services.runtime.bound import bound, prefixed
 from services.runtime.locks import XACT_LOCK_SQL
 
@@ -45,7 +46,8 @@ class ConfirmationState:
 
 #: the contract's two duplicate rules (a gateway event id seen before; a stored or
 #: unmatched confirmation of the same transaction and type) and, for a first-seen
-#: confirmation, the intent's lock (``lock_intent``), in one statement
+#: confirmation, the intent's lock (``lock_intent``), in one statement. This and the
+#: order's read run on the driver's connection (every confirmation sends them)
 _FIRST_SEEN = text(
     f"""
     WITH seen AS (
@@ -64,6 +66,7 @@ _FIRST_SEEN = text(
     SELECT first, CASE WHEN first THEN (SELECT 1 FROM {XACT_LOCK_SQL}) END FROM first
     """  # noqa: S608 (a constant: the lock's name is a bound parameter)
 )
+_FIRST_SEEN_SQL = driver.sql_of(_FIRST_SEEN)
 
 
 def _locked_order(named: Any) -> Any:
@@ -73,14 +76,14 @@ def _locked_order(named: Any) -> Any:
         confirmations.c.order_id == orders.c.order_id,
         confirmations.c.attempt == orders.c.attempt,
     )
-    confirmed = case((orders.c.status == "flagged", stored), else_=true())
-    return (
+    confirmed = case((orders.c.status == literal_column("'flagged'"), stored), else_=true())
+    return driver.sql_of(
         select(orders, confirmed.label("attempt_confirmed")).where(named).with_for_update(of=orders)
     )
 
 
-_ORDER_NAMED = _locked_order(orders.c.order_id == bindparam("order_id"))
-_ORDER_OF_INTENT = _locked_order(orders.c.payment_intent_id == bindparam("intent"))
+_ORDER_NAMED_SQL = _locked_order(orders.c.order_id == bindparam("order_id"))
+_ORDER_OF_INTENT_SQL = _locked_order(orders.c.payment_intent_id == bindparam("intent"))
 
 
 async def load_for_confirmation(conn: AsyncConnection, c: Confirmation) -> ConfirmationState | None:
@@ -90,8 +93,9 @@ async def load_for_confirmation(conn: AsyncConnection, c: Confirmation) -> Confi
     concurrently on another partition or instance: under READ COMMITTED each could
     otherwise miss the other's uncommitted row. So the order is read in a statement of
     its own, after the lock is granted."""
-    first = await conn.scalar(
-        _FIRST_SEEN,
+    [(first, _)] = await driver.rows(
+        conn,
+        _FIRST_SEEN_SQL,
         {
             "gateway": c.gateway,
             "gateway_event_id": c.gateway_event_id,
@@ -103,12 +107,12 @@ async def load_for_confirmation(conn: AsyncConnection, c: Confirmation) -> Confi
     if not first:
         return None
     if c.order_id:
-        found = await conn.execute(_ORDER_NAMED, {"order_id": c.order_id})
+        found = await driver.rows(conn, _ORDER_NAMED_SQL, {"order_id": c.order_id})
     else:
-        found = await conn.execute(_ORDER_OF_INTENT, {"intent": c.payment_intent_id})
-    row = found.first()
-    if row is None:
+        found = await driver.rows(conn, _ORDER_OF_INTENT_SQL, {"intent": c.payment_intent_id})
+    if not found:
         return ConfirmationState(None, True)
+    row = found[0]
     return ConfirmationState(order_from_row(row), bool(row.attempt_confirmed))
 
 

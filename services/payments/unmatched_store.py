@@ -14,11 +14,12 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Order
 from services.payments.store import lock_intent, orders, unmatched
+from services.runtime import driver
 
 
 def confirmation_from_unmatched(row: Any) -> Confirmation:
@@ -50,31 +51,34 @@ class UnmatchedOf:
     given_back: list[Any]
 
 
+#: an intent's unmatched payments that matter to an attempt of ``:order_id``: the parked
+#: ones, and those given back naming no order or this one (a failed payment so resolved
+#: took no money, so gave none back); locked, oldest first. Sent on the driver's
+#: connection (every order with a payment intent reads them)
+_UNMATCHED_OF_SQL = driver.sql_of(
+    text(
+        """
+        SELECT * FROM unmatched_payments
+        WHERE payment_intent_id = :intent
+          AND (state = 'parked'
+               OR (state IN ('refund_pending', 'resolved_refund')
+                   AND type <> 'payment.failed'
+                   AND (order_id IS NULL OR order_id = :order_id)))
+        ORDER BY received_at, id
+        FOR UPDATE
+        """
+    )
+)
+
+
 async def load_unmatched_of(conn: AsyncConnection, order: Order) -> UnmatchedOf:
     """What matching ``order``'s attempt needs, under its intent's lock (taken first, in
     a statement of its own: see ``store.load_for_confirmation``)."""
     assert order.payment_intent_id is not None
     await lock_intent(conn, order.payment_intent_id)
-    c = unmatched.c
-    found = await conn.execute(
-        select(unmatched)
-        .where(
-            c.payment_intent_id == order.payment_intent_id,
-            or_(
-                c.state == "parked",
-                # given back, naming no order or this one; a failed payment so resolved
-                # took no money, so gave none back
-                and_(
-                    c.state.in_(("refund_pending", "resolved_refund")),
-                    c.type != "payment.failed",
-                    or_(c.order_id.is_(None), c.order_id == order.order_id),
-                ),
-            ),
-        )
-        .order_by(c.received_at, c.id)
-        .with_for_update()
+    rows = await driver.rows(
+        conn, _UNMATCHED_OF_SQL, {"intent": order.payment_intent_id, "order_id": order.order_id}
     )
-    rows = found.all()
     matchable = [r for r in rows if r.state == "parked"]
     given_back = sorted((r for r in rows if r.state != "parked"), key=lambda r: r.id)
     return UnmatchedOf([confirmation_from_unmatched(r) for r in matchable], given_back)

@@ -64,8 +64,7 @@ from benchmarks import stats
 from services import devstack
 from services.devclient import envelope, order_placed
 from services.runtime.kafka import client_options
-from services.runtime.service import libpq_conninfo
-from services.runtime.settings import SERVICES
+from services.runtime.settings import SERVICES, database_url_of, libpq_conninfo
 from services.runtime.signature import sign
 from services.runtime.terminal import make_console
 from services.runtime.topics import (
@@ -374,7 +373,7 @@ async def _pg_worker(conninfo: str, worker: int, until: float, value: bytes) -> 
 
 async def psycopg_step(server_url: str, pg_probe: Callable[[], float] | None) -> dict[str, Any]:
     devstack.ensure_databases(server_url, ("paysaga_bench",))
-    conninfo = libpq_conninfo(f"{server_url.rstrip('/')}/paysaga_bench")
+    conninfo = libpq_conninfo(database_url_of(server_url, "paysaga_bench"))
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(_PG_SETUP)
     concurrency = len(SERVICES)  # each consuming service applies one record at a time

@@ -19,7 +19,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from services.runtime.kafka import client_options
-from services.runtime.service import libpq_conninfo
+from services.runtime.settings import database_url_of, libpq_conninfo
 from services.runtime.topics import partitions_of
 
 T = TypeVar("T")
@@ -262,6 +262,6 @@ class DevClient:
         return [json.loads(m.value)["payload"] for m in recs if m.key == order_id.encode()]
 
     def db(self, service: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        url = f"{self.database_url.rstrip('/')}/paysaga_{service}"
+        url = database_url_of(self.database_url, f"paysaga_{service}")
         with psycopg.connect(libpq_conninfo(url), autocommit=True) as conn:
             return conn.execute(sql, params).fetchall()

@@ -29,10 +29,12 @@ class Infra:
     database_url: str  # server URL, SQLAlchemy form, no database
 
     def db_url(self, dbname: str) -> str:
-        return f"{self.database_url.rstrip('/')}/{dbname}"
+        from services.runtime.settings import database_url_of
+
+        return database_url_of(self.database_url, dbname)
 
     def conninfo(self, dbname: str) -> str:
-        from services.runtime.service import libpq_conninfo
+        from services.runtime.settings import libpq_conninfo
 
         return libpq_conninfo(self.db_url(dbname))
 

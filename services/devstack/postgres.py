@@ -224,10 +224,10 @@ def _shown(path: Path) -> Path:
 
 def ensure_databases(server_url: str, names: tuple[str, ...]) -> None:
     """Create the missing service databases on a server (local or existing)."""
-    from services.runtime.service import libpq_conninfo
+    from services.runtime.settings import database_url_of, libpq_conninfo
 
     with psycopg.connect(
-        libpq_conninfo(f"{server_url.rstrip('/')}/postgres"), autocommit=True
+        libpq_conninfo(database_url_of(server_url, "postgres")), autocommit=True
     ) as conn:
         existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
         for name in names:

@@ -9,8 +9,7 @@ from typing import Any
 import psycopg
 
 from services.runtime.cli_outbox import DeadRow, dead_rows
-from services.runtime.service import libpq_conninfo
-from services.runtime.settings import SERVICES, DatabaseSettings
+from services.runtime.settings import SERVICES, DatabaseSettings, libpq_conninfo
 
 
 def _rows(service: str, sql: str) -> list[Any]:

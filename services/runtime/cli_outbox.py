@@ -19,8 +19,7 @@ from rich.table import Table
 
 from services.runtime.outbox import OUTBOX_CHANNEL
 from services.runtime.relay import event_type_of
-from services.runtime.service import libpq_conninfo
-from services.runtime.settings import SERVICES, DatabaseSettings
+from services.runtime.settings import SERVICES, DatabaseSettings, libpq_conninfo
 from services.runtime.terminal import make_console
 from services.runtime.wakeup import notify_statement
 

@@ -20,7 +20,6 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.runtime.blocking import DeadLetterHook
@@ -31,8 +30,9 @@ from services.runtime.messages import BatchHook, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.probes import add_probes
 from services.runtime.relay import OutboxRelay, RelaySettings
+from services.runtime.settings import libpq_conninfo
 
-__all__ = ["Service", "configure_logging", "libpq_conninfo", "make_engine", "run_service"]
+__all__ = ["Service", "configure_logging", "make_engine", "run_service"]
 
 log = logging.getLogger("paysaga.service")
 
@@ -57,20 +57,6 @@ def make_engine(url: str, pool_size: int = 5, *, pre_ping: bool = False) -> Asyn
         # may hold a payment's client secret (docs/contract.md §3.7), and errors are logged
         hide_parameters=True,
     )
-
-
-def libpq_conninfo(url: str) -> str:
-    """The SQLAlchemy URL as a libpq conninfo string (for the relay's raw connection)."""
-    u = make_url(url)
-    parts = {
-        "host": u.host or "127.0.0.1",
-        "port": str(u.port or 5432),
-        "user": u.username or "",
-        "dbname": u.database or "",
-        "password": u.password or "",
-        "connect_timeout": "5",
-    }
-    return " ".join(f"{k}={v}" for k, v in parts.items() if v)
 
 
 @dataclasses.dataclass

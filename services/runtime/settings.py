@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 #: The documented local development secret: used by the local stack when
 #: PAYSAGA_GATEWAY_SECRETS is not set (make up, make demo, make test) — never in code paths
@@ -68,7 +69,22 @@ class DatabaseSettings(BaseSettings):
         explicit: str | None = getattr(self, f"{service}_database_url", None)
         if explicit:
             return explicit
-        return f"{self.database_url.rstrip('/')}/paysaga_{service}"
+        return database_url_of(self.database_url, f"paysaga_{service}")
+
+
+def database_url_of(server_url: str, dbname: str) -> str:
+    """The URL of database ``dbname`` on the server of ``server_url``: its query (a
+    socket directory, ``sslmode`` …) kept."""
+    return make_url(server_url).set(database=dbname).render_as_string(hide_password=False)
+
+
+def libpq_conninfo(url: str) -> str:
+    """A SQLAlchemy URL as libpq takes it (a raw psycopg connection: the relay's wake-up,
+    the CLI's): the same server, user, database and query parameters (``host`` a socket
+    directory, ``sslmode`` …) as the engine's, a 5 s connect timeout unless it sets one."""
+    u = make_url(url)
+    query = {"connect_timeout": "5", **u.query}
+    return u.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 class GatewaySecrets(BaseSettings):

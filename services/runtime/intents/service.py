@@ -19,8 +19,13 @@ from services.runtime.intents.worker import IntentWorker
 from services.runtime.messages import Handlers, routes_of
 from services.runtime.metrics import GatewayMetrics
 from services.runtime.retry import RetryPolicy
-from services.runtime.service import Service, Worker, libpq_conninfo, make_engine
-from services.runtime.settings import DatabaseSettings, GatewayClientSettings, KafkaSettings
+from services.runtime.service import Service, Worker, make_engine
+from services.runtime.settings import (
+    DatabaseSettings,
+    GatewayClientSettings,
+    KafkaSettings,
+    libpq_conninfo,
+)
 from services.runtime.wakeup import WorkLoop
 
 PolicyT = TypeVar("PolicyT")

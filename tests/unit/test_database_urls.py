@@ -1,0 +1,58 @@
+"""A database URL names its server once: every service's database and every raw
+connection (the relay's wake-up, the CLI's) reach that server the same way."""
+
+from __future__ import annotations
+
+import psycopg.conninfo
+import pytest
+
+from services.runtime.settings import DatabaseSettings, database_url_of, libpq_conninfo
+
+
+def test_a_services_database_is_named_on_the_servers_url() -> None:
+    url = database_url_of("postgresql+psycopg://paysaga@db.internal:5433", "paysaga_orders")
+    assert url == "postgresql+psycopg://paysaga@db.internal:5433/paysaga_orders"
+
+
+def test_the_query_of_the_servers_url_is_kept_for_every_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = "postgresql+psycopg://paysaga@/?host=/run/pg&port=56433&sslmode=verify-full"
+    monkeypatch.setenv("PAYSAGA_DATABASE_URL", server)
+    url = DatabaseSettings().url_for("capture")
+    info = psycopg.conninfo.conninfo_to_dict(libpq_conninfo(url))
+    assert info == {
+        "user": "paysaga",
+        "dbname": "paysaga_capture",
+        "host": "/run/pg",
+        "port": "56433",
+        "sslmode": "verify-full",
+        "connect_timeout": "5",
+    }
+
+
+def test_a_raw_connection_reaches_the_engines_server_with_its_password() -> None:
+    url = "postgresql+psycopg://pay%40saga:p%2Fw%3Ad@10.0.0.7:6432/paysaga_refunds"
+    info = psycopg.conninfo.conninfo_to_dict(libpq_conninfo(url))
+    assert info == {
+        "user": "pay@saga",
+        "password": "p/w:d",
+        "host": "10.0.0.7",
+        "port": "6432",
+        "dbname": "paysaga_refunds",
+        "connect_timeout": "5",
+    }
+
+
+def test_a_connect_timeout_the_url_sets_wins() -> None:
+    url = "postgresql+psycopg://paysaga@127.0.0.1:55432/x?connect_timeout=30"
+    assert psycopg.conninfo.conninfo_to_dict(libpq_conninfo(url))["connect_timeout"] == "30"
+
+
+def test_an_explicit_url_for_one_service_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAYSAGA_DATABASE_URL", "postgresql+psycopg://paysaga@a:1")
+    monkeypatch.setenv("PAYSAGA_ORDERS_DATABASE_URL", "postgresql+psycopg://o@b:2/orders")
+    assert DatabaseSettings().url_for("orders") == "postgresql+psycopg://o@b:2/orders"
+    assert (
+        DatabaseSettings().url_for("refunds") == "postgresql+psycopg://paysaga@a:1/paysaga_refunds"
+    )

@@ -37,6 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.events import PaymentContext, PaymentRequestContext
+from services.runtime import driver
 from services.runtime.autocommit import autocommit
 from services.runtime.bound import bound, prefixed
 from services.runtime.outbox import OUTBOX_CHANNEL, ROW_COLUMNS, Cause, event_row, write_event
@@ -179,7 +180,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         self.context_model, self.on_resolved = context_model, on_resolved
         #: the statements built once (``_built``), by what they do and the values' shape
         self._statements: dict[tuple[Any, ...], Any] = {}
-        self._claim = self._build_claim()
+        self._claim = driver.sql_of(self._build_claim())
 
     def _built(self, what: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         """The statement ``what`` names, built the first time it is asked for: each
@@ -234,9 +235,11 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         fields = type(context).model_fields
         return {k: getattr(context, k) for k in self.key if k in fields and k != "order_id"}
 
-    def _build_claim(self) -> Any:
-        """``claim_due``'s statement: up to ``:limit`` rows, leased for ``:lease`` under
-        ``:token`` (``:now`` the caller's clock, for ``updated_at``)."""
+    def _build_claim(self) -> Update:
+        """``claim_due``'s statement: up to ``:limit`` rows, leased for ``:lease_ms``
+        under ``:token`` (``:now`` the caller's clock, for ``updated_at``); sent on the
+        driver's connection (``driver``): its constants are written in, its lease is
+        whole milliseconds."""
         c = self.table.c
         db_now = func.now()
         due = (
@@ -256,9 +259,10 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             update(self.table)
             .where(*(c[k] == due.c[k] for k in self.key))
             .values(
-                state="in_flight",
-                attempts=c.attempts + 1,
-                lease_until=db_now + bindparam("lease", type_=Interval),
+                state=literal_column("'in_flight'"),
+                attempts=c.attempts + literal_column("1"),
+                lease_until=db_now
+                + bindparam("lease_ms", type_=Integer) * literal_column("interval '1 millisecond'"),
                 claim_token=bindparam("token", type_=String),
                 updated_at=bindparam("now", type_=DateTime(timezone=True)),
             )
@@ -275,9 +279,10 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         Both, and the new lease, are judged by the database's ``now()``: a worker whose
         clock is off cannot take a live claim over nor miss an expired one."""
         token = uuid.uuid4().hex
-        params = {"limit": limit, "lease": lease, "token": token, "now": now}
+        lease_ms = round(lease.total_seconds() * 1000)
+        params = {"limit": limit, "lease_ms": lease_ms, "token": token, "now": now}
         async with autocommit(engine) as conn:  # one statement: a transaction of its own
-            rows = (await conn.execute(self._claim, params)).all()
+            rows = await driver.rows(conn, self._claim, params)
         return [
             Claimed(
                 claim=self.claim_of(row),

@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.inventory.domain import Line, ReservationState, StockLevel
+from services.runtime import driver
 
 metadata = MetaData()
 
@@ -116,6 +117,7 @@ _CLAIM = text(
     " SELECT held.attempt, held.state, held.lines, EXISTS (SELECT FROM claimed) AS claimed"
     " FROM (SELECT) AS one LEFT JOIN held ON true ORDER BY held.attempt"
 )
+_CLAIM_SQL = driver.sql_of(_CLAIM)
 
 
 async def claim_reservation(
@@ -138,7 +140,7 @@ async def claim_reservation(
         "lines": json.dumps([{"sku": ln.sku, "quantity": ln.quantity} for ln in lines]),
         "now": now,
     }
-    rows = (await conn.execute(_CLAIM, params)).all()
+    rows = await driver.rows(conn, _CLAIM_SQL, params)
     held = {
         r.attempt: (cast(ReservationState, r.state), _lines(r.lines))
         for r in rows
@@ -178,20 +180,21 @@ async def hold_claimed(
     return short
 
 
+#: ``_hold``: one line held if it fits — never read-then-write
+_HOLD_LINE_SQL = driver.sql_of(
+    text(
+        "UPDATE stock SET reserved = reserved + :quantity, updated_at = :now"
+        " WHERE sku = :sku AND available - reserved - sold >= :quantity RETURNING sku"
+    )
+)
+
+
 async def _hold(conn: AsyncConnection, lines: Sequence[Line], now: datetime) -> list[str]:
     """Reserve each line that fits, in the caller's order; the SKUs that did not."""
     short: list[str] = []
     for line in lines:
-        held = await conn.execute(
-            update(stock)
-            .where(
-                stock.c.sku == line.sku,
-                stock.c.available - stock.c.reserved - stock.c.sold >= line.quantity,
-            )
-            .values(reserved=stock.c.reserved + line.quantity, updated_at=now)
-            .returning(stock.c.sku)
-        )
-        if held.first() is None:
+        params = {"sku": line.sku, "quantity": line.quantity, "now": now}
+        if not await driver.rows(conn, _HOLD_LINE_SQL, params):
             short.append(line.sku)
     return short
 
@@ -239,6 +242,7 @@ _SETTLE_HELD = text(
     " FROM line WHERE stock.sku = line.sku RETURNING stock.sku)"
     " SELECT settled.lines, (SELECT count(*) FROM held) AS held FROM settled"
 )
+_SETTLE_HELD_SQL = driver.sql_of(_SETTLE_HELD)
 
 
 async def settle_held(
@@ -260,9 +264,10 @@ async def settle_held(
         "now": now,
         "sold": target == "committed",
     }
-    row = (await conn.execute(_SETTLE_HELD, params)).first()
-    if row is None:
+    found = await driver.rows(conn, _SETTLE_HELD_SQL, params)
+    if not found:
         return None
+    row = found[0]
     lines = _lines(row.lines)
     if len(lines) == 1:
         if row.held != 1:

@@ -4,8 +4,10 @@ statement compiled once (``sql_of``) on the psycopg connection under a SQLAlchem
 greenlet hop, its cursor wrapper and result object). Measured on the bench machine, one
 statement cost its client about 175 µs of CPU through SQLAlchemy and 95 µs this way.
 
-Only for statements whose values need no SQLAlchemy type processing (text, numbers,
-bytes, timestamps, arrays of them; JSON read as psycopg loads it). A failure is raised
+A value goes to psycopg as SQLAlchemy would send it: the statement keeps the bind
+processors of its parameters' types (JSON wrapped for psycopg, say) and applies them
+on each execution; rows come back as psycopg gives them (JSON loaded, timestamps aware),
+which for the types used here is what SQLAlchemy returns. A failure is raised
 as SQLAlchemy raises it (``sqlalchemy.exc.DBAPIError`` and its subclasses, with
 ``connection_invalidated`` set, and the pool renewed when the connection broke), so the
 errors' one place (``errors.is_transient``) and every caller's handling see what they
@@ -15,51 +17,69 @@ listeners hear them (their return values are not used).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import psycopg
 import sqlalchemy.exc
 from psycopg.rows import namedtuple_row
-from sqlalchemy import ARRAY
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.util import greenlet_spawn
 
 _DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
-def sql_of(stmt: ClauseElement) -> str:
-    """``stmt`` compiled for psycopg once, its values bound by name (``%(name)s``); call
-    it where the statement is built, not per execution."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Statement:
+    """A statement compiled once (``sql_of``): its SQL, its values bound by name
+    (``%(name)s``), and the parameters whose values SQLAlchemy converts before psycopg
+    sees them, each with its type's bind processor."""
+
+    sql: str
+    converted: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
+
+    def params(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``given`` as SQLAlchemy would send them."""
+        if not self.converted:
+            return given
+        out = dict(given)
+        for name, process in self.converted:
+            if name in out:
+                out[name] = process(out[name])
+        return out
+
+
+def sql_of(stmt: ClauseElement) -> Statement:
+    """``stmt`` compiled for psycopg once; call it where the statement is built, not per
+    execution. Every value is the caller's: none built in, no expanding IN list."""
     compiled = cast(SQLCompiler, stmt.compile(dialect=_DIALECT))
+    converted: list[tuple[str, Callable[[Any], Any]]] = []
     for name, b in compiled.binds.items():
-        # every value is the caller's, and goes to psycopg as it is given
         assert b.value is None, f"{name}: a value built in"
         assert b.callable is None, f"{name}: a value built in"
         assert not b.expanding, f"{name}: an expanding IN list"
-        assert not _converted(b.type), f"{name}: a value SQLAlchemy converts"
-    return str(compiled)
-
-
-def _converted(type_: TypeEngine[Any]) -> bool:
-    """Whether SQLAlchemy changes a value of ``type_`` before psycopg sees it (an
-    array's processor only turns a tuple into a list: its items count)."""
-    if isinstance(type_, ARRAY):
-        return _converted(type_.item_type)
-    return type_.bind_processor(_DIALECT) is not None
+        process = b.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+        if process is not None:
+            converted.append((name, process))
+    return Statement(str(compiled), tuple(converted))
 
 
 async def execute(
-    conn: AsyncConnection, sql: str, params: Mapping[str, Any]
+    conn: AsyncConnection, stmt: Statement | str, params: Mapping[str, Any]
 ) -> psycopg.AsyncCursor[Any]:
-    """Run ``sql`` with ``params`` on ``conn``'s driver connection, in the transaction
+    """Run ``stmt`` with ``params`` on ``conn``'s driver connection, in the transaction
     SQLAlchemy began on it (``engine.begin()``, a savepoint) or in autocommit — never as
     the start of one: SQLAlchemy would not know of it, and would neither commit it nor
-    fire its commit events. The cursor's rows are named tuples."""
+    fire its commit events. ``stmt``: built by ``sql_of``, or SQL whose values go to
+    psycopg as given. The cursor's rows are named tuples."""
+    if isinstance(stmt, Statement):
+        sql, params = stmt.sql, stmt.params(params)
+    else:
+        sql = stmt
     sync = conn.sync_connection
     assert sync is not None, "a connection that was started"
     fairy = sync.connection
@@ -85,6 +105,8 @@ async def execute(
     return cur
 
 
-async def rows(conn: AsyncConnection, sql: str, params: Mapping[str, Any]) -> list[Any]:
+async def rows(
+    conn: AsyncConnection, stmt: Statement | str, params: Mapping[str, Any]
+) -> list[Any]:
     """``execute``, and the rows it returned."""
-    return await (await execute(conn, sql, params)).fetchall()
+    return await (await execute(conn, stmt, params)).fetchall()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import Text, bindparam, func, text
+from sqlalchemy import Text, bindparam, func, literal_column, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.runtime import driver
@@ -22,7 +22,7 @@ XACT_LOCK_SQL = f"pg_advisory_xact_lock({_KEY.format(':lock_name')})"
 #: the lock as a Core expression (the key of ``_KEY``), for a statement that takes it
 #: after its other work: the name is bound as ``:lock_name``, as in ``XACT_LOCK_SQL``
 XACT_LOCK_EXPRESSION = func.pg_advisory_xact_lock(
-    func.hashtextextended(bindparam("lock_name", type_=Text), 0)
+    func.hashtextextended(bindparam("lock_name", type_=Text), literal_column("0"))
 )
 
 

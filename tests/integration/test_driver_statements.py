@@ -9,12 +9,14 @@ from __future__ import annotations
 import psycopg
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import event, text
+from sqlalchemy import event, insert, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import driver
 from services.runtime.autocommit import autocommit
+from services.runtime.bound import bound
 from services.runtime.errors import is_transient
+from services.runtime.tables import outbox
 from tests.conftest import Infra
 from tests.integration.conftest import refunds_db
 
@@ -107,4 +109,36 @@ async def test_the_engines_listeners_hear_driver_statements(infra: Infra) -> Non
         event.listen(engine.sync_engine, "after_cursor_execute", after)
         async with engine.begin() as conn:
             await driver.execute(conn, _INSERT, {"group": "g", "key": "k"})
-        assert heard == [("before", _INSERT), ("after", _INSERT)]
+        assert heard == [("before", _INSERT.sql), ("after", _INSERT.sql)]
+
+
+async def test_a_value_sqlalchemy_converts_goes_as_sqlalchemy_sends_it(infra: Infra) -> None:
+    """A JSON document is wrapped as SQLAlchemy wraps it: stored as the same document
+    (a JSON array, not a PostgreSQL array nor a string), read back as SQLAlchemy reads it."""
+    stmt = (
+        insert(outbox)
+        .values(bound(outbox, ("topic", "key", "value", "headers"), "e_"))
+        .returning(outbox.c.id, outbox.c.headers)
+    )
+    sent = driver.sql_of(stmt)
+    assert [name for name, _ in sent.converted] == ["e_headers"]
+    headers = [["traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]]
+    params = {"e_topic": "t", "e_key": b"k", "e_value": b"v", "e_headers": headers}
+    async with refunds_db(infra, "drv_json") as (engine, _):
+        async with engine.begin() as conn:
+            [ours] = await driver.rows(conn, sent, params)
+            theirs = (await conn.execute(stmt, params)).one()
+            stored = (
+                await conn.execute(
+                    select(
+                        outbox.c.id, literal_column("jsonb_typeof(headers)").label("kind")
+                    ).order_by(outbox.c.id)
+                )
+            ).all()
+        assert ours.headers == theirs.headers == headers
+        assert [(r.id, r.kind) for r in stored] == [(ours.id, "array"), (theirs.id, "array")]
+
+
+async def test_a_statement_with_a_value_built_in_is_refused() -> None:
+    with pytest.raises(AssertionError, match="a value built in"):
+        driver.sql_of(select(outbox.c.id).where(outbox.c.topic == "built in"))

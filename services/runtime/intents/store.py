@@ -13,10 +13,10 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
-    Executable,
     Index,
     Integer,
     Interval,
+    Select,
     String,
     Table,
     Text,
@@ -220,14 +220,14 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         )
         inserted = self._built(
             ("record", shape),
-            lambda: (
+            lambda: driver.sql_of(
                 pg_insert(self.table)
                 .values(_set(self.table, shape))
                 .on_conflict_do_nothing()
                 .returning(self.table.c[self.key[0]])
             ),
         )
-        return (await conn.execute(inserted, params)).first() is not None
+        return bool(await driver.rows(conn, inserted, params))
 
     def _key_values(self, context: IntentContext) -> dict[str, Any]:
         """The key columns the context has (``transaction_id``; ``attempt``), besides
@@ -236,10 +236,9 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         return {k: getattr(context, k) for k in self.key if k in fields and k != "order_id"}
 
     def _build_claim(self) -> Update:
-        """``claim_due``'s statement: up to ``:limit`` rows, leased for ``:lease_ms``
-        under ``:token`` (``:now`` the caller's clock, for ``updated_at``); sent on the
-        driver's connection (``driver``): its constants are written in, its lease is
-        whole milliseconds."""
+        """``claim_due``'s statement: up to ``:limit`` rows, leased for ``:lease`` under
+        ``:token`` (``:now`` the caller's clock, for ``updated_at``); sent on the driver's
+        connection (``driver``), its constants written in."""
         c = self.table.c
         db_now = func.now()
         due = (
@@ -261,8 +260,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             .values(
                 state=literal_column("'in_flight'"),
                 attempts=c.attempts + literal_column("1"),
-                lease_until=db_now
-                + bindparam("lease_ms", type_=Integer) * literal_column("interval '1 millisecond'"),
+                lease_until=db_now + bindparam("lease", type_=Interval),
                 claim_token=bindparam("token", type_=String),
                 updated_at=bindparam("now", type_=DateTime(timezone=True)),
             )
@@ -279,8 +277,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         Both, and the new lease, are judged by the database's ``now()``: a worker whose
         clock is off cannot take a live claim over nor miss an expired one."""
         token = uuid.uuid4().hex
-        lease_ms = round(lease.total_seconds() * 1000)
-        params = {"limit": limit, "lease_ms": lease_ms, "token": token, "now": now}
+        params = {"limit": limit, "lease": lease, "token": token, "now": now}
         async with autocommit(engine) as conn:  # one statement: a transaction of its own
             rows = await driver.rows(conn, self._claim, params)
         return [
@@ -330,13 +327,15 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                 params.update({f"e_{k}": v for k, v in row.items()})
             stmt = self._built(
                 ("resolve", shape, event is not None),
-                lambda: _with_event(self._stored(shape), with_event=event is not None),
+                lambda: driver.sql_of(
+                    _with_event(self._stored(shape), with_event=event is not None)
+                ),
             )
             async with autocommit(engine) as conn:
-                return (await conn.execute(stmt, params)).first() is not None
-        stored = self._built(("resolve", shape, False), lambda: self._stored(shape))
+                return bool(await driver.rows(conn, stmt, params))
+        stored = self._built(("resolve", shape, False), lambda: driver.sql_of(self._stored(shape)))
         async with engine.begin() as conn:
-            if (await conn.execute(stored, params)).first() is None:
+            if not await driver.rows(conn, stored, params):
                 return False
             if event is not None:
                 await write_event(
@@ -353,7 +352,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
             update(self.table)
             .where(
                 *(c[k] == bindparam(f"k_{k}", type_=c[k].type) for k in self.key),
-                c.state == "in_flight",
+                c.state == literal_column("'in_flight'"),
                 c.claim_token == bindparam("k_token", type_=String),
             )
             .values(_set(self.table, shape))
@@ -361,7 +360,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         )
 
 
-def _with_event(stored: Update, *, with_event: bool) -> Executable:
+def _with_event(stored: Update, *, with_event: bool) -> Update | Select[Any]:
     """``stored`` (an update returning the row it fenced) with, if ``with_event``, the
     insert of an event's outbox row (``:e_<column>``) and the relay's wake-up — both
     only if the update stored."""
@@ -370,5 +369,5 @@ def _with_event(stored: Update, *, with_event: bool) -> Executable:
     resolved = stored.cte("resolved")
     values = select(*(bindparam(f"e_{k}", type_=outbox.c[k].type).label(k) for k in ROW_COLUMNS))
     written = insert(outbox).from_select(ROW_COLUMNS, values.where(exists(select(resolved))))
-    woken = func.pg_notify(OUTBOX_CHANNEL, literal_column("''"))
+    woken = func.pg_notify(literal_column(f"'{OUTBOX_CHANNEL}'"), literal_column("''"))
     return select(*resolved.c, woken).add_cte(written.cte("written"))

@@ -143,7 +143,7 @@ async def save_confirmation(
             "c_outcome": decision.outcome,
         }
         if closed is None:
-            await conn.execute(_SETTLED, params)
+            await driver.execute(conn, _SETTLED_SQL, params)
             return
         await conn.execute(_SETTLED.add_cte(closed.returning(unmatched.c.id).cte("closed")), params)
     elif closed is not None:
@@ -179,6 +179,7 @@ _SETTLED = (
         .cte("stored")
     )
 )
+_SETTLED_SQL = driver.sql_of(_SETTLED)
 #: a payment that matched no order (``:p_*``), kept unmatched
 _PARKED = (
     pg_insert(unmatched)

@@ -42,7 +42,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.payments.domain import Confirmation, Item, Order
-from services.runtime import deferred
+from services.runtime import deferred, driver
 from services.runtime.bound import bound, prefixed
 from services.runtime.intents.store import intent_columns, intent_indexes
 from services.runtime.locks import XACT_LOCK_EXPRESSION, xact_lock
@@ -268,6 +268,8 @@ _INSERT_ORDER = (
 #: the same, then the lock ``:lock_name`` once the row is in
 _inserted = _INSERT_ORDER.cte("inserted")
 _INSERT_ORDER_LOCKING = select(_inserted.c.order_id, XACT_LOCK_EXPRESSION)
+_INSERT_ORDER_SQL = driver.sql_of(_INSERT_ORDER)
+_INSERT_ORDER_LOCKING_SQL = driver.sql_of(_INSERT_ORDER_LOCKING)
 
 
 async def load_order(conn: AsyncConnection, order_id: str) -> Any:
@@ -287,9 +289,9 @@ async def insert_order(conn: AsyncConnection, order: Order) -> bool:
     params = prefixed({"order_id": order.order_id, **order_values(order)}, "o_")
     intent = order.payment_intent_id
     if intent is None:
-        return (await conn.execute(_INSERT_ORDER, params)).first() is not None
+        return bool(await driver.rows(conn, _INSERT_ORDER_SQL, params))
     params["lock_name"] = intent_lock(intent)
-    if (await conn.execute(_INSERT_ORDER_LOCKING, params)).first() is None:
+    if not await driver.rows(conn, _INSERT_ORDER_LOCKING_SQL, params):
         return False
     locked = deferred.scoped(conn, _IntentsLocked)
     if locked is not None:

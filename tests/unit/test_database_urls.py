@@ -14,34 +14,36 @@ def test_a_services_database_is_named_on_the_servers_url() -> None:
     assert url == "postgresql+psycopg://paysaga@db.internal:5433/paysaga_orders"
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (  # a socket directory, its port and sslmode: in the query
+            database_url_of(
+                "postgresql+psycopg://paysaga@/?host=/run/pg&port=56433&sslmode=verify-full",
+                "paysaga_capture",
+            ),
+            {"user": "paysaga", "dbname": "paysaga_capture", "host": "/run/pg", "port": "56433"}
+            | {"sslmode": "verify-full"},
+        ),
+        (  # a user and password that need quoting
+            "postgresql+psycopg://pay%40saga:p%2Fw%3Ad@10.0.0.7:6432/paysaga_refunds",
+            {"user": "pay@saga", "password": "p/w:d", "host": "10.0.0.7", "port": "6432"}
+            | {"dbname": "paysaga_refunds"},
+        ),
+    ],
+)
+def test_a_raw_connection_reaches_the_engines_server(url: str, expected: dict[str, str]) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(libpq_conninfo(url))
+    assert info == expected | {"connect_timeout": "5"}
+
+
 def test_the_query_of_the_servers_url_is_kept_for_every_database(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = "postgresql+psycopg://paysaga@/?host=/run/pg&port=56433&sslmode=verify-full"
     monkeypatch.setenv("PAYSAGA_DATABASE_URL", server)
-    url = DatabaseSettings().url_for("capture")
-    info = psycopg.conninfo.conninfo_to_dict(libpq_conninfo(url))
-    assert info == {
-        "user": "paysaga",
-        "dbname": "paysaga_capture",
-        "host": "/run/pg",
-        "port": "56433",
-        "sslmode": "verify-full",
-        "connect_timeout": "5",
-    }
-
-
-def test_a_raw_connection_reaches_the_engines_server_with_its_password() -> None:
-    url = "postgresql+psycopg://pay%40saga:p%2Fw%3Ad@10.0.0.7:6432/paysaga_refunds"
-    info = psycopg.conninfo.conninfo_to_dict(libpq_conninfo(url))
-    assert info == {
-        "user": "pay@saga",
-        "password": "p/w:d",
-        "host": "10.0.0.7",
-        "port": "6432",
-        "dbname": "paysaga_refunds",
-        "connect_timeout": "5",
-    }
+    assert DatabaseSettings().url_for("capture") == database_url_of(server, "paysaga_capture")
+    assert "sslmode=verify-full" in DatabaseSettings().url_for("capture")
 
 
 def test_a_connect_timeout_the_url_sets_wins() -> None:

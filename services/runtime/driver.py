@@ -55,16 +55,22 @@ class Statement:
 
 def sql_of(stmt: ClauseElement) -> Statement:
     """``stmt`` compiled for psycopg once; call it where the statement is built, not per
-    execution. Every value is the caller's: none built in, no expanding IN list."""
+    execution. Every value is the caller's, as SQLAlchemy would bind it: none built in or
+    rendered at execution, no expanding IN list, no Python-side default."""
     compiled = cast(SQLCompiler, stmt.compile(dialect=_DIALECT))
     converted: list[tuple[str, Callable[[Any], Any]]] = []
     for name, b in compiled.binds.items():
         assert b.value is None, f"{name}: a value built in"
         assert b.callable is None, f"{name}: a value built in"
         assert not b.expanding, f"{name}: an expanding IN list"
+        assert not b.literal_execute, f"{name}: a value rendered at execution"
         process = b.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
         if process is not None:
             converted.append((name, process))
+    # nothing SQLAlchemy would add at execution: Python-side column defaults, renamed binds
+    assert not compiled.insert_prefetch, "Python-side defaults"
+    assert not compiled.update_prefetch, "Python-side defaults"
+    assert not compiled.escaped_bind_names, "bind names SQLAlchemy renames"
     return Statement(str(compiled), tuple(converted))
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from typing import Literal
 
+from psycopg.conninfo import make_conninfo
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.engine import make_url
 
 #: The documented local development secret: used by the local stack when
@@ -72,6 +74,10 @@ class DatabaseSettings(BaseSettings):
         return database_url_of(self.database_url, f"paysaga_{service}")
 
 
+#: what turns a URL into the engine's connection arguments (``libpq_conninfo``)
+_PSYCOPG = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+
+
 def database_url_of(server_url: str, dbname: str) -> str:
     """The URL of database ``dbname`` on the server of ``server_url``: its query (a
     socket directory, ``sslmode`` …) kept."""
@@ -80,11 +86,12 @@ def database_url_of(server_url: str, dbname: str) -> str:
 
 def libpq_conninfo(url: str) -> str:
     """A SQLAlchemy URL as libpq takes it (a raw psycopg connection: the relay's wake-up,
-    the CLI's): the same server, user, database and query parameters (``host`` a socket
-    directory, ``sslmode`` …) as the engine's, a 5 s connect timeout unless it sets one."""
-    u = make_url(url)
-    query = {"connect_timeout": "5", **u.query}
-    return u.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    the CLI's): the connection arguments SQLAlchemy's psycopg dialect gives the engine —
+    the same server (several hosts, a socket directory), user, password, database and
+    query parameters (``sslmode``, ``options`` …) — quoted for libpq, with a 5 s connect
+    timeout unless the URL sets one."""
+    _, arguments = _PSYCOPG.create_connect_args(make_url(url))  # type: ignore[no-untyped-call]
+    return make_conninfo("", **({"connect_timeout": 5} | arguments))
 
 
 class GatewaySecrets(BaseSettings):

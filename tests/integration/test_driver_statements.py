@@ -9,7 +9,18 @@ from __future__ import annotations
 import psycopg
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import event, insert, literal_column, select, text
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    event,
+    insert,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import driver
@@ -139,6 +150,17 @@ async def test_a_value_sqlalchemy_converts_goes_as_sqlalchemy_sends_it(infra: In
         assert [(r.id, r.kind) for r in stored] == [(ours.id, "array"), (theirs.id, "array")]
 
 
-async def test_a_statement_with_a_value_built_in_is_refused() -> None:
+async def test_a_statement_sqlalchemy_would_complete_at_execution_is_refused() -> None:
     with pytest.raises(AssertionError, match="a value built in"):
         driver.sql_of(select(outbox.c.id).where(outbox.c.topic == "built in"))
+    rendered = bindparam("id", type_=Integer, literal_execute=True)
+    with pytest.raises(AssertionError, match="rendered at execution"):
+        driver.sql_of(select(outbox.c.id).where(outbox.c.id == rendered))
+    defaulted = Table(
+        "defaulted",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("at", Integer, default=lambda: 1),  # a value Python computes per row
+    )
+    with pytest.raises(AssertionError, match="Python-side defaults"):
+        driver.sql_of(insert(defaulted).values(id=bindparam("id", type_=Integer)))

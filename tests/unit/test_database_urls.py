@@ -26,9 +26,23 @@ def test_a_services_database_is_named_on_the_servers_url() -> None:
             | {"sslmode": "verify-full"},
         ),
         (  # a user and password that need quoting
-            "postgresql+psycopg://pay%40saga:p%2Fw%3Ad@10.0.0.7:6432/paysaga_refunds",
-            {"user": "pay@saga", "password": "p/w:d", "host": "10.0.0.7", "port": "6432"}
+            "postgresql+psycopg://pay%40saga:p%2Fw%3A%20d%2B@10.0.0.7:6432/paysaga_refunds",
+            {"user": "pay@saga", "password": "p/w: d+", "host": "10.0.0.7", "port": "6432"}
             | {"dbname": "paysaga_refunds"},
+        ),
+        (  # server options with spaces: one libpq value, not "+"-joined words
+            "postgresql+psycopg://paysaga@db/paysaga_orders?options=-c%20statement_timeout%3D5s",
+            {"user": "paysaga", "host": "db", "dbname": "paysaga_orders"}
+            | {"options": "-c statement_timeout=5s"},
+        ),
+        (  # several hosts, each with its port: tried in turn, as the engine tries them
+            "postgresql+psycopg://paysaga@/paysaga_payments?host=db1:5432&host=db2:5433",
+            {"user": "paysaga", "dbname": "paysaga_payments", "host": "db1,db2"}
+            | {"port": "5432,5433"},
+        ),
+        (  # an IPv6 address
+            "postgresql+psycopg://paysaga@[::1]:5433/paysaga_inventory",
+            {"user": "paysaga", "host": "::1", "port": "5433", "dbname": "paysaga_inventory"},
         ),
     ],
 )

@@ -24,13 +24,12 @@ from typing import Any, cast
 import psycopg
 import sqlalchemy.exc
 from psycopg.rows import namedtuple_row
-from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
-_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+from services.runtime.settings import PSYCOPG_DIALECT as _DIALECT
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -74,8 +74,9 @@ class DatabaseSettings(BaseSettings):
         return database_url_of(self.database_url, f"paysaga_{service}")
 
 
-#: what turns a URL into the engine's connection arguments (``libpq_conninfo``)
-_PSYCOPG = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+#: SQLAlchemy's psycopg dialect, as the engines use it: what reads a database URL into
+#: connection arguments (``libpq_conninfo``) and compiles the driver's statements
+PSYCOPG_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
 def database_url_of(server_url: str, dbname: str) -> str:
@@ -90,7 +91,7 @@ def libpq_conninfo(url: str) -> str:
     the same server (several hosts, a socket directory), user, password, database and
     query parameters (``sslmode``, ``options`` …) — quoted for libpq, with a 5 s connect
     timeout unless the URL sets one."""
-    _, arguments = _PSYCOPG.create_connect_args(make_url(url))  # type: ignore[no-untyped-call]
+    _, arguments = PSYCOPG_DIALECT.create_connect_args(make_url(url))  # type: ignore[no-untyped-call]
     return make_conninfo("", **({"connect_timeout": 5} | arguments))
 
 

@@ -20,6 +20,7 @@ from services.runtime import deferred, dlq
 from services.runtime.blocking import BlockedKeys, KeyBlocking
 from services.runtime.errors import PermanentError, is_transient, said
 from services.runtime.inbox import Inbox
+from services.runtime.kept import KeptConnections
 from services.runtime.logs import bound
 from services.runtime.member import Member
 from services.runtime.messages import BatchHook, Record
@@ -58,6 +59,10 @@ class BatchProcessor:
         self.inbox, self.blocking, self.producer = inbox, blocking, producer
         self.metrics, self.retry_budget_s, self.member = metrics, retry_budget_s, member
         self.prepare = prepare
+        #: the connections a lane's batches run on, kept from one batch to the next while
+        #: the consumer runs (``ConsumerRuntime.run``); the rarer paths (one record at a
+        #: time, a dead letter) check theirs out of the engine
+        self.kept = KeptConnections(engine)
         #: the one-at-a-time path pauses and polls the consumer while it backs off: one
         #: lane at a time (``consumer.lanes_of``)
         self._one_at_a_time = asyncio.Lock()
@@ -74,7 +79,7 @@ class BatchProcessor:
         if len(work) > 1:
             try:
                 outcomes: list[tuple[str, str]] = []
-                async with self.engine.begin() as conn:
+                async with self.kept.begin() as conn:
                     deferred.defer(conn)
                     steps = track_steps(conn)
                     keys = await self._load(conn, [r for _, rs in work for r in rs])
@@ -108,7 +113,7 @@ class BatchProcessor:
         self.metrics.batch_size.labels(self.service).observe(len(records))
         outcomes: list[tuple[str, str]] = []
         try:
-            async with self.engine.begin() as conn:
+            async with self.kept.begin() as conn:
                 deferred.defer(conn)
                 steps = track_steps(conn)
                 keys = await self._load(conn, records)

@@ -242,24 +242,29 @@ class ConsumerRuntime:
         consumer.subscribe(topics, listener=_Listener(self))
         await consumer.start()
         try:
-            while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
-                fetched = {tp: self.revocations.get(tp, 0) for tp in batch}
-                placed: list[tuple[TopicPartition, list[Record]]] = []
-                for tp, messages in batch.items():
-                    records = [Record.from_kafka(m) for m in messages]
-                    records = await self.positions.in_position(tp, records)
-                    if records and not self._skip(tp, records):
-                        placed.append((tp, records))
-                await self._process_lanes(lanes_of(placed, self.lanes), fetched)
-                await self._store_skipped()
-                await self._commit_kafka()
-                await self._update_lag()
+            async with self.batches.kept.while_running():
+                await self._consume(consumer, stop)
         finally:
             await self._store_skipped(now=True)
             await self._commit_kafka(now=True)
             await consumer.stop()  # commits nothing (auto-commit off) and leaves the group
             self._consumer = None
+
+    async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        s = self.settings
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
+            fetched = {tp: self.revocations.get(tp, 0) for tp in batch}
+            placed: list[tuple[TopicPartition, list[Record]]] = []
+            for tp, messages in batch.items():
+                records = [Record.from_kafka(m) for m in messages]
+                records = await self.positions.in_position(tp, records)
+                if records and not self._skip(tp, records):
+                    placed.append((tp, records))
+            await self._process_lanes(lanes_of(placed, self.lanes), fetched)
+            await self._store_skipped()
+            await self._commit_kafka()
+            await self._update_lag()
 
     def _skip(self, tp: TopicPartition, records: list[Record]) -> bool:
         """Take a batch of records that the group ignores, every one (``Inbox.ignores``),

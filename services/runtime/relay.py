@@ -53,10 +53,10 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import driver
-from services.runtime.autocommit import autocommit
 from services.runtime.errors import refused_by_kafka, said
 from services.runtime.faults import fault_point
 from services.runtime.kafka import client_options
+from services.runtime.kept import KeptConnections
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.outbox import OUTBOX_CHANNEL
 from services.runtime.tables import dead_letters, inbox, outbox
@@ -105,6 +105,8 @@ class OutboxRelay:
         self._stats_stale = False
         #: started when the relay takes the lead (see _lead)
         self._producer: AIOKafkaProducer
+        #: the connection of its passes, kept from one pass to the next while it leads
+        self.kept = KeptConnections(engine, autocommit=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -130,24 +132,30 @@ class OutboxRelay:
             await listen(conn, OUTBOX_CHANNEL)
             self._producer = await self._start_producer()
             try:
-                if dead := await self._update_backlog():
-                    log.error(
-                        "%s outbox: %d row(s) refused by Kafka for good wait for an operator"
-                        " (`paysaga outbox list`)",
-                        self.service,
-                        dead,
-                    )
-                last_prune = -math.inf  # prune at once on taking the lead, then every prune_every_s
-                while not stop.is_set():
-                    while await self._publish_batch():
-                        pass
-                    if time.monotonic() - last_prune > self.settings.prune_every_s:
-                        await self._prune()
-                        last_prune = time.monotonic()
-                    await wait_for_notification(conn, self._wait_s())
+                async with self.kept.while_running():
+                    await self._publish(stop, conn)
             finally:
                 self.active = False
                 await self._producer.stop()
+
+    async def _publish(self, stop: asyncio.Event, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Publish while leading: a pass on each notification (``conn`` listens), the
+        outbox pruned every ``prune_every_s``."""
+        if dead := await self._update_backlog():
+            log.error(
+                "%s outbox: %d row(s) refused by Kafka for good wait for an operator"
+                " (`paysaga outbox list`)",
+                self.service,
+                dead,
+            )
+        last_prune = -math.inf  # prune at once on taking the lead, then every prune_every_s
+        while not stop.is_set():
+            while await self._publish_batch():
+                pass
+            if time.monotonic() - last_prune > self.settings.prune_every_s:
+                await self._prune()
+                last_prune = time.monotonic()
+            await wait_for_notification(conn, self._wait_s())
 
     def _stats_due(self) -> bool:
         return time.monotonic() - self._stats_at >= self.settings.stats_every_s
@@ -175,13 +183,14 @@ class OutboxRelay:
     async def _publish_batch(self) -> bool:
         """Publish up to ``batch`` unsent rows, in waves; True if there may be more.
 
-        One pooled connection in autocommit serves the pass — the read, one UPDATE
-        marking every acknowledged row, the gauges when due — instead of a transaction per
+        One connection in autocommit serves the pass — the read, one UPDATE marking
+        every acknowledged row, the gauges when due — instead of a transaction per
         statement (each a checkout, BEGIN and COMMIT: round trips that cost more than
-        the rows). Marking once after the waves keeps the guarantee: a row is marked
-        only after its acknowledgement, and a crash before the mark re-publishes rows
-        the consumers' inboxes absorb."""
-        async with autocommit(self.engine) as conn:
+        the rows); it is kept for the next pass while the relay leads (``kept``).
+        Marking once after the waves keeps the guarantee: a row is marked only after its
+        acknowledgement, and a crash before the mark re-publishes rows the consumers'
+        inboxes absorb."""
+        async with self.kept.autocommit() as conn:
             rows = await driver.rows(conn, _UNSENT_SQL, {"limit": self.settings.batch})
             blocked: set[bytes] = set()  # keys of rows set aside during this pass
             sent: list[Any] = []

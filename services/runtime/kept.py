@@ -1,5 +1,6 @@
 """Connections of a service's engine kept checked out from one short unit of work to the
-next, for the loops that run many of them (the consumer's batches, the relay's passes).
+next, for the loops that run many of them: the consumer's batches, the relay's passes,
+the intent workers' claims and resolutions.
 
 A checkout from SQLAlchemy's pool and its return cost about as much client CPU as the
 statement they serve: measured on the bench machine, a one-statement transaction took
@@ -20,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 
 class KeptConnections:
-    """``begin()`` like ``engine.begin()`` — or, made with ``autocommit``, ``autocommit()``
-    like ``services.runtime.autocommit`` — on connections kept between units while
-    ``while_running`` is entered. Units may run side by side (a consumer's lanes): each
-    takes a connection of its own."""
+    """``begin()`` like ``engine.begin()`` — or, made with ``autocommit``, ``autocommit()``:
+    a connection on which each statement is its own transaction, without the BEGIN and
+    COMMIT round trips a transaction of one statement costs — on connections kept between
+    units while ``while_running`` is entered. Units may run side by side (a consumer's
+    lanes, a worker's rounds): each takes a connection of its own."""
 
     def __init__(self, engine: AsyncEngine, *, autocommit: bool = False) -> None:
         self.engine, self._autocommit = engine, autocommit

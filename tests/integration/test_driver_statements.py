@@ -24,9 +24,9 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import driver
-from services.runtime.autocommit import autocommit
 from services.runtime.bound import bound
 from services.runtime.errors import is_transient
+from services.runtime.kept import KeptConnections
 from services.runtime.tables import outbox
 from tests.conftest import Infra
 from tests.integration.conftest import refunds_db
@@ -66,7 +66,7 @@ async def test_a_driver_statement_lives_and_dies_with_the_transaction(infra: Inf
             async with conn.begin_nested() as nested:
                 await driver.execute(conn, _INSERT, {"group": "g", "key": "savepoint"})
                 await nested.rollback()
-        async with autocommit(engine) as conn:
+        async with KeptConnections(engine, autocommit=True).autocommit() as conn:
             await driver.execute(conn, _INSERT, {"group": "g", "key": "autocommit"})
         assert await _keys(engine) == ["autocommit", "kept"]
 

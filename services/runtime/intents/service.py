@@ -128,6 +128,7 @@ def intent_rounds(
             loop = WorkLoop(
                 name, libpq_conninfo(url), worker.channel, rounds.tick, poll_s, drain=rounds.drain
             )
-            await loop.run(stop)
+            async with rounds.kept.while_running():
+                await loop.run(stop)
 
     return work

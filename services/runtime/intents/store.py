@@ -34,12 +34,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.events import PaymentContext, PaymentRequestContext
 from services.runtime import driver
-from services.runtime.autocommit import autocommit
 from services.runtime.bound import bound, prefixed
+from services.runtime.kept import KeptConnections
 from services.runtime.outbox import OUTBOX_CHANNEL, ROW_COLUMNS, Cause, event_row, write_event
 from services.runtime.retry import Retry, Stalled
 from services.runtime.tables import outbox
@@ -268,7 +268,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         )
 
     async def claim_due(
-        self, engine: AsyncEngine, now: datetime, limit: int, lease: timedelta
+        self, kept: KeptConnections, now: datetime, limit: int, lease: timedelta
     ) -> list[Claimed[ClaimT]]:
         """Claim up to ``limit`` rows that are due (pending/unknown whose time has come)
         or whose lease ran out (their worker died mid-call), in one short transaction:
@@ -278,7 +278,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
         clock is off cannot take a live claim over nor miss an expired one."""
         token = uuid.uuid4().hex
         params = {"limit": limit, "lease": lease, "token": token, "now": now}
-        async with autocommit(engine) as conn:  # one statement: a transaction of its own
+        async with kept.autocommit() as conn:  # one statement: a transaction of its own
             rows = await driver.rows(conn, self._claim, params)
         return [
             Claimed(
@@ -295,7 +295,7 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
 
     async def resolve(
         self,
-        engine: AsyncEngine,
+        kept: KeptConnections,
         claimed: Claimed[ClaimT],
         resolution: ResolutionT,
         event: BaseModel | None,
@@ -331,10 +331,10 @@ class IntentStore(Generic[ClaimT, ResolutionT]):
                     _with_event(self._stored(shape), with_event=event is not None)
                 ),
             )
-            async with autocommit(engine) as conn:
+            async with kept.autocommit() as conn:
                 return bool(await driver.rows(conn, stmt, params))
         stored = self._built(("resolve", shape, False), lambda: driver.sql_of(self._stored(shape)))
-        async with engine.begin() as conn:
+        async with kept.engine.begin() as conn:
             if not await driver.rows(conn, stored, params):
                 return False
             if event is not None:

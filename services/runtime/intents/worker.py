@@ -24,6 +24,7 @@ from services.runtime.gateway_client import (
     GatewayUnavailableError,
 )
 from services.runtime.intents.store import Claimed, IntentStore
+from services.runtime.kept import KeptConnections
 from services.runtime.logs import bound
 from services.runtime.retry import Call, Lookup, Round
 from services.runtime.tracing import span, trace_id_of
@@ -84,6 +85,9 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
         self.engine, self.gateway, self.policy, self.metrics = engine, gateway, policy, metrics
         self.lease, self.batch, self.clock = lease, batch, clock
         self.rng = rng or random.Random()
+        #: the connections of the claims and resolutions, kept from one to the next while
+        #: the worker's loop runs (``intent_rounds``): a round of each slot in flight
+        self.kept = KeptConnections(engine, autocommit=True)
         #: the rounds in flight (``tick``)
         self._rounds: set[asyncio.Task[None]] = set()
         self.round_budget_s = lease.total_seconds() * 0.8
@@ -131,13 +135,13 @@ class IntentWorker(abc.ABC, Generic[ClaimT, ResolutionT, PolicyT, MetricsT]):
     async def claim_due(self, limit: int | None = None) -> list[Claimed[ClaimT]]:
         """Claim up to ``limit`` due intents (``batch`` by default)."""
         n = self.batch if limit is None else limit
-        return await self.intents.claim_due(self.engine, self.clock(), n, self.lease)
+        return await self.intents.claim_due(self.kept, self.clock(), n, self.lease)
 
     async def resolve(self, claimed: Claimed[ClaimT], resolution: ResolutionT) -> bool:
         """Transaction B; False when the claim was lost (another worker took the row)."""
         event = self.event_for(claimed, resolution)
         return await self.intents.resolve(
-            self.engine, claimed, resolution, event, self.topic, self.clock()
+            self.kept, claimed, resolution, event, self.topic, self.clock()
         )
 
     async def tick(self) -> bool:

@@ -8,7 +8,10 @@ statement they serve: measured on the bench machine, a one-statement transaction
 A connection is kept only while its owner runs (``while_running``) and only after its
 unit ended cleanly: after any error it is closed — given back to the pool, which rolls
 it back, or discards it when it broke — and the next unit checks a fresh one out, as
-``engine.begin()`` would. Outside ``while_running`` every unit checks one out and gives it
+``engine.begin()`` would. When a connection of the engine breaks (a database restart),
+SQLAlchemy renews the pool; a kept connection made before that is given back unused, as
+a checkout would find it stale, so a restart fails one unit rather than one per kept
+connection. Outside ``while_running`` every unit checks one out and gives it
 back, so a caller that never runs the loop (a test driving one pass) leaves nothing out.
 """
 
@@ -43,7 +46,8 @@ class KeptConnections:
             if not self._running:
                 idle, self._idle = self._idle, []
                 for conn in idle:
-                    await conn.close()
+                    with contextlib.suppress(Exception):  # a broken one is discarded anyway
+                        await conn.close()
 
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -63,7 +67,7 @@ class KeptConnections:
 
     @contextlib.asynccontextmanager
     async def _unit(self) -> AsyncIterator[AsyncConnection]:
-        conn = self._idle.pop() if self._idle else await self._checkout()
+        conn = await self._take()
         clean = False
         try:
             yield conn
@@ -74,8 +78,31 @@ class KeptConnections:
             else:
                 await conn.close()
 
+    async def _take(self) -> AsyncConnection:
+        """A kept connection, unless the pool was renewed since it was made — a connection
+        of the engine broke (a database restart): the others are given back then, as a
+        checkout would find them stale, so that the restart fails one unit, not one per
+        connection kept — else one checked out."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not _renewed_since(conn):
+                return conn
+            await conn.close()
+        return await self._checkout()
+
     async def _checkout(self) -> AsyncConnection:
         conn = await self.engine.connect()
         if self._autocommit:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         return conn
+
+
+def _renewed_since(conn: AsyncConnection) -> bool:
+    """The engine's pool was renewed (``Pool._invalidate``, as SQLAlchemy and
+    ``driver.execute`` do on a disconnect) after ``conn``'s connection was made: what the
+    pool's own checkout compares (``_ConnectionRecord.get_connection``)."""
+    sync = conn.sync_connection
+    record = None if sync is None else sync.connection._connection_record
+    if sync is None or record is None:
+        return True
+    return bool(sync.engine.pool._invalidate_time > record.starttime)

@@ -93,23 +93,36 @@ async def test_a_failed_unit_is_rolled_back_and_the_next_runs_on_a_fresh_connect
         assert await _keys(engine) == ["after"]
 
 
-async def test_a_connection_the_server_ended_fails_one_unit_only(infra: Infra) -> None:
+async def test_a_database_restart_fails_one_unit_not_one_per_kept_connection(
+    infra: Infra,
+) -> None:
     async with refunds_db(infra, "kept_broken") as (engine, conninfo):
         kept = KeptConnections(engine)
-        async with kept.while_running():
-            async with kept.begin() as conn:
-                pid = await _backend(conn)
+        other = KeptConnections(engine, autocommit=True)  # another loop's (a worker's)
+        async with kept.while_running(), other.while_running():
+            # two units side by side (a consumer's lanes) leave two connections kept
+            async with kept.begin() as a, kept.begin() as b:
+                pids = [await _backend(a), await _backend(b)]
+            async with other.autocommit() as c:
+                pids.append(await _backend(c))
+            assert _checked_out(engine) == 3
             async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as killer:
-                await killer.execute("SELECT pg_terminate_backend(%s)", [pid])
+                await killer.execute(
+                    "SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) p", [pids]
+                )
             with pytest.raises(sqlalchemy.exc.DBAPIError) as raised:
                 async with kept.begin() as conn:
                     await driver.execute(conn, _INSERT, {"group": "g", "key": "lost"})
             assert raised.value.connection_invalidated
             assert is_transient(raised.value)
+            # the pool was renewed: the other kept connections are not handed out again
             async with kept.begin() as conn:
-                assert await _backend(conn) != pid
+                assert await _backend(conn) not in pids
                 await driver.execute(conn, _INSERT, {"group": "g", "key": "retried"})
-        assert await _keys(engine) == ["retried"]
+            async with other.autocommit() as conn:
+                assert await _backend(conn) not in pids
+                await driver.execute(conn, _INSERT, {"group": "g", "key": "worker"})
+        assert await _keys(engine) == ["retried", "worker"]
         assert _checked_out(engine) == 0
 
 

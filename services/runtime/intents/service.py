@@ -74,7 +74,9 @@ def intent_service(
     """Wire a gateway-intent service: its consumer (``handlers`` record intents in
     transaction A and NOTIFY the worker's channel) and its ``worker`` rounds."""
     url = shared.url_for(name)
-    engine = make_engine(url, pool_size=own.concurrency + 2)
+    # the rounds in flight and the claim keep a connection each (``KeptConnections``),
+    # the consumer's lanes and the relay one each: the rarer paths need some left
+    engine = make_engine(url, pool_size=own.concurrency + 4)
     registry = CollectorRegistry()
     rounds = intent_rounds(
         name, url, engine, shared, registry, worker, policy, metrics(registry),

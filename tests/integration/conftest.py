@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.runtime import migrate
+from services.runtime import driver, migrate
 from services.runtime.service import make_engine
 from services.runtime.tables import metadata as runtime_metadata
 from tests.conftest import Infra
@@ -41,6 +41,20 @@ def refunds_db(
 ) -> contextlib.AbstractAsyncContextManager[tuple[AsyncEngine, str]]:
     """A fresh database at the refunds schema (intents, inbox, outbox)."""
     return service_db(infra, "refunds", prefix)
+
+
+#: an inbox row entered on the driver's connection (``services.runtime.driver``): what
+#: the tests of the connections under it write, read back by ``inbox_keys``
+INBOX_INSERT = driver.sql_of(
+    text("INSERT INTO inbox (consumer_group, dedupe_key) VALUES (:group, :key) RETURNING 1")
+)
+
+
+async def inbox_keys(engine: AsyncEngine) -> list[str]:
+    """The inbox's dedupe keys, in order."""
+    async with engine.connect() as conn:
+        found = await conn.execute(text("SELECT dedupe_key FROM inbox ORDER BY dedupe_key"))
+        return [r.dedupe_key for r in found]
 
 
 @contextlib.asynccontextmanager

@@ -17,19 +17,11 @@ from services.runtime import driver
 from services.runtime.errors import is_transient
 from services.runtime.kept import KeptConnections
 from tests.conftest import Infra
+from tests.integration.conftest import INBOX_INSERT as _INSERT
+from tests.integration.conftest import inbox_keys as _keys
 from tests.integration.conftest import refunds_db
 
 pytestmark = pytest.mark.asyncio
-
-_INSERT = driver.sql_of(
-    text("INSERT INTO inbox (consumer_group, dedupe_key) VALUES (:group, :key) RETURNING 1")
-)
-
-
-async def _keys(engine: AsyncEngine) -> list[str]:
-    async with engine.connect() as conn:
-        found = await conn.execute(text("SELECT dedupe_key FROM inbox ORDER BY dedupe_key"))
-        return [r.dedupe_key for r in found]
 
 
 async def _backend(conn: AsyncConnection) -> int:

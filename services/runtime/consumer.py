@@ -73,6 +73,7 @@ from services.runtime.errors import said
 from services.runtime.faults import fault_point
 from services.runtime.inbox import Inbox
 from services.runtime.kafka import client_options
+from services.runtime.linger import FetchWait, Linger, apply, settable
 from services.runtime.messages import BatchHook, Record, Route
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.positions import Positions
@@ -114,6 +115,13 @@ class RuntimeSettings(BaseSettings):
     #: under load, fewer and fuller fetches (and batches); idle, a record waits that long
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 500
+    #: above this many records/s (over a second), the consumer's fetches wait instead
+    #: until ``fetch_linger_min_bytes`` are there or ``fetch_linger_ms`` (``linger.py``):
+    #: fewer and fuller batches where each record would be a transaction of its own
+    fetch_linger_above_per_s: float = 100.0
+    fetch_linger_min_bytes: int = 16384
+    #: 0: never linger
+    fetch_linger_ms: int = 100
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -210,6 +218,12 @@ class ConsumerRuntime:
         self._committed_at = -math.inf
         self._consumer: AIOKafkaConsumer | None = None
         self._rng = random.Random()
+        s = settings
+        self.linger = Linger(
+            quiet=FetchWait(s.fetch_min_bytes, s.fetch_max_wait_ms),
+            busy=FetchWait(s.fetch_linger_min_bytes, s.fetch_linger_ms),
+            above_per_s=s.fetch_linger_above_per_s if s.fetch_linger_ms > 0 else 0.0,
+        )
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
@@ -241,6 +255,12 @@ class ConsumerRuntime:
         topics = [*self.inbox.routes, self.blocking.control_topic]
         consumer.subscribe(topics, listener=_Listener(self))
         await consumer.start()
+        lingers = self.linger.above_per_s > 0 and settable(consumer)
+        if self.linger.above_per_s > 0 and not lingers:
+            log.error(
+                "%s: this aiokafka's fetch wait cannot be set: fetches never linger", self.group
+            )
+        self.linger.reset(enabled=lingers)
         try:
             async with self.batches.kept.while_running():
                 await self._consume(consumer, stop)
@@ -254,6 +274,10 @@ class ConsumerRuntime:
         s = self.settings
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=s.poll_timeout_ms)
+            wait = self.linger.polled(time.monotonic(), sum(map(len, batch.values())))
+            if wait is not None:
+                apply(consumer, wait)
+                log.debug("%s fetches now wait for %s", self.group, wait)
             fetched = {tp: self.revocations.get(tp, 0) for tp in batch}
             placed: list[tuple[TopicPartition, list[Record]]] = []
             for tp, messages in batch.items():

@@ -35,7 +35,7 @@ class Linger:
 
     quiet: FetchWait
     busy: FetchWait
-    #: records/s over a window above which the consumer is busy (0: never lingers)
+    #: records/s over a window above which the consumer is busy (0: it never lingers)
     above_per_s: float
     window_s: float = 1.0
     lingering: bool = False
@@ -51,9 +51,11 @@ class Linger:
     def polled(self, now: float, records: int) -> FetchWait | None:
         """Note a poll's ``records`` at ``now`` (monotonic seconds); the wait to use
         from now on when it changes, else None. Decided once per window, on the rate
-        over it; a window with no poll (a long wait) counts as quiet."""
-        if self._since is None:
-            self._since = now
+        over it; a window with no poll (a long wait) counts as quiet. Not smoothed: a
+        burst of a second above the rate lingers for the next second."""
+        if self._since is None:  # the first poll opens the window: what it brought
+            self._since = now  # had waited for however long, so it is not counted
+            return None
         self._records += records
         elapsed = now - self._since
         if elapsed < self.window_s:

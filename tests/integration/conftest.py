@@ -1,18 +1,23 @@
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import driver, migrate
+from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
+from services.runtime.metrics import RuntimeMetrics
 from services.runtime.service import make_engine
 from services.runtime.tables import metadata as runtime_metadata
 from tests.conftest import Infra
@@ -125,6 +130,20 @@ class Ledger:
         proc = Proc(f"{self.group}-{name}", argv, env={"PAYSAGA_POLL_TIMEOUT_MS": "200", **env})
         self.procs.append(proc)
         return proc
+
+    def runtime(self, settings: RuntimeSettings) -> tuple[Any, ConsumerRuntime]:
+        """The ledger service's consumer in this process (no dead-letter producer, no
+        outbox topic): its service (``engine`` to dispose of) and its runtime."""
+        args = argparse.Namespace(group=self.group, db_url=self.db_url,
+                                  bootstrap=self.infra.bootstrap, in_topic=self.in_topic,
+                                  out_topic=None, port=0)  # fmt: skip
+        svc = ledger_service.build(args)
+        rt = ConsumerRuntime(service="ledger", group=self.group, routes=svc.routes,
+                             engine=svc.engine, bootstrap=self.infra.bootstrap,
+                             producer=None,  # type: ignore[arg-type]
+                             metrics=RuntimeMetrics.create(CollectorRegistry()),
+                             settings=settings)  # fmt: skip
+        return svc, rt
 
     def unsent(self) -> int:
         """Outbox rows the relay has not marked sent yet."""

@@ -1,17 +1,23 @@
 """The fetch wait set on a running consumer is what its next fetch requests ask the real
-broker for (``services.runtime.linger.apply`` on aiokafka's own fetcher)."""
+broker for (``services.runtime.linger.apply`` on aiokafka's own fetcher), and a consumer
+runtime sets it by its record rate."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import pytest
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, TopicPartition
 from aiokafka.protocol.fetch import FetchRequest
 
+from services.runtime.consumer import RuntimeSettings
 from services.runtime.linger import FetchWait, apply, settable
 from tests.conftest import Infra
-from tests.support.harness import create_topic, uid
+from tests.integration.conftest import Ledger
+from tests.integration.test_runtime_guarantees import stored_position
+from tests.support.harness import create_topic, credit, produce, uid
 
 
 async def _sent_with(
@@ -61,3 +67,58 @@ async def test_fetch_requests_carry_the_wait_applied_to_the_running_consumer(
         await _sent_with(consumer, sent, FetchWait(1, 200))
     finally:
         await consumer.stop()
+
+
+def test_a_busy_consumer_runtime_lingers_and_goes_quiet_when_its_records_stop(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring: the ledger service's consumer, run in this process against the real
+    broker with a low threshold, asks for the lingering wait while records keep coming
+    and for the quiet one once they stop; every record is applied either way."""
+    b = ledger.infra.bootstrap
+    sent: list[tuple[int, int]] = []
+    send = AIOKafkaClient.send
+
+    async def observed(self: AIOKafkaClient, node_id: int, request: Any, **kw: Any) -> Any:
+        if isinstance(request, FetchRequest):
+            sent.append((request._min_bytes, request._max_wait_ms))
+        return await send(self, node_id, request, **kw)
+
+    monkeypatch.setattr(AIOKafkaClient, "send", observed)
+    settings = RuntimeSettings(
+        poll_timeout_ms=100,
+        fetch_linger_above_per_s=20,
+        fetch_linger_min_bytes=16384,
+        fetch_linger_ms=100,
+    )
+
+    async def consume() -> int:
+        svc, rt = ledger.runtime(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(rt.run(stop))
+        produced = 0
+        try:
+            deadline = time.monotonic() + 60
+            while (16384, 100) not in sent:  # records keep coming, 100 a poll of 0.2 s
+                assert not task.done(), task
+                assert time.monotonic() < deadline, f"never lingered: {sent[-5:]}"
+                batch = [credit("k1", produced + i) for i in range(100)]
+                await produce(b, ledger.in_topic, batch, partition=0)
+                produced += len(batch)
+                await asyncio.sleep(0.2)  # the pace of the load, not a wait for an outcome
+            lingered_at = len(sent)
+            while (1, 500) not in sent[lingered_at:]:  # they stopped: quiet again
+                assert not task.done(), task
+                assert time.monotonic() < deadline, f"never quiet again: {sent[-5:]}"
+                await asyncio.sleep(0.2)
+            while await asyncio.to_thread(stored_position, ledger, 0) != produced:
+                assert time.monotonic() < deadline, "the records were not all applied"
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await svc.engine.dispose()
+        return produced
+
+    produced = asyncio.run(consume())
+    assert stored_position(ledger, 0) == produced

@@ -7,7 +7,6 @@ to the broker."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import time
@@ -16,14 +15,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry
 
-from services.runtime.consumer import ConsumerRuntime, RuntimeSettings
-from services.runtime.metrics import RuntimeMetrics
+from services.runtime.consumer import RuntimeSettings
 from tests.integration.conftest import Ledger
 from tests.integration.test_runtime_guarantees import stored_position
 from tests.integration.test_runtime_positions import committed_offset
-from tests.support import ledger_service
 from tests.support.harness import credit, produce
 
 pytestmark = pytest.mark.integration
@@ -65,13 +61,7 @@ def test_a_burst_in_many_polls_is_committed_to_kafka_about_once_a_second(
             return None
 
     async def consume() -> None:
-        args = argparse.Namespace(group=ledger.group, db_url=ledger.db_url, bootstrap=b,
-                                  in_topic=ledger.in_topic, out_topic=None, port=0)  # fmt: skip
-        svc = ledger_service.build(args)
-        rt = ConsumerRuntime(service="ledger", group=ledger.group, routes=svc.routes,
-                             engine=svc.engine, bootstrap=b, producer=None,  # type: ignore[arg-type]
-                             metrics=RuntimeMetrics.create(CollectorRegistry()),
-                             settings=settings)  # fmt: skip
+        svc, rt = ledger.runtime(settings)
         stop = asyncio.Event()
         task = asyncio.create_task(rt.run(stop))
         try:

@@ -14,9 +14,9 @@ def linger(above: float = 100.0) -> Linger:
 
 def test_a_consumer_above_the_rate_lingers_and_goes_quiet_again_when_the_rate_falls() -> None:
     lg = linger()
-    assert lg.polled(0.0, 50) is None  # the window is open
+    assert lg.polled(0.0, 0) is None  # the window opens
     assert lg.polled(0.5, 50) is None
-    assert lg.polled(1.0, 60) == BUSY  # 160 records in 1 s
+    assert lg.polled(1.0, 60) == BUSY  # 110 records in 1 s
     assert lg.lingering
     assert lg.polled(2.0, 150) is None  # still busy: unchanged
     assert lg.polled(3.0, 40) == QUIET  # 40/s
@@ -34,6 +34,13 @@ def test_at_or_below_the_rate_and_idle_polls_it_never_lingers() -> None:
     assert not lg.lingering
 
 
+def test_the_first_poll_a_backlog_brings_is_not_a_rate() -> None:
+    lg = linger()
+    assert lg.polled(0.0, 500) is None  # a backlog waiting at start, not 500/s
+    assert lg.polled(1.0, 20) is None
+    assert not lg.lingering
+
+
 def test_a_long_gap_between_polls_counts_as_quiet() -> None:
     lg = linger()
     lg.polled(0.0, 0)
@@ -43,8 +50,9 @@ def test_a_long_gap_between_polls_counts_as_quiet() -> None:
 
 def test_disabled_it_never_lingers_and_reset_forgets_the_last_decision() -> None:
     off = linger(above=0.0)
-    assert off.polled(0.0, 10_000) is None
+    off.polled(0.0, 0)
     assert off.polled(1.0, 10_000) is None
+    assert off.polled(2.0, 10_000) is None
     lg = linger()
     lg.polled(0.0, 0)
     assert lg.polled(1.0, 500) == BUSY

@@ -260,12 +260,12 @@ class ConsumerRuntime:
         topics = [*self.inbox.routes, self.blocking.control_topic]
         consumer.subscribe(topics, listener=_Listener(self))
         await consumer.start()
-        lingers = self.linger.above_per_s > 0 and settable(consumer)
-        if self.linger.above_per_s > 0 and not lingers:
+        can_set = settable(consumer)
+        if self.linger.above_per_s > 0 and not can_set:
             log.error(
                 "%s: this aiokafka's fetch wait cannot be set: fetches never linger", self.group
             )
-        self.linger.reset(enabled=lingers)
+        self.linger.reset(enabled=can_set)
         try:
             async with self.batches.kept.while_running():
                 await self._consume(consumer, stop)

@@ -20,6 +20,21 @@ from tests.integration.test_runtime_guarantees import stored_position
 from tests.support.harness import create_topic, credit, produce, uid
 
 
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(min bytes, max wait ms) of every fetch request any client sends to the broker."""
+    seen: list[tuple[int, int]] = []
+    send = AIOKafkaClient.send
+
+    async def observed(self: AIOKafkaClient, node_id: int, request: Any, **kw: Any) -> Any:
+        if isinstance(request, FetchRequest):
+            seen.append((request._min_bytes, request._max_wait_ms))
+        return await send(self, node_id, request, **kw)
+
+    monkeypatch.setattr(AIOKafkaClient, "send", observed)
+    return seen
+
+
 async def _sent_with(
     consumer: AIOKafkaConsumer, sent: list[tuple[int, int]], want: FetchWait
 ) -> None:
@@ -31,7 +46,7 @@ async def _sent_with(
 
 
 async def test_fetch_requests_carry_the_wait_applied_to_the_running_consumer(
-    infra: Infra,
+    infra: Infra, sent: list[tuple[int, int]]
 ) -> None:
     topic = uid("linger")
     await create_topic(infra.bootstrap, topic, partitions=1)
@@ -39,15 +54,6 @@ async def test_fetch_requests_carry_the_wait_applied_to_the_running_consumer(
         bootstrap_servers=infra.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=200
     )
     await consumer.start()
-    sent: list[tuple[int, int]] = []
-    send = consumer._client.send
-
-    async def observed(node_id: int, request: Any, **kwargs: Any) -> Any:
-        if isinstance(request, FetchRequest):
-            sent.append((request._min_bytes, request._max_wait_ms))
-        return await send(node_id, request, **kwargs)
-
-    consumer._client.send = observed
     try:
         assert settable(consumer)
         consumer.assign([TopicPartition(topic, 0)])
@@ -70,21 +76,12 @@ async def test_fetch_requests_carry_the_wait_applied_to_the_running_consumer(
 
 
 def test_a_busy_consumer_runtime_lingers_and_goes_quiet_when_its_records_stop(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, sent: list[tuple[int, int]]
 ) -> None:
     """The wiring: the ledger service's consumer, run in this process against the real
     broker with a low threshold, asks for the lingering wait while records keep coming
     and for the quiet one once they stop; every record is applied either way."""
     b = ledger.infra.bootstrap
-    sent: list[tuple[int, int]] = []
-    send = AIOKafkaClient.send
-
-    async def observed(self: AIOKafkaClient, node_id: int, request: Any, **kw: Any) -> Any:
-        if isinstance(request, FetchRequest):
-            sent.append((request._min_bytes, request._max_wait_ms))
-        return await send(self, node_id, request, **kw)
-
-    monkeypatch.setattr(AIOKafkaClient, "send", observed)
     settings = RuntimeSettings(
         poll_timeout_ms=100,
         fetch_linger_above_per_s=20,

@@ -341,13 +341,21 @@ class OutboxRelay:
 #: a dead row, as seen from the rows behind it
 _dead = outbox.alias("dead")
 
-#: An outbox row waits behind a dead row of its key (keyless rows never do).
-_BEHIND_DEAD = exists().where(
-    _dead.c.dead_at.is_not(None),
-    _dead.c.sent_at.is_(None),
-    _dead.c.key == outbox.c.key,
-    _dead.c.id < outbox.c.id,
+#: The first dead row of each key that has one (as a rule none), read once per
+#: statement. As a subquery correlated to each unsent row, PostgreSQL looked each one up
+#: through the index of unsent rows (its predicate matches too) and filtered them all:
+#: a pass over n unsent rows read n² index entries (86 ms, 14,280 buffers for 204 rows
+#: at 50 orders/s), and a relay that fell behind fell further behind.
+_DEAD_KEYS = (
+    select(_dead.c.key, func.min(_dead.c.id).label("first_id"))
+    .where(_dead.c.dead_at.is_not(None), _dead.c.sent_at.is_(None))
+    .group_by(_dead.c.key)
+    .cte("dead_keys")
+    .prefix_with("MATERIALIZED")
 )
+
+#: An outbox row waits behind a dead row of its key (keyless rows never do).
+_BEHIND_DEAD = exists().where(_DEAD_KEYS.c.key == outbox.c.key, _DEAD_KEYS.c.first_id < outbox.c.id)
 
 # The relay's statements, built once: each pass only binds its values.
 

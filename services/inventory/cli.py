@@ -8,7 +8,6 @@ applies them in order per SKU. ``show`` reads the inventory database.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime
 
 import typer
@@ -18,6 +17,7 @@ from rich.table import Table
 from schemas.contract import StockLevelSet
 from schemas.envelope import dump, new_envelope
 from services.inventory import domain, store
+from services.runtime.ids import new_event_id
 from services.runtime.kafka import client_options
 from services.runtime.service import make_engine
 from services.runtime.settings import DatabaseSettings, KafkaSettings
@@ -30,7 +30,7 @@ console = make_console()
 
 async def publish_stock_level(bootstrap: str, sku: str, available: int) -> str:
     """Produce one StockLevelSet (acks=all, idempotent producer); returns its event id."""
-    event_id = uuid.uuid4().hex
+    event_id = new_event_id()
     value = dump(
         new_envelope(
             "StockLevelSet",

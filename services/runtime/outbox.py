@@ -15,7 +15,6 @@ with the batch's stored positions, in one statement (``deferred``).
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -25,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.envelope import dump, event_type_of, new_envelope
 from services.runtime import deferred, tracing
+from services.runtime.ids import new_event_id
 from services.runtime.tables import outbox
 
 #: NOTIFY channel the outbox relay of a database listens on
@@ -88,7 +88,7 @@ def event_row(
 ) -> tuple[str, dict[str, Any]]:
     """``event`` in its validated envelope, as an effect of ``cause``: its new event id
     and its outbox row."""
-    event_id = uuid.uuid4().hex
+    event_id = new_event_id()
     envelope = new_envelope(
         event_type_of(type(event)),
         event,

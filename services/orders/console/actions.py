@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,6 +18,7 @@ from schemas.events import AuditRecorded
 from services.orders import store
 from services.payments.cli import ResolutionError, resolve_unmatched
 from services.runtime import cli_dlq
+from services.runtime.ids import new_event_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,4 +84,4 @@ class Actions:
             details={"operator": operator, "target": target, "message": message[:500]},
         )
         async with self._orders.begin() as conn:
-            await store.append_audit(conn, f"console-{uuid.uuid4().hex}", now, audit, now)
+            await store.append_audit(conn, f"console-{new_event_id()}", now, audit, now)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -63,6 +64,7 @@ from rich.table import Table
 from benchmarks import stats
 from services import devstack
 from services.devclient import envelope, order_placed
+from services.devstack.profiles import service_port
 from services.runtime.kafka import client_options
 from services.runtime.settings import SERVICES, database_url_of, libpq_conninfo
 from services.runtime.signature import sign
@@ -118,6 +120,8 @@ SALE_EVERY = 5  # one order in five is a sale (already captured by the gateway)
 SKUS = [f"bench-sku-{i}" for i in range(8)]
 #: how long the services' consumer groups may take to settle before the first step
 GROUPS_SETTLE_S = 120.0
+#: how long a restarted monitor may take to recover its table before the ladder starts
+MONITOR_READY_S = 600.0
 AMOUNT = 1500
 
 
@@ -794,6 +798,16 @@ async def groups_settled(bootstrap: str, instances: int) -> None:
         await admin.close()
 
 
+def monitor_ready(p: devstack.Profile) -> None:
+    """Wait until the monitor is ready (``/readyz``: its table recovered from the
+    changelog): a restarted monitor reads every order of the stack's last day back, and
+    the idle reading and the first steps must not pay for it. A poll with a deadline."""
+    monitor = next(sp for sp in devstack.SERVICE_PROCESSES if sp.name == "monitor")
+    url = f"http://127.0.0.1:{service_port(p, monitor)}/readyz"
+    ready = functools.partial(devstack.answers, url)
+    devstack.wait_until("monitor recovered", ready, lambda: True, timeout=MONITOR_READY_S)
+
+
 def _assigned(member_assignment: bytes) -> int:
     """Partitions in a group member's assignment (0 before the group assigned any)."""
     if not member_assignment:
@@ -887,9 +901,11 @@ def run(p99_limit: float, instances: list[int]) -> dict[str, Any]:
         devstack.services_down(p)  # none left from the last ladder (or a --keep-up run)
         devstack.services_up(p, env, n)
         asyncio.run(groups_settled(bootstrap, n))
+        monitor_ready(p)
         probes = stack_processes(p)
         console.print(
-            f"stack '{PROFILE}' up, {n} instance(s) of each service, groups settled; "
+            f"stack '{PROFILE}' up, {n} instance(s) of each service, groups settled, "
+            "the monitor's table recovered; "
             f"processes measured: {', '.join(probes)}"
         )
         return probes

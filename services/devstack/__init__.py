@@ -47,6 +47,7 @@ from services.devstack.profiles import (
     service_instances,
 )
 from services.devstack.stack import (
+    answers,
     clean,
     down,
     infra_up,
@@ -67,6 +68,7 @@ __all__ = [
     "ServiceInstance",
     "ServiceProcess",
     "StackError",
+    "answers",
     "clean",
     "down",
     "ensure_databases",

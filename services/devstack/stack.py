@@ -100,8 +100,6 @@ def services_up(p: Profile, env: Mapping[str, str], instances: int = 1) -> None:
     """Start every service process not already running — ``instances`` of each service
     that scales out (``ServiceInstance``: own port, pid file and log) — and wait until
     each answers."""
-    import httpx
-
     for inst in service_instances(instances):
         if running_pid(inst.pidfile(p), inst.marker) is not None:
             continue
@@ -116,14 +114,19 @@ def services_up(p: Profile, env: Mapping[str, str], instances: int = 1) -> None:
             {**env, var: str(port)},
         )
         url = f"http://127.0.0.1:{port}/healthz"
+        wait_until(
+            inst.name, functools.partial(answers, url), functools.partial(pid_running, pid), 60
+        )
 
-        def answers(url: str = url) -> bool:
-            try:
-                return httpx.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
 
-        wait_until(inst.name, answers, functools.partial(pid_running, pid), timeout=60)
+def answers(url: str) -> bool:
+    """``url`` answers 200 (a service's ``/healthz`` or ``/readyz``)."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def services_down(p: Profile) -> None:

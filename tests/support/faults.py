@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from services import devstack
 from services.devclient import wait_for
 from tests.support.harness import free_port
@@ -84,15 +82,8 @@ class Stack:
 
     def wait_healthy(self, name: str, instance: int = 1, pid: int | None = None) -> None:
         url = f"http://127.0.0.1:{self.port(name, instance)}/healthz"
-
-        def answers() -> bool:
-            try:
-                return httpx.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
         alive = functools.partial(devstack.pid_running, pid or self.pid(name, instance) or -1)
-        devstack.wait_until(name, answers, alive, timeout=90)
+        devstack.wait_until(name, functools.partial(devstack.answers, url), alive, timeout=90)
 
     def stop(self, name: str, instance: int = 1) -> None:
         """SIGTERM, as a deployment does (graceful)."""

@@ -124,6 +124,9 @@ def main() -> None:
         host=settings.gatewaysim_host,
         port=settings.gatewaysim_port,
         log_config=None,  # its lines through the one setup (services.runtime.logs)
+        # each mutation logs its own line (operation, idempotency key, status); a second
+        # one per request was 15 % of the simulator's CPU at 40 orders/s
+        access_log=False,
     )
 
 

@@ -137,7 +137,9 @@ class Inbox:
             ctx = Context(conn=conn, record=rec, envelope=envelope, now=now, traceparent=tp)
             written = conn.info.get(OUTBOX_ROWS, 0)
             # bounded: a handler slower than max_poll_interval would cost the partition
-            await asyncio.wait_for(handler(ctx), self.handler_timeout_s)
+            # (a timeout scope, not wait_for: no task of its own per record)
+            async with asyncio.timeout(self.handler_timeout_s):
+                await handler(ctx)
             if conn.info.get(OUTBOX_ROWS, 0) > written:  # event in -> event out
                 event_type = str(envelope["event_type"]) if envelope else rec.topic
                 note_step(conn, event_type, rec.timestamp_ms)
